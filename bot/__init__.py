@@ -1,0 +1,1 @@
+"""Slack bot: event handlers, storage, scheduler and the `triage` command line."""

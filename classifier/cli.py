@@ -1,0 +1,200 @@
+"""Classifier commands of the ``triage`` CLI: train, evaluate, data inspect, models list/activate."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from classifier.data import DataError
+from classifier.model import ModelLoadError
+from classifier.registry import RegistryError
+from classifier.schema import SchemaError
+
+data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)
+models_app = typer.Typer(help="List and activate model versions in the registry.", no_args_is_help=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+USER_ERRORS = (DataError, SchemaError, RegistryError, ModelLoadError, ValueError, FileNotFoundError)
+
+
+def user_errors(func: F) -> F:
+    """Turn expected failures (bad data, unknown version...) into one clear line and exit code 2."""
+
+    @wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except USER_ERRORS as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _registry() -> Any:
+    from classifier.paths import registry_dir
+    from classifier.registry import Registry
+
+    return Registry(registry_dir())
+
+
+def _schema(path: Path | None) -> Any:
+    from classifier.schema import LabelSchema
+
+    return LabelSchema.load(path) if path else LabelSchema()
+
+
+def _split(value: str) -> tuple[float, float, float]:
+    try:
+        parts = [float(x) for x in value.replace(",", "/").split("/")]
+    except ValueError:
+        raise ValueError(f"--split must look like 80/10/10, got {value!r}") from None
+    if len(parts) != 3 or sum(parts) <= 0:
+        raise ValueError(f"--split needs three numbers (train/validation/test), got {value!r}")
+    total = sum(parts)
+    return (parts[0] / total, parts[1] / total, parts[2] / total)
+
+
+DataOpt = Annotated[list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")]
+TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
+
+
+@user_errors
+def train_command(
+    data: DataOpt,
+    base_model: Annotated[str, typer.Option(help="Local Hugging Face BERT folder [default: packaged MiniLM]")] = "",
+    from_version: Annotated[str | None, typer.Option(help="Continue training from this registry version.")] = None,
+    schema: Annotated[Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels.")] = None,
+    infer_labels: Annotated[bool, typer.Option(help="Take each head's labels from the data.")] = False,
+    text_column: TextColumnOpt = "text",
+    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    max_length: Annotated[int, typer.Option(min=3, max=512, help="Max sequence length in tokens.")] = 128,
+    batch_size: Annotated[int, typer.Option(min=1)] = 16,
+    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 5e-5,
+    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the heads [default: --lr]")] = None,
+    warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
+    weight_decay: float = 0.01,
+    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
+    seed: int = 42,
+    split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "80/10/10",
+    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
+) -> None:
+    """Fine-tune a multi-head model on labeled data and add it to the registry."""
+    from classifier.data import fingerprint, load_examples
+    from classifier.train import TrainConfig, train
+
+    registry = _registry()
+    examples, used_schema = load_examples(data, _schema(schema), text_column=text_column, infer_labels=infer_labels)
+    config = TrainConfig(base_model=base_model, init_from=from_version, max_length=max_length,
+                         batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr, epochs=epochs,
+                         warmup_ratio=warmup, weight_decay=weight_decay, patience=patience, seed=seed,
+                         split=_split(split), max_steps=max_steps, device=device)
+    data_info = {"files": [{"path": str(p), "sha256": fingerprint(p)} for p in data]}
+    result = train(examples, used_schema, config, registry, data_info=data_info, progress=not as_json)
+    active = registry.active_name()
+    if as_json:
+        typer.echo(json.dumps({"model_version": result.version.name, "active": active == result.version.name,
+                               "heads": result.version.metrics}))
+        return
+    from classifier.evaluate import format_report
+
+    typer.echo(format_report(result.report))
+    typer.echo(f"\nsaved {result.version.name} to {result.version.path}")
+    if active == result.version.name:
+        typer.echo(f"{result.version.name} is the active model (the first one trained)")
+    else:
+        typer.echo(f"active model stays {active}; `triage models activate {result.version.name}` to switch")
+
+
+@user_errors
+def evaluate_command(
+    data: DataOpt,
+    model: Annotated[str | None, typer.Option(help="Registry version [default: the active one]")] = None,
+    text_column: TextColumnOpt = "text",
+    out: Annotated[Path | None, typer.Option(help="Folder for the report [default: data dir/reports/...]")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+) -> None:
+    """Evaluate a model version on labeled data: metrics, confusion matrices, ROC, calibration, errors."""
+    from classifier.data import load_examples
+    from classifier.evaluate import evaluate, format_report
+    from classifier.model import MultiHeadClassifier
+    from classifier.paths import data_dir
+    from classifier.schema import LabelSchema
+
+    registry = _registry()
+    info = registry.get(model) if model else registry.active()
+    clf, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
+    # the model's labels, extended by unknown ones so that they are reported as errors, not rejected
+    schema = LabelSchema(heads=clf.schema.heads, allow_new_labels=True)
+    examples, _ = load_examples(data, schema, text_column=text_column)
+    out_dir = out or data_dir() / "reports" / f"evaluate-{info.name}-{Path(data[0]).stem}"
+    report = evaluate(clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name,
+                      progress=not as_json)
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    typer.echo(format_report(report))
+    typer.echo(f"\nreport, plots and wrong predictions in {out_dir}")
+
+
+@data_app.command("inspect")
+@user_errors
+def inspect_command(
+    files: Annotated[list[Path], typer.Argument(help="CSV or JSONL files.")],
+    text_column: TextColumnOpt = "text",
+    base_model: Annotated[str, typer.Option(help="Tokenizer folder [default: packaged MiniLM]")] = "",
+    out: Annotated[Path | None, typer.Option(help="Folder for summary and plots.")] = None,
+) -> None:
+    """Label distribution per head, text lengths in tokens, and a suggested max sequence length."""
+    from classifier.explore import format_summary, inspect_files
+    from classifier.paths import data_dir, default_base_model
+
+    out_dir = out or data_dir() / "reports" / f"inspect-{files[0].stem}"
+    summary = inspect_files(files, Path(base_model) if base_model else default_base_model(), out_dir,
+                            text_column=text_column)
+    typer.echo(format_summary(summary, ", ".join(f.name for f in files)))
+    typer.echo(f"\nsummary and plots in {out_dir}")
+
+
+@models_app.command("list")
+@user_errors
+def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """Show every version with its metrics; the active one is marked."""
+    from dataclasses import asdict
+
+    versions = _registry().list()
+    if as_json:
+        typer.echo(json.dumps([asdict(v) for v in versions]))
+        return
+    if not versions:
+        typer.echo("no model versions yet: train one with `triage train --data FILE`")
+        return
+    for v in versions:
+        mark = "*" if v.status == "active" else " "
+        scores = "  ".join(f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in v.metrics.items())
+        typer.echo(f"{mark} {v.name:<5} {v.status:<9} {v.created}  {scores}")
+        if v.reason and v.status != "active":
+            typer.echo(f"        {v.reason}")
+
+
+@models_app.command("activate")
+@user_errors
+def models_activate(version: Annotated[str, typer.Argument(help="Version name, e.g. v3.")]) -> None:
+    """Make a version the active model (running servers switch to it without a restart)."""
+    info = _registry().activate(version, reason="activated from the command line")
+    typer.echo(f"{info.name} is now the active model")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("evaluate")(evaluate_command)
+    app.add_typer(data_app, name="data")
+    app.add_typer(models_app, name="models")

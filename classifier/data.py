@@ -1,0 +1,249 @@
+"""Labeled data: CSV/JSONL import with validation, the stable train/validation/test split, fingerprints.
+
+A row is a text plus one optional label per head; an empty cell means "no label for this head", so
+files that label different heads (e.g. topic-only and sentiment-only sets) can be trained together.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from classifier.schema import LabelSchema
+
+MAX_TEXT_CHARS = 20_000
+Split = Literal["train", "validation", "test"]
+SPLITS: tuple[Split, ...] = ("train", "validation", "test")
+DEFAULT_SPLIT_SALT = "triage-split-v1"
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file and line."""
+
+
+@dataclass
+class Example:
+    text: str
+    labels: dict[str, str] = field(default_factory=dict)  # head -> label; absent head = unlabeled
+    source: str = ""  # "file:line", or "slack:<message id>" for feedback rows
+
+    def to_json(self) -> dict[str, object]:
+        return {"text": self.text, "labels": self.labels, "source": self.source}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, object]) -> Example:
+        labels = raw.get("labels") or {}
+        assert isinstance(labels, dict)
+        return cls(text=str(raw["text"]), labels={str(k): str(v) for k, v in labels.items()},
+                   source=str(raw.get("source", "")))
+
+
+def _decode(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")\
+            from None
+
+
+def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, dict[str, str | None]]]:
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise DataError(f"{path}:1: the file is empty; a header row is required") from None
+    except csv.Error as exc:
+        raise DataError(f"{path}:1: malformed CSV header: {exc}") from None
+    header = [h.strip() for h in header]
+    if text_column not in header:
+        raise DataError(
+            f"{path}:1: no {text_column!r} column in the header (found: {', '.join(header) or 'nothing'})"
+        )
+    if len(set(header)) != len(header):
+        dupes = sorted(h for h, n in Counter(header).items() if n > 1)
+        raise DataError(f"{path}:1: duplicate column name(s) {', '.join(dupes)}")
+    line = reader.line_num + 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise DataError(f"{path}:{line}: malformed CSV: {exc}") from None
+        start, line = line, reader.line_num + 1
+        if not row:  # a blank line
+            continue
+        if len(row) != len(header):
+            raise DataError(f"{path}:{start}: expected {len(header)} fields, found {len(row)}")
+        yield start, {h: (v if v.strip() else None) for h, v in zip(header, row, strict=True)}
+
+
+def _rows_jsonl(path: Path, text: str) -> Iterable[tuple[int, dict[str, str | None]]]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: invalid JSON: {exc.msg}") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}:{number}: each line must be a JSON object")
+        row: dict[str, str | None] = {}
+        for key, value in obj.items():
+            if value is not None and not isinstance(value, str | int):
+                raise DataError(f"{path}:{number}: field {key!r} must be a string")
+            row[str(key)] = None if value is None or str(value).strip() == "" else str(value)
+        yield number, row
+
+
+def read_rows(path: Path, text_column: str = "text") -> list[tuple[int, dict[str, str | None]]]:
+    """Parse a CSV or JSONL file into (line, row) pairs; the format follows the file extension."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    text = _decode(path)
+    if path.suffix.lower() in {".jsonl", ".ndjson"}:
+        rows = list(_rows_jsonl(path, text))
+    else:
+        rows = list(_rows_csv(path, text, text_column))
+    return rows
+
+
+def load_examples(
+    paths: Sequence[Path],
+    schema: LabelSchema,
+    text_column: str = "text",
+    infer_labels: bool = False,
+) -> tuple[list[Example], LabelSchema]:
+    """Read and validate every file before anything is used; returns the examples and the schema they fit.
+
+    The returned schema keeps only the heads that appear in the data. Unknown labels are an error unless
+    ``infer_labels`` or the schema's ``allow_new_labels`` is set, in which case they are added to the head.
+    """
+    heads = {h: list(labels) for h, labels in schema.heads.items()}
+    extendable = infer_labels or schema.allow_new_labels
+    examples: list[Example] = []
+    seen_heads: set[str] = set()
+    for path in paths:
+        path = Path(path)
+        rows = read_rows(path, text_column)
+        if not rows:
+            raise DataError(f"{path}: no data rows")
+        columns = set(rows[0][1])
+        if path.suffix.lower() in {".jsonl", ".ndjson"} and not any(text_column in r for _, r in rows[:1]):
+            raise DataError(f"{path}:{rows[0][0]}: no {text_column!r} field")
+        file_heads = [h for h in heads if h in columns or any(h in r for _, r in rows)]
+        if not file_heads:
+            raise DataError(
+                f"{path}:1: no label column; expected one of: {', '.join(heads)} (columns: {', '.join(sorted(columns))})"
+            )
+        seen_heads.update(file_heads)
+        for line, row in rows:
+            where = f"{path}:{line}"
+            text = row.get(text_column)
+            if text is None:
+                raise DataError(f"{where}: empty {text_column!r}")
+            if len(text) > MAX_TEXT_CHARS:
+                raise DataError(f"{where}: text is {len(text):,} characters; the limit is {MAX_TEXT_CHARS:,}")
+            labels: dict[str, str] = {}
+            for head in file_heads:
+                label = row.get(head)
+                if label is None:
+                    continue
+                label = label.strip()
+                if label not in heads[head]:
+                    if not extendable:
+                        raise DataError(
+                            f"{where}: unknown {head} label {label!r} (known: {', '.join(heads[head])}); "
+                            "add it to the schema or pass --infer-labels"
+                        )
+                    heads[head].append(label)
+                labels[head] = label
+            examples.append(Example(text=text, labels=labels, source=f"{path.name}:{line}"))
+    counts = label_counts(examples)
+    used = {h: heads[h] for h in heads if h in seen_heads and h in counts}  # a column with no labels: no head
+    if infer_labels:  # the labels the data has, in a stable, readable order
+        used = {h: sorted(counts.get(h, {})) for h in used}
+    for head in used:
+        present = [label for label in used[head] if counts[head].get(label)]
+        if len(present) < 2:
+            raise DataError(
+                f"{', '.join(str(p) for p in paths)}: head {head!r} has {len(present)} distinct label(s) in the "
+                "data; a head needs at least 2"
+            )
+    result = LabelSchema(heads=used, allow_new_labels=schema.allow_new_labels)
+    result.validate_trainable()
+    return examples, result
+
+
+def label_counts(examples: Iterable[Example]) -> dict[str, Counter[str]]:
+    counts: dict[str, Counter[str]] = {}
+    for ex in examples:
+        for head, label in ex.labels.items():
+            counts.setdefault(head, Counter())[label] += 1
+    return counts
+
+
+_WS = re.compile(r"\s+")
+
+
+def normalize(text: str) -> str:
+    return _WS.sub(" ", text.strip().lower())
+
+
+def split_of(text: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+             salt: str = DEFAULT_SPLIT_SALT) -> Split:
+    """Which split a text belongs to, from a hash of its normalized form.
+
+    Assignment depends only on the text, never on the rest of the data, so a test text stays a test
+    text in every later retraining; since the hash is uniform, each class is split 80/10/10 in
+    expectation (stratified without needing the whole data set).
+    """
+    digest = hashlib.sha256(f"{salt}\x00{normalize(text)}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    train, validation, _ = fractions
+    if u < train:
+        return "train"
+    return "validation" if u < train + validation else "test"
+
+
+def split_examples(
+    examples: Sequence[Example],
+    fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
+    salt: str = DEFAULT_SPLIT_SALT,
+) -> dict[Split, list[Example]]:
+    if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions) or fractions[0] <= 0:
+        raise ValueError(f"split fractions must be non-negative, sum to 1 and train > 0; got {fractions}")
+    out: dict[Split, list[Example]] = {s: [] for s in SPLITS}
+    for ex in examples:
+        out[split_of(ex.text, fractions, salt)].append(ex)
+    return out
+
+
+def fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for ex in examples:
+            fh.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[Example]:
+    with open(path, encoding="utf-8") as fh:
+        return [Example.from_json(json.loads(line)) for line in fh if line.strip()]

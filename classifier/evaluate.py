@@ -1,0 +1,192 @@
+"""Evaluation: per-head metrics, confusion matrices, ROC AUC, calibration, and the wrong predictions.
+
+``evaluate`` returns a JSON-ready report; with ``out_dir`` it also writes ``metrics.json``, PNG plots
+(confusion matrix, reliability diagram, ROC curves) and ``wrong_predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+from tqdm import tqdm
+
+from classifier import plots
+from classifier.data import Example
+from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.schema import LabelSchema
+
+ECE_BINS = 15
+
+
+def head_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Metrics of one head; ``y_true`` holds label indices, ``probs`` the [n, n_labels] distribution."""
+    y_pred = probs.argmax(axis=1)
+    idx = list(range(len(labels)))
+    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
+    # macro over labels that occur in the truth or the predictions: absent labels would score 0 and
+    # punish a model for classes the evaluation data does not contain
+    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro",
+                                                    zero_division=0)
+    confidence = probs.max(axis=1)
+    correct = (y_pred == y_true).astype(float)
+    return {
+        "n": int(len(y_true)),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(mf),
+        "macro_recall": float(mr),
+        "macro_precision": float(mp),
+        "per_class": {
+            labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i in idx
+        },
+        "confusion_matrix": {"labels": list(labels),
+                             "matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist()},
+        "roc_auc": roc_auc(y_true, probs),
+        "ece": expected_calibration_error(confidence, correct),
+        "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0,
+    }
+
+
+def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
+    """Binary AUC for two-label heads, one-vs-rest macro AUC otherwise (over classes present in the truth)."""
+    classes = sorted(set(y_true.tolist()))
+    if len(classes) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if probs.shape[1] == 2:
+            return float(roc_auc_score(y_true, probs[:, 1]))
+        aucs = [roc_auc_score((y_true == c).astype(int), probs[:, c]) for c in classes]
+    return float(np.mean(aucs))
+
+
+def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        mask = (confidence > lo) & (confidence <= hi)
+        if mask.any():
+            out.append({"lo": float(lo), "hi": float(hi), "n": int(mask.sum()),
+                        "confidence": float(confidence[mask].mean()), "accuracy": float(correct[mask].mean())})
+    return out
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
+    n = len(confidence)
+    if n == 0:
+        return 0.0
+    return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"])
+                     for b in calibration_bins(confidence, correct, bins)))
+
+
+def evaluate(
+    model: MultiHeadClassifier,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    max_length: int,
+    out_dir: Path | None = None,
+    model_version: str = "",
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Evaluate every head that has labels in ``examples``; heads absent from the data are left out."""
+    schema: LabelSchema = model.schema
+    texts = [ex.text for ex in examples]
+    probs: dict[str, np.ndarray] = {h: np.zeros((0, len(v))) for h, v in schema.heads.items()}
+    chunks = [texts[i:i + 1024] for i in range(0, len(texts), 1024)] or [[]]
+    parts: list[dict[str, np.ndarray]] = [
+        predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
+        for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
+    ]
+    probs = {h: np.concatenate([p[h] for p in parts]) for h in schema.heads}
+    report: dict[str, Any] = {"model_version": model_version, "heads": {}}
+    wrong: list[dict[str, Any]] = []
+    for head, labels in schema.heads.items():
+        rows = [i for i, ex in enumerate(examples) if ex.labels.get(head) in labels]
+        if not rows:
+            continue
+        y_true = np.array([labels.index(examples[i].labels[head]) for i in rows])
+        head_probs = probs[head][rows]
+        metrics = head_metrics(y_true, head_probs, labels)
+        report["heads"][head] = metrics
+        y_pred = head_probs.argmax(axis=1)
+        for k, i in enumerate(rows):
+            if y_pred[k] != y_true[k]:
+                wrong.append({"text": examples[i].text, "head": head, "true": labels[y_true[k]],
+                              "predicted": labels[y_pred[k]], "confidence": round(float(head_probs[k].max()), 4),
+                              "source": examples[i].source})
+        if out_dir is not None:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            confidence = head_probs.max(axis=1)
+            plots.confusion_matrix_png(np.array(metrics["confusion_matrix"]["matrix"]), labels,
+                                       f"{head}: confusion matrix (n={len(rows)})", out_dir / f"confusion_{head}.png")
+            plots.reliability_png(calibration_bins(confidence, (y_pred == y_true).astype(float)),
+                                  f"{head}: reliability (ECE {metrics['ece']:.3f})", out_dir / f"reliability_{head}.png")
+            curves = _roc_curves(y_true, head_probs, labels)
+            if curves:
+                plots.roc_png(curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out_dir / f"roc_{head}.png")
+    report["macro_f1_mean"] = mean_macro_f1(report)
+    if out_dir is not None:
+        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        with open(out_dir / "wrong_predictions.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"])
+            writer.writeheader()
+            writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
+    return report
+
+
+def _roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    curves = []
+    for c in sorted(set(y_true.tolist())):
+        positives = (y_true == c).astype(int)
+        if 0 < positives.sum() < len(positives):
+            fpr, tpr, _ = roc_curve(positives, probs[:, c])
+            curves.append((labels[c], fpr, tpr))
+    if len(labels) == 2:
+        curves = curves[1:]
+    return curves
+
+
+def mean_macro_f1(report: dict[str, Any]) -> float:
+    """The single number used for early stopping and checkpoint selection: macro-F1 averaged over heads."""
+    heads = report.get("heads", {})
+    return float(np.mean([h["macro_f1"] for h in heads.values()])) if heads else 0.0
+
+
+def summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The short form kept in version.json and printed by `--json`."""
+    return {
+        "model_version": report.get("model_version", ""),
+        "heads": {h: {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")}
+                  for h, m in report.get("heads", {}).items()},
+    }
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """Human-readable report: per head, overall metrics then per-class precision/recall/F1."""
+    lines = [f"model {report.get('model_version') or '?'}"]
+    for head, m in report["heads"].items():
+        auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
+        lines.append(f"\n[{head}] n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
+                     f"macro-recall={m['macro_recall']:.3f} ROC-AUC={auc} ECE={m['ece']:.3f}")
+        width = max(len(label) for label in m["per_class"])
+        lines.append(f"  {'label':<{width}}  precision  recall     f1  support")
+        for label, c in m["per_class"].items():
+            lines.append(f"  {label:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The model: one shared BERT encoder, one linear classification head per task; one forward pass gives all heads.
+
+On disk (a registry version folder): ``encoder/`` and ``tokenizer/`` in Hugging Face format,
+``heads.safetensors`` and ``model.json`` (pooling, label schema, max length).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from classifier.schema import LabelSchema
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+hf_logging.disable_progress_bar()  # weight-loading bars on every load; our own bars show training progress
+
+POOLING = ("mean", "cls")
+
+
+class ModelLoadError(RuntimeError):
+    """A base model or saved model that cannot be loaded."""
+
+
+class MultiHeadClassifier(nn.Module):
+    def __init__(self, encoder: nn.Module, schema: LabelSchema, pooling: str = "mean", dropout: float = 0.1):
+        super().__init__()
+        if pooling not in POOLING:
+            raise ValueError(f"pooling must be one of {POOLING}, got {pooling!r}")
+        self.encoder = encoder
+        self.schema = schema
+        self.pooling = pooling
+        hidden = int(encoder.config.hidden_size)
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({h: nn.Linear(hidden, len(labels)) for h, labels in schema.heads.items()})
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None:
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.encoder(**kwargs).last_hidden_state
+        if self.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:  # mean over real tokens: what sentence-transformer encoders such as MiniLM were trained for
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        pooled = self.dropout(pooled)
+        return {h: head(pooled).float() for h, head in self.heads.items()}
+
+    # ---- persistence -------------------------------------------------------------------------------
+    def save(self, directory: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        self.encoder.save_pretrained(directory / "encoder")
+        tokenizer.save_pretrained(directory / "tokenizer")
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
+                  str(directory / "heads.safetensors"))
+        meta = {"pooling": self.pooling, "max_length": max_length, "schema": self.schema.to_dict(),
+                "dropout": self.dropout.p}
+        (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def from_base(cls, base: Path | str, schema: LabelSchema, pooling: str = "mean", dropout: float = 0.1,
+                  tokenizer_dir: Path | None = None) -> tuple[MultiHeadClassifier, PreTrainedTokenizerBase]:
+        """A fresh model on a local Hugging Face BERT-family checkpoint (folder with config + weights).
+
+        The tokenizer comes from the same folder unless ``tokenizer_dir`` says otherwise.
+        """
+        base = Path(base)
+        if not (base / "config.json").is_file():
+            raise ModelLoadError(f"{base}: not a Hugging Face model folder (no config.json)")
+        try:
+            encoder = AutoModel.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or base, local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"{base}: cannot load the base model: {exc}") from exc
+        return cls(encoder, schema, pooling=pooling, dropout=dropout), tokenizer
+
+    @classmethod
+    def load(cls, directory: Path) -> tuple[MultiHeadClassifier, PreTrainedTokenizerBase, int]:
+        """Load a saved model; returns (model, tokenizer, max_length). The model is in eval mode on the CPU."""
+        try:
+            meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+            schema = LabelSchema.from_dict(meta["schema"])
+            encoder = AutoModel.from_pretrained(directory / "encoder", dtype=torch.float32, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+            model = cls(encoder, schema, pooling=meta.get("pooling", "mean"), dropout=meta.get("dropout", 0.1))
+            model.heads.load_state_dict(load_file(str(directory / "heads.safetensors")))
+        except (OSError, KeyError, ValueError, RuntimeError) as exc:
+            raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
+        model.eval()
+        return model, tokenizer, int(meta["max_length"])
+
+    def warm_start_from(self, other: MultiHeadClassifier) -> None:
+        """Copy encoder weights and, label by label, the head rows of a previous model.
+
+        Labels new to this schema keep their fresh initialisation, so a retrain can add labels.
+        """
+        self.encoder.load_state_dict(other.encoder.state_dict())
+        with torch.no_grad():
+            for head, layer in self.heads.items():
+                if head not in other.heads:
+                    continue
+                old_labels = other.schema.heads[head]
+                old = other.heads[head]
+                for i, label in enumerate(self.schema.heads[head]):
+                    if label in old_labels:
+                        j = old_labels.index(label)
+                        layer.weight[i].copy_(old.weight[j])
+                        layer.bias[i].copy_(old.bias[j])
+
+
+@dataclass
+class HeadPrediction:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "confidence": self.confidence, "scores": self.scores}
+
+
+def autocast_context(device: torch.device) -> Any:
+    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow on most CPUs)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, Any]:
+    """Tokenize without padding; returns input ids per text and whether each was cut at ``max_length``."""
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, return_overflowing_tokens=False,
+                    return_length=True)
+    full = tokenizer(list(texts), truncation=False, return_length=True, verbose=False)["length"]
+    enc["truncated"] = [n > max_length for n in full]
+    return enc
+
+
+@torch.inference_mode()
+def predict_probs(model: MultiHeadClassifier, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
+                  max_length: int, batch_size: int = 64,
+                  device: torch.device | None = None) -> dict[str, np.ndarray]:
+    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length."""
+    device = device or next(model.parameters()).device
+    out = {h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in model.schema.heads.items()}
+    if not texts:
+        return out
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast_context(device):
+                logits = model(**batch)
+            for head, value in logits.items():
+                out[head][idx] = torch.softmax(value.float(), dim=-1).cpu().numpy()
+    finally:
+        model.train(was_training)
+    return out
+
+
+def to_predictions(schema: LabelSchema, probs: dict[str, np.ndarray], row: int) -> dict[str, HeadPrediction]:
+    result: dict[str, HeadPrediction] = {}
+    for head, labels in schema.heads.items():
+        p = probs[head][row]
+        best = int(p.argmax())
+        result[head] = HeadPrediction(
+            label=labels[best], confidence=float(p[best]),
+            scores={label: float(v) for label, v in zip(labels, p, strict=True)},
+        )
+    return result

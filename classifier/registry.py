@@ -1,0 +1,193 @@
+"""Versioned model artifacts in a registry folder (``$TRIAGE_DATA_DIR/models``).
+
+Layout::
+
+    models/
+      ACTIVE                  name of the active version (replaced atomically)
+      v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
+                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots)
+      .staging-*/             versions being written; never visible as a version until renamed
+
+A version becomes visible only by an atomic rename of a complete staging folder, so a crash never
+leaves a half-written version behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from filelock import FileLock
+
+Status = Literal["active", "candidate", "rejected", "retired"]
+_NAME = re.compile(r"^v(\d+)$")
+
+
+class RegistryError(RuntimeError):
+    """A registry operation that cannot be done (unknown version, nothing trained yet)."""
+
+
+@dataclass
+class VersionInfo:
+    name: str
+    created: str
+    base_model: str
+    parent: str | None = None  # the version it was warm-started from
+    status: Status = "candidate"
+    reason: str = ""  # why it was rejected, retired or promoted
+    schema: dict[str, Any] = field(default_factory=dict)
+    train_config: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)  # fingerprints and counts of the training data
+    metrics: dict[str, Any] = field(default_factory=dict)  # evaluation on the held-out test split
+    path: str = ""
+
+    @property
+    def number(self) -> int:
+        m = _NAME.match(self.name)
+        return int(m.group(1)) if m else -1
+
+
+class Registry:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = FileLock(str(self.root / ".lock"), timeout=60)
+
+    # ---- reading -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        found = [p.name for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+        return sorted(found, key=lambda n: int(n[1:]))
+
+    def path(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise RegistryError(f"{name!r} is not a version name (expected v1, v2, ...)")
+        path = self.root / name
+        if not (path / "version.json").is_file():
+            raise RegistryError(f"no model version {name!r} (known: {', '.join(self.names()) or 'none'})")
+        return path
+
+    def get(self, name: str) -> VersionInfo:
+        raw = json.loads((self.path(name) / "version.json").read_text(encoding="utf-8"))
+        info = VersionInfo(**raw)
+        info.path = str(self.root / name)
+        info.status = "active" if name == self.active_name() else ("retired" if info.status == "active"
+                                                                    else info.status)
+        return info
+
+    def list(self) -> list[VersionInfo]:
+        return [self.get(n) for n in self.names()]
+
+    def active_name(self) -> str | None:
+        try:
+            name = (self.root / "ACTIVE").read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        return name or None
+
+    def active(self) -> VersionInfo:
+        name = self.active_name()
+        if name is None:
+            raise RegistryError(f"no active model in {self.root}: train one with `triage train`")
+        return self.get(name)
+
+    # ---- writing -------------------------------------------------------------------------------
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A scratch folder for a new version; removed on error, and on success unless committed."""
+        path = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.root))
+        try:
+            yield path
+        finally:
+            if path.exists():
+                shutil.rmtree(path, ignore_errors=True)
+
+    def commit(self, staging: Path, info: VersionInfo, activate_if_first: bool = True) -> VersionInfo:
+        """Give a complete staging folder the next version name (atomic rename) and return its info."""
+        with self._lock:
+            numbers = [int(n[1:]) for n in self.names()]
+            info.name = f"v{max(numbers, default=0) + 1}"
+            info.created = info.created or _now()
+            info.path = ""
+            _write_json(staging / "version.json", asdict(info))
+            os.rename(staging, self.root / info.name)
+            if activate_if_first and self.active_name() is None:
+                self._write_active(info.name)
+        return self.get(info.name)
+
+    def activate(self, name: str, reason: str = "") -> VersionInfo:
+        """Make ``name`` the active version; the previous one becomes retired."""
+        with self._lock:
+            self.path(name)
+            previous = self.active_name()
+            self._write_active(name)
+            self._update(name, status="active", reason=reason or "activated")
+            if previous and previous != name:
+                self._update(previous, status="retired", reason=f"replaced by {name}")
+        return self.get(name)
+
+    def set_status(self, name: str, status: Status, reason: str) -> VersionInfo:
+        with self._lock:
+            self._update(name, status=status, reason=reason)
+        return self.get(name)
+
+    def update_metrics(self, name: str, metrics: dict[str, Any]) -> None:
+        with self._lock:
+            self._update(name, metrics=metrics)
+
+    def prune(self, keep: int) -> list[str]:
+        """Delete the oldest versions beyond ``keep``, never the active one; returns the names deleted."""
+        if keep < 1:
+            raise ValueError("keep must be at least 1")
+        removed = []
+        with self._lock:
+            active = self.active_name()
+            names = self.names()
+            for name in names[: max(0, len(names) - keep)]:
+                if name != active:
+                    shutil.rmtree(self.root / name)
+                    removed.append(name)
+        return removed
+
+    def clean_staging(self, older_than_s: float = 0) -> None:
+        """Remove staging folders left by a killed process."""
+        now = time.time()
+        for p in self.root.glob(".staging-*"):
+            if now - p.stat().st_mtime >= older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _update(self, name: str, **changes: Any) -> None:
+        path = self.path(name) / "version.json"
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        raw.update(changes)
+        _write_json(path, raw)
+
+    def _write_active(self, name: str) -> None:
+        _write_text(self.root / "ACTIVE", name + "\n")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write through a temporary file and rename, so readers never see a partial file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

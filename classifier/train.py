@@ -1,0 +1,292 @@
+"""Fine-tuning: examples → stable split → tokenize → train with early stopping → evaluate → registry version.
+
+Reads top to bottom like Hugging Face's ``run_classification.py``: settings in a dataclass, then the steps.
+Partially labeled rows are fine: a head's loss ignores rows without a label for that head (masked loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_examples, write_jsonl
+from classifier.evaluate import evaluate, mean_macro_f1, summary
+from classifier.model import MultiHeadClassifier, autocast_context
+from classifier.paths import default_base_model, runs_log
+from classifier.registry import Registry, VersionInfo
+from classifier.schema import LabelSchema
+
+IGNORE = -100  # label index of "no label for this head"; skipped by the loss
+
+
+@dataclass
+class TrainConfig:
+    base_model: str = ""  # local Hugging Face folder; empty: the packaged all-MiniLM-L6-v2
+    init_from: str | None = None  # registry version to continue training from (warm start)
+    max_length: int = 128
+    batch_size: int = 16
+    learning_rate: float = 5e-5
+    head_learning_rate: float | None = None  # default: same as learning_rate
+    epochs: int = 5
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    patience: int = 2  # epochs without validation macro-F1 gain before stopping; 0 disables early stopping
+    seed: int = 42
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    split_salt: str = DEFAULT_SPLIT_SALT
+    pooling: str = "mean"
+    dropout: float = 0.1
+    max_steps: int | None = None  # cap on optimizer steps (smoke runs, tests)
+    device: str = "auto"
+    eval_batch_size: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
+
+    def validate(self) -> None:
+        if not 3 <= self.max_length <= 512:
+            raise ValueError(f"max length must be between 3 and 512, got {self.max_length}")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ValueError("batch size must be at least 1")
+        if not 0 < self.learning_rate < 1:
+            raise ValueError(f"learning rate must be in (0, 1), got {self.learning_rate}")
+        if self.epochs < 1:
+            raise ValueError("epochs must be at least 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("warmup ratio must be in [0, 1)")
+        if self.weight_decay < 0 or self.patience < 0:
+            raise ValueError("weight decay and patience must not be negative")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError("max steps must be at least 1")
+
+
+ProgressFn = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class TrainResult:
+    version: VersionInfo
+    report: dict[str, Any]  # full evaluation of the best checkpoint on the test split
+    history: list[dict[str, Any]]
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def merge_schema(base: LabelSchema, data: LabelSchema) -> LabelSchema:
+    """Heads and labels of a warm-start parent plus any the new data brings (parent order kept)."""
+    heads = {h: list(v) for h, v in base.heads.items()}
+    for head, labels in data.heads.items():
+        heads.setdefault(head, [])
+        heads[head] += [label for label in labels if label not in heads[head]]
+    return LabelSchema(heads=heads, allow_new_labels=base.allow_new_labels or data.allow_new_labels)
+
+
+def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
+                           mega: int = 50) -> list[list[int]]:
+    """Shuffle, then sort by length inside mega-batches of ``mega * batch_size``: batches of similar
+    lengths (little padding) in random order (little bias)."""
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    batches: list[list[int]] = []
+    for start in range(0, len(order), mega * batch_size):
+        chunk = sorted(order[start:start + mega * batch_size], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def masked_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over heads of each head's cross-entropy on the rows labeled for it."""
+    losses = [nn.functional.cross_entropy(logits[h], y, ignore_index=IGNORE)
+              for h, y in labels.items() if bool((y != IGNORE).any())]
+    if not losses:
+        return next(iter(logits.values())).sum() * 0.0
+    return torch.stack(losses).mean()
+
+
+def _log_run(record: dict[str, Any]) -> None:
+    with open(runs_log(), "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record, default=str) + "\n")
+
+
+def train(
+    examples: Sequence[Example],
+    schema: LabelSchema,
+    config: TrainConfig,
+    registry: Registry,
+    data_info: dict[str, Any] | None = None,
+    activate_if_first: bool = True,
+    progress: bool = True,
+    on_progress: ProgressFn | None = None,
+) -> TrainResult:
+    """Train a model and save it as a new registry version (status ``candidate``; the first one is activated)."""
+    config.validate()
+    schema.validate_trainable()
+    seed_everything(config.seed)
+    device = pick_device(config.device)
+    run_id = uuid.uuid4().hex[:12]
+    started = time.time()
+
+    # 1. split: by text hash, so a test text is a test text in every later run
+    splits = split_examples(examples, config.split, config.split_salt)
+    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
+    if not train_set:
+        raise ValueError("no training examples after the split; add data")
+    val_for_selection = val_set or train_set
+    test_for_report = test_set or val_set or train_set
+
+    # 2. model: fresh on the base checkpoint, or warm-started from a registry version
+    if config.init_from:
+        parent_info = registry.get(config.init_from)
+        parent_dir = Path(parent_info.path)
+        parent, _, _ = MultiHeadClassifier.load(parent_dir)
+        schema = merge_schema(parent.schema, schema)
+        model, tokenizer = MultiHeadClassifier.from_base(parent_dir / "encoder", schema, pooling=parent.pooling,
+                                                         dropout=config.dropout, tokenizer_dir=parent_dir / "tokenizer")
+        model.warm_start_from(parent)  # heads, label by label
+        base_name = parent_info.base_model
+    else:
+        base_path = Path(config.base_model) if config.base_model else default_base_model()
+        model, tokenizer = MultiHeadClassifier.from_base(base_path, schema, pooling=config.pooling,
+                                                         dropout=config.dropout)
+        base_name = str(base_path)
+    limit = int(getattr(model.encoder.config, "max_position_embeddings", 512))
+    if config.max_length > limit:
+        raise ValueError(f"max length {config.max_length} exceeds the model's {limit} positions")
+    model.to(device)
+
+    # 3. tokenize once, without padding; pad per batch (dynamic padding)
+    enc = tokenizer([ex.text for ex in train_set], truncation=True, max_length=config.max_length)
+    lengths = [len(ids) for ids in enc["input_ids"]]
+    label_ids = {
+        h: torch.tensor([labels.index(ex.labels[h]) if ex.labels.get(h) in labels else IGNORE for ex in train_set])
+        for h, labels in schema.heads.items()
+    }
+
+    # 4. optimiser and schedule
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    head_lr = config.head_learning_rate or config.learning_rate
+    groups = [
+        {"params": [p for n, p in model.encoder.named_parameters() if not n.endswith(no_decay)],
+         "weight_decay": config.weight_decay, "lr": config.learning_rate},
+        {"params": [p for n, p in model.encoder.named_parameters() if n.endswith(no_decay)],
+         "weight_decay": 0.0, "lr": config.learning_rate},
+        {"params": list(model.heads.parameters()), "weight_decay": config.weight_decay, "lr": head_lr},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
+    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+
+    record = {"run_id": run_id, "config": asdict(config), "schema": schema.to_dict(), "device": str(device),
+              "examples": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)}}
+    _log_run({"event": "start", "time": started, **record})
+    rng = random.Random(config.seed)
+    best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
+    history: list[dict[str, Any]] = []
+    step = 0
+    for epoch in range(1, config.epochs + 1):
+        model.train()
+        epoch_start, seen, loss_sum = time.time(), 0, 0.0
+        batches = length_grouped_batches(lengths, config.batch_size, rng)
+        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
+                   dynamic_ncols=True)
+        for idx in bar:
+            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
+            batch = {k: v.to(device) for k, v in batch.items()}
+            targets = {h: y[idx].to(device) for h, y in label_ids.items()}
+            with autocast_context(device):
+                logits = model(**batch)
+            loss = masked_loss(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            seen += len(idx)
+            loss_sum += loss.item() * len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+            if config.max_steps and step >= config.max_steps:
+                break
+        bar.close()
+        train_seconds = time.time() - epoch_start
+        val_report = evaluate(model, tokenizer, val_for_selection, config.max_length,
+                              batch_size=config.eval_batch_size, device=device)
+        score = mean_macro_f1(val_report)
+        entry = {
+            "event": "epoch", "run_id": run_id, "epoch": epoch, "step": step, "train_loss": loss_sum / max(seen, 1),
+            "train_seconds": round(train_seconds, 3), "samples_per_s": round(seen / max(train_seconds, 1e-9), 2),
+            "val_macro_f1": score,
+            "val": {h: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for h, m in val_report["heads"].items()},
+        }
+        history.append(entry)
+        _log_run(entry)
+        improved = score > best_score
+        if improved:
+            best_score, best_epoch, stale = score, epoch, 0
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+        else:
+            stale += 1
+        elapsed = time.time() - started
+        if progress:
+            tqdm.write(f"epoch {epoch}: loss {entry['train_loss']:.4f}, validation macro-F1 {score:.4f}"
+                       f"{' (best)' if improved else ''}, {entry['samples_per_s']:.1f} samples/s")
+        if on_progress:
+            on_progress({"epoch": epoch, "epochs": config.epochs, "val_macro_f1": score,
+                         "elapsed_s": elapsed, "eta_s": elapsed / epoch * (config.epochs - epoch)})
+        if config.max_steps and step >= config.max_steps:
+            break
+        if config.patience and stale >= config.patience:
+            if progress:
+                tqdm.write(f"early stopping: no gain for {stale} epoch(s); best epoch {best_epoch}")
+            break
+
+    # 5. best checkpoint → test report → registry version (staged, then renamed atomically)
+    assert best_state is not None
+    model.load_state_dict(best_state)
+    model.eval()
+    with registry.staging() as staging:
+        report = evaluate(model, tokenizer, test_for_report, config.max_length, out_dir=staging / "eval",
+                          batch_size=config.eval_batch_size, device=device, progress=progress)
+        model.to("cpu").save(staging, tokenizer, config.max_length)
+        write_jsonl(staging / "dataset.jsonl", examples)
+        counts = {h: dict(c) for h, c in label_counts(examples).items()}
+        info = VersionInfo(
+            name="", created="", base_model=base_name, parent=config.init_from, status="candidate",
+            schema=schema.to_dict(), train_config=asdict(config),
+            data={**(data_info or {}), "examples": len(examples), "label_counts": counts,
+                  "splits": record["examples"], "best_epoch": best_epoch, "best_val_macro_f1": best_score,
+                  "test_split": "test" if test_set else ("validation" if val_set else "train")},
+            metrics=summary(report)["heads"],
+        )
+        version = registry.commit(staging, info, activate_if_first=activate_if_first)
+    report["model_version"] = version.name
+    _log_run({"event": "end", "run_id": run_id, "version": version.name, "seconds": time.time() - started,
+              "best_epoch": best_epoch, "test": summary(report)["heads"]})
+    return TrainResult(version=version, report=report, history=history)
+
