@@ -61,16 +61,24 @@ def _split(value: str) -> tuple[float, float, float]:
     return (parts[0] / total, parts[1] / total, parts[2] / total)
 
 
-DataOpt = Annotated[list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")]
+DataOpt = Annotated[
+    list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")
+]
 TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
 
 
 @user_errors
 def train_command(
     data: DataOpt,
-    base_model: Annotated[str, typer.Option(help="Local Hugging Face BERT folder [default: packaged MiniLM]")] = "",
-    from_version: Annotated[str | None, typer.Option(help="Continue training from this registry version.")] = None,
-    schema: Annotated[Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels.")] = None,
+    base_model: Annotated[
+        str, typer.Option(help="Local Hugging Face BERT folder [default: packaged MiniLM]")
+    ] = "",
+    from_version: Annotated[
+        str | None, typer.Option(help="Continue training from this registry version.")
+    ] = None,
+    schema: Annotated[
+        Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels.")
+    ] = None,
     infer_labels: Annotated[bool, typer.Option(help="Take each head's labels from the data.")] = False,
     text_column: TextColumnOpt = "text",
     epochs: Annotated[int, typer.Option(min=1)] = 5,
@@ -92,17 +100,38 @@ def train_command(
     from classifier.train import TrainConfig, train
 
     registry = _registry()
-    examples, used_schema = load_examples(data, _schema(schema), text_column=text_column, infer_labels=infer_labels)
-    config = TrainConfig(base_model=base_model, init_from=from_version, max_length=max_length,
-                         batch_size=batch_size, learning_rate=lr, head_learning_rate=head_lr, epochs=epochs,
-                         warmup_ratio=warmup, weight_decay=weight_decay, patience=patience, seed=seed,
-                         split=_split(split), max_steps=max_steps, device=device)
+    examples, used_schema = load_examples(
+        data, _schema(schema), text_column=text_column, infer_labels=infer_labels
+    )
+    config = TrainConfig(
+        base_model=base_model,
+        init_from=from_version,
+        max_length=max_length,
+        batch_size=batch_size,
+        learning_rate=lr,
+        head_learning_rate=head_lr,
+        epochs=epochs,
+        warmup_ratio=warmup,
+        weight_decay=weight_decay,
+        patience=patience,
+        seed=seed,
+        split=_split(split),
+        max_steps=max_steps,
+        device=device,
+    )
     data_info = {"files": [{"path": str(p), "sha256": fingerprint(p)} for p in data]}
     result = train(examples, used_schema, config, registry, data_info=data_info, progress=not as_json)
     active = registry.active_name()
     if as_json:
-        typer.echo(json.dumps({"model_version": result.version.name, "active": active == result.version.name,
-                               "heads": result.version.metrics}))
+        typer.echo(
+            json.dumps(
+                {
+                    "model_version": result.version.name,
+                    "active": active == result.version.name,
+                    "heads": result.version.metrics,
+                }
+            )
+        )
         return
     from classifier.evaluate import format_report
 
@@ -119,7 +148,9 @@ def evaluate_command(
     data: DataOpt,
     model: Annotated[str | None, typer.Option(help="Registry version [default: the active one]")] = None,
     text_column: TextColumnOpt = "text",
-    out: Annotated[Path | None, typer.Option(help="Folder for the report [default: data dir/reports/...]")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for the report [default: data dir/reports/...]")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
 ) -> None:
     """Evaluate a model version on labeled data: metrics, confusion matrices, ROC, calibration, errors."""
@@ -136,8 +167,9 @@ def evaluate_command(
     schema = LabelSchema(heads=clf.schema.heads, allow_new_labels=True)
     examples, _ = load_examples(data, schema, text_column=text_column)
     out_dir = out or data_dir() / "reports" / f"evaluate-{info.name}-{Path(data[0]).stem}"
-    report = evaluate(clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name,
-                      progress=not as_json)
+    report = evaluate(
+        clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name, progress=not as_json
+    )
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
@@ -158,8 +190,9 @@ def inspect_command(
     from classifier.paths import data_dir, default_base_model
 
     out_dir = out or data_dir() / "reports" / f"inspect-{files[0].stem}"
-    summary = inspect_files(files, Path(base_model) if base_model else default_base_model(), out_dir,
-                            text_column=text_column)
+    summary = inspect_files(
+        files, Path(base_model) if base_model else default_base_model(), out_dir, text_column=text_column
+    )
     typer.echo(format_summary(summary, ", ".join(f.name for f in files)))
     typer.echo(f"\nsummary and plots in {out_dir}")
 
@@ -179,7 +212,9 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
         return
     for v in versions:
         mark = "*" if v.status == "active" else " "
-        scores = "  ".join(f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in v.metrics.items())
+        scores = "  ".join(
+            f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in v.metrics.items()
+        )
         typer.echo(f"{mark} {v.name:<5} {v.status:<9} {v.created}  {scores}")
         if v.reason and v.status != "active":
             typer.echo(f"        {v.reason}")

@@ -42,8 +42,11 @@ class Example:
     def from_json(cls, raw: dict[str, object]) -> Example:
         labels = raw.get("labels") or {}
         assert isinstance(labels, dict)
-        return cls(text=str(raw["text"]), labels={str(k): str(v) for k, v in labels.items()},
-                   source=str(raw.get("source", "")))
+        return cls(
+            text=str(raw["text"]),
+            labels={str(k): str(v) for k, v in labels.items()},
+            source=str(raw.get("source", "")),
+        )
 
 
 def _decode(path: Path) -> str:
@@ -52,8 +55,9 @@ def _decode(path: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8")\
-            from None
+        raise DataError(
+            f"{path}:{line}: not valid UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from None
 
 
 def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, dict[str, str | None]]]:
@@ -145,7 +149,8 @@ def load_examples(
         file_heads = [h for h in heads if h in columns or any(h in r for _, r in rows)]
         if not file_heads:
             raise DataError(
-                f"{path}:1: no label column; expected one of: {', '.join(heads)} (columns: {', '.join(sorted(columns))})"
+                f"{path}:1: no label column; expected one of: {', '.join(heads)} "
+                f"(columns: {', '.join(sorted(columns))})"
             )
         seen_heads.update(file_heads)
         for line, row in rows:
@@ -178,7 +183,8 @@ def load_examples(
         present = [label for label in used[head] if counts[head].get(label)]
         if len(present) < 2:
             raise DataError(
-                f"{', '.join(str(p) for p in paths)}: head {head!r} has {len(present)} distinct label(s) in the "
+                f"{', '.join(str(p) for p in paths)}: head {head!r} has {len(present)} distinct "
+                f"label(s) in the "
                 "data; a head needs at least 2"
             )
     result = LabelSchema(heads=used, allow_new_labels=schema.allow_new_labels)
@@ -201,8 +207,9 @@ def normalize(text: str) -> str:
     return _WS.sub(" ", text.strip().lower())
 
 
-def split_of(text: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
-             salt: str = DEFAULT_SPLIT_SALT) -> Split:
+def split_of(
+    text: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), salt: str = DEFAULT_SPLIT_SALT
+) -> Split:
     """Which split a text belongs to, from a hash of its normalized form.
 
     Assignment depends only on the text, never on the rest of the data, so a test text stays a test

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import warnings
 from collections.abc import Sequence
@@ -40,22 +41,30 @@ def head_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
     # macro over labels that occur in the truth or the predictions: absent labels would score 0 and
     # punish a model for classes the evaluation data does not contain
-    mp, mr, mf, _ = precision_recall_fscore_support(y_true, y_pred, labels=present, average="macro",
-                                                    zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=present, average="macro", zero_division=0
+    )
     confidence = probs.max(axis=1)
     correct = (y_pred == y_true).astype(float)
     return {
-        "n": int(len(y_true)),
+        "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(mf),
         "macro_recall": float(mr),
         "macro_precision": float(mp),
         "per_class": {
-            labels[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            labels[i]: {
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
             for i in idx
         },
-        "confusion_matrix": {"labels": list(labels),
-                             "matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist()},
+        "confusion_matrix": {
+            "labels": list(labels),
+            "matrix": confusion_matrix(y_true, y_pred, labels=idx).tolist(),
+        },
         "roc_auc": roc_auc(y_true, probs),
         "ece": expected_calibration_error(confidence, correct),
         "mean_confidence": float(confidence.mean()) if len(confidence) else 0.0,
@@ -75,14 +84,23 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean(aucs))
 
 
-def calibration_bins(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, float]]:
+def calibration_bins(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
+) -> list[dict[str, float]]:
     edges = np.linspace(0.0, 1.0, bins + 1)
     out = []
-    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+    for lo, hi in itertools.pairwise(edges):
         mask = (confidence > lo) & (confidence <= hi)
         if mask.any():
-            out.append({"lo": float(lo), "hi": float(hi), "n": int(mask.sum()),
-                        "confidence": float(confidence[mask].mean()), "accuracy": float(correct[mask].mean())})
+            out.append(
+                {
+                    "lo": float(lo),
+                    "hi": float(hi),
+                    "n": int(mask.sum()),
+                    "confidence": float(confidence[mask].mean()),
+                    "accuracy": float(correct[mask].mean()),
+                }
+            )
     return out
 
 
@@ -90,8 +108,12 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
     n = len(confidence)
     if n == 0:
         return 0.0
-    return float(sum(b["n"] / n * abs(b["accuracy"] - b["confidence"])
-                     for b in calibration_bins(confidence, correct, bins)))
+    return float(
+        sum(
+            b["n"] / n * abs(b["accuracy"] - b["confidence"])
+            for b in calibration_bins(confidence, correct, bins)
+        )
+    )
 
 
 def evaluate(
@@ -109,7 +131,7 @@ def evaluate(
     schema: LabelSchema = model.schema
     texts = [ex.text for ex in examples]
     probs: dict[str, np.ndarray] = {h: np.zeros((0, len(v))) for h, v in schema.heads.items()}
-    chunks = [texts[i:i + 1024] for i in range(0, len(texts), 1024)] or [[]]
+    chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
     parts: list[dict[str, np.ndarray]] = [
         predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
@@ -128,30 +150,50 @@ def evaluate(
         y_pred = head_probs.argmax(axis=1)
         for k, i in enumerate(rows):
             if y_pred[k] != y_true[k]:
-                wrong.append({"text": examples[i].text, "head": head, "true": labels[y_true[k]],
-                              "predicted": labels[y_pred[k]], "confidence": round(float(head_probs[k].max()), 4),
-                              "source": examples[i].source})
+                wrong.append(
+                    {
+                        "text": examples[i].text,
+                        "head": head,
+                        "true": labels[y_true[k]],
+                        "predicted": labels[y_pred[k]],
+                        "confidence": round(float(head_probs[k].max()), 4),
+                        "source": examples[i].source,
+                    }
+                )
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             confidence = head_probs.max(axis=1)
-            plots.confusion_matrix_png(np.array(metrics["confusion_matrix"]["matrix"]), labels,
-                                       f"{head}: confusion matrix (n={len(rows)})", out_dir / f"confusion_{head}.png")
-            plots.reliability_png(calibration_bins(confidence, (y_pred == y_true).astype(float)),
-                                  f"{head}: reliability (ECE {metrics['ece']:.3f})", out_dir / f"reliability_{head}.png")
+            plots.confusion_matrix_png(
+                np.array(metrics["confusion_matrix"]["matrix"]),
+                labels,
+                f"{head}: confusion matrix (n={len(rows)})",
+                out_dir / f"confusion_{head}.png",
+            )
+            plots.reliability_png(
+                calibration_bins(confidence, (y_pred == y_true).astype(float)),
+                f"{head}: reliability (ECE {metrics['ece']:.3f})",
+                out_dir / f"reliability_{head}.png",
+            )
             curves = _roc_curves(y_true, head_probs, labels)
             if curves:
-                plots.roc_png(curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out_dir / f"roc_{head}.png")
+                plots.roc_png(
+                    curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out_dir / f"roc_{head}.png"
+                )
     report["macro_f1_mean"] = mean_macro_f1(report)
     if out_dir is not None:
         (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         with open(out_dir / "wrong_predictions.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"])
+            writer = csv.DictWriter(
+                fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"]
+            )
             writer.writeheader()
             writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
     return report
 
 
-def _roc_curves(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _roc_curves(
+    y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]
+) -> list[tuple[str, np.ndarray, np.ndarray]]:
     curves = []
     for c in sorted(set(y_true.tolist())):
         positives = (y_true == c).astype(int)
@@ -173,8 +215,10 @@ def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The short form kept in version.json and printed by `--json`."""
     return {
         "model_version": report.get("model_version", ""),
-        "heads": {h: {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")}
-                  for h, m in report.get("heads", {}).items()},
+        "heads": {
+            h: {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")}
+            for h, m in report.get("heads", {}).items()
+        },
     }
 
 
@@ -183,10 +227,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"model {report.get('model_version') or '?'}"]
     for head, m in report["heads"].items():
         auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
-        lines.append(f"\n[{head}] n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
-                     f"macro-recall={m['macro_recall']:.3f} ROC-AUC={auc} ECE={m['ece']:.3f}")
+        lines.append(
+            f"\n[{head}] n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
+            f"macro-recall={m['macro_recall']:.3f} ROC-AUC={auc} ECE={m['ece']:.3f}"
+        )
         width = max(len(label) for label in m["per_class"])
         lines.append(f"  {'label':<{width}}  precision  recall     f1  support")
         for label, c in m["per_class"].items():
-            lines.append(f"  {label:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  {c['support']:7d}")
+            lines.append(
+                f"  {label:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  "
+                f"{c['support']:7d}"
+            )
     return "\n".join(lines)

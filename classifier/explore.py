@@ -18,10 +18,15 @@ CUTS = (32, 64, 128, 256, 512)
 COVERAGE = 0.95  # suggest the shortest length that keeps this share of texts whole
 
 
-def inspect_examples(examples: Sequence[Example], tokenizer_dir: Path, out_dir: Path, title: str) -> dict[str, Any]:
+def inspect_examples(
+    examples: Sequence[Example], tokenizer_dir: Path, out_dir: Path, title: str
+) -> dict[str, Any]:
     """Write summary.txt, summary.json and PNG plots to ``out_dir``; return the summary."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    lengths = [len(ids) for ids in tokenizer([ex.text for ex in examples], truncation=False, verbose=False)["input_ids"]]
+    lengths = [
+        len(ids)
+        for ids in tokenizer([ex.text for ex in examples], truncation=False, verbose=False)["input_ids"]
+    ]
     arr = np.array(lengths)
     cut_share = {cut: float((arr > cut).mean()) for cut in CUTS}
     suggested = next((c for c in CUTS if 1 - cut_share[c] >= COVERAGE), CUTS[-1])
@@ -30,8 +35,13 @@ def inspect_examples(examples: Sequence[Example], tokenizer_dir: Path, out_dir: 
         "texts": len(examples),
         "labels": {h: dict(c.most_common()) for h, c in counts.items()},
         "unlabeled": {h: len(examples) - sum(c.values()) for h, c in counts.items()},
-        "tokens": {"min": int(arr.min()), "median": float(np.median(arr)), "p95": float(np.percentile(arr, 95)),
-                   "max": int(arr.max()), "mean": float(arr.mean())},
+        "tokens": {
+            "min": int(arr.min()),
+            "median": float(np.median(arr)),
+            "p95": float(np.percentile(arr, 95)),
+            "max": int(arr.max()),
+            "mean": float(arr.mean()),
+        },
         "cut_share": {str(k): v for k, v in cut_share.items()},
         "suggested_max_length": suggested,
     }
@@ -48,24 +58,36 @@ def format_summary(summary: dict[str, Any], title: str) -> str:
     lines = [f"{title}: {summary['texts']} texts"]
     for head, counts in summary["labels"].items():
         total = sum(counts.values())
-        lines.append(f"\n[{head}] {total} labeled, {summary['unlabeled'][head]} without a label, "
-                     f"{len(counts)} labels")
+        lines.append(
+            f"\n[{head}] {total} labeled, {summary['unlabeled'][head]} without a label, {len(counts)} labels"
+        )
         width = max(len(k) for k in counts)
         lines += [f"  {label:<{width}}  {n:6d}  {n / total:6.1%}" for label, n in counts.items()]
         ratio = max(counts.values()) / max(min(counts.values()), 1)
         if ratio > 10:
-            lines.append(f"  warning: the largest class is {ratio:.0f}x the smallest; expect weak recall on small ones")
+            lines.append(
+                f"  warning: the largest class is {ratio:.0f}x the smallest; expect weak recall on small ones"
+            )
     t = summary["tokens"]
-    lines.append(f"\ntokens per text: min {t['min']}, median {t['median']:.0f}, p95 {t['p95']:.0f}, max {t['max']}")
+    lines.append(
+        f"\ntokens per text: min {t['min']}, median {t['median']:.0f}, p95 {t['p95']:.0f}, max {t['max']}"
+    )
     for cut, share in summary["cut_share"].items():
         lines.append(f"  cut at {cut:>3}: {share:6.1%} of texts")
-    lines.append(f"suggested --max-length: {summary['suggested_max_length']} "
-                 f"(keeps at least {COVERAGE:.0%} of texts whole)")
+    lines.append(
+        f"suggested --max-length: {summary['suggested_max_length']} "
+        f"(keeps at least {COVERAGE:.0%} of texts whole)"
+    )
     return "\n".join(lines)
 
 
-def inspect_files(paths: Sequence[Path], tokenizer_dir: Path, out_dir: Path, text_column: str = "text",
-                  schema: LabelSchema | None = None) -> dict[str, Any]:
+def inspect_files(
+    paths: Sequence[Path],
+    tokenizer_dir: Path,
+    out_dir: Path,
+    text_column: str = "text",
+    schema: LabelSchema | None = None,
+) -> dict[str, Any]:
     """Inspect files with any labels (they are discovered, not checked against a schema)."""
     schema = schema or LabelSchema()
     examples, _ = load_examples(paths, schema, text_column=text_column, infer_labels=True)

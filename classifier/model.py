@@ -1,4 +1,5 @@
-"""The model: one shared BERT encoder, one linear classification head per task; one forward pass gives all heads.
+"""The model: one shared BERT encoder, one linear classification head per task; one forward pass
+gives all heads.
 
 On disk (a registry version folder): ``encoder/`` and ``tokenizer/`` in Hugging Face format,
 ``heads.safetensors`` and ``model.json`` (pooling, label schema, max length).
@@ -23,8 +24,8 @@ from classifier.schema import LabelSchema
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase  # noqa: E402
-from transformers.utils import logging as hf_logging  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()  # weight-loading bars on every load; our own bars show training progress
 
@@ -47,8 +48,12 @@ class MultiHeadClassifier(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({h: nn.Linear(hidden, len(labels)) for h, labels in schema.heads.items()})
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                token_type_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
         kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
@@ -66,15 +71,27 @@ class MultiHeadClassifier(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         self.encoder.save_pretrained(directory / "encoder")
         tokenizer.save_pretrained(directory / "tokenizer")
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
-                  str(directory / "heads.safetensors"))
-        meta = {"pooling": self.pooling, "max_length": max_length, "schema": self.schema.to_dict(),
-                "dropout": self.dropout.p}
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()},
+            str(directory / "heads.safetensors"),
+        )
+        meta = {
+            "pooling": self.pooling,
+            "max_length": max_length,
+            "schema": self.schema.to_dict(),
+            "dropout": self.dropout.p,
+        }
         (directory / "model.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
     @classmethod
-    def from_base(cls, base: Path | str, schema: LabelSchema, pooling: str = "mean", dropout: float = 0.1,
-                  tokenizer_dir: Path | None = None) -> tuple[MultiHeadClassifier, PreTrainedTokenizerBase]:
+    def from_base(
+        cls,
+        base: Path | str,
+        schema: LabelSchema,
+        pooling: str = "mean",
+        dropout: float = 0.1,
+        tokenizer_dir: Path | None = None,
+    ) -> tuple[MultiHeadClassifier, PreTrainedTokenizerBase]:
         """A fresh model on a local Hugging Face BERT-family checkpoint (folder with config + weights).
 
         The tokenizer comes from the same folder unless ``tokenizer_dir`` says otherwise.
@@ -91,13 +108,17 @@ class MultiHeadClassifier(nn.Module):
 
     @classmethod
     def load(cls, directory: Path) -> tuple[MultiHeadClassifier, PreTrainedTokenizerBase, int]:
-        """Load a saved model; returns (model, tokenizer, max_length). The model is in eval mode on the CPU."""
+        """Load a saved model; returns (model, tokenizer, max_length), in eval mode on the CPU."""
         try:
             meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
             schema = LabelSchema.from_dict(meta["schema"])
-            encoder = AutoModel.from_pretrained(directory / "encoder", dtype=torch.float32, local_files_only=True)
+            encoder = AutoModel.from_pretrained(
+                directory / "encoder", dtype=torch.float32, local_files_only=True
+            )
             tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
-            model = cls(encoder, schema, pooling=meta.get("pooling", "mean"), dropout=meta.get("dropout", 0.1))
+            model = cls(
+                encoder, schema, pooling=meta.get("pooling", "mean"), dropout=meta.get("dropout", 0.1)
+            )
             model.heads.load_state_dict(load_file(str(directory / "heads.safetensors")))
         except (OSError, KeyError, ValueError, RuntimeError) as exc:
             raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
@@ -142,20 +163,32 @@ def autocast_context(device: torch.device) -> Any:
 
 def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, Any]:
     """Tokenize without padding; returns input ids per text and whether each was cut at ``max_length``."""
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, return_overflowing_tokens=False,
-                    return_length=True)
+    enc = tokenizer(
+        list(texts),
+        truncation=True,
+        max_length=max_length,
+        return_overflowing_tokens=False,
+        return_length=True,
+    )
     full = tokenizer(list(texts), truncation=False, return_length=True, verbose=False)["length"]
     enc["truncated"] = [n > max_length for n in full]
     return enc
 
 
 @torch.inference_mode()
-def predict_probs(model: MultiHeadClassifier, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str],
-                  max_length: int, batch_size: int = 64,
-                  device: torch.device | None = None) -> dict[str, np.ndarray]:
+def predict_probs(
+    model: MultiHeadClassifier,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+) -> dict[str, np.ndarray]:
     """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length."""
     device = device or next(model.parameters()).device
-    out = {h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in model.schema.heads.items()}
+    out = {
+        h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in model.schema.heads.items()
+    }
     if not texts:
         return out
     enc = tokenizer(list(texts), truncation=True, max_length=max_length)
@@ -164,7 +197,7 @@ def predict_probs(model: MultiHeadClassifier, tokenizer: PreTrainedTokenizerBase
     model.eval()
     try:
         for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast_context(device):
@@ -182,7 +215,8 @@ def to_predictions(schema: LabelSchema, probs: dict[str, np.ndarray], row: int) 
         p = probs[head][row]
         best = int(p.argmax())
         result[head] = HeadPrediction(
-            label=labels[best], confidence=float(p[best]),
+            label=labels[best],
+            confidence=float(p[best]),
             scores={label: float(v) for label, v in zip(labels, p, strict=True)},
         )
     return result

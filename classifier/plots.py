@@ -10,8 +10,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -38,8 +38,15 @@ def confusion_matrix_png(matrix: np.ndarray, labels: Sequence[str], title: str, 
         for i in range(n):
             for j in range(n):
                 if matrix[i, j]:
-                    ax.text(j, i, str(matrix[i, j]), ha="center", va="center", fontsize=8,
-                            color="white" if norm[i, j] > 0.5 else "black")
+                    ax.text(
+                        j,
+                        i,
+                        str(matrix[i, j]),
+                        ha="center",
+                        va="center",
+                        fontsize=8,
+                        color="white" if norm[i, j] > 0.5 else "black",
+                    )
     _save(fig, path)
 
 
@@ -47,8 +54,13 @@ def reliability_png(bins: Sequence[Mapping[str, float]], title: str, path: Path)
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
     if bins:
-        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=0.05, alpha=0.7,
-               label="accuracy per confidence bin")
+        ax.bar(
+            [b["confidence"] for b in bins],
+            [b["accuracy"] for b in bins],
+            width=0.05,
+            alpha=0.7,
+            label="accuracy per confidence bin",
+        )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
@@ -94,8 +106,9 @@ def length_histogram_png(lengths: Sequence[int], cuts: Sequence[int], title: str
     _save(fig, path)
 
 
-def learning_curve_png(xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str,
-                       path: Path) -> None:
+def learning_curve_png(
+    xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str, path: Path
+) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, ys, marker="o")
     ax.set_xlabel(xlabel)

@@ -80,8 +80,11 @@ class Registry:
         raw = json.loads((self.path(name) / "version.json").read_text(encoding="utf-8"))
         info = VersionInfo(**raw)
         info.path = str(self.root / name)
-        info.status = "active" if name == self.active_name() else ("retired" if info.status == "active"
-                                                                    else info.status)
+        info.status = (
+            "active"
+            if name == self.active_name()
+            else ("retired" if info.status == "active" else info.status)
+        )
         return info
 
     def list(self) -> list[VersionInfo]:

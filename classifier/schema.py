@@ -27,7 +27,9 @@ class LabelSchema:
     ``allow_new_labels``: labels not listed here found in training data are appended instead of rejected.
     """
 
-    heads: dict[str, list[str]] = field(default_factory=lambda: {k: list(v) for k, v in DEFAULT_HEADS.items()})
+    heads: dict[str, list[str]] = field(
+        default_factory=lambda: {k: list(v) for k, v in DEFAULT_HEADS.items()}
+    )
     allow_new_labels: bool = False
 
     def __post_init__(self) -> None:

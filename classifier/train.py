@@ -103,24 +103,28 @@ def merge_schema(base: LabelSchema, data: LabelSchema) -> LabelSchema:
     return LabelSchema(heads=heads, allow_new_labels=base.allow_new_labels or data.allow_new_labels)
 
 
-def length_grouped_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
-                           mega: int = 50) -> list[list[int]]:
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: random.Random, mega: int = 50
+) -> list[list[int]]:
     """Shuffle, then sort by length inside mega-batches of ``mega * batch_size``: batches of similar
     lengths (little padding) in random order (little bias)."""
     order = list(range(len(lengths)))
     rng.shuffle(order)
     batches: list[list[int]] = []
     for start in range(0, len(order), mega * batch_size):
-        chunk = sorted(order[start:start + mega * batch_size], key=lambda i: lengths[i], reverse=True)
-        batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+        chunk = sorted(order[start : start + mega * batch_size], key=lambda i: lengths[i], reverse=True)
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
     rng.shuffle(batches)
     return batches
 
 
 def masked_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over heads of each head's cross-entropy on the rows labeled for it."""
-    losses = [nn.functional.cross_entropy(logits[h], y, ignore_index=IGNORE)
-              for h, y in labels.items() if bool((y != IGNORE).any())]
+    losses = [
+        nn.functional.cross_entropy(logits[h], y, ignore_index=IGNORE)
+        for h, y in labels.items()
+        if bool((y != IGNORE).any())
+    ]
     if not losses:
         return next(iter(logits.values())).sum() * 0.0
     return torch.stack(losses).mean()
@@ -141,7 +145,7 @@ def train(
     progress: bool = True,
     on_progress: ProgressFn | None = None,
 ) -> TrainResult:
-    """Train a model and save it as a new registry version (status ``candidate``; the first one is activated)."""
+    """Train a model and save it as a new registry version (``candidate``; the first one is activated)."""
     config.validate()
     schema.validate_trainable()
     seed_everything(config.seed)
@@ -163,14 +167,20 @@ def train(
         parent_dir = Path(parent_info.path)
         parent, _, _ = MultiHeadClassifier.load(parent_dir)
         schema = merge_schema(parent.schema, schema)
-        model, tokenizer = MultiHeadClassifier.from_base(parent_dir / "encoder", schema, pooling=parent.pooling,
-                                                         dropout=config.dropout, tokenizer_dir=parent_dir / "tokenizer")
+        model, tokenizer = MultiHeadClassifier.from_base(
+            parent_dir / "encoder",
+            schema,
+            pooling=parent.pooling,
+            dropout=config.dropout,
+            tokenizer_dir=parent_dir / "tokenizer",
+        )
         model.warm_start_from(parent)  # heads, label by label
         base_name = parent_info.base_model
     else:
         base_path = Path(config.base_model) if config.base_model else default_base_model()
-        model, tokenizer = MultiHeadClassifier.from_base(base_path, schema, pooling=config.pooling,
-                                                         dropout=config.dropout)
+        model, tokenizer = MultiHeadClassifier.from_base(
+            base_path, schema, pooling=config.pooling, dropout=config.dropout
+        )
         base_name = str(base_path)
     limit = int(getattr(model.encoder.config, "max_position_embeddings", 512))
     if config.max_length > limit:
@@ -181,7 +191,9 @@ def train(
     enc = tokenizer([ex.text for ex in train_set], truncation=True, max_length=config.max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
     label_ids = {
-        h: torch.tensor([labels.index(ex.labels[h]) if ex.labels.get(h) in labels else IGNORE for ex in train_set])
+        h: torch.tensor(
+            [labels.index(ex.labels[h]) if ex.labels.get(h) in labels else IGNORE for ex in train_set]
+        )
         for h, labels in schema.heads.items()
     }
 
@@ -189,10 +201,16 @@ def train(
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     head_lr = config.head_learning_rate or config.learning_rate
     groups = [
-        {"params": [p for n, p in model.encoder.named_parameters() if not n.endswith(no_decay)],
-         "weight_decay": config.weight_decay, "lr": config.learning_rate},
-        {"params": [p for n, p in model.encoder.named_parameters() if n.endswith(no_decay)],
-         "weight_decay": 0.0, "lr": config.learning_rate},
+        {
+            "params": [p for n, p in model.encoder.named_parameters() if not n.endswith(no_decay)],
+            "weight_decay": config.weight_decay,
+            "lr": config.learning_rate,
+        },
+        {
+            "params": [p for n, p in model.encoder.named_parameters() if n.endswith(no_decay)],
+            "weight_decay": 0.0,
+            "lr": config.learning_rate,
+        },
         {"params": list(model.heads.parameters()), "weight_decay": config.weight_decay, "lr": head_lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
@@ -200,10 +218,17 @@ def train(
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = get_linear_schedule_with_warmup(
+        optimizer, int(config.warmup_ratio * total_steps), total_steps
+    )
 
-    record = {"run_id": run_id, "config": asdict(config), "schema": schema.to_dict(), "device": str(device),
-              "examples": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)}}
+    record = {
+        "run_id": run_id,
+        "config": asdict(config),
+        "schema": schema.to_dict(),
+        "device": str(device),
+        "examples": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
+    }
     _log_run({"event": "start", "time": started, **record})
     rng = random.Random(config.seed)
     best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
@@ -213,8 +238,13 @@ def train(
         model.train()
         epoch_start, seen, loss_sum = time.time(), 0, 0.0
         batches = length_grouped_batches(lengths, config.batch_size, rng)
-        bar = tqdm(batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress,
-                   dynamic_ncols=True)
+        bar = tqdm(
+            batches,
+            desc=f"epoch {epoch}/{config.epochs}",
+            unit="batch",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         for idx in bar:
             batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
             batch = {k: v.to(device) for k, v in batch.items()}
@@ -235,14 +265,28 @@ def train(
                 break
         bar.close()
         train_seconds = time.time() - epoch_start
-        val_report = evaluate(model, tokenizer, val_for_selection, config.max_length,
-                              batch_size=config.eval_batch_size, device=device)
+        val_report = evaluate(
+            model,
+            tokenizer,
+            val_for_selection,
+            config.max_length,
+            batch_size=config.eval_batch_size,
+            device=device,
+        )
         score = mean_macro_f1(val_report)
         entry = {
-            "event": "epoch", "run_id": run_id, "epoch": epoch, "step": step, "train_loss": loss_sum / max(seen, 1),
-            "train_seconds": round(train_seconds, 3), "samples_per_s": round(seen / max(train_seconds, 1e-9), 2),
+            "event": "epoch",
+            "run_id": run_id,
+            "epoch": epoch,
+            "step": step,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_seconds": round(train_seconds, 3),
+            "samples_per_s": round(seen / max(train_seconds, 1e-9), 2),
             "val_macro_f1": score,
-            "val": {h: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]} for h, m in val_report["heads"].items()},
+            "val": {
+                h: {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+                for h, m in val_report["heads"].items()
+            },
         }
         history.append(entry)
         _log_run(entry)
@@ -254,11 +298,20 @@ def train(
             stale += 1
         elapsed = time.time() - started
         if progress:
-            tqdm.write(f"epoch {epoch}: loss {entry['train_loss']:.4f}, validation macro-F1 {score:.4f}"
-                       f"{' (best)' if improved else ''}, {entry['samples_per_s']:.1f} samples/s")
+            tqdm.write(
+                f"epoch {epoch}: loss {entry['train_loss']:.4f}, validation macro-F1 {score:.4f}"
+                f"{' (best)' if improved else ''}, {entry['samples_per_s']:.1f} samples/s"
+            )
         if on_progress:
-            on_progress({"epoch": epoch, "epochs": config.epochs, "val_macro_f1": score,
-                         "elapsed_s": elapsed, "eta_s": elapsed / epoch * (config.epochs - epoch)})
+            on_progress(
+                {
+                    "epoch": epoch,
+                    "epochs": config.epochs,
+                    "val_macro_f1": score,
+                    "elapsed_s": elapsed,
+                    "eta_s": elapsed / epoch * (config.epochs - epoch),
+                }
+            )
         if config.max_steps and step >= config.max_steps:
             break
         if config.patience and stale >= config.patience:
@@ -271,22 +324,48 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     with registry.staging() as staging:
-        report = evaluate(model, tokenizer, test_for_report, config.max_length, out_dir=staging / "eval",
-                          batch_size=config.eval_batch_size, device=device, progress=progress)
+        report = evaluate(
+            model,
+            tokenizer,
+            test_for_report,
+            config.max_length,
+            out_dir=staging / "eval",
+            batch_size=config.eval_batch_size,
+            device=device,
+            progress=progress,
+        )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(staging / "dataset.jsonl", examples)
         counts = {h: dict(c) for h, c in label_counts(examples).items()}
         info = VersionInfo(
-            name="", created="", base_model=base_name, parent=config.init_from, status="candidate",
-            schema=schema.to_dict(), train_config=asdict(config),
-            data={**(data_info or {}), "examples": len(examples), "label_counts": counts,
-                  "splits": record["examples"], "best_epoch": best_epoch, "best_val_macro_f1": best_score,
-                  "test_split": "test" if test_set else ("validation" if val_set else "train")},
+            name="",
+            created="",
+            base_model=base_name,
+            parent=config.init_from,
+            status="candidate",
+            schema=schema.to_dict(),
+            train_config=asdict(config),
+            data={
+                **(data_info or {}),
+                "examples": len(examples),
+                "label_counts": counts,
+                "splits": record["examples"],
+                "best_epoch": best_epoch,
+                "best_val_macro_f1": best_score,
+                "test_split": "test" if test_set else ("validation" if val_set else "train"),
+            },
             metrics=summary(report)["heads"],
         )
         version = registry.commit(staging, info, activate_if_first=activate_if_first)
     report["model_version"] = version.name
-    _log_run({"event": "end", "run_id": run_id, "version": version.name, "seconds": time.time() - started,
-              "best_epoch": best_epoch, "test": summary(report)["heads"]})
+    _log_run(
+        {
+            "event": "end",
+            "run_id": run_id,
+            "version": version.name,
+            "seconds": time.time() - started,
+            "best_epoch": best_epoch,
+            "test": summary(report)["heads"],
+        }
+    )
     return TrainResult(version=version, report=report, history=history)
-

@@ -49,6 +49,12 @@ def learnable_rows(n: int = 150, seed: int = 0) -> list[dict[str, str]]:
         sentiment = rng.choice(["negative", "positive"])
         mood = "awful terrible" if sentiment == "negative" else "great thanks"
         text = f"{rng.choice(TOPIC_WORDS[topic])} {rng.choice(TOPIC_WORDS[topic])} {mood} ticket {i}"
-        rows.append({"text": text, "topic": topic, "urgency": "critical" if topic == "outage" else "low",
-                     "sentiment": sentiment})
+        rows.append(
+            {
+                "text": text,
+                "topic": topic,
+                "urgency": "critical" if topic == "outage" else "low",
+                "sentiment": sentiment,
+            }
+        )
     return rows

@@ -21,7 +21,11 @@ def _write(tmp_path: Path, body: str | bytes, name: str = "in.csv") -> Path:
 
 
 def test_reads_quoting_multiline_and_partial_labels(tmp_path: Path) -> None:
-    path = _write(tmp_path, HEADER + '"She said ""hi"", then left",billing,low,\n"two\nlines",bug,,negative\nok,bug,high,positive\n')
+    path = _write(
+        tmp_path,
+        HEADER
+        + '"She said ""hi"", then left",billing,low,\n"two\nlines",bug,,negative\nok,bug,high,positive\n',
+    )
     examples, schema = load_examples([path], LabelSchema())
     assert examples[0].text == 'She said "hi", then left'
     assert examples[0].labels == {"topic": "billing", "urgency": "low"}  # empty cell: no sentiment label
@@ -31,7 +35,10 @@ def test_reads_quoting_multiline_and_partial_labels(tmp_path: Path) -> None:
 
 
 def test_jsonl(tmp_path: Path) -> None:
-    lines = [{"text": "refund please", "topic": "billing"}, {"text": "app crashes", "topic": "bug", "urgency": None}]
+    lines = [
+        {"text": "refund please", "topic": "billing"},
+        {"text": "app crashes", "topic": "bug", "urgency": None},
+    ]
     path = _write(tmp_path, "\n".join(json.dumps(x) for x in lines) + "\n", "in.jsonl")
     examples, schema = load_examples([path], LabelSchema())
     assert [e.labels for e in examples] == [{"topic": "billing"}, {"topic": "bug"}]
@@ -74,8 +81,13 @@ def test_bad_jsonl_line(tmp_path: Path) -> None:
 
 
 def test_infer_labels_and_custom_text_column(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "b77.csv", [{"query": "card lost", "topic": "lost_card"},
-                                            {"query": "where is my card", "topic": "card_arrival"}])
+    path = write_csv(
+        tmp_path / "b77.csv",
+        [
+            {"query": "card lost", "topic": "lost_card"},
+            {"query": "where is my card", "topic": "card_arrival"},
+        ],
+    )
     examples, schema = load_examples([path], LabelSchema(), text_column="query", infer_labels=True)
     assert schema.heads == {"topic": ["card_arrival", "lost_card"]}
     assert examples[0].text == "card lost"
@@ -85,7 +97,9 @@ def test_schema_file_allows_new_labels_and_rejects_single_label_heads(tmp_path: 
     schema_path = tmp_path / "schema.yaml"
     schema_path.write_text("heads:\n  topic: [billing, bug]\nallow_new_labels: true\n")
     schema = LabelSchema.load(schema_path)
-    path = write_csv(tmp_path / "a.csv", [{"text": "a", "topic": "billing"}, {"text": "b", "topic": "refunds"}])
+    path = write_csv(
+        tmp_path / "a.csv", [{"text": "a", "topic": "billing"}, {"text": "b", "topic": "refunds"}]
+    )
     _, used = load_examples([path], schema)
     assert used.heads["topic"] == ["billing", "bug", "refunds"]
     schema_path.write_text("heads:\n  topic: [billing]\n")
@@ -98,9 +112,13 @@ def test_split_is_stable_per_text_and_roughly_80_10_10(tmp_path: Path) -> None:
     examples, _ = load_examples([write_csv(tmp_path / "a.csv", rows)], LabelSchema())
     splits = split_examples(examples)
     shares = {k: len(v) / len(examples) for k, v in splits.items()}
-    assert 0.77 < shares["train"] < 0.83 and 0.08 < shares["validation"] < 0.12 and 0.08 < shares["test"] < 0.12
+    assert (
+        0.77 < shares["train"] < 0.83 and 0.08 < shares["validation"] < 0.12 and 0.08 < shares["test"] < 0.12
+    )
     # adding data never moves an existing text to another split
-    more, _ = load_examples([write_csv(tmp_path / "b.csv", rows + learnable_rows(500, seed=7))], LabelSchema())
+    more, _ = load_examples(
+        [write_csv(tmp_path / "b.csv", rows + learnable_rows(500, seed=7))], LabelSchema()
+    )
     again = split_examples(more)
     for name, part in splits.items():
         assert {e.text for e in part} <= {e.text for e in again[name]}

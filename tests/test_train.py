@@ -30,7 +30,10 @@ def _cli(*args: str) -> str:
 
 
 def test_masked_loss_ignores_unlabeled_rows() -> None:
-    logits = {"topic": torch.randn(4, 3, requires_grad=True), "sentiment": torch.randn(4, 2, requires_grad=True)}
+    logits = {
+        "topic": torch.randn(4, 3, requires_grad=True),
+        "sentiment": torch.randn(4, 2, requires_grad=True),
+    }
     labels = {"topic": torch.tensor([0, 1, IGNORE, 2]), "sentiment": torch.full((4,), IGNORE)}
     loss = masked_loss(logits, labels)
     loss.backward()
@@ -40,29 +43,70 @@ def test_masked_loss_ignores_unlabeled_rows() -> None:
     assert torch.isclose(loss, expected)
 
 
-def test_partially_labeled_files_train_one_joint_model(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
+def test_partially_labeled_files_train_one_joint_model(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
     rows = learnable_rows(120)
     topics = write_csv(tmp_path / "topics.csv", [{"text": r["text"], "topic": r["topic"]} for r in rows[:60]])
-    moods = write_csv(tmp_path / "moods.csv", [{"text": r["text"], "sentiment": r["sentiment"]} for r in rows[60:]])
-    out = _cli("train", "--data", str(topics), "--data", str(moods), "--base-model", str(tiny_bert),
-               "--epochs", "1", "--max-steps", "3", "--json")
+    moods = write_csv(
+        tmp_path / "moods.csv", [{"text": r["text"], "sentiment": r["sentiment"]} for r in rows[60:]]
+    )
+    out = _cli(
+        "train",
+        "--data",
+        str(topics),
+        "--data",
+        str(moods),
+        "--base-model",
+        str(tiny_bert),
+        "--epochs",
+        "1",
+        "--max-steps",
+        "3",
+        "--json",
+    )
     result = json.loads(out)
-    model, _, _ = MultiHeadClassifier.load(Path(Registry(data_dir / "models").get(result["model_version"]).path))
+    model, _, _ = MultiHeadClassifier.load(
+        Path(Registry(data_dir / "models").get(result["model_version"]).path)
+    )
     assert list(model.heads) == ["topic", "sentiment"]  # urgency is in no file: no head
 
 
 def test_cli_train_evaluate_registry_and_continue(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
     csv_path = write_csv(tmp_path / "train.csv", learnable_rows(160))
-    out = _cli("train", "--data", str(csv_path), "--base-model", str(tiny_bert), "--epochs", "2",
-               "--batch-size", "16", "--lr", "1e-3", "--max-length", "32", "--infer-labels")
+    out = _cli(
+        "train",
+        "--data",
+        str(csv_path),
+        "--base-model",
+        str(tiny_bert),
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "1e-3",
+        "--max-length",
+        "32",
+        "--infer-labels",
+    )
     assert "saved v1" in out and "v1 is the active model" in out
 
     registry = Registry(data_dir / "models")
     v1 = registry.get("v1")
     folder = Path(v1.path)
-    for name in ("encoder/config.json", "tokenizer/tokenizer_config.json", "heads.safetensors", "model.json",
-                 "version.json", "dataset.jsonl", "eval/metrics.json", "eval/confusion_topic.png",
-                 "eval/reliability_topic.png", "eval/wrong_predictions.csv"):
+    for name in (
+        "encoder/config.json",
+        "tokenizer/tokenizer_config.json",
+        "heads.safetensors",
+        "model.json",
+        "version.json",
+        "dataset.jsonl",
+        "eval/metrics.json",
+        "eval/confusion_topic.png",
+        "eval/reliability_topic.png",
+        "eval/wrong_predictions.csv",
+    ):
         assert (folder / name).is_file(), name
     assert v1.status == "active" and v1.data["files"][0]["sha256"]
     assert v1.train_config["max_length"] == 32 and set(v1.metrics) == {"topic", "urgency", "sentiment"}
@@ -71,16 +115,35 @@ def test_cli_train_evaluate_registry_and_continue(tiny_bert: Path, data_dir: Pat
     assert log[1]["samples_per_s"] > 0 and "val_macro_f1" in log[1]
 
     # a second version is not activated automatically
-    out = _cli("train", "--data", str(csv_path), "--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "2")
+    out = _cli(
+        "train", "--data", str(csv_path), "--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "2"
+    )
     assert "active model stays v1" in out
     assert registry.active_name() == "v1"
 
     # continue training from v1 with a label the parent did not know: heads grow, known rows are kept
-    extra = learnable_rows(160) + [{"text": f"please add dark mode {i}", "topic": "feature_request",
-                                    "urgency": "low", "sentiment": "positive"} for i in range(20)]
+    extra = learnable_rows(160) + [
+        {
+            "text": f"please add dark mode {i}",
+            "topic": "feature_request",
+            "urgency": "low",
+            "sentiment": "positive",
+        }
+        for i in range(20)
+    ]
     extra_path = write_csv(tmp_path / "more.csv", extra)
-    _cli("train", "--data", str(extra_path), "--from-version", "v1", "--epochs", "1", "--max-steps", "2",
-         "--infer-labels")
+    _cli(
+        "train",
+        "--data",
+        str(extra_path),
+        "--from-version",
+        "v1",
+        "--epochs",
+        "1",
+        "--max-steps",
+        "2",
+        "--infer-labels",
+    )
     v3 = registry.get("v3")
     assert v3.parent == "v1"
     assert v1.schema["heads"]["topic"] == ["billing", "bug", "outage"]
@@ -96,14 +159,18 @@ def test_training_learns_and_early_stopping_keeps_best(tiny_bert: Path, data_dir
     examples = [Example(text=r["text"], labels={"topic": r["topic"]}) for r in learnable_rows(240)]
     schema = LabelSchema(heads={"topic": ["billing", "bug", "outage"]})
     registry = Registry(data_dir / "models")
-    config = TrainConfig(base_model=str(tiny_bert), epochs=6, learning_rate=2e-3, batch_size=16, max_length=24,
-                         patience=2)
+    config = TrainConfig(
+        base_model=str(tiny_bert), epochs=6, learning_rate=2e-3, batch_size=16, max_length=24, patience=2
+    )
     result = train(examples, schema, config, registry, progress=False)
     assert result.report["heads"]["topic"]["accuracy"] >= 0.9
-    assert result.version.data["best_epoch"] == max(range(1, len(result.history) + 1),
-                                                    key=lambda e: result.history[e - 1]["val_macro_f1"])
+    assert result.version.data["best_epoch"] == max(
+        range(1, len(result.history) + 1), key=lambda e: result.history[e - 1]["val_macro_f1"]
+    )
 
-    stalled = TrainConfig(base_model=str(tiny_bert), epochs=10, learning_rate=1e-12, patience=1, max_length=24)
+    stalled = TrainConfig(
+        base_model=str(tiny_bert), epochs=10, learning_rate=1e-12, patience=1, max_length=24
+    )
     result = train(examples, schema, stalled, registry, progress=False)
     assert len(result.history) == 2  # stops after one epoch without gain
 
@@ -114,7 +181,9 @@ def test_bad_input_leaves_registry_untouched(tiny_bert: Path, data_dir: Path, tm
     result = runner.invoke(app, ["train", "--data", str(bad), "--base-model", str(tiny_bert)])
     assert result.exit_code == 2 and "bad.csv:3: unknown topic label 'weather'" in result.output
     good = write_csv(tmp_path / "good.csv", learnable_rows(40))
-    result = runner.invoke(app, ["train", "--data", str(good), "--base-model", str(tiny_bert), "--max-length", "600"])
+    result = runner.invoke(
+        app, ["train", "--data", str(good), "--base-model", str(tiny_bert), "--max-length", "600"]
+    )
     assert result.exit_code != 0
     result = runner.invoke(app, ["train", "--data", str(good), "--base-model", str(tmp_path)])
     assert result.exit_code == 2 and "not a Hugging Face model folder" in result.output
@@ -124,11 +193,19 @@ def test_bad_input_leaves_registry_untouched(tiny_bert: Path, data_dir: Path, tm
 
 def test_evaluate_json_prints_exactly_one_object(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
     csv_path = write_csv(tmp_path / "train.csv", learnable_rows(60))
-    _cli("train", "--data", str(csv_path), "--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "2")
-    test_csv = write_csv(tmp_path / "test.csv", [{"text": r["text"], "topic": r["topic"]} for r in learnable_rows(30, 3)])
-    proc = subprocess.run([sys.executable, "-m", "bot.cli", "evaluate", "--data", str(test_csv), "--json"],
-                          capture_output=True, text=True, env={**os.environ, "TRIAGE_DATA_DIR": str(data_dir)},
-                          timeout=120)
+    _cli(
+        "train", "--data", str(csv_path), "--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "2"
+    )
+    test_csv = write_csv(
+        tmp_path / "test.csv", [{"text": r["text"], "topic": r["topic"]} for r in learnable_rows(30, 3)]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bot.cli", "evaluate", "--data", str(test_csv), "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TRIAGE_DATA_DIR": str(data_dir)},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)  # fails if anything else is on stdout
     assert report["model_version"] == "v1"
