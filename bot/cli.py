@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Annotated
+
 import typer
 
+from bot.storage.cli import register as register_storage_commands
+from classifier.cli import data_app
 from classifier.cli import register as register_classifier_commands
 
 app = typer.Typer(
@@ -13,6 +19,52 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 register_classifier_commands(app)
+register_storage_commands(app, data_app=data_app)
+
+
+def _logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command("bot")
+def bot_command(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+    """Run the Slack bot (HTTP on $PORT, or Socket Mode when SLACK_APP_TOKEN is set)."""
+    from bot.main import StartupError, run_bot
+    from bot.settings import SettingsError, load_settings
+
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from None
+    _logging(verbose)
+    try:
+        asyncio.run(run_bot(settings))
+    except StartupError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command("retrain")
+def retrain_command(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Show what would be trained; train nothing.")
+    ] = False,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [default: the active model's]")] = None,
+) -> None:
+    """Retrain on the corrections in the database; promote the candidate only if the gate passes."""
+    from bot.retrain import _main
+
+    args = (
+        ["--trigger", "cli"]
+        + (["--dry-run"] if dry_run else [])
+        + (["--epochs", str(epochs)] if epochs else [])
+    )
+    raise typer.Exit(asyncio.run(_main(args)))
 
 
 def main() -> None:

@@ -1,0 +1,178 @@
+"""Block Kit messages: the threaded triage reply, its label menus, and the /classify answer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from bot.reactions import ReactionMap
+from classifier.schema import DEFAULT_HEADS
+
+FIX_ACTION = "triage_fix"  # button: open the per-head menus
+DONE_ACTION = "triage_fix_done"  # button: close them
+SET_ACTION_PREFIX = "triage_set:"  # static_select per head: "triage_set:<head>"
+MAX_OPTIONS = 100  # Slack's limit for a static_select
+
+
+@dataclass(frozen=True)
+class LabelView:
+    """What the reply shows for one head: the model's label, or a person's correction of it."""
+
+    label: str
+    confidence: float | None = None  # the model's confidence; None once a person set the label
+    predicted: str | None = None  # the model's label when a person changed it
+    by: str | None = None  # user id of the person who corrected or confirmed it
+    confirmed: bool = False
+
+
+def _default_first(known: Sequence[str], names: Sequence[str]) -> list[str]:
+    return sorted(names, key=lambda n: (known.index(n) if n in known else len(known), n))
+
+
+def ordered_heads(heads: Sequence[str]) -> list[str]:
+    """Display order: the default heads as the product defines them, then others alphabetically.
+
+    Stored predictions do not keep the model's order (PostgreSQL's JSONB sorts keys), so it is derived.
+    """
+    return _default_first(list(DEFAULT_HEADS), heads)
+
+
+def ordered_labels(head: str, labels: Sequence[str]) -> list[str]:
+    """Menu order: e.g. urgency low → critical for the default heads, alphabetical otherwise."""
+    return _default_first(DEFAULT_HEADS.get(head, []), labels)
+
+
+def head_title(head: str) -> str:
+    return head.replace("_", " ").capitalize()
+
+
+def _label_line(head: str, view: LabelView, unsure_below: float) -> str:
+    title = f"*{head_title(head)}:*"
+    if view.by and view.predicted and view.predicted != view.label:
+        return f"{title} ~{view.predicted}~ → *{view.label}*  _corrected by <@{view.by}>_"
+    if view.by and view.confirmed:
+        return f"{title} {view.label}  _confirmed by <@{view.by}>_"
+    if view.by:
+        return f"{title} *{view.label}*  _set by <@{view.by}>_"
+    conf = f"  `{view.confidence:.0%}`" if view.confidence is not None else ""
+    unsure = (
+        "  :grey_question: _unsure_" if view.confidence is not None and view.confidence < unsure_below else ""
+    )
+    return f"{title} {view.label}{conf}{unsure}"
+
+
+def summary_text(views: Mapping[str, LabelView]) -> str:
+    """Plain-text fallback (notifications, screen readers)."""
+    parts = []
+    for head, v in views.items():
+        conf = f" ({v.confidence:.0%})" if v.confidence is not None else ""
+        parts.append(f"{head_title(head)}: {v.label}{conf}")
+    return " · ".join(parts)
+
+
+def _reaction_hint(views: Mapping[str, LabelView], reactions: ReactionMap) -> str:
+    hints = []
+    for head in views:
+        for emoji, action in reactions.actions.items():
+            if action.head == head and len(hints) < 6:
+                hints.append(f":{emoji}: {action.label}")
+    confirm = reactions.confirm_emoji()
+    if confirm:
+        hints.append(f":{confirm}: all right")
+    return "React to correct: " + " · ".join(hints) if hints else ""
+
+
+def _select(head: str, labels: Sequence[str], current: str) -> dict[str, Any]:
+    options = [
+        {"text": {"type": "plain_text", "text": label[:75]}, "value": label[:150]}
+        for label in list(labels)[:MAX_OPTIONS]
+    ]
+    select: dict[str, Any] = {
+        "type": "static_select",
+        "action_id": f"{SET_ACTION_PREFIX}{head}",
+        "placeholder": {"type": "plain_text", "text": head_title(head)[:150]},
+        "options": options,
+    }
+    initial = next((o for o in options if o["value"] == current), None)
+    if initial:
+        select["initial_option"] = initial
+    return select
+
+
+def reply_blocks(
+    message_id: int,
+    views: Mapping[str, LabelView],
+    model_version: str,
+    reactions: ReactionMap,
+    labels: Mapping[str, Sequence[str]],
+    unsure_below: float = 0.5,
+    menus_open: bool = False,
+    truncated: bool = False,
+) -> list[dict[str, Any]]:
+    """The threaded reply under a customer message."""
+    lines = [_label_line(h, v, unsure_below) for h, v in views.items()]
+    notes = [f"model {model_version}"]
+    if truncated:
+        notes.append("long message: classified on its beginning")
+    hint = _reaction_hint(views, reactions)
+    if hint:
+        notes.append(hint)
+    blocks: list[dict[str, Any]] = [
+        {"type": "section", "block_id": "labels", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
+        {
+            "type": "context",
+            "block_id": "notes",
+            "elements": [{"type": "mrkdwn", "text": " · ".join(notes)[:3000]}],
+        },
+    ]
+    value = str(message_id)
+    if menus_open:
+        elements: list[dict[str, Any]] = [
+            _select(h, labels.get(h, [v.label]), v.label) for h, v in views.items()
+        ]
+        elements = elements[:24]
+        elements.append(
+            {
+                "type": "button",
+                "action_id": DONE_ACTION,
+                "value": value,
+                "text": {"type": "plain_text", "text": "Done"},
+            }
+        )
+        blocks.append({"type": "actions", "block_id": f"fix:{value}", "elements": elements})
+    else:
+        blocks.append(
+            {
+                "type": "actions",
+                "block_id": f"fix:{value}",
+                "elements": [
+                    {
+                        "type": "button",
+                        "action_id": FIX_ACTION,
+                        "value": value,
+                        "text": {"type": "plain_text", "text": "Fix labels"},
+                    }
+                ],
+            }
+        )
+    return blocks
+
+
+def classify_blocks(
+    text: str, views: Mapping[str, LabelView], model_version: str, unsure_below: float = 0.5
+) -> list[dict[str, Any]]:
+    """The private answer to ``/classify``."""
+    quoted = text if len(text) <= 280 else text[:277] + "..."
+    lines = [_label_line(h, v, unsure_below) for h, v in views.items()]
+    return [
+        {"type": "section", "text": {"type": "mrkdwn", "text": "> " + quoted.replace("\n", "\n> ")}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
+        {"type": "context", "elements": [{"type": "mrkdwn", "text": f"model {model_version}"}]},
+    ]
+
+
+def escalation_text(views: Mapping[str, LabelView], permalink: str, channel_id: str) -> str:
+    urgency = views.get("urgency")
+    level = urgency.label if urgency else "urgent"
+    return f":rotating_light: *{level}* message in <#{channel_id}>: {summary_text(views)}\n{permalink}"

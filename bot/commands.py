@@ -1,0 +1,225 @@
+"""Slash commands: ``/classify <text>`` for anyone, ``/triage status|models|retrain|rollback`` for admins."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shlex
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot import blocks
+from bot.blocks import LabelView
+from bot.settings import BotSettings
+from bot.storage import repository as repo
+from bot.storage.models import ModelStatus
+from classifier.client import Classifier
+from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
+
+if TYPE_CHECKING:
+    from bot.retrain import Retrainer
+
+log = logging.getLogger(__name__)
+
+Ack = Callable[..., Awaitable[None]]
+Later = Callable[[Awaitable[Any], str], None]
+
+CLASSIFY_USAGE = (
+    "Usage: `/classify <message text>`: I answer privately with its topic, urgency and sentiment."
+)
+TRIAGE_USAGE = (
+    "*/triage* commands:\n"
+    "• `/triage status`: active model, its metrics, feedback since the last training, the last run\n"
+    "• `/triage models`: model versions\n"
+    "• `/triage retrain [--dry-run]`: retrain on the corrections (admins)\n"
+    "• `/triage rollback VERSION`: switch the active model back (admins)"
+)
+ADMIN_ONLY = {"retrain", "rollback"}
+# Slack wants an answer to a slash command within 3 s; leave room for the network.
+CLASSIFY_INLINE_BUDGET_S = 2.0
+
+
+class Commands:
+    def __init__(
+        self,
+        settings: BotSettings,
+        sessions: async_sessionmaker[AsyncSession],
+        classifier: Classifier,
+        retrainer: Retrainer | None = None,
+    ):
+        self.settings = settings
+        self.sessions = sessions
+        self.classifier = classifier
+        self.retrainer = retrainer
+
+    # ---- /classify ---------------------------------------------------------------------------------
+    async def classify(self, ack: Ack, respond: Any, command: dict[str, Any]) -> None:
+        text = (command.get("text") or "").strip()
+        if not text:
+            await ack(response_type="ephemeral", text=CLASSIFY_USAGE)
+            return
+        task = asyncio.ensure_future(self._classify_blocks(text))
+        done, _ = await asyncio.wait({task}, timeout=CLASSIFY_INLINE_BUDGET_S)
+        if done:  # answer in the acknowledgement itself: the fastest path
+            await ack(response_type="ephemeral", **task.result())
+            return
+        await ack(response_type="ephemeral", text="Classifying…")
+        await respond(response_type="ephemeral", replace_original=True, **await task)
+
+    async def _classify_blocks(self, text: str) -> dict[str, Any]:
+        try:
+            result = await self.classifier.classify([text])
+        except InvalidInput as exc:
+            return {"text": f"I can't classify that: {exc}"}
+        except (ClassifierUnavailable, ClassifierError) as exc:
+            log.warning("/classify failed: %s", exc)
+            return {"text": "The classifier is not available right now; please try again in a minute."}
+        r = result.results[0]
+        views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in r.heads.items()}
+        return {
+            "text": blocks.summary_text(views),
+            "blocks": blocks.classify_blocks(
+                text, views, result.model_version, self.settings.triage_unsure_below
+            ),
+        }
+
+    # ---- /triage -----------------------------------------------------------------------------------
+    async def triage(self, ack: Ack, respond: Any, command: dict[str, Any], later: Later) -> None:
+        try:
+            words = shlex.split(command.get("text") or "")
+        except ValueError:
+            words = (command.get("text") or "").split()
+        sub, args = (words[0].lower(), words[1:]) if words else ("help", [])
+        user = command.get("user_id", "")
+        if sub in ADMIN_ONLY and not self.settings.is_admin(user):
+            await self._audit(user, sub, args, allowed=False, reason="not an admin")
+            await ack(
+                response_type="ephemeral",
+                text=f"Sorry, `/triage {sub}` is for triage admins only. Ask one of "
+                f"{', '.join(f'<@{a}>' for a in self.settings.triage_admins) or 'your Slack admins'}.",
+            )
+            return
+        if sub == "status":
+            await ack(response_type="ephemeral", text="Collecting status…")
+            later(self._respond(respond, self.status()), "/triage status")
+        elif sub == "models":
+            await ack(response_type="ephemeral", text="Listing models…")
+            later(self._respond(respond, self.models()), "/triage models")
+        elif sub == "rollback":
+            if len(args) != 1:
+                await ack(response_type="ephemeral", text="Usage: `/triage rollback VERSION` (e.g. v3)")
+                return
+            await ack(response_type="ephemeral", text=f"Switching to {args[0]}…")
+            later(self._respond(respond, self.rollback(user, args[0])), "/triage rollback")
+        elif sub == "retrain":
+            if self.retrainer is None:
+                await ack(response_type="ephemeral", text="Retraining is not set up on this bot.")
+                return
+            dry_run = "--dry-run" in args
+            await ack(response_type="ephemeral", text="Looking at the feedback…" if dry_run else "Starting…")
+            await self._audit(user, "retrain", args, allowed=True)
+            channel = command.get("channel_id", "")
+            later(
+                self._respond(
+                    respond,
+                    self.retrainer.dry_run()
+                    if dry_run
+                    else self.retrainer.request(requested_by=user, notify_channel=channel),
+                ),
+                "/triage retrain",
+            )
+        else:
+            await ack(response_type="ephemeral", text=TRIAGE_USAGE)
+
+    async def _respond(self, respond: Any, work: Awaitable[str]) -> None:
+        try:
+            text = await work
+        except Exception as exc:  # the user must hear back, whatever failed
+            log.exception("/triage failed")
+            text = f"That failed: {type(exc).__name__}. The details are in the bot's log."
+        await respond(response_type="ephemeral", replace_original=True, text=text)
+
+    async def _audit(
+        self, user: str, action: str, args: list[str], allowed: bool, reason: str | None = None
+    ) -> None:
+        async with self.sessions.begin() as session:
+            await repo.add_audit_entry(
+                session, user_id=user, action=action, args={"args": args}, allowed=allowed, reason=reason
+            )
+
+    async def status(self) -> str:
+        versions = await self.classifier.models()
+        active = next((v for v in versions if v.status == "active"), None)
+        lines = []
+        since: datetime | None = None
+        if active is None:
+            lines.append("*Model:* none yet: train one with `triage train`")
+        else:
+            lines.append(f"*Model:* {active.name} (created {active.created})")
+            for head, m in active.metrics.items():
+                lines.append(
+                    f"  • {head}: accuracy {m.get('accuracy', 0):.3f}, macro-F1 {m.get('macro_f1', 0):.3f}"
+                )
+            if active.created:
+                since = datetime.fromisoformat(active.created)
+        async with self.sessions() as session:
+            last = await repo.latest_training_run(session)
+            if last is not None:
+                since = last.started_at
+            if since is not None:
+                stats = await repo.stats_since(session, since)
+                lines.append(
+                    f"*Since {since:%Y-%m-%d %H:%M} UTC:* {stats.messages} messages, {stats.predictions} "
+                    f"predictions, {stats.corrections} corrections, {stats.confirmations} confirmations; "
+                    f"{stats.pending} waiting for the classifier"
+                )
+        if last is None:
+            lines.append("*Last retraining:* none yet")
+        else:
+            outcome = str(last.status)
+            if last.candidate_version:
+                outcome += f" ({last.candidate_version})"
+            if last.error:
+                outcome += f": {last.error[:200]}"
+            lines.append(f"*Last retraining:* {outcome}, started {last.started_at:%Y-%m-%d %H:%M} UTC")
+        return "\n".join(lines)
+
+    async def models(self) -> str:
+        versions = await self.classifier.models()
+        if not versions:
+            return "No model versions yet."
+        lines = []
+        for v in reversed(versions[-15:]):
+            scores = ", ".join(f"{h} F1 {m.get('macro_f1', 0):.3f}" for h, m in v.metrics.items())
+            mark = ":white_check_mark: " if v.status == "active" else ""
+            reason = f" ({v.reason})" if v.reason and v.status in ("rejected", "retired") else ""
+            lines.append(f"{mark}*{v.name}* {v.status}{reason}: {scores}")
+        return "\n".join(lines)
+
+    async def rollback(self, user: str, version: str) -> str:
+        try:
+            name = await self.classifier.activate(version)
+        except ClassifierError as exc:
+            await self._audit(user, "rollback", [version], allowed=True, reason=f"failed: {exc}")
+            return f"Could not switch to {version}: {exc}"
+        async with self.sessions.begin() as session:
+            await repo.add_audit_entry(
+                session, user_id=user, action="rollback", args={"version": name}, allowed=True
+            )
+            if await repo.get_model_version(session, name) is not None:
+                await repo.set_active_model_version(session, name, reason=f"rollback by {user}")
+            else:
+                info = next((v for v in await self.classifier.models() if v.name == name), None)
+                await repo.upsert_model_version(
+                    session,
+                    name,
+                    path="",
+                    status=ModelStatus.ACTIVE,
+                    base_model=info.base_model if info else None,
+                    metrics=info.metrics if info else None,
+                    reason=f"rollback by {user}",
+                )
+        return f"{name} is now the active model. Every classifier picks it up within seconds."

@@ -1,0 +1,575 @@
+"""The feedback loop: corrections in the database → candidate model → judged against the incumbent → gate.
+
+One run, as plain steps that each leave a record (``TrainingRun`` row, registry version, run log):
+
+1. dataset: the active version's base data plus the latest human labels from the database, cut off at
+   the run's start;
+2. held-out: every text whose stable hash puts it in the test split (the base test split plus the same
+   share of corrected messages), never trained on in any run;
+3. train a candidate warm-started from the active version;
+4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
+5. promote (registry ACTIVE + database mirror; every engine hot-swaps) or keep it as rejected.
+
+A run executes in its own process (``python -m bot.retrain``), never on the bot's event loop; one run at a
+time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lock.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock, Timeout
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.storage import repository as repo
+from bot.storage.database import create_engine, create_session_factory
+from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
+from classifier.data import Example, label_counts, normalize, read_jsonl, split_examples
+from classifier.paths import data_dir, registry_dir
+from classifier.registry import Registry, VersionInfo
+
+log = logging.getLogger(__name__)
+
+ADVISORY_LOCK_KEY = 0x7472_6961_6765  # "triage": one key for the whole product
+FEEDBACK_SOURCE = "slack:"
+
+
+@dataclass
+class Gate:
+    """Promotion rule: no head's macro-F1 worse by more than ``tolerance``, at least one head better by more
+    than ``min_gain``, and no class (with ``min_support`` held-out rows) losing more than
+    ``max_recall_drop``."""
+
+    tolerance: float = 0.01
+    min_gain: float = 0.0
+    max_recall_drop: float = 0.10
+    min_support: int = 5
+
+    def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
+        reasons: list[str] = []
+        better = []
+        heads = [h for h in candidate["heads"] if h in incumbent["heads"]]
+        if not heads:
+            return False, ["no head has held-out labels to compare on"]
+        for head in heads:
+            c, i = candidate["heads"][head], incumbent["heads"][head]
+            delta = c["macro_f1"] - i["macro_f1"]
+            if delta < -self.tolerance:
+                reasons.append(f"{head} macro-F1 fell {-delta:.3f} (tolerance {self.tolerance:.3f})")
+            if delta > self.min_gain:
+                better.append(head)
+            for label, ci in c["per_class"].items():
+                ii = i["per_class"].get(label)
+                if (
+                    ii
+                    and ii["support"] >= self.min_support
+                    and ii["recall"] - ci["recall"] > self.max_recall_drop
+                ):
+                    reasons.append(
+                        f"{head}={label} recall fell {ii['recall'] - ci['recall']:.2f} "
+                        f"(limit {self.max_recall_drop:.2f})"
+                    )
+        if not better:
+            reasons.append("not better than the incumbent on any head")
+        return not reasons, reasons
+
+
+@dataclass
+class RunOutcome:
+    status: TrainingStatus
+    candidate: str | None = None
+    incumbent: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    deltas: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    error: str | None = None
+    confusion_png: str | None = None
+
+    def summary(self) -> str:
+        if self.status == TrainingStatus.FAILED:
+            return f":x: Retraining failed: {self.error}"
+        head = (
+            f":rocket: *{self.candidate}* promoted (was {self.incumbent})"
+            if self.status == TrainingStatus.PROMOTED
+            else f":no_entry: *{self.candidate}* kept as rejected; {self.incumbent} stays active"
+        )
+        lines = [head]
+        for h, d in self.deltas.items():
+            lines.append(
+                f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
+                f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
+            )
+        c = self.counts
+        lines.append(
+            f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback), "
+            f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
+        )
+        if self.reasons and self.status != TrainingStatus.PROMOTED:
+            lines.append("  why: " + "; ".join(self.reasons))
+        return "\n".join(lines)
+
+
+class RunBusy(RuntimeError):
+    """Another retraining run holds the lock."""
+
+
+@contextlib.asynccontextmanager
+async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Exclusive across processes and replicas: PostgreSQL advisory lock, or a file lock beside SQLite."""
+    if engine.dialect.name == "postgresql":
+        conn: AsyncConnection
+        async with engine.connect() as conn:
+            got = (
+                await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
+            ).scalar()
+            await conn.commit()
+            if not got:
+                raise RunBusy("a retraining run is in progress")
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
+                await conn.commit()
+    else:
+        lock = FileLock(str(data_dir() / "retrain.lock"), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunBusy("a retraining run is in progress") from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+
+def merge_feedback(base: list[Example], feedback: list[repo.TrainingExample]) -> list[Example]:
+    """Base rows plus human labels; a human label for the same text wins over the base one."""
+    by_text: dict[str, Example] = {}
+    for ex in base:
+        if not ex.source.startswith(FEEDBACK_SOURCE):  # earlier runs' feedback is re-read fresh below
+            by_text.setdefault(normalize(ex.text), Example(ex.text, dict(ex.labels), ex.source))
+    for fb in feedback:
+        key = normalize(fb.text)
+        if key in by_text:
+            by_text[key].labels.update(fb.labels)
+            by_text[key].source = f"{FEEDBACK_SOURCE}{fb.message_id}"
+        else:
+            by_text[key] = Example(fb.text, dict(fb.labels), f"{FEEDBACK_SOURCE}{fb.message_id}")
+    return list(by_text.values())
+
+
+def _restrict_to_schema(examples: list[Example], heads: dict[str, list[str]]) -> list[Example]:
+    """Drop labels the active model cannot learn (a head or label it does not have)."""
+    out = []
+    for ex in examples:
+        labels = {h: v for h, v in ex.labels.items() if h in heads and v in heads[h]}
+        if labels:
+            out.append(Example(ex.text, labels, ex.source))
+    return out
+
+
+ProgressSink = Callable[[dict[str, Any]], None]
+
+
+async def dataset_for_run(
+    sessions: async_sessionmaker[AsyncSession],
+    registry: Registry,
+    until: datetime,
+) -> tuple[VersionInfo, list[Example], list[repo.TrainingExample]]:
+    active = registry.active()
+    heads = active.schema["heads"]
+    base = read_jsonl(Path(active.path) / "dataset.jsonl")
+    async with sessions() as session:
+        feedback = await repo.export_training_set(session, until=until, heads=list(heads))
+    return active, _restrict_to_schema(merge_feedback(base, feedback), heads), feedback
+
+
+async def describe_dry_run(sessions: async_sessionmaker[AsyncSession], registry: Registry) -> str:
+    """What a run would train on, without training."""
+    active, examples, feedback = await dataset_for_run(sessions, registry, utcnow())
+    async with sessions() as session:
+        last = await repo.latest_training_run(
+            session, status=[TrainingStatus.PROMOTED, TrainingStatus.REJECTED]
+        )
+        since = last.started_at if last else datetime.fromisoformat(active.created)
+        fresh = await repo.feedback_counts(session, since)
+    fb_examples = [e for e in examples if e.source.startswith(FEEDBACK_SOURCE)]
+    splits = split_examples(fb_examples)
+    lines = [
+        f"*Dry run* (active model {active.name}): {len(examples)} training rows, {len(fb_examples)} with "
+        f"labels from Slack ({len(splits['test'])} of them held out for judging).",
+        f"New since the last run: {fresh.corrections} corrections, {fresh.confirmations} confirmations.",
+    ]
+    for head, counts in label_counts(fb_examples).items():
+        top = ", ".join(f"{label} {n}" for label, n in counts.most_common(8))
+        lines.append(f"  • {head} (from Slack): {top}")
+    changed = Counter(h for fb in feedback for h in fb.labels)
+    if changed:
+        lines.append("Labels per head from Slack: " + ", ".join(f"{h} {n}" for h, n in changed.items()))
+    return "\n".join(lines)
+
+
+async def run_once(
+    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
+    registry: Registry,
+    *,
+    trigger: TrainingTrigger,
+    requested_by: str | None = None,
+    gate: Gate | None = None,
+    epochs: int | None = None,
+    on_progress: ProgressSink | None = None,
+) -> RunOutcome:
+    """One complete run under the lock; raises ``RunBusy`` if another run holds it."""
+    gate = gate or Gate()
+    emit = on_progress or (lambda _: None)
+    async with run_lock(engine):
+        started = utcnow()
+        async with sessions.begin() as session:
+            # holding the lock proves no run is alive: any 'running' record is from a killed process
+            await repo.fail_abandoned_training_runs(session, started_before=started)
+            run = await repo.start_training_run(
+                session, trigger=trigger, requested_by=requested_by, now=started
+            )
+        registry.clean_staging()
+        try:
+            active, examples, _ = await dataset_for_run(sessions, registry, started)
+            outcome = await asyncio.to_thread(
+                _train_and_judge_sync, registry, active, examples, gate, epochs, emit
+            )
+        except Exception as exc:  # recorded, never fatal to the caller
+            log.exception("retraining run %s failed", run.id)
+            outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        async with sessions.begin() as session:
+            await _mirror(session, registry, outcome)
+            await repo.finish_training_run(
+                session,
+                run.id,
+                status=outcome.status,
+                train_examples=outcome.counts.get("train"),
+                eval_examples=outcome.counts.get("heldout"),
+                candidate_metrics={
+                    h: {"macro_f1": d["candidate"], "accuracy": d["candidate_accuracy"]}
+                    for h, d in outcome.deltas.items()
+                }
+                or None,
+                incumbent_metrics={
+                    h: {"macro_f1": d["incumbent"], "accuracy": d["incumbent_accuracy"]}
+                    for h, d in outcome.deltas.items()
+                }
+                or None,
+                candidate_version=outcome.candidate,
+                error=outcome.error or ("; ".join(outcome.reasons) or None),
+            )
+        emit(
+            {
+                "event": "done",
+                "status": str(outcome.status),
+                "summary": outcome.summary(),
+                "confusion_png": outcome.confusion_png,
+            }
+        )
+        return outcome
+
+
+async def _mirror(session: AsyncSession, registry: Registry, outcome: RunOutcome) -> None:
+    """Keep the database's model-version table in step with the registry."""
+    for name in filter(None, (outcome.incumbent, outcome.candidate)):
+        info = registry.get(name)
+        status = (
+            ModelStatus(info.status)
+            if info.status in {s.value for s in ModelStatus}
+            else ModelStatus.CANDIDATE
+        )
+        await repo.upsert_model_version(
+            session,
+            name,
+            path=info.path,
+            status=status,
+            base_model=info.base_model,
+            metrics=info.metrics,
+            reason=info.reason or None,
+        )
+
+
+def _train_and_judge_sync(
+    registry: Registry,
+    active: VersionInfo,
+    examples: list[Example],
+    gate: Gate,
+    epochs: int | None,
+    emit: ProgressSink,
+) -> RunOutcome:
+    """The heavy part: train, evaluate both, decide. Runs in a worker thread of the retrain process."""
+    from classifier.evaluate import evaluate
+    from classifier.model import MultiHeadClassifier
+    from classifier.schema import LabelSchema
+    from classifier.train import TrainConfig, train
+
+    splits = split_examples(examples)
+    heldout = splits["test"]
+    counts = {
+        "train": len(examples) - len(heldout),
+        "feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in examples if e not in heldout),
+        "heldout": len(heldout),
+        "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
+    }
+    emit({"event": "dataset", **counts, "incumbent": active.name})
+    if not heldout:
+        raise ValueError("no held-out rows to judge a candidate on")
+    config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
+    config = TrainConfig(**{**config_raw, "split": tuple(config_raw.get("split", (0.8, 0.1, 0.1)))})
+    config.init_from = active.name
+    config.max_steps = None
+    if epochs:
+        config.epochs = epochs
+    schema = LabelSchema.from_dict(active.schema)
+
+    def progress(p: dict[str, Any]) -> None:
+        emit({"event": "epoch", **p})
+
+    result = train(
+        examples,
+        schema,
+        config,
+        registry,
+        data_info={"retrain_of": active.name},
+        activate_if_first=False,
+        progress=False,
+        on_progress=progress,
+    )
+    candidate = result.version
+    emit({"event": "evaluating", "candidate": candidate.name})
+    reports = {}
+    for name in (candidate.name, active.name):
+        model, tokenizer, max_length = MultiHeadClassifier.load(Path(registry.get(name).path))
+        out = (
+            Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
+            if name != candidate.name
+            else Path(candidate.path) / "eval" / "heldout"
+        )
+        reports[name] = evaluate(model, tokenizer, heldout, max_length, out_dir=out, model_version=name)
+    promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
+    deltas = {
+        h: {
+            "candidate": m["macro_f1"],
+            "incumbent": reports[active.name]["heads"][h]["macro_f1"],
+            "delta": m["macro_f1"] - reports[active.name]["heads"][h]["macro_f1"],
+            "candidate_accuracy": m["accuracy"],
+            "incumbent_accuracy": reports[active.name]["heads"][h]["accuracy"],
+        }
+        for h, m in reports[candidate.name]["heads"].items()
+        if h in reports[active.name]["heads"]
+    }
+    if promote:
+        registry.activate(candidate.name, reason=f"promoted over {active.name} by the gate")
+    else:
+        registry.set_status(candidate.name, "rejected", "; ".join(reasons))
+    first_head = next(iter(reports[candidate.name]["heads"]), None)
+    png = Path(candidate.path) / "eval" / "heldout" / f"confusion_{first_head}.png" if first_head else None
+    return RunOutcome(
+        status=TrainingStatus.PROMOTED if promote else TrainingStatus.REJECTED,
+        candidate=candidate.name,
+        incumbent=active.name,
+        reasons=reasons,
+        deltas=deltas,
+        counts=counts,
+        confusion_png=str(png) if png and png.is_file() else None,
+    )
+
+
+# ---- the bot's side: start a run in a separate process and relay its progress ---------------------------
+Notify = Callable[[str], Awaitable[None]]
+
+
+class Retrainer:
+    """Starts runs as child processes (``python -m bot.retrain``) and relays their progress to Slack."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        database_url: str,
+        post: Callable[[str, str, str | None], Awaitable[str | None]],
+        upload: Callable[[str, str, str], Awaitable[None]] | None = None,
+        summary_channel: str | None = None,
+        epochs: int | None = None,
+        gate: Gate | None = None,
+    ):
+        self.sessions = sessions
+        self.gate = gate or Gate()
+        self.database_url = database_url
+        self.post = post  # (channel, text, thread_ts) -> ts of the posted message
+        self.upload = upload  # (channel, path, title)
+        self.summary_channel = summary_channel
+        self.epochs = epochs
+        self.process: asyncio.subprocess.Process | None = None
+        self.relay: asyncio.Future[None] | None = None  # relays the running process's progress
+
+    async def dry_run(self) -> str:
+        return await describe_dry_run(self.sessions, Registry(registry_dir()))
+
+    async def busy_message(self) -> str | None:
+        async with self.sessions() as session:
+            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+        if running is None:
+            return None
+        who = f"<@{running.requested_by}>" if running.requested_by else str(running.trigger)
+        return f"Retraining is already running, started by {who} at {running.started_at:%Y-%m-%d %H:%M} UTC."
+
+    async def request(
+        self,
+        requested_by: str | None,
+        notify_channel: str | None,
+        trigger: TrainingTrigger = TrainingTrigger.COMMAND,
+    ) -> str:
+        """Start a run unless one is going; returns what to tell the person who asked."""
+        busy = await self.busy_message()
+        if busy or (self.process is not None and self.process.returncode is None):
+            return busy or "Retraining is already running (started from this bot)."
+        args = [sys.executable, "-m", "bot.retrain", "--trigger", str(trigger), "--progress-json"]
+        if requested_by:
+            args += ["--requested-by", requested_by]
+        if self.epochs:
+            args += ["--epochs", str(self.epochs)]
+        args += [
+            "--gate-tolerance",
+            str(self.gate.tolerance),
+            "--gate-max-recall-drop",
+            str(self.gate.max_recall_drop),
+        ]
+        env = {**os.environ, "DATABASE_URL": self.database_url, "TRIAGE_DATA_DIR": str(data_dir())}
+        self.process = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
+        )
+        self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
+        return "Retraining started; progress follows in this channel."
+
+    async def _relay(self, process: asyncio.subprocess.Process, channel: str | None) -> None:
+        thread: str | None = None
+        channels = [c for c in dict.fromkeys([channel, self.summary_channel]) if c]
+        started = time.monotonic()
+        assert process.stdout is not None and process.stderr is not None
+        stderr_task = asyncio.ensure_future(process.stderr.read())
+        final: dict[str, Any] | None = None
+        async for raw in process.stdout:
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            kind = event.get("event")
+            text = None
+            if kind == "busy":
+                text = event.get("message") or "Retraining is already running."
+            elif kind == "dataset":
+                text = (
+                    f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} "
+                    f"training "
+                    f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
+                )
+            elif kind == "epoch":
+                text = (
+                    f"epoch {event['epoch']}/{event['epochs']}: "
+                    f"validation macro-F1 {event['val_macro_f1']:.3f}, "
+                    f"about {event['eta_s'] / 60:.0f} min left"
+                )
+            elif kind == "done":
+                final = event
+                continue
+            if text and channel:
+                ts = await self.post(channel, text, thread)
+                thread = thread or ts
+        await process.wait()
+        stderr = (await stderr_task).decode(errors="replace")
+        if final is None:
+            if process.returncode and stderr.strip():
+                log.error("retrain process exited %s: %s", process.returncode, stderr[-2000:])
+            if process.returncode not in (0, None) and channel:
+                await self.post(
+                    channel,
+                    f":x: Retraining process exited with code {process.returncode} after "
+                    f"{time.monotonic() - started:.0f} s; see the bot's log.",
+                    thread,
+                )
+            return
+        for target in channels:
+            await self.post(target, final["summary"], None)
+            if self.upload and final.get("confusion_png"):
+                await self.upload(
+                    target, final["confusion_png"], "Held-out confusion matrix of the candidate"
+                )
+
+
+async def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bot.retrain", description="One retraining run.")
+    parser.add_argument(
+        "--trigger", default=str(TrainingTrigger.CLI), choices=[str(t) for t in TrainingTrigger]
+    )
+    parser.add_argument("--requested-by")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
+    parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
+    parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
+    args = parser.parse_args(argv)
+    engine = create_engine(os.environ.get("DATABASE_URL") or None)
+    sessions = create_session_factory(engine)
+    registry = Registry(registry_dir())
+
+    def emit(event: dict[str, Any]) -> None:
+        if args.progress_json:
+            print(json.dumps(event, default=str), flush=True)
+        elif event.get("event") == "epoch":
+            print(
+                f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.4f}",
+                flush=True,
+            )
+        elif event.get("event") == "done":
+            print(event["summary"], flush=True)
+
+    try:
+        if args.dry_run:
+            print(await describe_dry_run(sessions, registry))
+            return 0
+        outcome = await run_once(
+            sessions,
+            engine,
+            registry,
+            trigger=TrainingTrigger(args.trigger),
+            requested_by=args.requested_by,
+            epochs=args.epochs,
+            on_progress=emit,
+            gate=Gate(tolerance=args.gate_tolerance, max_recall_drop=args.gate_max_recall_drop),
+        )
+        return 1 if outcome.status == TrainingStatus.FAILED else 0
+    except RunBusy:
+        async with sessions() as session:
+            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+        who = (running.requested_by or str(running.trigger)) if running else "another process"
+        when = f" at {running.started_at:%Y-%m-%d %H:%M} UTC" if running else ""
+        message = f"Retraining is already running, started by {who}{when}."
+        if args.progress_json:
+            print(json.dumps({"event": "busy", "message": message}), flush=True)
+        else:
+            print(message, file=sys.stderr)
+        return 3
+    finally:
+        await engine.dispose()
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(asyncio.run(_main()))

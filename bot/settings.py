@@ -1,0 +1,183 @@
+"""The bot's configuration: read once at start-up from the environment (and a ``.env`` file), then
+passed down.
+
+A missing or malformed setting stops start-up with one line per problem, naming the variable.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
+USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
+
+CommaList = Annotated[list[str], NoDecode]
+
+
+class SettingsError(ValueError):
+    """Invalid configuration; ``str()`` has one line per problem."""
+
+
+def _split(value: Any) -> Any:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class BotSettings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+    )
+
+    slack_bot_token: SecretStr = Field(description="Bot token (xoxb-...)")
+    slack_signing_secret: SecretStr | None = Field(None, description="Signing secret; required in HTTP mode")
+    slack_app_token: SecretStr | None = Field(None, description="App-level token (xapp-...): Socket Mode")
+    slack_api_url: str = "https://slack.com/api/"
+    database_url: str | None = None
+    classifier_url: str | None = None
+    classifier_token: SecretStr | None = None
+    triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
+    triage_admins: CommaList = Field(default_factory=list)
+    triage_escalation_channel: str | None = None
+    triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
+    triage_urgency_head: str = "urgency"
+    triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"
+    triage_routes: str = ""  # topic → channel routing, "outage=C123,billing=C456"
+    triage_reactions_file: Path | None = None  # YAML emoji map replacing the default
+    triage_pending_interval_s: float = Field(5.0, gt=0)  # how often the retry worker looks for pending work
+    triage_retry_base_s: float = Field(30.0, gt=0)  # first retry delay of an unclassified message; doubles
+    triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
+    triage_retrain_min_corrections: int = Field(20, ge=1)  # new labels needed before a scheduled run trains
+    triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting
+    triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
+    triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
+    triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)
+    triage_keep_versions: int = Field(10, ge=1)  # model versions kept in the registry (the active one always)
+    triage_retention_days: int = Field(0, ge=0)  # remove message texts after this many days (0: keep)
+    host: str = "0.0.0.0"
+    port: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
+
+    _split_lists = field_validator("triage_channels", "triage_admins", "triage_urgent_labels", mode="before")(
+        _split
+    )
+
+    @field_validator("slack_bot_token")
+    @classmethod
+    def _bot_token(cls, v: SecretStr) -> SecretStr:
+        if not v.get_secret_value().startswith("xoxb-"):
+            raise ValueError("must be a bot token starting with xoxb-")
+        return v
+
+    @field_validator("slack_app_token")
+    @classmethod
+    def _app_token(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and not v.get_secret_value().startswith("xapp-"):
+            raise ValueError("must be an app-level token starting with xapp-")
+        return v
+
+    @field_validator("slack_api_url", "classifier_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not re.match(r"^https?://[^\s/]+", v):
+            raise ValueError(f"must be an http(s) URL, got {v!r}")
+        return v
+
+    @field_validator("slack_api_url")
+    @classmethod
+    def _api_base(cls, v: str | None) -> str | None:
+        return v if v is None or v.endswith("/") else v + "/"  # slack_sdk appends method names
+
+    @field_validator("triage_channels")
+    @classmethod
+    def _channels(cls, v: list[str]) -> list[str]:
+        bad = [c for c in v if not CHANNEL_ID.match(c)]
+        if bad:
+            raise ValueError(f"not Slack channel ids: {', '.join(bad)} (expected ids like C0123ABCD)")
+        return v
+
+    @field_validator("triage_retrain_cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if v.strip():
+            from apscheduler.triggers.cron import CronTrigger
+
+            CronTrigger.from_crontab(v.strip(), timezone="UTC")
+        return v.strip()
+
+    @field_validator("triage_escalation_channel", "triage_summary_channel")
+    @classmethod
+    def _channel(cls, v: str | None) -> str | None:
+        if v and not CHANNEL_ID.match(v):
+            raise ValueError(f"not a Slack channel id: {v!r} (expected an id like C0123ABCD)")
+        return v or None
+
+    @field_validator("triage_admins")
+    @classmethod
+    def _admins(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if not USER_ID.match(u)]
+        if bad:
+            raise ValueError(f"not Slack user ids: {', '.join(bad)} (expected ids like U0123ABCD)")
+        return v
+
+    @field_validator("triage_routes")
+    @classmethod
+    def _routes(cls, v: str) -> str:
+        parse_routes(v)
+        return v
+
+    @model_validator(mode="after")
+    def _mode(self) -> BotSettings:
+        if self.slack_app_token is None and self.slack_signing_secret is None:
+            raise ValueError(
+                "SLACK_SIGNING_SECRET is required in HTTP mode (or set SLACK_APP_TOKEN for Socket Mode)"
+            )
+        if self.slack_api_url is None:
+            self.slack_api_url = "https://slack.com/api/"
+        return self
+
+    @property
+    def routes(self) -> dict[str, str]:
+        return parse_routes(self.triage_routes)
+
+    @property
+    def socket_mode(self) -> bool:
+        return self.slack_app_token is not None
+
+    def is_admin(self, user_id: str) -> bool:
+        return user_id in self.triage_admins
+
+    def watches(self, channel_id: str) -> bool:
+        return not self.triage_channels or channel_id in self.triage_channels
+
+
+def parse_routes(value: str) -> dict[str, str]:
+    """``"outage=C123,billing=C456"`` → ``{"outage": "C123", "billing": "C456"}``."""
+    routes: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        topic, _, channel = part.partition("=")
+        if not topic.strip() or not CHANNEL_ID.match(channel.strip()):
+            raise ValueError(f"route {part!r} must look like topic=C0123ABCD")
+        routes[topic.strip()] = channel.strip()
+    return routes
+
+
+def load_settings(**overrides: Any) -> BotSettings:
+    """Read the settings, or raise ``SettingsError`` with one line per bad or missing variable."""
+    try:
+        return BotSettings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = "_".join(str(p) for p in err["loc"]).upper() or "configuration"
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "missing":
+                message = "is required but not set"
+            lines.append(f"{name}: {message}" if name != "configuration" else message)
+        raise SettingsError("\n".join(lines)) from None

@@ -1,0 +1,256 @@
+"""Where the database is, how to connect to it, and whether its schema matches the code.
+
+SQLite (the embedded default, under the data directory) and PostgreSQL (production) behind one
+``AsyncEngine``; the schema is owned by the Alembic migrations in the ``migrations`` package.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from alembic.script.revision import RevisionError
+from alembic.util import CommandError
+from sqlalchemy import event, pool
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+
+DATABASE_URL_ENV = "DATABASE_URL"
+SQLITE_DRIVER = "sqlite+aiosqlite"
+POSTGRES_DRIVER = "postgresql+asyncpg"
+# How long a SQLite writer waits for another writer's lock before failing with "database is locked".
+SQLITE_BUSY_TIMEOUT_MS = 15_000
+
+
+class DatabaseConfigError(ValueError):
+    """A database URL that cannot be used."""
+
+
+class SchemaMismatchError(RuntimeError):
+    """The database schema is not the one this code was written for."""
+
+    def __init__(self, current: str | None, required: str, *, known: bool) -> None:
+        self.current = current
+        self.required = required
+        shown = current or "empty (no tables yet)"
+        if known:
+            message = f"database schema is at {shown}, the code needs {required}: run `triage db upgrade`"
+        else:
+            message = (
+                f"database schema is at {shown}, which this version of triage does not know "
+                f"(the code needs {required}): the database was migrated by a newer triage; upgrade triage"
+            )
+        super().__init__(message)
+
+
+def default_database_url() -> URL:
+    """``sqlite+aiosqlite:///<data dir>/triage.db``; the data directory honours ``TRIAGE_DATA_DIR``."""
+    from classifier.paths import data_dir
+
+    return URL.create(SQLITE_DRIVER, database=str(data_dir() / "triage.db"))
+
+
+def resolve_database_url(url: str | URL | None = None) -> URL:
+    """The URL to use: ``url`` if given, else ``$DATABASE_URL``, else the SQLite file in the data directory.
+
+    ``postgresql://`` and ``postgres://`` are rewritten to asyncpg, ``sqlite://`` to aiosqlite. Raises
+    ``DatabaseConfigError`` naming the problem; the password never appears in a message.
+    """
+    source = "the database URL" if url is not None else DATABASE_URL_ENV
+    if url is None:
+        url = os.environ.get(DATABASE_URL_ENV) or None
+    if url is None:
+        return default_database_url()
+    if isinstance(url, str):
+        try:
+            parsed = make_url(url.strip())
+        except ArgumentError:
+            # Not echoed: an unparsable URL may still hold a password.
+            raise DatabaseConfigError(
+                f"{source} cannot be parsed; expected e.g. sqlite+aiosqlite:////path/to/triage.db "
+                f"or postgresql+asyncpg://user:password@host:5432/dbname"
+            ) from None
+    else:
+        parsed = url
+    return _normalise(parsed, source)
+
+
+def _normalise(url: URL, source: str) -> URL:
+    shown = url.render_as_string(hide_password=True)
+    backend, _, driver = url.drivername.partition("+")
+    if backend in ("postgresql", "postgres"):
+        if driver not in ("", "asyncpg"):
+            raise DatabaseConfigError(
+                f"{source} {shown} uses the driver {driver!r}; triage talks to PostgreSQL through asyncpg: "
+                f"use {POSTGRES_DRIVER}://..."
+            )
+        url = url.set(drivername=POSTGRES_DRIVER)
+        # libpq spells it sslmode (as hosted providers' URLs do); asyncpg takes the same values as ssl.
+        if "sslmode" in url.query and "ssl" not in url.query:
+            url = url.difference_update_query(["sslmode"]).update_query_dict({"ssl": url.query["sslmode"]})
+        if not url.host and not url.query.get("host"):
+            raise DatabaseConfigError(f"{source} {shown} names no host")
+        return url
+    if backend == "sqlite":
+        if driver not in ("", "aiosqlite"):
+            raise DatabaseConfigError(
+                f"{source} {shown} uses the driver {driver!r}; use {SQLITE_DRIVER}:///path/to/triage.db"
+            )
+        if not url.database or url.database == ":memory:" or url.query.get("mode") == "memory":
+            # Every connection would see its own empty database, and the migrations would vanish.
+            raise DatabaseConfigError(
+                f"{source} {shown} is an in-memory SQLite database; give a file: "
+                f"{SQLITE_DRIVER}:////path/to/triage.db"
+            )
+        return url.set(drivername=SQLITE_DRIVER)
+    raise DatabaseConfigError(
+        f"{source} {shown}: unsupported database {backend!r}; use {SQLITE_DRIVER}:///... "
+        f"or {POSTGRES_DRIVER}://..."
+    )
+
+
+def create_engine(
+    url: str | URL | None = None,
+    *,
+    echo: bool = False,
+    sqlite_foreign_keys: bool = True,
+    poolclass: type[pool.Pool] | None = None,
+    **kwargs: Any,
+) -> AsyncEngine:
+    """An ``AsyncEngine`` for ``url`` (resolved as in ``resolve_database_url``).
+
+    SQLite connections get WAL (readers do not block the writer), foreign keys, and a busy timeout.
+    ``sqlite_foreign_keys=False`` is for migrations: SQLite's batch mode recreates tables, and dropping a
+    parent table with foreign keys on would cascade-delete its children.
+    """
+    resolved = resolve_database_url(url)
+    if poolclass is not None:
+        kwargs["poolclass"] = poolclass
+    if resolved.get_backend_name() == "sqlite":
+        if resolved.database and not resolved.database.startswith("file:"):
+            Path(resolved.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(resolved, echo=echo, **kwargs)
+        _configure_sqlite(engine, foreign_keys=sqlite_foreign_keys)
+        return engine
+    # pool_pre_ping: a PostgreSQL restart should cost one reconnect, not a failed Slack event.
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_async_engine(resolved, echo=echo, **kwargs)
+
+
+def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL, and much faster
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+        finally:
+            cursor.close()
+
+
+def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+    """Sessions for units of work: ``async with factory.begin() as session: ...``.
+
+    ``expire_on_commit=False`` so rows returned by the repository stay readable after the commit.
+    """
+    return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# --- schema version ----------------------------------------------------------------------------------
+
+
+def migrations_dir() -> Path:
+    """The ``migrations`` package folder (works from a source checkout and from an installed wheel)."""
+    import migrations
+
+    return Path(migrations.__file__).resolve().parent
+
+
+def alembic_config(url: str | URL | None = None) -> Config:
+    """An Alembic ``Config`` built in code, so ``triage db upgrade`` needs no ``alembic.ini``.
+
+    The URL travels in ``config.attributes`` rather than the ini options, whose %-interpolation would
+    mangle passwords containing ``%``.
+    """
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    config.set_main_option("path_separator", "os")
+    if url is not None:
+        config.attributes["database_url"] = resolve_database_url(url)
+    return config
+
+
+def head_revision() -> str:
+    """The schema revision this code needs."""
+    heads = ScriptDirectory.from_config(alembic_config()).get_heads()
+    if len(heads) != 1:
+        raise RuntimeError(f"the migrations have {len(heads)} heads ({', '.join(heads)}); merge them")
+    return heads[0]
+
+
+def _current_revision(connection: Connection) -> str | None:
+    heads = MigrationContext.configure(connection).get_current_heads()
+    return ",".join(sorted(heads)) if heads else None
+
+
+async def current_revision(engine: AsyncEngine) -> str | None:
+    """The revision the database is at; ``None`` for a database never migrated."""
+    async with engine.connect() as connection:
+        return await connection.run_sync(_current_revision)
+
+
+async def check_schema(engine: AsyncEngine) -> None:
+    """Raise ``SchemaMismatchError`` unless the database is exactly at the code's revision.
+
+    The bot and the server call this at start-up and refuse to run on an outdated (or newer) schema.
+    """
+    required = head_revision()
+    current = await current_revision(engine)
+    if current == required:
+        return
+    script = ScriptDirectory.from_config(alembic_config())
+    known = current is None or all(_is_known(script, rev) for rev in current.split(","))
+    raise SchemaMismatchError(current, required, known=known)
+
+
+def _is_known(script: ScriptDirectory, revision: str) -> bool:
+    try:
+        return script.get_revision(revision) is not None
+    except (CommandError, RevisionError):  # an id this code's migrations do not have
+        return False
+
+
+async def _run_alembic(url: str | URL | None, operation: str, revision: str) -> None:
+    """Run an Alembic command on a private connection (inside the running event loop, no ``asyncio.run``)."""
+    resolved = resolve_database_url(url)
+    config = alembic_config(resolved)
+    # NullPool: the migration connection is not reused; no foreign keys on SQLite (see create_engine).
+    engine = create_engine(resolved, sqlite_foreign_keys=False, poolclass=pool.NullPool)
+    try:
+        async with engine.begin() as connection:
+
+            def run(sync_connection: Connection) -> None:
+                config.attributes["connection"] = sync_connection
+                getattr(command, operation)(config, revision)
+
+            await connection.run_sync(run)
+    finally:
+        await engine.dispose()
+
+
+async def upgrade_database(url: str | URL | None = None, revision: str = "head") -> None:
+    """Migrate the database to ``revision`` (default: the newest)."""
+    await _run_alembic(url, "upgrade", revision)
+
+
+async def downgrade_database(url: str | URL | None, revision: str) -> None:
+    """Migrate the database back to ``revision`` (``"base"``: drop every table)."""
+    await _run_alembic(url, "downgrade", revision)

@@ -1,0 +1,866 @@
+"""The queries the bot and retraining need.
+
+Every function takes an ``AsyncSession`` and leaves the transaction to the caller, one unit of work each::
+
+    async with session_factory.begin() as session:
+        message, created = await store_message(session, team_id=..., channel_id=..., ts=..., ...)
+
+Times are timezone-aware UTC; each function takes ``now`` for tests and defaults to the clock.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, cast
+
+from sqlalchemy import ColumnElement, CursorResult, Result, Select, delete, exists, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from bot.storage.models import (
+    AuditEntry,
+    Correction,
+    CorrectionKind,
+    CorrectionSource,
+    ForgottenUser,
+    Message,
+    MessageState,
+    ModelStatus,
+    ModelVersion,
+    Prediction,
+    PredictionHead,
+    SlackEvent,
+    TrainingRun,
+    TrainingStatus,
+    TrainingTrigger,
+    utcnow,
+)
+
+# How long a claimed message belongs to its worker before another may take it (a crash must not lose it).
+DEFAULT_LEASE = timedelta(minutes=2)
+RETRY_BASE_DELAY = timedelta(seconds=30)
+RETRY_MAX_DELAY = timedelta(hours=1)
+MAX_ATTEMPTS = 10
+
+
+# --- value types ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HeadPrediction:
+    """One head's output: the chosen label, its probability, and the probability of every label."""
+
+    label: str
+    confidence: float
+    scores: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainingExample:
+    """A message text and its human labels (only the heads someone labelled)."""
+
+    message_id: int
+    text: str
+    labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class FeedbackCounts:
+    corrections: int
+    confirmations: int
+
+    @property
+    def total(self) -> int:
+        return self.corrections + self.confirmations
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a status command shows: activity since a time, and the backlog now."""
+
+    since: datetime
+    messages: int
+    predictions: int
+    corrections: int
+    confirmations: int
+    pending: int
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _dialect(session: AsyncSession) -> str:
+    return session.sync_session.get_bind().dialect.name
+
+
+def _insert(session: AsyncSession, entity: type[Any]) -> Any:
+    """``INSERT`` with ``ON CONFLICT`` support for the session's database."""
+    if _dialect(session) == "postgresql":
+        return postgresql.insert(entity)
+    return sqlite.insert(entity)
+
+
+def _rowcount(result: Result[Any]) -> int:
+    return int(cast(CursorResult[Any], result).rowcount)
+
+
+def _require_one(result: Result[Any], missing: str) -> None:
+    if _rowcount(result) == 0:
+        raise LookupError(missing)
+
+
+async def _count(session: AsyncSession, query: Select[Any]) -> int:
+    return int(await session.scalar(query) or 0)
+
+
+# --- Slack events --------------------------------------------------------------------------------------
+
+
+async def record_event(session: AsyncSession, event_id: str, *, now: datetime | None = None) -> bool:
+    """Remember a Slack event id; ``False`` when it was seen before (a retried delivery).
+
+    Race-safe: of two concurrent deliveries exactly one gets ``True`` (primary key + ON CONFLICT DO NOTHING).
+    """
+    stmt = (
+        _insert(session, SlackEvent)
+        .values(event_id=event_id, received_at=now or utcnow())
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(SlackEvent.event_id)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def delete_events_before(session: AsyncSession, before: datetime) -> int:
+    """Forget event ids older than ``before`` (Slack retries within minutes; a day is plenty)."""
+    result = await session.execute(
+        delete(SlackEvent).where(SlackEvent.received_at < before).execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
+
+
+# --- messages ------------------------------------------------------------------------------------------
+
+
+async def store_message(
+    session: AsyncSession,
+    *,
+    team_id: str,
+    channel_id: str,
+    ts: str,
+    user_id: str | None,
+    text: str | None,
+    thread_ts: str | None = None,
+    received_at: datetime | None = None,
+    state: MessageState = MessageState.PENDING,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> tuple[Message, bool]:
+    """Store a Slack message once; returns the row and whether this call created it.
+
+    Concurrent calls for the same (team, channel, ts) yield one row (ON CONFLICT DO NOTHING). A pending
+    message belongs to the caller for ``lease``: if it is not classified by then, ``claim_due_messages``
+    hands it to the retry worker. A forgotten user's message is stored without its text.
+    """
+    now = now or utcnow()
+    received_at = received_at or now
+    removed_at = None
+    if text is not None and user_id is not None and await is_forgotten(session, user_id):
+        text, removed_at = None, now
+    stmt = (
+        _insert(session, Message)
+        .values(
+            team_id=team_id,
+            channel_id=channel_id,
+            ts=ts,
+            thread_ts=thread_ts,
+            user_id=user_id,
+            text=text,
+            text_removed_at=removed_at,
+            received_at=received_at,
+            state=state,
+            attempts=0,
+            next_attempt_at=now + lease if state == MessageState.PENDING else None,
+        )
+        .on_conflict_do_nothing(index_elements=["team_id", "channel_id", "ts"])
+        .returning(Message.id)
+    )
+    created = (await session.execute(stmt)).first() is not None
+    message = await get_message(session, team_id, channel_id, ts)
+    if message is None:  # only if the row was deleted between the two statements
+        raise LookupError(f"message {team_id}/{channel_id}/{ts} vanished while being stored")
+    return message, created
+
+
+async def get_message(session: AsyncSession, team_id: str, channel_id: str, ts: str) -> Message | None:
+    """The message posted at ``ts`` in a channel."""
+    return await session.scalar(
+        select(Message)
+        .where(Message.team_id == team_id, Message.channel_id == channel_id, Message.ts == ts)
+        .execution_options(populate_existing=True)
+    )
+
+
+async def get_message_by_reply(
+    session: AsyncSession, team_id: str, reply_channel_id: str, reply_ts: str
+) -> Message | None:
+    """The message the bot's reply at ``reply_ts`` answers (a reaction on the reply lands here)."""
+    return await session.scalar(
+        select(Message).where(
+            Message.team_id == team_id,
+            Message.reply_channel_id == reply_channel_id,
+            Message.reply_ts == reply_ts,
+        )
+    )
+
+
+async def set_reply(session: AsyncSession, message_id: int, *, channel_id: str, ts: str) -> None:
+    """Record where the bot's reply to a message lives."""
+    result = await session.execute(
+        update(Message).where(Message.id == message_id).values(reply_channel_id=channel_id, reply_ts=ts)
+    )
+    _require_one(result, f"no message with id {message_id}")
+
+
+# --- pending work --------------------------------------------------------------------------------------
+
+
+async def claim_due_messages(
+    session: AsyncSession,
+    *,
+    limit: int = 50,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> list[Message]:
+    """Take up to ``limit`` pending messages whose next attempt is due, oldest first.
+
+    Claimed messages get ``attempts + 1`` and are hidden from other workers for ``lease``. PostgreSQL
+    workers skip rows another worker is claiming (FOR UPDATE SKIP LOCKED); SQLite has a single writer,
+    so the one UPDATE statement is already exclusive.
+    """
+    now = now or utcnow()
+    due = (
+        select(Message.id)
+        .where(Message.state == MessageState.PENDING, Message.next_attempt_at <= now)
+        .order_by(Message.next_attempt_at, Message.id)
+        .limit(limit)
+    )
+    if _dialect(session) == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(Message)
+        .where(Message.id.in_(due.scalar_subquery()))
+        .values(attempts=Message.attempts + 1, next_attempt_at=now + lease)
+        .returning(Message)
+    )
+    claimed = (
+        await session.scalars(
+            stmt, execution_options={"synchronize_session": False, "populate_existing": True}
+        )
+    ).all()
+    return sorted(claimed, key=lambda m: m.id)
+
+
+async def mark_classified(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> None:
+    result = await session.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(
+            state=MessageState.CLASSIFIED,
+            classified_at=now or utcnow(),
+            next_attempt_at=None,
+            last_error=None,
+        )
+    )
+    _require_one(result, f"no message with id {message_id}")
+
+
+async def mark_skipped(session: AsyncSession, message_id: int, *, reason: str | None = None) -> None:
+    """Never classify this message (filtered out, or not worth retrying)."""
+    result = await session.execute(
+        update(Message)
+        .where(Message.id == message_id)
+        .values(state=MessageState.SKIPPED, next_attempt_at=None, last_error=reason)
+    )
+    _require_one(result, f"no message with id {message_id}")
+
+
+async def schedule_retry(
+    session: AsyncSession,
+    message_id: int,
+    *,
+    error: str,
+    now: datetime | None = None,
+    base_delay: timedelta = RETRY_BASE_DELAY,
+    max_delay: timedelta = RETRY_MAX_DELAY,
+    max_attempts: int = MAX_ATTEMPTS,
+) -> datetime | None:
+    """After a failed classification: retry later with exponential backoff; returns when.
+
+    The delay doubles with each claim (``attempts``) up to ``max_delay``. After ``max_attempts`` claims the
+    message is skipped for good and ``None`` is returned.
+    """
+    now = now or utcnow()
+    message = await session.get(Message, message_id, populate_existing=True)
+    if message is None:
+        raise LookupError(f"no message with id {message_id}")
+    message.last_error = error[:2000]
+    if message.attempts >= max_attempts:
+        message.state = MessageState.SKIPPED
+        message.next_attempt_at = None
+        await session.flush()
+        return None
+    delay = min(base_delay * (2 ** min(message.attempts, 30)), max_delay)
+    message.state = MessageState.PENDING
+    message.next_attempt_at = now + delay
+    await session.flush()
+    return message.next_attempt_at
+
+
+async def count_pending(session: AsyncSession) -> int:
+    return await _count(
+        session, select(func.count()).select_from(Message).where(Message.state == MessageState.PENDING)
+    )
+
+
+# --- predictions ---------------------------------------------------------------------------------------
+
+
+async def add_prediction(
+    session: AsyncSession,
+    message_id: int,
+    model_version: str,
+    heads: Mapping[str, HeadPrediction],
+    *,
+    latency_ms: float | None = None,
+    now: datetime | None = None,
+) -> Prediction:
+    """Store one model version's output for a message (a message may have several)."""
+    if not heads:
+        raise ValueError("a prediction needs at least one head")
+    prediction = Prediction(
+        message_id=message_id,
+        model_version=model_version,
+        latency_ms=latency_ms,
+        created_at=now or utcnow(),
+        heads=[
+            PredictionHead(
+                head=head,
+                label=p.label,
+                confidence=float(p.confidence),
+                scores={str(k): float(v) for k, v in p.scores.items()},
+            )
+            for head, p in heads.items()
+        ],
+    )
+    session.add(prediction)
+    await session.flush()
+    return prediction
+
+
+async def latest_prediction(
+    session: AsyncSession, message_id: int, *, model_version: str | None = None
+) -> Prediction | None:
+    """The newest prediction for a message (optionally from one model version), heads loaded."""
+    query = select(Prediction).where(Prediction.message_id == message_id)
+    if model_version is not None:
+        query = query.where(Prediction.model_version == model_version)
+    return await session.scalar(query.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(1))
+
+
+async def list_predictions(session: AsyncSession, message_id: int) -> list[Prediction]:
+    """All predictions for a message, oldest first."""
+    query = (
+        select(Prediction)
+        .where(Prediction.message_id == message_id)
+        .order_by(Prediction.created_at, Prediction.id)
+    )
+    return list((await session.scalars(query)).all())
+
+
+# --- corrections and labels ----------------------------------------------------------------------------
+
+
+async def add_correction(
+    session: AsyncSession,
+    message_id: int,
+    head: str,
+    new_label: str,
+    *,
+    user_id: str,
+    source: CorrectionSource,
+    kind: CorrectionKind = CorrectionKind.CORRECTION,
+    old_label: str | None = None,
+    reaction: str | None = None,
+    now: datetime | None = None,
+) -> Correction:
+    """Record a user's label for one head (a confirmation: ``new_label`` is the label they agreed with).
+
+    Every correction is kept; the latest non-retracted one is the label.
+    """
+    correction = Correction(
+        message_id=message_id,
+        head=head,
+        kind=kind,
+        old_label=old_label,
+        new_label=new_label,
+        user_id=user_id,
+        source=source,
+        reaction=reaction,
+        created_at=now or utcnow(),
+    )
+    session.add(correction)
+    await session.flush()
+    return correction
+
+
+async def retract_correction(
+    session: AsyncSession, message_id: int, *, user_id: str, reaction: str, now: datetime | None = None
+) -> int:
+    """A removed reaction: retract that user's corrections made with it; returns how many."""
+    result = await session.execute(
+        update(Correction)
+        .where(
+            Correction.message_id == message_id,
+            Correction.user_id == user_id,
+            Correction.reaction == reaction,
+            Correction.retracted_at.is_(None),
+        )
+        .values(retracted_at=now or utcnow())
+    )
+    return _rowcount(result)
+
+
+def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None = None) -> Select[Any]:
+    """(message_id, head, label) of the latest non-retracted correction per message and head.
+
+    With ``as_of``: as things stood then (later corrections ignored, later retractions not yet made),
+    so an export with a cut-off is reproducible.
+    """
+    conditions: list[ColumnElement[bool]] = []
+    if as_of is None:
+        conditions.append(Correction.retracted_at.is_(None))
+    else:
+        conditions += [
+            Correction.created_at <= as_of,
+            or_(Correction.retracted_at.is_(None), Correction.retracted_at > as_of),
+        ]
+    if heads is not None:
+        conditions.append(Correction.head.in_(list(heads)))
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=(Correction.message_id, Correction.head),
+            order_by=(Correction.created_at.desc(), Correction.id.desc()),
+        )
+        .label("rank")
+    )
+    label = Correction.new_label.label("label")
+    sub = select(Correction.message_id, Correction.head, label, rank).where(*conditions).subquery("ranked")
+    return select(sub.c.message_id, sub.c.head, sub.c.label).where(sub.c.rank == 1)
+
+
+async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
+    """Head -> human label for a message (heads nobody labelled are absent)."""
+    query = (
+        select(Correction.head, Correction.new_label)
+        .where(Correction.message_id == message_id, Correction.retracted_at.is_(None))
+        .order_by(Correction.created_at, Correction.id)
+    )
+    # Ordered oldest first, so the latest per head is the one left in the dict.
+    return {head: label for head, label in (await session.execute(query)).all()}
+
+
+async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
+    """Head -> the latest non-retracted correction or confirmation (who set the label, and how)."""
+    query = (
+        select(Correction)
+        .where(Correction.message_id == message_id, Correction.retracted_at.is_(None))
+        .order_by(Correction.created_at, Correction.id)
+    )
+    # Ordered oldest first, so the latest per head is the one left in the dict.
+    return {c.head: c for c in (await session.scalars(query)).all()}
+
+
+async def current_label(session: AsyncSession, message_id: int, head: str) -> str | None:
+    return await session.scalar(
+        select(Correction.new_label)
+        .where(
+            Correction.message_id == message_id,
+            Correction.head == head,
+            Correction.retracted_at.is_(None),
+        )
+        .order_by(Correction.created_at.desc(), Correction.id.desc())
+        .limit(1)
+    )
+
+
+async def feedback_counts(
+    session: AsyncSession, since: datetime, *, until: datetime | None = None
+) -> FeedbackCounts:
+    """Non-retracted corrections and confirmations made since a time (what triggers a retrain)."""
+    query = (
+        select(Correction.kind, func.count())
+        .where(Correction.created_at >= since, Correction.retracted_at.is_(None))
+        .group_by(Correction.kind)
+    )
+    if until is not None:
+        query = query.where(Correction.created_at <= until)
+    counts = {kind: int(n) for kind, n in (await session.execute(query)).all()}
+    return FeedbackCounts(
+        corrections=counts.get(CorrectionKind.CORRECTION, 0),
+        confirmations=counts.get(CorrectionKind.CONFIRMATION, 0),
+    )
+
+
+def _not_forgotten() -> Any:
+    return or_(
+        Message.user_id.is_(None),
+        ~exists().where(ForgottenUser.user_id == Message.user_id),
+    )
+
+
+async def export_training_set(
+    session: AsyncSession, *, until: datetime, heads: Collection[str] | None = None
+) -> list[TrainingExample]:
+    """Labelled messages as of ``until``: text plus the latest non-retracted label per head.
+
+    Leaves out messages without text (purged by retention) and messages by forgotten users.
+    """
+    latest = _latest_labels(as_of=until, heads=heads).subquery("latest")
+    query = (
+        select(Message.id, Message.text, latest.c.head, latest.c.label)
+        .join(latest, latest.c.message_id == Message.id)
+        .where(Message.text.is_not(None), _not_forgotten())
+        .order_by(Message.id, latest.c.head)
+    )
+    examples: list[TrainingExample] = []
+    for message_id, text, head, label in (await session.execute(query)).all():
+        if not examples or examples[-1].message_id != message_id:
+            examples.append(TrainingExample(message_id=message_id, text=text, labels={}))
+        examples[-1].labels[head] = label
+    return examples
+
+
+# --- retention and forgetting --------------------------------------------------------------------------
+
+
+def retention_cutoff(days: int, *, now: datetime | None = None) -> datetime:
+    """Texts received before this are removed by a retention of ``days`` days."""
+    if days < 1:
+        raise ValueError(f"retention must be at least 1 day, not {days}")
+    return (now or utcnow()) - timedelta(days=days)
+
+
+async def purge_message_texts(
+    session: AsyncSession, *, older_than: datetime, now: datetime | None = None
+) -> int:
+    """Remove the text of messages received before ``older_than`` (labels stay); returns how many.
+
+    Also removes any text of forgotten users that slipped in while they were being forgotten.
+    """
+    result = await session.execute(
+        update(Message)
+        .where(
+            Message.text.is_not(None),
+            or_(Message.received_at < older_than, ~_not_forgotten()),
+        )
+        .values(text=None, text_removed_at=now or utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
+
+
+async def count_purgeable_texts(session: AsyncSession, *, older_than: datetime) -> int:
+    """How many texts ``purge_message_texts`` would remove (for a dry run)."""
+    return await _count(
+        session,
+        select(func.count())
+        .select_from(Message)
+        .where(Message.text.is_not(None), or_(Message.received_at < older_than, ~_not_forgotten())),
+    )
+
+
+async def is_forgotten(session: AsyncSession, user_id: str) -> bool:
+    return await session.get(ForgottenUser, user_id) is not None
+
+
+async def forget_user(
+    session: AsyncSession, user_id: str, *, requested_by: str | None = None, now: datetime | None = None
+) -> int:
+    """Remove a person's message texts and keep them out for good; returns how many texts were removed.
+
+    Their later messages are stored without text and none of their messages is exported for training.
+    Labels (theirs and on their messages) stay: they hold no text. Idempotent.
+    """
+    now = now or utcnow()
+    await session.execute(
+        _insert(session, ForgottenUser)
+        .values(user_id=user_id, forgotten_at=now, requested_by=requested_by)
+        .on_conflict_do_nothing(index_elements=["user_id"])
+    )
+    result = await session.execute(
+        update(Message)
+        .where(Message.user_id == user_id, Message.text.is_not(None))
+        .values(text=None, text_removed_at=now)
+    )
+    return _rowcount(result)
+
+
+# --- model versions (registry mirror) ------------------------------------------------------------------
+
+
+async def get_model_version(session: AsyncSession, name: str) -> ModelVersion | None:
+    return await session.scalar(
+        select(ModelVersion).where(ModelVersion.name == name).execution_options(populate_existing=True)
+    )
+
+
+async def active_model_version(session: AsyncSession) -> ModelVersion | None:
+    return await session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE))
+
+
+async def list_model_versions(
+    session: AsyncSession, *, status: ModelStatus | None = None
+) -> list[ModelVersion]:
+    """Model versions, newest first."""
+    query = select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
+    if status is not None:
+        query = query.where(ModelVersion.status == status)
+    return list((await session.scalars(query)).all())
+
+
+async def upsert_model_version(
+    session: AsyncSession,
+    name: str,
+    *,
+    path: str,
+    status: ModelStatus,
+    base_model: str | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+    created_at: datetime | None = None,
+    promoted_at: datetime | None = None,
+) -> ModelVersion:
+    """Create or update the mirror of a registry entry (matched by ``name``).
+
+    ``status=ACTIVE`` goes through ``set_active_model_version``, so the previous active version retires.
+    """
+    activate = status == ModelStatus.ACTIVE
+    # On update, arguments left as None keep what the row has.
+    updates: dict[str, Any] = {"path": path}
+    if base_model is not None:
+        updates["base_model"] = base_model
+    if metrics is not None:
+        updates["metrics"] = dict(metrics)
+    if reason is not None:
+        updates["reason"] = reason
+    stmt = _insert(session, ModelVersion).values(
+        name=name,
+        path=path,
+        base_model=base_model,
+        metrics=dict(metrics or {}),
+        reason=reason,
+        # A new row cannot start active while another one is: activation happens below.
+        status=ModelStatus.CANDIDATE if activate else status,
+        created_at=created_at or utcnow(),
+    )
+    await session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=updates))
+    if activate:
+        return await set_active_model_version(session, name, reason=reason, now=promoted_at)
+    version = await get_model_version(session, name)
+    assert version is not None  # just upserted
+    version.status = status
+    if promoted_at is not None:
+        version.promoted_at = promoted_at
+    await session.flush()
+    return version
+
+
+async def set_active_model_version(
+    session: AsyncSession, name: str, *, reason: str | None = None, now: datetime | None = None
+) -> ModelVersion:
+    """Make ``name`` the active version; the previously active one becomes retired."""
+    version = await get_model_version(session, name)
+    if version is None:
+        raise LookupError(f"no model version named {name!r}")
+    if version.status == ModelStatus.ACTIVE:
+        return version
+    # Retire first: the partial unique index allows one active row at any moment.
+    await session.execute(
+        update(ModelVersion)
+        .where(ModelVersion.status == ModelStatus.ACTIVE, ModelVersion.id != version.id)
+        .values(status=ModelStatus.RETIRED, reason=f"replaced by {name}")
+    )
+    version.status = ModelStatus.ACTIVE
+    version.promoted_at = now or utcnow()
+    if reason is not None:
+        version.reason = reason
+    await session.flush()
+    return version
+
+
+async def set_model_version_status(
+    session: AsyncSession, name: str, status: ModelStatus, *, reason: str | None = None
+) -> ModelVersion:
+    """Mark a version candidate, rejected or retired (activation: ``set_active_model_version``)."""
+    if status == ModelStatus.ACTIVE:
+        return await set_active_model_version(session, name, reason=reason)
+    version = await get_model_version(session, name)
+    if version is None:
+        raise LookupError(f"no model version named {name!r}")
+    version.status = status
+    if reason is not None:
+        version.reason = reason
+    await session.flush()
+    return version
+
+
+# --- training runs -------------------------------------------------------------------------------------
+
+
+async def start_training_run(
+    session: AsyncSession,
+    *,
+    trigger: TrainingTrigger,
+    requested_by: str | None = None,
+    now: datetime | None = None,
+) -> TrainingRun:
+    run = TrainingRun(
+        trigger=trigger, requested_by=requested_by, status=TrainingStatus.RUNNING, started_at=now or utcnow()
+    )
+    session.add(run)
+    await session.flush()
+    return run
+
+
+async def finish_training_run(
+    session: AsyncSession,
+    run_id: int,
+    *,
+    status: TrainingStatus,
+    train_examples: int | None = None,
+    eval_examples: int | None = None,
+    candidate_metrics: Mapping[str, Any] | None = None,
+    incumbent_metrics: Mapping[str, Any] | None = None,
+    candidate_version: str | None = None,
+    error: str | None = None,
+    now: datetime | None = None,
+) -> TrainingRun:
+    """Record how a run ended: promoted, rejected (by the gate) or failed."""
+    if status == TrainingStatus.RUNNING:
+        raise ValueError("a finished run needs a final status, not 'running'")
+    run = await session.get(TrainingRun, run_id, populate_existing=True)
+    if run is None:
+        raise LookupError(f"no training run with id {run_id}")
+    if run.status != TrainingStatus.RUNNING:
+        raise ValueError(f"training run {run_id} already finished ({run.status})")
+    run.status = status
+    run.finished_at = now or utcnow()
+    run.train_examples = train_examples
+    run.eval_examples = eval_examples
+    run.candidate_metrics = dict(candidate_metrics) if candidate_metrics is not None else None
+    run.incumbent_metrics = dict(incumbent_metrics) if incumbent_metrics is not None else None
+    run.candidate_version = candidate_version
+    run.error = error
+    await session.flush()
+    return run
+
+
+async def latest_training_run(
+    session: AsyncSession, *, status: TrainingStatus | Collection[TrainingStatus] | None = None
+) -> TrainingRun | None:
+    """The most recently started run (optionally only runs with the given status or statuses)."""
+    query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc()).limit(1)
+    if isinstance(status, TrainingStatus):
+        query = query.where(TrainingRun.status == status)
+    elif status is not None:
+        query = query.where(TrainingRun.status.in_(list(status)))
+    return await session.scalar(query)
+
+
+async def list_training_runs(session: AsyncSession, *, limit: int = 20) -> list[TrainingRun]:
+    """Runs, newest first."""
+    query = select(TrainingRun).order_by(TrainingRun.started_at.desc(), TrainingRun.id.desc()).limit(limit)
+    return list((await session.scalars(query)).all())
+
+
+async def fail_abandoned_training_runs(
+    session: AsyncSession, *, started_before: datetime, now: datetime | None = None
+) -> int:
+    """Mark runs still 'running' since before ``started_before`` as failed (their process died)."""
+    result = await session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.status == TrainingStatus.RUNNING, TrainingRun.started_at < started_before)
+        .values(status=TrainingStatus.FAILED, finished_at=now or utcnow(), error="abandoned: never finished")
+    )
+    return _rowcount(result)
+
+
+# --- audit log -----------------------------------------------------------------------------------------
+
+
+async def add_audit_entry(
+    session: AsyncSession,
+    *,
+    user_id: str,
+    action: str,
+    allowed: bool,
+    args: Mapping[str, Any] | None = None,
+    reason: str | None = None,
+    now: datetime | None = None,
+) -> AuditEntry:
+    """Record an admin action someone asked for, allowed or refused."""
+    entry = AuditEntry(
+        user_id=user_id,
+        action=action,
+        args=dict(args or {}),
+        allowed=allowed,
+        reason=reason,
+        created_at=now or utcnow(),
+    )
+    session.add(entry)
+    await session.flush()
+    return entry
+
+
+async def list_audit_entries(
+    session: AsyncSession,
+    *,
+    limit: int = 50,
+    user_id: str | None = None,
+    action: str | None = None,
+    since: datetime | None = None,
+) -> list[AuditEntry]:
+    """Audit entries, newest first."""
+    query = select(AuditEntry).order_by(AuditEntry.created_at.desc(), AuditEntry.id.desc()).limit(limit)
+    if user_id is not None:
+        query = query.where(AuditEntry.user_id == user_id)
+    if action is not None:
+        query = query.where(AuditEntry.action == action)
+    if since is not None:
+        query = query.where(AuditEntry.created_at >= since)
+    return list((await session.scalars(query)).all())
+
+
+# --- status --------------------------------------------------------------------------------------------
+
+
+async def stats_since(session: AsyncSession, since: datetime) -> Stats:
+    """Messages, predictions, corrections and confirmations since a time, and the pending backlog now."""
+    feedback = await feedback_counts(session, since)
+    messages = await _count(
+        session, select(func.count()).select_from(Message).where(Message.received_at >= since)
+    )
+    predictions = await _count(
+        session, select(func.count()).select_from(Prediction).where(Prediction.created_at >= since)
+    )
+    return Stats(
+        since=since,
+        messages=messages,
+        predictions=predictions,
+        corrections=feedback.corrections,
+        confirmations=feedback.confirmations,
+        pending=await count_pending(session),
+    )

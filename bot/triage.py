@@ -1,0 +1,406 @@
+"""What the bot does with Slack's events, free of Bolt: store, classify, reply, route, correct.
+
+Every step that must not be lost is in the database first: a message is stored as pending before it is
+classified, so a classifier that is down (or a crash) only delays the reply; the retry worker
+(``run_pending``) picks it up, in this replica or another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot import blocks
+from bot.blocks import LabelView
+from bot.reactions import ReactionMap
+from bot.settings import BotSettings
+from bot.storage import repository as repo
+from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
+from classifier.client import Classifier
+from classifier.results import ClassifierError, ClassifierUnavailable
+
+log = logging.getLogger(__name__)
+
+
+class ChannelPacer:
+    """Slack allows about one message per second per channel: space our posts out per channel."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self.interval_s = interval_s
+        self._next: dict[str, float] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def wait(self, channel: str) -> None:
+        lock = self._locks.setdefault(channel, asyncio.Lock())
+        async with lock:
+            now = time.monotonic()
+            delay = self._next.get(channel, 0.0) - now
+            if delay > 0:
+                await asyncio.sleep(delay)
+            self._next[channel] = max(now, self._next.get(channel, 0.0)) + self.interval_s
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    team_id: str
+    channel_id: str
+    ts: str
+    user_id: str | None
+    text: str
+    thread_ts: str | None = None
+    event_id: str | None = None
+
+
+class Triage:
+    def __init__(
+        self,
+        settings: BotSettings,
+        sessions: async_sessionmaker[AsyncSession],
+        classifier: Classifier,
+        client: AsyncWebClient,
+        reactions: ReactionMap,
+        pacer: ChannelPacer | None = None,
+        bot_user_id: str | None = None,
+    ):
+        self.settings = settings
+        self.bot_user_id = bot_user_id  # our own reactions are not corrections
+        self.sessions = sessions
+        self.classifier = classifier
+        self.client = client
+        self.reactions = reactions
+        self.pacer = pacer or ChannelPacer()
+
+    # ---- new messages ------------------------------------------------------------------------------
+    async def on_message(self, incoming: IncomingMessage) -> None:
+        """Store once (retries and racing replicas stop here), then classify and reply."""
+        empty = not incoming.text.strip()
+        async with self.sessions.begin() as session:
+            if incoming.event_id and not await repo.record_event(session, incoming.event_id):
+                return
+            message, created = await repo.store_message(
+                session,
+                team_id=incoming.team_id,
+                channel_id=incoming.channel_id,
+                ts=incoming.ts,
+                user_id=incoming.user_id,
+                text=incoming.text,
+                thread_ts=incoming.thread_ts,
+                state=MessageState.SKIPPED if empty else MessageState.PENDING,
+            )
+        if created and not empty:
+            await self.classify_and_reply(message)
+
+    async def run_pending(self, limit: int = 20) -> int:
+        """Classify messages that are due for a retry; returns how many were claimed."""
+        async with self.sessions.begin() as session:
+            claimed = await repo.claim_due_messages(session, limit=limit)
+        for message in claimed:
+            await self.classify_and_reply(message)
+        return len(claimed)
+
+    async def pending_worker(self, stop: asyncio.Event) -> None:
+        """Background loop: retry pending messages until ``stop`` is set."""
+        while not stop.is_set():
+            try:
+                while await self.run_pending():
+                    pass
+            except Exception:  # a database hiccup must not end the loop
+                log.exception("pending-message sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.triage_pending_interval_s)
+
+    async def classify_and_reply(self, message: Message) -> None:
+        if message.text is None:  # forgotten user: stored without text, nothing to classify
+            async with self.sessions.begin() as session:
+                await repo.mark_skipped(session, message.id, reason="no text")
+            return
+        started = time.perf_counter()
+        try:
+            result = await self.classifier.classify([message.text])
+        except (ClassifierUnavailable, ClassifierError, OSError) as exc:
+            await self._retry_later(message, f"classifier: {exc}")
+            return
+        latency_ms = (time.perf_counter() - started) * 1000
+        text_result = result.results[0]
+        views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in text_result.heads.items()}
+        labels = {h: list(p.scores) for h, p in text_result.heads.items()}
+        reply = blocks.reply_blocks(
+            message.id,
+            views,
+            result.model_version,
+            self.reactions,
+            labels,
+            self.settings.triage_unsure_below,
+            truncated=text_result.truncated,
+        )
+        try:
+            await self.pacer.wait(message.channel_id)
+            posted = await self.client.chat_postMessage(
+                channel=message.channel_id,
+                thread_ts=message.ts,
+                text=blocks.summary_text(views),
+                blocks=reply,
+                unfurl_links=False,
+                unfurl_media=False,
+            )
+        except SlackApiError as exc:
+            await self._retry_later(message, f"chat.postMessage: {exc.response.get('error')}")
+            return
+        async with self.sessions.begin() as session:
+            await repo.add_prediction(
+                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
+            )
+            await repo.set_reply(session, message.id, channel_id=str(posted["channel"]), ts=str(posted["ts"]))
+            await repo.mark_classified(session, message.id)
+        await self._route(message, views)
+
+    async def _retry_later(self, message: Message, error: str) -> None:
+        log.warning("message %s in %s not answered yet: %s", message.ts, message.channel_id, error)
+        async with self.sessions.begin() as session:
+            when = await repo.schedule_retry(
+                session,
+                message.id,
+                error=error,
+                base_delay=timedelta(seconds=self.settings.triage_retry_base_s),
+            )
+        if when is None:
+            log.error("giving up on message %s in %s after repeated failures", message.ts, message.channel_id)
+
+    async def _route(self, message: Message, views: Mapping[str, LabelView]) -> None:
+        """Urgent messages: a reaction on the original and a post in the escalation channel; topic routes."""
+        urgency = views.get(self.settings.triage_urgency_head)
+        urgent = urgency is not None and urgency.label in self.settings.triage_urgent_labels
+        topic = views.get("topic")
+        route = self.settings.routes.get(topic.label) if topic else None
+        targets = [c for c in (self.settings.triage_escalation_channel if urgent else None, route) if c]
+        if urgent:
+            await self._call(
+                "reactions.add",
+                self.client.reactions_add,
+                channel=message.channel_id,
+                timestamp=message.ts,
+                name="rotating_light",
+            )
+        if not targets:
+            return
+        link = await self._call(
+            "chat.getPermalink",
+            self.client.chat_getPermalink,
+            channel=message.channel_id,
+            message_ts=message.ts,
+        )
+        permalink = str(link["permalink"]) if link else f"(message {message.ts} in <#{message.channel_id}>)"
+        for channel in dict.fromkeys(targets):  # one post even if a route and escalation coincide
+            await self.pacer.wait(channel)
+            await self._call(
+                "chat.postMessage",
+                self.client.chat_postMessage,
+                channel=channel,
+                text=blocks.escalation_text(views, permalink, message.channel_id)
+                if urgent
+                else f"{blocks.summary_text(views)}\n{permalink}",
+            )
+
+    async def _call(self, what: str, method: Any, /, **kwargs: Any) -> Any:
+        """A Web API call whose failure is logged with context and does not stop the caller."""
+        try:
+            return await method(**kwargs)
+        except SlackApiError as exc:
+            log.warning(
+                "%s failed (%s) for %s",
+                what,
+                exc.response.get("error"),
+                {k: v for k, v in kwargs.items() if k in ("channel", "timestamp", "ts", "name")},
+            )
+            return None
+
+    # ---- corrections -------------------------------------------------------------------------------
+    async def find_message(
+        self, session: AsyncSession, team_id: str, channel_id: str, ts: str
+    ) -> Message | None:
+        """The customer message at ``ts``, or the one whose bot reply is at ``ts``."""
+        return await repo.get_message(session, team_id, channel_id, ts) or await repo.get_message_by_reply(
+            session, team_id, channel_id, ts
+        )
+
+    async def on_reaction(
+        self,
+        team_id: str,
+        user_id: str,
+        reaction: str,
+        channel_id: str,
+        ts: str,
+        event_id: str | None,
+        added: bool,
+    ) -> bool:
+        """A reaction on a triaged message or its reply; returns whether it changed a label."""
+        action = self.reactions.get(reaction)
+        if action is None or user_id == self.bot_user_id:
+            return False
+        async with self.sessions.begin() as session:
+            if event_id and not await repo.record_event(session, event_id):
+                return False
+            message = await self.find_message(session, team_id, channel_id, ts)
+            if message is None:
+                return False
+            prediction = await repo.latest_prediction(session, message.id)
+            if prediction is None:
+                return False
+            if not added:
+                changed = (
+                    await repo.retract_correction(
+                        session, message.id, user_id=user_id, reaction=reaction.split("::", 1)[0]
+                    )
+                    > 0
+                )
+            elif action.confirms:
+                changed = await self._confirm_all(session, message, prediction, user_id, reaction)
+            else:
+                assert action.head is not None and action.label is not None
+                changed = await self._correct(
+                    session,
+                    message,
+                    prediction,
+                    action.head,
+                    action.label,
+                    user_id,
+                    CorrectionSource.REACTION,
+                    reaction.split("::", 1)[0],
+                )
+        if changed:
+            await self.refresh_reply(message.id)
+        return changed
+
+    async def on_label_selected(
+        self,
+        team_id: str,
+        user_id: str,
+        message_id: int,
+        head: str,
+        label: str,
+        reply_channel: str,
+        reply_ts: str,
+    ) -> bool:
+        """A label picked in the reply's menus."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if (
+                message is None
+                or message.team_id != team_id
+                or message.reply_ts != reply_ts
+                or message.reply_channel_id != reply_channel
+            ):
+                return False  # the button does not belong to this reply
+            prediction = await repo.latest_prediction(session, message.id)
+            if prediction is None:
+                return False
+            changed = await self._correct(
+                session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
+            )
+        if changed:
+            await self.refresh_reply(message_id, menus_open=True)
+        return changed
+
+    async def _correct(
+        self,
+        session: AsyncSession,
+        message: Message,
+        prediction: Prediction,
+        head: str,
+        label: str,
+        user_id: str,
+        source: CorrectionSource,
+        reaction: str | None,
+    ) -> bool:
+        heads = prediction.by_head()
+        if head not in heads or label not in heads[head].scores:
+            return False  # this model has no such head or label: nothing to learn from it
+        current = await repo.current_label(session, message.id, head) or heads[head].label
+        kind = (
+            CorrectionKind.CONFIRMATION
+            if label == heads[head].label and current == label
+            else CorrectionKind.CORRECTION
+        )
+        await repo.add_correction(
+            session,
+            message.id,
+            head,
+            label,
+            user_id=user_id,
+            source=source,
+            kind=kind,
+            old_label=current,
+            reaction=reaction,
+        )
+        return True
+
+    async def _confirm_all(
+        self, session: AsyncSession, message: Message, prediction: Prediction, user_id: str, reaction: str
+    ) -> bool:
+        labels = await repo.current_labels(session, message.id)
+        for head, p in prediction.by_head().items():
+            label = labels.get(head, p.label)
+            await repo.add_correction(
+                session,
+                message.id,
+                head,
+                label,
+                user_id=user_id,
+                source=CorrectionSource.REACTION,
+                kind=CorrectionKind.CONFIRMATION,
+                old_label=label,
+                reaction=reaction.split("::", 1)[0],
+            )
+        return True
+
+    async def refresh_reply(self, message_id: int, menus_open: bool = False) -> None:
+        """Rewrite the bot's reply to show the current labels and who set them."""
+        async with self.sessions() as session:
+            message = await session.get(Message, message_id)
+            prediction = await repo.latest_prediction(session, message_id)
+            if message is None or prediction is None or not message.reply_ts or not message.reply_channel_id:
+                return
+            human = await repo.latest_corrections(session, message_id)
+        views: dict[str, LabelView] = {}
+        labels: dict[str, list[str]] = {}
+        by_head = prediction.by_head()
+        for head in blocks.ordered_heads(list(by_head)):
+            p = by_head[head]
+            labels[head] = blocks.ordered_labels(head, list(p.scores))
+            c = human.get(head)
+            if c is None:
+                views[head] = LabelView(label=p.label, confidence=p.confidence)
+            else:
+                views[head] = LabelView(
+                    label=c.new_label,
+                    predicted=p.label,
+                    by=c.user_id,
+                    confirmed=c.kind == CorrectionKind.CONFIRMATION,
+                )
+        reply = blocks.reply_blocks(
+            message_id,
+            views,
+            prediction.model_version,
+            self.reactions,
+            labels,
+            self.settings.triage_unsure_below,
+            menus_open=menus_open,
+        )
+        await self._call(
+            "chat.update",
+            self.client.chat_update,
+            channel=message.reply_channel_id,
+            ts=message.reply_ts,
+            text=blocks.summary_text(views),
+            blocks=reply,
+        )

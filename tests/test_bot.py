@@ -1,0 +1,295 @@
+"""The bot end to end over real HTTP: a Slack stand-in sends signed requests and records the Web API calls."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.engine import URL
+
+from bot.main import RunningBot, start_bot
+from bot.settings import load_settings
+from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.models import AuditEntry, Correction, Message, MessageState, Prediction
+from classifier.registry import Registry
+from tests.slack_standin import SlackStandIn
+from tests.tiny_model import make_tiny_version
+
+CHANNEL = "C0TRIAGE"
+ESCALATION = "C0ESCAL8"
+CUSTOMER = "U0CUSTOMER"
+AGENT = "U0AGENT"
+ADMIN = "U0ADMIN"
+
+
+class Harness:
+    def __init__(self, slack: SlackStandIn, bot: RunningBot, database_url: URL):
+        self.slack = slack
+        self.bot = bot
+        self.engine = create_engine(database_url)
+        self.sessions = create_session_factory(self.engine)
+
+    async def count(self, model: Any, *where: Any) -> int:
+        async with self.sessions() as session:
+            return int(await session.scalar(select(func.count()).select_from(model).where(*where)) or 0)
+
+    async def rows(self, model: Any, *where: Any) -> list[Any]:
+        async with self.sessions() as session:
+            return list((await session.scalars(select(model).where(*where))).all())
+
+    async def eventually(self, check: Callable[[], Any], timeout: float = 8.0) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            result = await check()
+            if result or time.monotonic() > deadline:
+                return result
+            await asyncio.sleep(0.05)
+
+    async def post_customer_message(self, text: str, **kwargs: Any) -> tuple[dict[str, Any], Any]:
+        event = self.slack.message_event(CHANNEL, CUSTOMER, text, **kwargs)
+        response = await self.slack.send_event(event)
+        assert response.status == 200, response.text
+        return event, response
+
+    async def reply_to(self, ts: str) -> Any:
+        calls = await self.slack.wait_for(
+            "chat.postMessage", predicate=lambda c: c.args.get("thread_ts") == ts, timeout=8
+        )
+        return calls[0]
+
+
+@pytest.fixture
+async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) -> AsyncIterator[Any]:
+    await upgrade_database(database_url)
+    started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
+
+    async def make(with_model: bool = True, **settings: Any) -> Harness:
+        if with_model:
+            make_tiny_version(Registry(data_dir / "models"), tiny_bert)
+        slack = SlackStandIn()
+        await slack.start()
+        config = load_settings(
+            _env_file=None,
+            slack_bot_token=slack.bot_token,
+            slack_signing_secret=slack.signing_secret,
+            slack_api_url=slack.api_url,
+            database_url=str(database_url.render_as_string(hide_password=False)),
+            host="127.0.0.1",
+            port=0,
+            triage_channels=CHANNEL,
+            triage_admins=ADMIN,
+            triage_escalation_channel=ESCALATION,
+            triage_pending_interval_s=0.2,
+            triage_retry_base_s=0.2,
+            triage_retrain_cron="",
+            **settings,
+        )
+        bot = await start_bot(config)
+        slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"
+        harness = Harness(slack, bot, database_url)
+        started.append((slack, bot, harness))
+        return harness
+
+    yield make
+    for slack, bot, harness in started:
+        await bot.stop()
+        await harness.engine.dispose()
+        await slack.close()
+
+
+async def test_message_gets_threaded_reply_and_is_stored(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event, response = await h.post_customer_message("We were charged twice for invoice 4471, please refund")
+    assert response.elapsed < 1.0  # acknowledged at once; the work happens after
+    reply = await h.reply_to(event["ts"])
+    assert reply.args["channel"] == CHANNEL
+    text = str(reply.args["blocks"])
+    for head in ("Topic", "Urgency", "Sentiment"):
+        assert f"*{head}:*" in text
+    assert "%" in text and "Fix labels" in text
+    assert await h.eventually(lambda: h.count(Prediction)) == 1
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.CLASSIFIED and message.reply_ts == reply.response["ts"]
+    assert message.text == "We were charged twice for invoice 4471, please refund"
+
+
+async def test_retried_and_racing_deliveries_give_one_reply(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event = h.slack.message_event(CHANNEL, CUSTOMER, "The dashboard is down for our whole team")
+    envelope = h.slack.event_envelope(event)
+    first, second = await asyncio.gather(
+        h.slack.send_envelope(envelope), h.slack.send_envelope(envelope, retry_num=1)
+    )
+    third = await h.slack.send_envelope(envelope, retry_num=2, retry_reason="http_error")
+    assert {first.status, second.status, third.status} == {200}
+    await h.reply_to(event["ts"])
+    await asyncio.sleep(0.5)
+    replies = [c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]
+    assert len(replies) == 1
+    assert await h.count(Message) == 1 and await h.count(Prediction) == 1
+
+
+async def test_bad_signature_and_stale_timestamp_are_refused(harness_factory: Any) -> None:
+    h = await harness_factory()
+    forged = await h.slack.send_event(h.slack.message_event(CHANNEL, CUSTOMER, "hello"), bad_signature=True)
+    stale = await h.slack.send_event(
+        h.slack.message_event(CHANNEL, CUSTOMER, "hello again"), timestamp=int(time.time()) - 6 * 60
+    )
+    assert forged.status == 401 and stale.status == 401
+    await asyncio.sleep(0.3)
+    assert await h.count(Message) == 0 and not h.slack.calls_to("chat.postMessage")
+
+
+async def test_ignored_events_are_acknowledged(harness_factory: Any) -> None:
+    h = await harness_factory()
+    original, _ = await h.post_customer_message("first message")
+    await h.reply_to(original["ts"])
+    events = [
+        h.slack.message_changed_event(CHANNEL, original["ts"], "edited text"),
+        h.slack.message_deleted_event(CHANNEL, original["ts"]),
+        h.slack.channel_join_event(CHANNEL, "U0NEWBIE"),
+        h.slack.bot_message_event(CHANNEL, "an integration posting"),
+        h.slack.message_event(CHANNEL, CUSTOMER, "a reply in the thread", thread_ts=original["ts"]),
+        h.slack.message_event("C0ELSEWHERE", CUSTOMER, "not a triage channel"),
+        h.slack.member_joined_channel_event(CHANNEL, "U0NEWBIE"),
+        h.slack.message_event(CHANNEL, CUSTOMER, "   "),
+    ]
+    for event in events:
+        response = await h.slack.send_event(event)
+        assert response.status == 200, (event, response.status)
+    await asyncio.sleep(0.5)
+    assert len(h.slack.calls_to("chat.postMessage")) == 1
+    assert await h.count(Prediction) == 1
+
+
+async def test_reaction_corrects_and_removal_retracts(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event, _ = await h.post_customer_message("Export to CSV crashes the app every time")
+    reply = await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Prediction))
+    # on the original message
+    response = await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, event["ts"]))
+    assert response.status == 200
+    assert await h.eventually(lambda: h.count(Correction, Correction.head == "topic"))
+    [correction] = await h.rows(Correction)
+    assert (correction.new_label, correction.user_id, str(correction.source)) == ("bug", AGENT, "reaction")
+    update = await h.slack.wait_for("chat.update", timeout=5)
+    assert update[-1].args["ts"] == reply.response["ts"] and f"<@{AGENT}>" in str(update[-1].args["blocks"])
+    # on the bot's reply, by someone else: both kept, the later wins
+    await h.slack.send_event(h.slack.reaction_added_event(ADMIN, "rage", CHANNEL, reply.response["ts"]))
+    assert await h.eventually(lambda: h.count(Correction, Correction.head == "sentiment"))
+    # removing the reaction retracts it
+    await h.slack.send_event(h.slack.reaction_removed_event(AGENT, "bug", CHANNEL, event["ts"]))
+    assert await h.eventually(lambda: h.count(Correction, Correction.retracted_at.is_not(None)))
+    # an emoji that means nothing is ignored
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "tada", CHANNEL, event["ts"]))
+    await asyncio.sleep(0.3)
+    assert await h.count(Correction) == 2
+
+
+async def test_fix_labels_button_and_menu(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event, _ = await h.post_customer_message("How do I add a teammate to my workspace?")
+    reply = await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.reply_ts.is_not(None)))
+    fix = reply.args["blocks"][-1]["elements"][0]
+    assert fix["action_id"] == "triage_fix"
+    response = await h.slack.send_block_actions(
+        [
+            {
+                "type": "button",
+                "action_id": fix["action_id"],
+                "block_id": reply.args["blocks"][-1]["block_id"],
+                "value": fix["value"],
+                "text": fix["text"],
+            }
+        ],
+        user_id=AGENT,
+        channel_id=CHANNEL,
+        message_ts=reply.response["ts"],
+    )
+    assert response.status == 200
+    [opened] = await h.slack.wait_for("chat.update", timeout=5)
+    selects = [e for e in opened.args["blocks"][-1]["elements"] if e["type"] == "static_select"]
+    assert [s["action_id"] for s in selects] == [
+        "triage_set:topic",
+        "triage_set:urgency",
+        "triage_set:sentiment",
+    ]
+    option = next(o for o in selects[0]["options"] if o["value"] == "how_to")
+    await h.slack.send_block_actions(
+        [
+            {
+                "type": "static_select",
+                "action_id": "triage_set:topic",
+                "block_id": opened.args["blocks"][-1]["block_id"],
+                "selected_option": option,
+                "action_ts": str(time.time()),
+            }
+        ],
+        user_id=AGENT,
+        channel_id=CHANNEL,
+        message_ts=reply.response["ts"],
+    )
+    assert await h.eventually(lambda: h.count(Correction))
+    [correction] = await h.rows(Correction)
+    assert (correction.head, correction.new_label, str(correction.source)) == ("topic", "how_to", "button")
+
+
+async def test_classify_command_answers_privately(harness_factory: Any) -> None:
+    h = await harness_factory()
+    response = await h.slack.send_command(
+        "/classify", "Our API returns 503 for every request", user_id=AGENT, channel_id=CHANNEL
+    )
+    assert response.status == 200 and response.elapsed < 3.0
+    body = response.json()
+    assert body["response_type"] == "ephemeral" and "Topic" in str(body["blocks"])
+    usage = await h.slack.send_command("/classify", "", user_id=AGENT, channel_id=CHANNEL)
+    assert "Usage" in usage.json()["text"]
+
+
+async def test_admin_commands_are_refused_to_others_and_audited(harness_factory: Any) -> None:
+    h = await harness_factory()
+    response = await h.slack.send_command("/triage", "retrain", user_id=AGENT, channel_id=CHANNEL)
+    assert response.status == 200 and "admins only" in response.json()["text"]
+    [entry] = await h.rows(AuditEntry)
+    assert (entry.user_id, entry.action, entry.allowed) == (AGENT, "retrain", False)
+    status = await h.slack.send_command("/triage", "status", user_id=AGENT, channel_id=CHANNEL)
+    assert status.status == 200
+    [posted] = await h.slack.wait_for_response(timeout=5)
+    assert "v1" in str(posted.body)
+
+
+async def test_classifier_down_then_back_replies_later(
+    harness_factory: Any, tiny_bert: Path, data_dir: Path
+) -> None:
+    h = await harness_factory(with_model=False)
+    event, _ = await h.post_customer_message("Login fails with SSO since this morning")
+    assert await h.eventually(lambda: h.count(Message, Message.last_error.is_not(None)))
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.PENDING and not h.slack.calls_to("chat.postMessage")
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert)  # the classifier comes back
+    await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+
+
+async def test_rate_limited_post_is_retried(harness_factory: Any) -> None:
+    h = await harness_factory(triage_urgent_labels="low,medium,high,critical")
+    h.slack.fail_next("chat.postMessage", status=429, retry_after=1)
+    event, _ = await h.post_customer_message("Everything is broken, production is down!")
+    calls = await h.slack.wait_for(
+        "chat.postMessage", count=2, timeout=8, predicate=lambda c: c.args.get("thread_ts") == event["ts"]
+    )
+    assert [c.status for c in calls] == [429, 200]  # slack_sdk waited Retry-After and posted again
+    assert calls[1].time - calls[0].time >= 0.9
+    # every urgency counts as urgent here: the original gets a reaction and the escalation channel a post
+    await h.slack.wait_for("reactions.add", timeout=5)
+    [escalated] = await h.slack.wait_for(
+        "chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=5
+    )
+    assert "http" in escalated.args["text"]
