@@ -11,9 +11,9 @@ import asyncio
 import contextlib
 import logging
 import time
-from datetime import timedelta
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError

@@ -42,8 +42,8 @@ class Harness:
         async with self.sessions() as session:
             return list((await session.scalars(select(model).where(*where))).all())
 
-    async def eventually(self, check: Callable[[], Any], timeout: float = 8.0) -> Any:
-        deadline = time.monotonic() + timeout
+    async def eventually(self, check: Callable[[], Any], within_s: float = 8.0) -> Any:
+        deadline = time.monotonic() + within_s
         while True:
             result = await check()
             if result or time.monotonic() > deadline:
