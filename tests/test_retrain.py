@@ -1,0 +1,250 @@
+"""The feedback loop on a tiny model, on SQLite and PostgreSQL: promotion, rejection, locking, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.retrain import Gate, RunBusy, merge_feedback, run_lock, run_once
+from bot.storage import repository as repo
+from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.models import CorrectionSource, ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger
+from classifier.data import Example, read_jsonl, split_of
+from classifier.registry import Registry
+from classifier.schema import LabelSchema
+from classifier.train import TrainConfig, train
+from tests.model_fixtures import TOPIC_WORDS, learnable_rows
+
+SCHEMA = LabelSchema(heads={"topic": ["billing", "bug", "outage"]})
+
+
+def _examples(rows: list[dict[str, str]]) -> list[Example]:
+    return [
+        Example(text=r["text"], labels={"topic": r["topic"]}, source=f"base:{i}") for i, r in enumerate(rows)
+    ]
+
+
+@pytest.fixture
+async def db(database_url: URL) -> AsyncIterator[tuple[AsyncEngine, async_sessionmaker[AsyncSession]]]:
+    await upgrade_database(database_url)
+    engine = create_engine(database_url)
+    yield engine, create_session_factory(engine)
+    await engine.dispose()
+
+
+def _base_version(registry: Registry, tiny_bert: Path, steps: int | None, seed: int = 0) -> str:
+    """v1: trained on the base rows; ``steps`` small = a weak model that feedback can improve."""
+    config = TrainConfig(
+        base_model=str(tiny_bert),
+        epochs=4,
+        learning_rate=2e-3,
+        batch_size=16,
+        max_length=24,
+        max_steps=steps,
+        patience=0,
+        seed=seed,
+    )
+    return train(
+        _examples(learnable_rows(120, seed=seed)), SCHEMA, config, registry, progress=False
+    ).version.name
+
+
+async def _store_feedback(
+    sessions: async_sessionmaker[AsyncSession], rows: list[dict[str, str]], shuffle: bool = False
+) -> None:
+    rng = random.Random(1)
+    async with sessions.begin() as session:
+        for i, row in enumerate(rows):
+            message, _ = await repo.store_message(
+                session,
+                team_id="T1",
+                channel_id="C1",
+                ts=f"1700000000.{i:06d}",
+                user_id="U1",
+                text=row["text"],
+            )
+            await repo.add_prediction(
+                session, message.id, "v1", {"topic": repo.HeadPrediction("billing", 0.5, {})}
+            )
+            label = rng.choice(list(TOPIC_WORDS)) if shuffle else row["topic"]
+            await repo.add_correction(
+                session,
+                message.id,
+                "topic",
+                label,
+                user_id="U2",
+                source=CorrectionSource.REACTION,
+                old_label="billing",
+                reaction="bug",
+            )
+
+
+async def test_retrain_from_corrections_promotes_a_better_model(
+    tiny_bert: Path, data_dir: Path, db: Any
+) -> None:
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)  # barely trained
+    await _store_feedback(sessions, learnable_rows(300, seed=5))
+    events: list[dict[str, Any]] = []
+    outcome = await run_once(
+        sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=4, on_progress=events.append
+    )
+    assert outcome.status == TrainingStatus.PROMOTED, outcome.summary()
+    assert registry.active_name() == "v2" and registry.get("v1").status == "retired"
+    assert outcome.counts["feedback"] > 200 and outcome.counts["heldout_feedback"] > 0
+    assert outcome.deltas["topic"]["delta"] > 0
+    assert events[0]["event"] == "dataset" and events[-1]["event"] == "done"
+    assert any(e["event"] == "epoch" for e in events)
+    async with sessions() as session:
+        run = await repo.latest_training_run(session)
+        mirror = await repo.active_model_version(session)
+    assert run is not None and run.status == TrainingStatus.PROMOTED and run.candidate_version == "v2"
+    assert mirror is not None and mirror.name == "v2"
+    # the held-out feedback is exactly the feedback the stable split keeps out of training (train() uses
+    # the same split), so no run ever trains on it
+    recorded = Path(registry.get("v2").path) / "dataset.jsonl"
+    feedback = [e for e in read_jsonl(recorded) if e.source.startswith("slack:")]
+    assert sum(split_of(e.text) == "test" for e in feedback) == outcome.counts["heldout_feedback"]
+    assert outcome.confusion_png and outcome.confusion_png.endswith("confusion_topic.png")  # checked to exist
+
+
+async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, db: Any) -> None:
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=None)  # a good model
+    rows = [r for r in learnable_rows(400, seed=9) if split_of(r["text"]) != "test"]
+    await _store_feedback(sessions, rows, shuffle=True)  # agents who label at random
+    outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=3)
+    assert outcome.status == TrainingStatus.REJECTED, outcome.summary()
+    assert registry.active_name() == "v1"
+    assert registry.get("v2").status == "rejected" and registry.get("v2").reason
+    async with sessions() as session:
+        mirror = await repo.get_model_version(session, "v2")
+    assert mirror is not None and mirror.status == ModelStatus.REJECTED
+
+
+def test_gate_rules() -> None:
+    def report(f1: float, recall: float) -> dict[str, Any]:
+        return {"heads": {"topic": {"macro_f1": f1, "per_class": {"bug": {"recall": recall, "support": 20}}}}}
+
+    gate = Gate(tolerance=0.01, max_recall_drop=0.1)
+    assert gate.decide(report(0.80, 0.8), report(0.75, 0.8)) == (True, [])
+    ok, reasons = gate.decide(report(0.80, 0.6), report(0.75, 0.8))
+    assert not ok and "bug recall fell" in reasons[0]
+    ok, reasons = gate.decide(report(0.75, 0.8), report(0.75, 0.8))
+    assert not ok and "not better" in reasons[0]
+
+
+def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
+    base = [
+        Example("Refund please", {"topic": "billing"}, "a.csv:2"),
+        Example("stale feedback", {"topic": "bug"}, "slack:7"),
+    ]
+    feedback = [repo.TrainingExample(message_id=9, text="refund  please", labels={"topic": "bug"})]
+    merged = merge_feedback(base, feedback)
+    assert [(e.text, e.labels, e.source) for e in merged] == [("Refund please", {"topic": "bug"}, "slack:9")]
+
+
+async def test_one_run_at_a_time(tiny_bert: Path, data_dir: Path, db: Any) -> None:
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    await _store_feedback(sessions, learnable_rows(60, seed=5))
+    results = await asyncio.gather(
+        run_once(
+            sessions, engine, registry, trigger=TrainingTrigger.COMMAND, requested_by="U0ADMIN", epochs=1
+        ),
+        run_once(sessions, engine, registry, trigger=TrainingTrigger.SCHEDULE, epochs=1),
+        return_exceptions=True,
+    )
+    assert sum(isinstance(r, RunBusy) for r in results) == 1
+    async with sessions() as session:
+        runs = list((await session.scalars(select(TrainingRun))).all())
+    assert len(runs) == 1
+
+
+async def test_busy_answer_names_who_and_when(
+    tiny_bert: Path, data_dir: Path, db: Any, database_url: URL
+) -> None:
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    async with run_lock(engine):
+        async with sessions.begin() as session:
+            await repo.start_training_run(session, trigger=TrainingTrigger.COMMAND, requested_by="U0ADMIN")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "bot.retrain",
+            "--progress-json",
+            stdout=asyncio.subprocess.PIPE,
+            env={
+                **os.environ,
+                "DATABASE_URL": database_url.render_as_string(hide_password=False),
+                "TRIAGE_DATA_DIR": str(data_dir),
+            },
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
+    assert proc.returncode == 3
+    message = json.loads(out.decode().strip().splitlines()[-1])
+    assert message["event"] == "busy" and "already running, started by U0ADMIN at" in message["message"]
+
+
+async def test_killed_run_leaves_active_model_and_next_run_proceeds(
+    tiny_bert: Path, data_dir: Path, db: Any, database_url: URL
+) -> None:
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    await _store_feedback(sessions, learnable_rows(800, seed=5))  # enough work to be killed mid-training
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.retrain",
+        "--progress-json",
+        "--epochs",
+        "50",
+        stdout=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url.render_as_string(hide_password=False),
+            "TRIAGE_DATA_DIR": str(data_dir),
+        },
+    )
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
+    assert json.loads(line)["event"] == "dataset"
+    await asyncio.sleep(1.0)  # training now
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert registry.active_name() == "v1" and registry.names() == ["v1"]
+    await _store_feedback_more(sessions)
+    outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=1)
+    assert outcome.status in (TrainingStatus.PROMOTED, TrainingStatus.REJECTED)
+    assert not list(registry.root.glob(".staging-*"))  # the killed run's leftovers are gone
+    async with sessions() as session:
+        runs = list((await session.scalars(select(TrainingRun).order_by(TrainingRun.id))).all())
+    assert runs[0].status == TrainingStatus.FAILED and "abandoned" in (runs[0].error or "")
+
+
+async def _store_feedback_more(sessions: async_sessionmaker[AsyncSession]) -> None:
+    async with sessions.begin() as session:
+        message, _ = await repo.store_message(
+            session, team_id="T1", channel_id="C9", ts="1.1", user_id="U1", text="refund invoice again please"
+        )
+        await repo.add_correction(
+            session, message.id, "topic", "billing", user_id="U2", source=CorrectionSource.BUTTON
+        )
