@@ -320,23 +320,27 @@ def _train_and_judge_sync(
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
-    splits = split_examples(examples)
-    heldout = splits["test"]
-    counts = {
-        "train": len(examples) - len(heldout),
-        "feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in examples if e not in heldout),
-        "heldout": len(heldout),
-        "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
-    }
-    emit({"event": "dataset", **counts, "incumbent": active.name})
-    if not heldout:
-        raise ValueError("no held-out rows to judge a candidate on")
     config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{**config_raw, "split": tuple(config_raw.get("split", (0.8, 0.1, 0.1)))})
     config.init_from = active.name
     config.max_steps = None
     if epochs:
         config.epochs = epochs
+    # the same split train() applies: its test share is what both models are judged on
+    splits = split_examples(examples, config.split, config.split_salt)
+    heldout = splits["test"]
+    learn = splits["train"] + splits["validation"]
+    counts = {
+        "train": len(learn),
+        "feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in learn),
+        "heldout": len(heldout),
+        "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
+    }
+    emit({"event": "dataset", **counts, "incumbent": active.name})
+    if not heldout:
+        raise ValueError(
+            "no held-out rows to judge a candidate on (the active model was trained without a test split)"
+        )
     schema = LabelSchema.from_dict(active.schema)
 
     def progress(p: dict[str, Any]) -> None:
