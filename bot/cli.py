@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from bot.storage.cli import register as register_storage_commands
+from bot.up import up_command
 from classifier.cli import data_app
 from classifier.cli import register as register_classifier_commands
 
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 register_classifier_commands(app)
 register_storage_commands(app, data_app=data_app)
+app.command("up")(up_command)
 
 
 def _logging(verbose: bool) -> None:

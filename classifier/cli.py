@@ -229,7 +229,10 @@ def models_activate(version: Annotated[str, typer.Argument(help="Version name, e
 
 
 def register(app: typer.Typer) -> None:
+    from classifier.server import serve_command
+
     app.command("train")(train_command)
+    app.command("serve")(serve_command)
     app.command("evaluate")(evaluate_command)
     app.add_typer(data_app, name="data")
     app.add_typer(models_app, name="models")
