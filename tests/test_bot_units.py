@@ -1,0 +1,107 @@
+"""Bot pieces without Slack: settings validation, the reaction map, Block Kit, the manifest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks
+from bot.reactions import DEFAULT_REACTIONS, ReactionMap
+from bot.settings import SettingsError, load_settings
+from classifier.schema import DEFAULT_HEADS
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = {"_env_file": None, "slack_bot_token": "xoxb-1-2", "slack_signing_secret": "s3cret"}
+
+
+def test_settings_report_each_problem_on_its_own_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("SLACK_BOT_TOKEN", "SLACK_SIGNING_SECRET", "SLACK_APP_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SettingsError) as err:
+        load_settings(
+            _env_file=None,
+            slack_bot_token="xoxp-user-token",
+            triage_channels="C0OK,general",
+            port=70000,
+            triage_routes="outage",
+        )
+    lines = str(err.value).splitlines()
+    assert sorted(lines) == [
+        "PORT: Input should be less than or equal to 65535",
+        "SLACK_BOT_TOKEN: must be a bot token starting with xoxb-",
+        "TRIAGE_CHANNELS: not Slack channel ids: general (expected ids like C0123ABCD)",
+        "TRIAGE_ROUTES: route 'outage' must look like topic=C0123ABCD",
+    ]
+    assert "xoxp-user-token" not in str(err.value)  # secrets never echoed
+    with pytest.raises(SettingsError, match="SLACK_SIGNING_SECRET is required in HTTP mode"):
+        load_settings(_env_file=None, slack_bot_token="xoxb-1")
+
+
+def test_settings_parse_lists_routes_and_socket_mode() -> None:
+    s = load_settings(
+        **BASE,
+        triage_channels="C0A, C0B",
+        triage_admins="U0X",
+        triage_routes="outage=C0OPS",
+        slack_app_token="xapp-1",
+        slack_api_url="http://127.0.0.1:9/api",
+    )
+    assert s.triage_channels == ["C0A", "C0B"] and s.is_admin("U0X") and not s.is_admin("U0Y")
+    assert s.routes == {"outage": "C0OPS"} and s.socket_mode and s.slack_api_url.endswith("/api/")
+    assert s.watches("C0A") and not s.watches("C0Z")
+    assert "xoxb-1-2" not in repr(s)
+
+
+def test_default_reaction_map_covers_every_default_label() -> None:
+    reactions = ReactionMap(DEFAULT_REACTIONS)
+    for head, labels in DEFAULT_HEADS.items():
+        for label in labels:
+            assert reactions.emoji_for(head, label), (head, label)
+    assert reactions.get("white_check_mark").confirms  # type: ignore[union-attr]
+    assert reactions.get("bug::skin-tone-2") == reactions.get("bug")
+    with pytest.raises(ValueError, match="must be 'head=label' or 'confirm'"):
+        ReactionMap({"tada": "party"})
+
+
+def test_reply_blocks_mark_unsure_and_corrections() -> None:
+    views = {
+        "topic": LabelView("bug", confidence=0.93),
+        "urgency": LabelView("high", confidence=0.41),
+        "sentiment": LabelView("negative", predicted="neutral", by="U0AGENT"),
+    }
+    blocks = reply_blocks(7, views, "v3", ReactionMap(DEFAULT_REACTIONS), {}, unsure_below=0.5)
+    text = blocks[0]["text"]["text"]
+    assert "*Topic:* bug  `93%`" in text and "high  `41%`  :grey_question: _unsure_" in text
+    assert "~neutral~ → *negative*  _corrected by <@U0AGENT>_" in text
+    assert blocks[-1]["elements"][0]["value"] == "7"
+
+
+def test_display_order_is_the_products_not_the_databases() -> None:
+    assert ordered_heads(["sentiment", "extra", "topic", "urgency"]) == [
+        "topic",
+        "urgency",
+        "sentiment",
+        "extra",
+    ]
+    assert ordered_labels("urgency", ["critical", "high", "low", "medium"]) == [
+        "low",
+        "medium",
+        "high",
+        "critical",
+    ]
+
+
+def test_manifest_matches_what_the_bot_handles() -> None:
+    manifest = yaml.safe_load((ROOT / "manifest.yaml").read_text())
+    assert {c["command"] for c in manifest["features"]["slash_commands"]} == {"/classify", "/triage"}
+    assert set(manifest["settings"]["event_subscriptions"]["bot_events"]) == {
+        "message.channels",
+        "message.groups",
+        "reaction_added",
+        "reaction_removed",
+    }
+    assert manifest["settings"]["interactivity"]["is_enabled"]
+    scopes = set(manifest["oauth_config"]["scopes"]["bot"])
+    assert {"chat:write", "reactions:read", "reactions:write", "commands", "channels:history"} <= scopes
