@@ -35,14 +35,9 @@ def _logging(verbose: bool) -> None:
 def bot_command(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     """Run the Slack bot (HTTP on $PORT, or Socket Mode when SLACK_APP_TOKEN is set)."""
     from bot.main import StartupError, run_bot
-    from bot.settings import SettingsError, load_settings
+    from bot.settings import settings_or_exit
 
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        for line in str(exc).splitlines():
-            typer.echo(f"error: {line}", err=True)
-        raise typer.Exit(2) from None
+    settings = settings_or_exit()
     _logging(verbose)
     try:
         asyncio.run(run_bot(settings))

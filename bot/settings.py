@@ -7,6 +7,7 @@ A missing or malformed setting stops start-up with one line per problem, naming 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -181,3 +182,13 @@ def load_settings(**overrides: Any) -> BotSettings:
                 message = "is required but not set"
             lines.append(f"{name}: {message}" if name != "configuration" else message)
         raise SettingsError("\n".join(lines)) from None
+
+
+def settings_or_exit() -> BotSettings:
+    """For command-line entry points: the settings, or each problem on stderr and exit status 2."""
+    try:
+        return load_settings()
+    except SettingsError as exc:
+        for line in str(exc).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -71,7 +71,7 @@ def classifier_token() -> str:
 
 async def run_up(host: str, port: int) -> None:
     from bot.main import start_bot
-    from bot.settings import SettingsError, load_settings
+    from bot.settings import settings_or_exit
     from classifier.server import load_settings as load_server_settings
     from classifier.server import serve
 
@@ -80,12 +80,7 @@ async def run_up(host: str, port: int) -> None:
     stop = asyncio.Event()
     bot = None
     if os.environ.get("SLACK_BOT_TOKEN"):
-        try:
-            settings = load_settings()
-        except SettingsError as exc:
-            for line in str(exc).splitlines():
-                typer.echo(f"error: {line}", err=True)
-            raise typer.Exit(2) from None
+        settings = settings_or_exit()
         bot = await start_bot(settings)
         typer.echo(
             f"Slack bot running ({'Socket Mode' if settings.socket_mode else f'HTTP port {bot.port}'})"
