@@ -27,7 +27,7 @@ from bot.settings import BotSettings
 from bot.storage import repository as repo
 from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
 from classifier.client import Classifier
-from classifier.results import ClassifierError, ClassifierUnavailable
+from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -126,8 +126,14 @@ class Triage:
             return
         started = time.perf_counter()
         try:
-            result = await self.classifier.classify([message.text])
-        except (ClassifierUnavailable, ClassifierError, OSError) as exc:
+            # very long messages are classified on their beginning (the model cuts at its max length
+            # anyway) and stored whole
+            result = await self.classifier.classify([message.text[:MAX_CHARS]])
+        except InvalidInput as exc:  # retrying cannot help
+            async with self.sessions.begin() as session:
+                await repo.mark_skipped(session, message.id, reason=f"not classifiable: {exc}")
+            return
+        except (ClassifierError, OSError) as exc:  # unavailable, overloaded, unreachable: later
             await self._retry_later(message, f"classifier: {exc}")
             return
         latency_ms = (time.perf_counter() - started) * 1000

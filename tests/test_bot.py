@@ -293,3 +293,16 @@ async def test_rate_limited_post_is_retried(harness_factory: Any) -> None:
         "chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=5
     )
     assert "http" in escalated.args["text"]
+
+
+async def test_very_long_message_is_classified_on_its_beginning_and_stored_whole(
+    harness_factory: Any,
+) -> None:
+    h = await harness_factory()
+    text = "Our invoice export keeps failing. " * 1200  # ~40k characters, Slack's own limit
+    event, _ = await h.post_customer_message(text)
+    reply = await h.reply_to(event["ts"])
+    assert "classified on its beginning" in str(reply.args["blocks"])
+    assert await h.eventually(lambda: h.count(Prediction))
+    [message] = await h.rows(Message)
+    assert message.text == text
