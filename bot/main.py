@@ -16,12 +16,14 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.app import build_app, http_app, make_web_client
 from bot.commands import Commands
 from bot.reactions import ReactionMap
-from bot.retrain import Gate, Retrainer
+from bot.retrain import Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
 from bot.storage.database import check_schema, create_engine, create_session_factory
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
+from classifier.paths import registry_dir
+from classifier.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,10 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         await engine.dispose()
         raise StartupError(str(exc)) from exc
     sessions = create_session_factory(engine)
+    registry = Registry(registry_dir())
+    if registry.names():  # the registry is shared with the classifier (same data directory or volume)
+        async with sessions.begin() as session:
+            await mirror_versions(session, registry)
     client = make_web_client(settings)
     try:
         auth = await client.auth_test()

@@ -255,7 +255,7 @@ async def run_once(
             log.exception("retraining run %s failed", run.id)
             outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         async with sessions.begin() as session:
-            await _mirror(session, registry, outcome)
+            await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
             await repo.finish_training_run(
                 session,
                 run.id,
@@ -286,20 +286,16 @@ async def run_once(
         return outcome
 
 
-async def _mirror(session: AsyncSession, registry: Registry, outcome: RunOutcome) -> None:
-    """Keep the database's model-version table in step with the registry."""
-    for name in filter(None, (outcome.incumbent, outcome.candidate)):
-        info = registry.get(name)
-        status = (
-            ModelStatus(info.status)
-            if info.status in {s.value for s in ModelStatus}
-            else ModelStatus.CANDIDATE
-        )
+async def mirror_versions(session: AsyncSession, registry: Registry, names: list[str] | None = None) -> None:
+    """Keep the database's model-version table in step with the registry (all versions, or ``names``)."""
+    infos = [registry.get(n) for n in names] if names is not None else registry.list()
+    # the active one last: activating retires the previous one in the database too
+    for info in sorted(infos, key=lambda i: i.status == "active"):
         await repo.upsert_model_version(
             session,
-            name,
+            info.name,
             path=info.path,
-            status=status,
+            status=ModelStatus(info.status),
             base_model=info.base_model,
             metrics=info.metrics,
             reason=info.reason or None,

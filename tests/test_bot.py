@@ -15,7 +15,15 @@ from sqlalchemy.engine import URL
 from bot.main import RunningBot, start_bot
 from bot.settings import load_settings
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
-from bot.storage.models import AuditEntry, Correction, Message, MessageState, Prediction
+from bot.storage.models import (
+    AuditEntry,
+    Correction,
+    Message,
+    MessageState,
+    ModelStatus,
+    ModelVersion,
+    Prediction,
+)
 from classifier.registry import Registry
 from tests.slack_standin import SlackStandIn
 from tests.tiny_model import make_tiny_version
@@ -116,6 +124,8 @@ async def test_message_gets_threaded_reply_and_is_stored(harness_factory: Any) -
     [message] = await h.rows(Message)
     assert message.state == MessageState.CLASSIFIED and message.reply_ts == reply.response["ts"]
     assert message.text == "We were charged twice for invoice 4471, please refund"
+    [version] = await h.rows(ModelVersion)  # the registry is mirrored into the database at start-up
+    assert (version.name, version.status) == ("v1", ModelStatus.ACTIVE)
 
 
 async def test_retried_and_racing_deliveries_give_one_reply(harness_factory: Any) -> None:
