@@ -1,0 +1,298 @@
+"""The bot's way to classify: one interface, two implementations chosen by configuration.
+
+- ``LocalClassifier``: the embedded default; an in-process Engine (no HTTP), started on first use.
+- ``HttpClassifier``: a ``triage serve`` server elsewhere (e.g. on a GPU), with timeouts and retries.
+
+Both validate input the same way and raise the same errors::
+
+    classifier = make_classifier(settings.classifier_url, settings.classifier_token)
+    try:
+        result = await classifier.classify([message.text])
+    except ClassifierUnavailable:
+        ...  # keep the message as pending; classify it later
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import aiohttp
+
+from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
+from classifier.model import ModelLoadError
+from classifier.paths import registry_dir
+from classifier.registry import Registry, RegistryError, VersionInfo
+from classifier.results import (
+    ClassifierError,
+    ClassifierUnavailable,
+    ClassifyResult,
+    InvalidInput,
+    ModelSummary,
+    check_texts,
+)
+
+__all__ = [
+    "Classifier",
+    "ClassifierError",
+    "ClassifierUnavailable",
+    "ClassifyResult",
+    "HttpClassifier",
+    "InvalidInput",
+    "LocalClassifier",
+    "ModelSummary",
+    "RetryPolicy",
+    "make_classifier",
+]
+
+log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Classifier(Protocol):
+    """What the bot needs from a classifier, in-process or remote."""
+
+    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+        """1..256 texts (each up to 20,000 characters) -> results in input order, from one model version.
+
+        Raises InvalidInput (do not retry), ClassifierUnavailable (keep pending, retry later),
+        ClassifierError (misconfiguration, e.g. a rejected token).
+        """
+        ...
+
+    async def models(self) -> list[ModelSummary]:
+        """All registry versions; ``serving`` marks the one answering now."""
+        ...
+
+    async def activate(self, name: str) -> str:
+        """Make ``name`` the active version (the classifier switches without a restart); returns it."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Exponential backoff with jitter; a server's Retry-After is honoured up to ``max_backoff_s``."""
+
+    attempts: int = 4
+    backoff_s: float = 0.2
+    max_backoff_s: float = 5.0
+
+    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
+        base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
+        delay = base * (0.5 + random.random() / 2)  # jitter: clients that failed together retry apart
+        if retry_after_s:
+            delay = max(delay, min(retry_after_s, self.max_backoff_s))
+        return delay
+
+
+def _summary(info: VersionInfo, serving: str | None) -> ModelSummary:
+    return ModelSummary(
+        name=info.name,
+        status=info.status,
+        created=info.created,
+        base_model=info.base_model,
+        parent=info.parent,
+        reason=info.reason,
+        metrics=info.metrics,
+        schema=info.schema,
+        serving=info.name == serving,
+    )
+
+
+class LocalClassifier:
+    """An in-process Engine behind the Classifier interface; the engine starts on the first call.
+
+    Until a model exists (nothing trained yet) calls raise ClassifierUnavailable, and each later call
+    tries again, so the bot can start before the first training.
+    """
+
+    def __init__(
+        self,
+        engine: Engine | None = None,
+        *,
+        registry: Registry | None = None,
+        config: EngineConfig | None = None,
+        retry: RetryPolicy | None = None,
+    ):
+        self.engine = engine or Engine(registry or Registry(registry_dir()), config)
+        self.retry = retry or RetryPolicy()
+        self._start_lock = asyncio.Lock()
+        self._started = False
+
+    async def _ready(self) -> Engine:
+        if not self._started:
+            async with self._start_lock:
+                if not self._started:
+                    try:
+                        await self.engine.start()
+                    except (RegistryError, ModelLoadError) as exc:
+                        raise ClassifierUnavailable(f"no model to classify with: {exc}") from exc
+                    self._started = True
+        return self.engine
+
+    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+        texts = check_texts(texts)
+        engine = await self._ready()
+        last: ClassifierUnavailable | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt - 1, last.retry_after_s if last else None))
+            try:
+                return await engine.classify(texts)
+            except EngineOverloaded as exc:
+                last = exc
+            except EngineNotReady:
+                raise  # shutting down: waiting will not help
+            except EngineError as exc:
+                raise ClassifierUnavailable(str(exc)) from exc
+        assert last is not None
+        raise ClassifierUnavailable(
+            f"classifier overloaded after {self.retry.attempts} attempts: {last}",
+            retry_after_s=last.retry_after_s,
+        )
+
+    async def models(self) -> list[ModelSummary]:
+        registry = self.engine.registry
+        versions = await asyncio.to_thread(registry.list)
+        return [_summary(v, self.engine.version) for v in versions]
+
+    async def activate(self, name: str) -> str:
+        """Load and switch first, then record it in the registry (a broken version is refused)."""
+        engine = await self._ready()
+        try:
+            await engine.swap_to(name)
+            await asyncio.to_thread(engine.registry.activate, name, "activated via the classifier client")
+        except (RegistryError, ModelLoadError) as exc:
+            raise ClassifierError(str(exc)) from exc
+        return name
+
+    async def close(self) -> None:
+        await self.engine.close()
+
+
+class HttpClassifier:
+    """A ``triage serve`` server. Retries 502/503/504, timeouts and connection errors with backoff, then
+    raises ClassifierUnavailable. ``admin_token`` is needed for ``models()`` and ``activate()``."""
+
+    def __init__(
+        self,
+        url: str,
+        token: str | None,
+        *,
+        admin_token: str | None = None,
+        timeout_s: float = 10.0,
+        retry: RetryPolicy | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ):
+        self.url = url.rstrip("/")
+        self._token = token
+        self._admin_token = admin_token
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.retry = retry or RetryPolicy()
+        self._session = session
+        self._owns_session = session is None
+
+    def __repr__(self) -> str:  # never show the tokens
+        return f"HttpClassifier({self.url!r})"
+
+    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+        texts = check_texts(texts)  # fail fast, without a round trip
+        body = await self._request("POST", "/v1/classify", self._token, {"texts": texts})
+        return ClassifyResult.from_dict(body)
+
+    async def models(self) -> list[ModelSummary]:
+        body = await self._request("GET", "/v1/models", self._admin_token or self._token)
+        return [ModelSummary.from_dict(v) for v in body["versions"]]
+
+    async def activate(self, name: str) -> str:
+        body = await self._request("POST", f"/v1/models/{name}/activate", self._admin_token or self._token)
+        return str(body["active"])
+
+    async def close(self) -> None:
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+        self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self.timeout)
+            self._owns_session = True
+        return self._session
+
+    async def _request(
+        self, method: str, path: str, token: str | None, payload: Any = None
+    ) -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        last = "no attempt made"
+        retry_after: float | None = None
+        for attempt in range(self.retry.attempts):
+            if attempt:
+                await asyncio.sleep(self.retry.delay(attempt - 1, retry_after))
+            retry_after = None
+            try:
+                async with self._get_session().request(
+                    method, self.url + path, json=payload, headers=headers, timeout=self.timeout
+                ) as response:
+                    if response.status in (502, 503, 504):  # overloaded, loading, or a proxy in between
+                        retry_after = _retry_after(response.headers.get("Retry-After"))
+                        last = f"HTTP {response.status}: {await _error_text(response)}"
+                        continue
+                    if response.status >= 400:
+                        raise _http_error(response.status, await _error_text(response), path)
+                    return await response.json()
+            except (aiohttp.ClientError, TimeoutError) as exc:  # connection refused/reset, timeout
+                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        raise ClassifierUnavailable(
+            f"classifier at {self.url} unavailable after {self.retry.attempts} attempts ({last})",
+            retry_after_s=retry_after,
+        )
+
+
+def _retry_after(value: str | None) -> float | None:
+    with contextlib.suppress(TypeError, ValueError):
+        return max(0.0, float(value))  # type: ignore[arg-type]
+    return None
+
+
+async def _error_text(response: aiohttp.ClientResponse) -> str:
+    try:
+        body = await response.json(content_type=None)
+        if isinstance(body, dict) and "error" in body:
+            return str(body["error"])
+    except (ValueError, aiohttp.ClientError):
+        pass
+    return response.reason or ""
+
+
+def _http_error(status: int, message: str, path: str) -> ClassifierError:
+    if status in (400, 413, 422):
+        return InvalidInput(message)
+    if status in (401, 403):
+        return ClassifierError(f"the classifier refused the token for {path} (HTTP {status}): {message}")
+    if status >= 500:  # a server-side failure that retrying now will not fix; keep the message pending
+        return ClassifierUnavailable(f"classifier error (HTTP {status}): {message}")
+    return ClassifierError(f"HTTP {status} from {path}: {message}")
+
+
+def make_classifier(
+    url: str | None,
+    token: str | None,
+    *,
+    admin_token: str | None = None,
+    registry: Registry | None = None,
+    engine_config: EngineConfig | None = None,
+    timeout_s: float = 10.0,
+    retry: RetryPolicy | None = None,
+) -> Classifier:
+    """HttpClassifier when ``url`` is set, else the embedded LocalClassifier on ``registry``
+    (default ``$TRIAGE_DATA_DIR/models``)."""
+    if url:
+        return HttpClassifier(url, token, admin_token=admin_token, timeout_s=timeout_s, retry=retry)
+    return LocalClassifier(registry=registry, config=engine_config, retry=retry)

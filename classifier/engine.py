@@ -1,0 +1,539 @@
+"""Inference engine: serves one registry version, batching concurrent requests in its own worker thread.
+
+How a call flows::
+
+    classify(texts)  (event loop)  ──▶  bounded queue of texts  ──▶  worker thread:
+        wait up to max_wait_ms for company, take a pool of queued texts, tokenize, sort by length,
+        forward pass per micro-batch of at most max_batch_tokens  ──▶  future resolved on the loop
+
+Sorting a pool of several batches' worth puts texts of similar length together, so padding stays small;
+each forward pass stays small enough to be cache-friendly on a CPU.
+
+The event loop only appends to the queue and awaits a future; tokenization and forward passes never run
+on it. A call is bound to the model version that is current when it is queued, so a hot swap never mixes
+versions inside one call: calls queued before the switch finish on the old model, later ones use the new.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from prometheus_client import Counter, Histogram
+from transformers import PreTrainedTokenizerBase
+
+from classifier.model import MultiHeadClassifier, to_predictions
+from classifier.registry import Registry, RegistryError, VersionInfo
+from classifier.results import (
+    MAX_TEXTS,
+    ClassifierUnavailable,
+    ClassifyResult,
+    TextResult,
+    check_texts,
+)
+from classifier.schema import LabelSchema
+
+log = logging.getLogger(__name__)
+
+# Process-wide metrics (registry=None: each server app registers them in its own CollectorRegistry).
+BATCH_TEXTS = Histogram(
+    "triage_classifier_batch_texts",
+    "Texts per forward pass",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+    registry=None,
+)
+BATCH_TOKENS = Histogram(
+    "triage_classifier_batch_tokens",
+    "Padded tokens per forward pass",
+    buckets=(32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768),
+    registry=None,
+)
+FORWARD_SECONDS = Histogram(
+    "triage_classifier_forward_seconds",
+    "Duration of one forward pass (tokenization excluded)",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=None,
+)
+SWAPS = Counter("triage_classifier_model_swaps_total", "Model version switches", ["result"], registry=None)
+ENGINE_METRICS = (BATCH_TEXTS, BATCH_TOKENS, FORWARD_SECONDS, SWAPS)
+
+POOL_BATCHES = 8  # the worker takes up to this many batches' worth of queued texts, to sort them by length
+
+
+class EngineOverloaded(ClassifierUnavailable):
+    """The queue is full; try again after ``retry_after_s``."""
+
+
+class EngineNotReady(ClassifierUnavailable):
+    """No model loaded yet, or the engine is shutting down."""
+
+
+class EngineError(RuntimeError):
+    """A forward pass failed (a bug or an out-of-memory); the calls in that batch get this error."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. ``poll_interval_s``: how often to check the registry's ACTIVE pointer
+    (``None`` or 0: never follow it)."""
+
+    device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    cpu_threads: int | None = None  # torch intra-op threads (process-wide); None: torch's default
+    compile: bool = False  # torch.compile the model at load time (warm-up compiles it)
+    # bf16 autocast. None: on for CUDA (as evaluation runs there), off on the CPU, where it pays only with
+    # AVX512-BF16/AMX and moves probabilities by ~1e-3 from the float32 evaluation.
+    bf16: bool | None = None
+    max_batch_tokens: int | None = None  # padded tokens per forward pass; None: 2048 on CPU, 16384 on CUDA
+    max_wait_ms: float = 5.0  # how long the first queued text waits for company
+    queue_size: int = 2048  # texts waiting (not yet in a forward pass) before callers get EngineOverloaded
+    poll_interval_s: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        if self.queue_size < MAX_TEXTS:
+            raise ValueError(f"queue_size must be at least {MAX_TEXTS} (one full request)")
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 16:
+            raise ValueError("max_batch_tokens must be at least 16")
+        if self.max_wait_ms < 0:
+            raise ValueError("max_wait_ms must be >= 0")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError("cpu_threads must be at least 1")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+@dataclass
+class LoadedModel:
+    """One version ready to serve. ``runner`` is the model or its torch.compile wrapper."""
+
+    info: VersionInfo
+    model: MultiHeadClassifier
+    runner: Callable[..., dict[str, torch.Tensor]]
+    tokenizer: PreTrainedTokenizerBase
+    max_length: int
+    device: torch.device
+    pad_id: int
+    bf16: bool
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def schema(self) -> LabelSchema:
+        return self.model.schema
+
+
+@dataclass(eq=False)
+class _Call:
+    """One classify() call: filled in by the worker, resolved on the caller's loop."""
+
+    loaded: LoadedModel
+    texts: list[str]
+    future: asyncio.Future[ClassifyResult]
+    loop: asyncio.AbstractEventLoop
+    results: list[TextResult | None] = field(default_factory=list)
+    remaining: int = 0
+    abandoned: bool = False  # caller gone (cancelled) or the call already failed: skip its texts
+
+
+@dataclass(eq=False)
+class _Item:
+    call: _Call
+    index: int
+    est_tokens: int
+    enqueued: float
+
+
+@dataclass
+class EngineStats:
+    """Counters for tests and the benchmark (Prometheus has the same, process-wide)."""
+
+    batches: int = 0
+    texts: int = 0
+    max_batch_texts: int = 0
+    max_padded_tokens: int = 0
+    tokens: int = 0  # real tokens run
+    padded_tokens: int = 0  # tokens including padding: tokens / padded_tokens is the padding efficiency
+
+
+class Engine:
+    """Serve a registry version with micro-batching; ``start()`` it, then ``await classify(texts)``.
+
+    ``version``: serve that version instead of the active one; a pinned engine does not follow ACTIVE
+    (``swap_to`` still works).
+    """
+
+    def __init__(self, registry: Registry, config: EngineConfig | None = None, version: str | None = None):
+        self.registry = registry
+        self.config = config or EngineConfig()
+        self.device = resolve_device(self.config.device)
+        # Measured with MiniLM on a 2-core CPU: 1-2k-token batches beat larger ones (they stay in
+        # cache); a GPU wants large batches.
+        self.max_batch_tokens = self.config.max_batch_tokens or (
+            16384 if self.device.type == "cuda" else 2048
+        )
+        # What one more forward pass costs, in padding tokens: cutting a batch where lengths jump pays
+        # when it saves more padding than this (more on a GPU, where a pass has a larger fixed cost).
+        self.batch_cost = self.max_batch_tokens // 32
+        self.stats = EngineStats()
+        self._pinned = version
+        self._current: LoadedModel | None = None
+        self._queue: deque[_Item] = deque()
+        self._queued_tokens = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread: threading.Thread | None = None
+        self._swap_lock: asyncio.Lock | None = None
+        self._poller: asyncio.Task[None] | None = None
+        self._seen_active: str | None = None
+        self._throughput = 0.0  # texts/s, moving average: sizes the Retry-After hint
+
+    # ---- lifecycle ---------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Load the pinned or active version (off the loop), start the worker and the ACTIVE poller."""
+        if self._thread is not None:
+            return
+        if self.config.cpu_threads:
+            torch.set_num_threads(self.config.cpu_threads)
+        self._swap_lock = asyncio.Lock()
+        active = await asyncio.to_thread(self.registry.active_name)
+        self._seen_active = active
+        name = self._pinned or active
+        if name is None:
+            raise RegistryError(f"no active model in {self.registry.root}: train one with `triage train`")
+        await self.swap_to(name)
+        self._thread = threading.Thread(target=self._work, name="triage-engine", daemon=True)
+        self._thread.start()
+        if self.config.poll_interval_s and self._pinned is None:
+            self._poller = asyncio.create_task(self._follow_active(self.config.poll_interval_s))
+
+    async def close(self) -> None:
+        """Stop taking calls, finish every queued one, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+    async def __aenter__(self) -> Engine:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # ---- state -------------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._current is not None and not self._closing
+
+    @property
+    def version(self) -> str | None:
+        current = self._current
+        return current.name if current else None
+
+    @property
+    def current(self) -> LoadedModel | None:
+        return self._current
+
+    @property
+    def queue_depth(self) -> int:
+        """Texts waiting for a forward pass."""
+        return len(self._queue)
+
+    # ---- classify ----------------------------------------------------------------------------------
+    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+        """Classify 1..256 texts with one model version; results in input order.
+
+        Raises InvalidInput, EngineOverloaded (queue full), EngineNotReady, EngineError.
+        """
+        texts = check_texts(texts)
+        loaded = self._current  # binds the call to one version (a swap later does not affect it)
+        if loaded is None or self._closing or self._thread is None:
+            raise EngineNotReady("the classifier is not ready" if not self._closing else "shutting down")
+        loop = asyncio.get_running_loop()
+        call = _Call(loaded, texts, loop.create_future(), loop, [None] * len(texts), len(texts))
+        now = time.monotonic()
+        # A cheap token estimate (~4 characters per token) sizes batches before the worker tokenizes.
+        items = [_Item(call, i, min(loaded.max_length, len(t) // 4 + 3), now) for i, t in enumerate(texts)]
+        with self._cond:  # held by the worker only for queue operations, never during compute
+            if self._closing:  # checked again under the lock: the worker may be about to exit
+                raise EngineNotReady("shutting down")
+            if len(self._queue) + len(items) > self.config.queue_size:
+                raise EngineOverloaded(
+                    f"classifier queue full ({len(self._queue)} texts waiting)",
+                    retry_after_s=self._retry_after(),
+                )
+            self._queue.extend(items)
+            self._queued_tokens += sum(it.est_tokens for it in items)
+            self._cond.notify()
+        try:
+            return await call.future
+        except asyncio.CancelledError:
+            call.abandoned = True  # the worker skips texts it has not started yet
+            raise
+
+    def _retry_after(self) -> float:
+        if self._throughput <= 0:
+            return 1.0
+        return float(min(30, max(1, math.ceil(len(self._queue) / self._throughput))))
+
+    # ---- versions ----------------------------------------------------------------------------------
+    async def swap_to(self, name: str) -> VersionInfo:
+        """Load ``name`` beside the current version (off the loop), warm it up, then switch atomically.
+
+        Raises RegistryError (unknown version) or ModelLoadError; on error the current version keeps serving.
+        """
+        if self._swap_lock is None:
+            self._swap_lock = asyncio.Lock()
+        async with self._swap_lock:  # one load at a time: two models in memory at most, not three
+            current = self._current
+            if current is not None and current.name == name:
+                return current.info
+            try:
+                loaded = await asyncio.to_thread(self._load, name)
+            except Exception:
+                SWAPS.labels(result="failed").inc()
+                raise
+            self._current = loaded  # one reference assignment: the switch is atomic
+            SWAPS.labels(result="ok").inc()
+            log.info("serving model %s%s", name, f" (was {current.name})" if current else "")
+            return loaded.info
+
+    async def _follow_active(self, interval_s: float) -> None:
+        """Switch when the registry's ACTIVE pointer changes (another process activated or promoted)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                active = await asyncio.to_thread(self.registry.active_name)
+            except OSError as exc:
+                log.warning("cannot read the registry's ACTIVE pointer: %s", exc)
+                continue
+            # Only a change of the pointer counts: an explicit swap_to() is not undone, and a version
+            # that fails to load is not retried every few seconds.
+            if active == self._seen_active:
+                continue
+            self._seen_active = active
+            if active is None or active == self.version:
+                continue
+            try:
+                await self.swap_to(active)
+            except Exception as exc:
+                log.error(
+                    "ACTIVE points to %s but it cannot be served (%s); still serving %s",
+                    active,
+                    exc,
+                    self.version,
+                )
+
+    def _load(self, name: str) -> LoadedModel:
+        """Runs in a loader thread while the worker keeps serving the old version."""
+        info = self.registry.get(name)
+        model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
+        model.to(self.device)
+        runner: Callable[..., dict[str, torch.Tensor]] = model
+        if self.config.compile:
+            # dynamic=True: one graph for all batch shapes instead of a recompile per shape.
+            runner = torch.compile(model, dynamic=True)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        bf16 = self.config.bf16 if self.config.bf16 is not None else self.device.type == "cuda"
+        loaded = LoadedModel(info, model, runner, tokenizer, max_length, self.device, int(pad_id), bf16)
+        try:
+            self._warm_up(loaded)
+        except Exception as exc:
+            if not self.config.compile:
+                raise
+            log.warning("torch.compile failed for %s (%s); serving it without compilation", name, exc)
+            loaded.runner = model
+            self._warm_up(loaded)
+        return loaded
+
+    def _warm_up(self, loaded: LoadedModel) -> None:
+        """Run two shapes before the switch, so compilation and lazy CUDA set-up don't hit a request."""
+        for texts in (["warm up"], ["warm up the model with a longer message " * 4] * 3):
+            ids, _ = _tokenize(loaded.tokenizer, texts, loaded.max_length)
+            _forward(loaded, ids)
+
+    # ---- worker ------------------------------------------------------------------------------------
+    def _work(self) -> None:
+        while (items := self._take()) is not None:
+            started = time.monotonic()
+            self._process(items)
+            elapsed = time.monotonic() - started
+            if elapsed > 0:
+                rate = len(items) / elapsed
+                self._throughput = rate if self._throughput == 0 else 0.8 * self._throughput + 0.2 * rate
+        log.debug("engine worker stopped")
+
+    def _take(self) -> list[_Item] | None:
+        """Block until texts are queued, give them max_wait_ms to gather, and take a pool of up to
+        POOL_BATCHES batches' worth (estimated). Returns None when closing and the queue is drained.
+        """
+        max_tokens = self.max_batch_tokens
+        pool_tokens = max_tokens * POOL_BATCHES
+        with self._cond:
+            while not self._queue:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            # Texts that already waited (e.g. during the previous forward pass) are taken at once.
+            deadline = self._queue[0].enqueued + self.config.max_wait_ms / 1000
+            while self._queued_tokens < max_tokens and not self._closing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            loaded = self._queue[0].call.loaded
+            taken: list[_Item] = []
+            tokens = 0
+            # FIFO, and only texts bound to the same version (calls queued before a swap come first).
+            while self._queue and self._queue[0].call.loaded is loaded:
+                if taken and tokens + self._queue[0].est_tokens > pool_tokens:
+                    break
+                item = self._queue.popleft()
+                tokens += item.est_tokens
+                taken.append(item)
+            self._queued_tokens -= tokens
+            return taken
+
+    def _process(self, items: list[_Item]) -> None:
+        items = [it for it in items if not it.call.abandoned]
+        if not items:
+            return
+        loaded = items[0].call.loaded
+        try:
+            ids, truncated = _tokenize(
+                loaded.tokenizer, [it.call.texts[it.index] for it in items], loaded.max_length
+            )
+            batches = _micro_batches([len(x) for x in ids], self.max_batch_tokens, self.batch_cost)
+            # Oldest text first, so a long text sorted into the last batch does not wait longest.
+            batches.sort(key=lambda batch: min(items[i].enqueued for i in batch))
+            for batch in batches:
+                rows = [ids[i] for i in batch]
+                started = time.monotonic()
+                probs = _forward(loaded, rows)
+                FORWARD_SECONDS.observe(time.monotonic() - started)
+                padded = len(rows) * max(len(r) for r in rows)
+                BATCH_TEXTS.observe(len(rows))
+                BATCH_TOKENS.observe(padded)
+                self.stats.batches += 1
+                self.stats.texts += len(rows)
+                self.stats.max_batch_texts = max(self.stats.max_batch_texts, len(rows))
+                self.stats.max_padded_tokens = max(self.stats.max_padded_tokens, padded)
+                self.stats.tokens += sum(len(r) for r in rows)
+                self.stats.padded_tokens += padded
+                for row, i in enumerate(batch):
+                    item = items[i]
+                    item.call.results[item.index] = TextResult(
+                        heads=to_predictions(loaded.schema, probs, row), truncated=truncated[i]
+                    )
+                    item.call.remaining -= 1
+                    if item.call.remaining == 0:
+                        _settle(item.call, ClassifyResult(loaded.name, list(item.call.results)))  # type: ignore[arg-type]
+        except Exception as exc:  # fail these calls, keep the worker alive for the next batch
+            log.exception("inference failed for a batch of %d texts", len(items))
+            error = EngineError(f"inference failed: {exc}")
+            for item in items:
+                if not item.call.abandoned and item.call.remaining > 0:
+                    item.call.abandoned = True
+                    _settle(item.call, error)
+
+
+def _settle(call: _Call, outcome: ClassifyResult | BaseException) -> None:
+    """Hand a result or error to the caller's loop (futures are not thread-safe)."""
+
+    def settle() -> None:
+        if call.future.done():  # cancelled meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            call.future.set_exception(outcome)
+        else:
+            call.future.set_result(outcome)
+
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        call.loop.call_soon_threadsafe(settle)
+
+
+def _tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Input ids per text (cut at ``max_length``) and whether each was cut.
+
+    One pass without truncation gives the true lengths; only the (rare) long texts are tokenized again
+    with truncation, so the result equals ``tokenizer(..., truncation=True, max_length=...)``.
+    """
+    ids: list[list[int]] = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    long = [i for i, row in enumerate(ids) if len(row) > max_length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+        for i, row in zip(long, cut, strict=True):
+            ids[i] = row
+    truncated = [False] * len(texts)
+    for i in long:
+        truncated[i] = True
+    return ids, truncated
+
+
+def _micro_batches(lengths: list[int], max_tokens: int, batch_cost: int = 0) -> list[list[int]]:
+    """Split texts (by token length) into forward passes of at most ``max_tokens`` padded tokens.
+
+    Texts are sorted by length and cut where the padding saved outweighs the fixed cost of one more
+    forward pass (``batch_cost``, in tokens): an optimal partition of the sorted list by dynamic
+    programming, cost = sum over batches of (batch_cost + rows x longest row). A single text longer than
+    ``max_tokens`` gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n = len(sizes)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sizes[j - 1]  # sorted: the last text of a batch is its longest
+        rows = max(1, max_tokens // max(longest, 1))  # the most texts a batch ending here may hold
+        for i in range(j - 1, max(-1, j - 1 - rows), -1):
+            cost = best[i] + batch_cost + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches: list[list[int]] = []
+    j = n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
+
+
+def _forward(loaded: LoadedModel, rows: list[list[int]]) -> dict[str, np.ndarray]:
+    """Class probabilities per head for already tokenized rows (right-padded here)."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), loaded.pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    device = loaded.device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=loaded.bf16):
+        logits = loaded.runner(
+            input_ids=torch.from_numpy(ids).to(device), attention_mask=torch.from_numpy(mask).to(device)
+        )
+        return {head: torch.softmax(value.float(), dim=-1).cpu().numpy() for head, value in logits.items()}

@@ -1,0 +1,137 @@
+"""What a classification returns, the input limits, and the errors: shared by engine, server and client.
+
+The engine (in-process) and the HTTP client return the same types and raise the same errors, so the bot
+does not care which one it talks to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from classifier.model import HeadPrediction
+
+MAX_TEXTS = 256  # texts per classify call
+MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)
+
+
+class ClassifierError(Exception):
+    """A classification that cannot be done; see the subclasses."""
+
+
+class InvalidInput(ClassifierError, ValueError):
+    """The texts break the limits (empty list, too many, too long, not strings). Retrying will not help."""
+
+
+class ClassifierUnavailable(ClassifierError):
+    """The classifier cannot answer now (overloaded, not loaded, unreachable); the bot keeps the message
+    as pending and classifies it later."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(frozen=True)
+class TextResult:
+    """All heads' predictions for one text; ``truncated``: the text was cut at the model's max length."""
+
+    heads: dict[str, HeadPrediction]
+    truncated: bool = False
+
+
+@dataclass(frozen=True)
+class ClassifyResult:
+    """Results in input order, all produced by one model version."""
+
+    model_version: str
+    results: list[TextResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The HTTP response body: heads per result, and a parallel ``truncated`` list."""
+        return {
+            "model_version": self.model_version,
+            "results": [{head: p.to_dict() for head, p in r.heads.items()} for r in self.results],
+            "truncated": [r.truncated for r in self.results],
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ClassifyResult:
+        results = raw["results"]
+        truncated = raw.get("truncated") or [False] * len(results)
+        return cls(
+            model_version=str(raw["model_version"]),
+            results=[
+                TextResult(
+                    heads={
+                        head: HeadPrediction(
+                            label=str(p["label"]),
+                            confidence=float(p["confidence"]),
+                            scores={str(k): float(v) for k, v in p["scores"].items()},
+                        )
+                        for head, p in r.items()
+                    },
+                    truncated=bool(t),
+                )
+                for r, t in zip(results, truncated, strict=True)
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    """One registry version as the API lists it; ``serving``: this classifier answers with it now."""
+
+    name: str
+    status: str
+    created: str = ""
+    base_model: str = ""
+    parent: str | None = None
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    schema: dict[str, Any] = field(default_factory=dict)
+    serving: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "created": self.created,
+            "base_model": self.base_model,
+            "parent": self.parent,
+            "reason": self.reason,
+            "metrics": self.metrics,
+            "schema": self.schema,
+            "serving": self.serving,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelSummary:
+        return cls(
+            name=str(raw["name"]),
+            status=str(raw.get("status", "")),
+            created=str(raw.get("created", "")),
+            base_model=str(raw.get("base_model", "")),
+            parent=raw.get("parent"),
+            reason=str(raw.get("reason", "")),
+            metrics=dict(raw.get("metrics") or {}),
+            schema=dict(raw.get("schema") or {}),
+            serving=bool(raw.get("serving", False)),
+        )
+
+
+def check_texts(texts: Any) -> list[str]:
+    """Validate a classify input (the same rules in-process and over HTTP); returns it as a list."""
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise InvalidInput("'texts' must be a list of strings")
+    if not texts:
+        raise InvalidInput("'texts' is empty: send 1 to 256 texts")
+    if len(texts) > MAX_TEXTS:
+        raise InvalidInput(f"'texts' has {len(texts)} items: send at most {MAX_TEXTS} per request")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise InvalidInput(f"texts[{i}] is {type(text).__name__}, not a string")
+        if len(text) > MAX_CHARS:
+            raise InvalidInput(f"texts[{i}] has {len(text)} characters: the limit is {MAX_CHARS}")
+    return list(texts)
