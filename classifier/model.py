@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach a model hub at run time
@@ -142,16 +142,6 @@ class MultiHeadClassifier(nn.Module):
                         j = old_labels.index(label)
                         layer.weight[i].copy_(old.weight[j])
                         layer.bias[i].copy_(old.bias[j])
-
-
-@dataclass
-class HeadPrediction:
-    label: str
-    confidence: float
-    scores: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "confidence": self.confidence, "scores": self.scores}
 
 
 def autocast_context(device: torch.device) -> Any:

@@ -10,10 +10,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from classifier.model import HeadPrediction
-
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)
+
+
+@dataclass(frozen=True)
+class HeadPrediction:
+    """One head's answer for one text: the label, its probability, and the probability of every label."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"label": self.label, "confidence": self.confidence, "scores": self.scores}
 
 
 class ClassifierError(Exception):

@@ -23,6 +23,7 @@ from bot.storage.database import create_engine, create_session_factory, upgrade_
 from bot.storage.models import CorrectionSource, ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger
 from classifier.data import Example, read_jsonl, split_of
 from classifier.registry import Registry
+from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
 from classifier.train import TrainConfig, train
 from tests.model_fixtures import TOPIC_WORDS, learnable_rows
@@ -76,7 +77,7 @@ async def _store_feedback(
                 text=row["text"],
             )
             await repo.add_prediction(
-                session, message.id, "v1", {"topic": repo.HeadPrediction("billing", 0.5, {})}
+                session, message.id, "v1", {"topic": HeadPrediction("billing", 0.5, {})}
             )
             label = rng.choice(list(TOPIC_WORDS)) if shuffle else row["topic"]
             await repo.add_correction(

@@ -32,6 +32,7 @@ from bot.storage.models import (
     TrainingStatus,
     TrainingTrigger,
 )
+from classifier.results import HeadPrediction
 
 Factory = async_sessionmaker[AsyncSession]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -250,13 +251,13 @@ async def test_predictions_from_several_model_versions(session_factory: Factory)
     message = await store(session_factory, "2.1")
     # Head names are data: any schema works without a migration.
     heads_v1 = {
-        "language": repo.HeadPrediction("de", 0.7, {"de": 0.7, "en": 0.3}),
-        "product": repo.HeadPrediction("mobile", 0.55, {"mobile": 0.55, "web": 0.45}),
+        "language": HeadPrediction("de", 0.7, {"de": 0.7, "en": 0.3}),
+        "product": HeadPrediction("mobile", 0.55, {"mobile": 0.55, "web": 0.45}),
     }
     async with session_factory.begin() as session:
         await repo.add_prediction(session, message.id, "v1", heads_v1, latency_ms=12.5, now=at(1))
         await repo.add_prediction(
-            session, message.id, "v2", {"language": repo.HeadPrediction("en", 0.9, {"en": 0.9})}, now=at(2)
+            session, message.id, "v2", {"language": HeadPrediction("en", 0.9, {"en": 0.9})}, now=at(2)
         )
     async with session_factory() as session:
         latest = await repo.latest_prediction(session, message.id)
@@ -571,7 +572,7 @@ async def test_stats_since(session_factory: Factory) -> None:
     old = await store(session_factory, "7.1", received=T0 - timedelta(days=2))
     new = await store(session_factory, "7.2", received=T0)
     async with session_factory.begin() as session:
-        head = {"topic": repo.HeadPrediction("bug", 0.9)}
+        head = {"topic": HeadPrediction("bug", 0.9, {"bug": 0.9})}
         await repo.add_prediction(session, old.id, "v1", head, now=T0 - timedelta(days=2))
         await repo.add_prediction(session, new.id, "v1", head, now=at(1))
         await repo.mark_classified(session, new.id)

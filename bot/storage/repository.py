@@ -11,7 +11,7 @@ Times are timezone-aware UTC; each function takes ``now`` for tests and defaults
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
@@ -37,6 +37,7 @@ from bot.storage.models import (
     TrainingTrigger,
     utcnow,
 )
+from classifier.results import HeadPrediction
 
 # How long a claimed message belongs to its worker before another may take it (a crash must not lose it).
 DEFAULT_LEASE = timedelta(minutes=2)
@@ -46,15 +47,6 @@ MAX_ATTEMPTS = 10
 
 
 # --- value types ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HeadPrediction:
-    """One head's output: the chosen label, its probability, and the probability of every label."""
-
-    label: str
-    confidence: float
-    scores: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
