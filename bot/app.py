@@ -64,7 +64,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         if settings.slack_signing_secret
         else None,
         request_verification_enabled=not settings.socket_mode,
-        process_before_response=False,
+        # listeners store what must not be lost before Slack gets its 200; slow work goes to later()
+        process_before_response=True,
         logger=logging.getLogger("bot.bolt"),
     )
     background: set[asyncio.Task[Any]] = set()
@@ -100,7 +101,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             thread_ts=event.get("thread_ts"),
             event_id=body.get("event_id"),
         )
-        later(triage.on_message(incoming), f"triage of {channel}/{incoming.ts}")
+        await triage.on_message(incoming)  # stored before the 200; classified by the work queue
 
     async def on_reaction(
         body: dict[str, Any], event: dict[str, Any], context: dict[str, Any], added: bool
@@ -108,18 +109,17 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         item = event.get("item") or {}
         if item.get("type") != "message" or event.get("user") == context.get("bot_user_id"):
             return
-        later(
-            triage.on_reaction(
-                team_id=body.get("team_id", ""),
-                user_id=event.get("user", ""),
-                reaction=event.get("reaction", ""),
-                channel_id=item.get("channel", ""),
-                ts=item.get("ts", ""),
-                event_id=body.get("event_id"),
-                added=added,
-            ),
-            "reaction",
+        refresh = await triage.on_reaction(
+            team_id=body.get("team_id", ""),
+            user_id=event.get("user", ""),
+            reaction=event.get("reaction", ""),
+            channel_id=item.get("channel", ""),
+            ts=item.get("ts", ""),
+            event_id=body.get("event_id"),
+            added=added,
         )
+        if refresh is not None:
+            later(triage.refresh_reply(refresh), "reply update after a reaction")
 
     @app.event("reaction_added")
     async def on_reaction_added(body: dict[str, Any], event: dict[str, Any], context: dict[str, Any]) -> None:
@@ -171,18 +171,17 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         message_id = _int(str(action.get("block_id", "")).removeprefix("fix:"))
         if not head or not label or message_id is None:
             return
-        later(
-            triage.on_label_selected(
-                team_id=(body.get("team") or {}).get("id", ""),
-                user_id=(body.get("user") or {}).get("id", ""),
-                message_id=message_id,
-                head=head,
-                label=label,
-                reply_channel=container.get("channel_id", ""),
-                reply_ts=container.get("message_ts", ""),
-            ),
-            "label menu",
+        refresh = await triage.on_label_selected(
+            team_id=(body.get("team") or {}).get("id", ""),
+            user_id=(body.get("user") or {}).get("id", ""),
+            message_id=message_id,
+            head=head,
+            label=label,
+            reply_channel=container.get("channel_id", ""),
+            reply_ts=container.get("message_ts", ""),
         )
+        if refresh is not None:
+            later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:

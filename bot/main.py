@@ -56,7 +56,8 @@ class RunningBot:
 
 async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None) -> RunningBot:
     """Start serving (HTTP or Socket Mode) and the background work; returns at once."""
-    engine = create_engine(settings.database_url)
+    # room for the workers and the listeners at once; beyond it a request waits, never loses a message
+    engine = create_engine(settings.database_url, pool_size=20, max_overflow=20, pool_timeout=30)
     cleanup: list[Any] = [engine.dispose]
     try:
         await check_schema(engine)
@@ -106,7 +107,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     app = build_app(settings, triage, commands, client)
 
     stop = asyncio.Event()
-    worker = asyncio.ensure_future(triage.pending_worker(stop))
+    worker = asyncio.ensure_future(triage.run(stop))
     cleanup.append(lambda: asyncio.wait_for(worker, timeout=10))
     scheduler = build_scheduler(settings, sessions, retrainer)
     scheduler.start()

@@ -52,6 +52,8 @@ class BotSettings(BaseSettings):
     triage_reactions_file: Path | None = None  # YAML emoji map replacing the default
     triage_pending_interval_s: float = Field(5.0, gt=0)  # how often the retry worker looks for pending work
     triage_retry_base_s: float = Field(30.0, gt=0)  # first retry delay of an unclassified message; doubles
+    triage_workers: int = Field(32, ge=1, le=1024)  # messages classified and answered at once
+    triage_queue_size: int = Field(512, ge=1)  # messages waiting in memory; more wait in the database
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
     triage_retrain_min_corrections: int = Field(20, ge=1)  # new labels needed before a scheduled run trains
     triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting

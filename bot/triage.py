@@ -11,13 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
@@ -79,14 +80,24 @@ class Triage:
         self.client = client
         self.reactions = reactions
         self.pacer = pacer or ChannelPacer()
+        # bounded: under overload messages wait in the database, not in memory
+        self.workers = settings.triage_workers
+        self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
 
     # ---- new messages ------------------------------------------------------------------------------
-    async def on_message(self, incoming: IncomingMessage) -> None:
-        """Store once (retries and racing replicas stop here), then classify and reply."""
+    async def on_message(self, incoming: IncomingMessage) -> bool:
+        """Store once, before Slack gets its acknowledgement; returns whether it was queued to classify.
+
+        Retries and racing replicas stop at the event id or the (team, channel, ts) key. A failure here
+        propagates, so Slack gets an error and delivers the event again: an acknowledged message is
+        always stored. Classification happens later in the bounded work queue.
+        """
         empty = not incoming.text.strip()
+        # when the queue is full the message is stored as due at once: the sweep queues it when there is room
+        lease = timedelta(0) if self.queue.full() else repo.DEFAULT_LEASE
         async with self.sessions.begin() as session:
             if incoming.event_id and not await repo.record_event(session, incoming.event_id):
-                return
+                return False
             message, created = await repo.store_message(
                 session,
                 team_id=incoming.team_id,
@@ -96,29 +107,48 @@ class Triage:
                 text=incoming.text,
                 thread_ts=incoming.thread_ts,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
+                lease=lease,
             )
-        if created and not empty:
-            await self.classify_and_reply(message)
+        if not created or empty or lease == timedelta(0):
+            return False
+        self.queue.put_nowait(message)
+        return True
 
-    async def run_pending(self, limit: int = 64) -> int:
-        """Classify messages that are due for a retry; returns how many were claimed.
+    async def run(self, stop: asyncio.Event) -> None:
+        """The background work: ``workers`` classify queued messages, one sweep feeds due pending ones."""
+        workers = [asyncio.ensure_future(self._worker()) for _ in range(self.workers)]
+        try:
+            await self._sweep(stop)
+        finally:  # messages still queued or in flight stay pending in the database: nothing is lost
+            for worker in workers:
+                worker.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
 
-        They go to the classifier together, so the engine batches them instead of one forward pass each.
-        """
+    async def _worker(self) -> None:
+        while True:
+            message = await self.queue.get()
+            try:
+                await self.classify_and_reply(message)
+            except Exception:  # stays pending: its lease expires and the sweep queues it again
+                log.exception("classifying message %s failed", message.id)
+            finally:
+                self.queue.task_done()
+
+    async def run_pending(self) -> int:
+        """Queue pending messages that are due (classifier was down, or a worker died); returns how many."""
+        room = self.queue.maxsize - self.queue.qsize()
+        if room <= 0:
+            return 0
         async with self.sessions.begin() as session:
-            claimed = await repo.claim_due_messages(session, limit=limit)
-        results = await asyncio.gather(*(self.classify_and_reply(m) for m in claimed), return_exceptions=True)
-        for message, result in zip(claimed, results, strict=True):
-            if isinstance(result, Exception):  # stays pending: its lease expires and it is claimed again
-                log.error("retrying message %s failed: %r", message.id, result)
+            claimed = await repo.claim_due_messages(session, limit=room)
+        for message in claimed:
+            self.queue.put_nowait(message)
         return len(claimed)
 
-    async def pending_worker(self, stop: asyncio.Event) -> None:
-        """Background loop: retry pending messages until ``stop`` is set."""
+    async def _sweep(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
-                while await self.run_pending():
-                    pass
+                await self.run_pending()
             except Exception:  # a database hiccup must not end the loop
                 log.exception("pending-message sweep failed")
             with contextlib.suppress(TimeoutError):
@@ -154,26 +184,57 @@ class Triage:
             self.settings.triage_unsure_below,
             truncated=text_result.truncated,
         )
-        try:
-            await self.pacer.wait(message.channel_id)
-            posted = await self.client.chat_postMessage(
-                channel=message.channel_id,
-                thread_ts=message.ts,
-                text=blocks.summary_text(views),
+        text = blocks.summary_text(views)
+        if message.reply_ts and message.reply_channel_id:
+            # an earlier attempt replied but could not record the rest: update that reply, never post twice
+            await self._call(
+                "chat.update",
+                self.client.chat_update,
+                channel=message.reply_channel_id,
+                ts=message.reply_ts,
+                text=text,
                 blocks=reply,
-                unfurl_links=False,
-                unfurl_media=False,
             )
-        except SlackApiError as exc:
-            await self._retry_later(message, f"chat.postMessage: {exc.response.get('error')}")
-            return
-        async with self.sessions.begin() as session:
+        else:
+            try:
+                await self.pacer.wait(message.channel_id)
+                posted = await self.client.chat_postMessage(
+                    channel=message.channel_id,
+                    thread_ts=message.ts,
+                    text=text,
+                    blocks=reply,
+                    unfurl_links=False,
+                    unfurl_media=False,
+                )
+            except SlackApiError as exc:
+                await self._retry_later(message, f"chat.postMessage: {exc.response.get('error')}")
+                return
+            channel, ts = str(posted["channel"]), str(posted["ts"])
+            # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
+            await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
+
+        async def record(session: AsyncSession) -> None:
             await repo.add_prediction(
                 session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
             )
-            await repo.set_reply(session, message.id, channel_id=str(posted["channel"]), ts=str(posted["ts"]))
             await repo.mark_classified(session, message.id)
+
+        await self._in_transaction(record)
         await self._route(message, views)
+
+    async def _in_transaction(
+        self, work: Callable[[AsyncSession], Awaitable[Any]], attempts: int = 5
+    ) -> None:
+        """Bookkeeping after a reply went out: retried, since giving up would mean answering twice later."""
+        for attempt in range(attempts):
+            try:
+                async with self.sessions.begin() as session:
+                    await work(session)
+                return
+            except (SQLAlchemyError, TimeoutError):
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.2 * 2**attempt)
 
     async def _retry_later(self, message: Message, error: str) -> None:
         log.warning("message %s in %s not answered yet: %s", message.ts, message.channel_id, error)
@@ -253,20 +314,23 @@ class Triage:
         ts: str,
         event_id: str | None,
         added: bool,
-    ) -> bool:
-        """A reaction on a triaged message or its reply; returns whether it changed a label."""
+    ) -> int | None:
+        """Store what a reaction on a triaged message or its reply means.
+
+        Returns the id of the message whose reply should be refreshed (``refresh_reply``), or ``None``.
+        """
         action = self.reactions.get(reaction)
         if action is None or user_id == self.bot_user_id:
-            return False
+            return None
         async with self.sessions.begin() as session:
             if event_id and not await repo.record_event(session, event_id):
-                return False
+                return None
             message = await self.find_message(session, team_id, channel_id, ts)
             if message is None:
-                return False
+                return None
             prediction = await repo.latest_prediction(session, message.id)
             if prediction is None:
-                return False
+                return None
             if not added:
                 changed = (
                     await repo.retract_correction(
@@ -288,9 +352,7 @@ class Triage:
                     CorrectionSource.REACTION,
                     reaction.split("::", 1)[0],
                 )
-        if changed:
-            await self.refresh_reply(message.id)
-        return changed
+        return message.id if changed else None
 
     async def on_label_selected(
         self,
@@ -301,8 +363,8 @@ class Triage:
         label: str,
         reply_channel: str,
         reply_ts: str,
-    ) -> bool:
-        """A label picked in the reply's menus."""
+    ) -> int | None:
+        """Store a label picked in the reply's menus; returns the message id to refresh, or ``None``."""
         async with self.sessions.begin() as session:
             message = await session.get(Message, message_id)
             if (
@@ -311,16 +373,14 @@ class Triage:
                 or message.reply_ts != reply_ts
                 or message.reply_channel_id != reply_channel
             ):
-                return False  # the button does not belong to this reply
+                return None  # the button does not belong to this reply
             prediction = await repo.latest_prediction(session, message.id)
             if prediction is None:
-                return False
+                return None
             changed = await self._correct(
                 session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
             )
-        if changed:
-            await self.refresh_reply(message_id, menus_open=True)
-        return changed
+        return message_id if changed else None
 
     async def _correct(
         self,

@@ -316,3 +316,26 @@ async def test_very_long_message_is_classified_on_its_beginning_and_stored_whole
     assert await h.eventually(lambda: h.count(Prediction))
     [message] = await h.rows(Message)
     assert message.text == text
+
+
+async def test_message_is_stored_before_the_acknowledgement(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event = h.slack.message_event(CHANNEL, CUSTOMER, "Is there a way to export all invoices at once?")
+    response = await h.slack.send_event(event)
+    assert response.status == 200
+    assert await h.count(Message) == 1  # no waiting: a 200 means it is in the database
+
+
+async def test_a_retry_after_a_reply_updates_it_instead_of_answering_twice(harness_factory: Any) -> None:
+    h = await harness_factory()
+    event, _ = await h.post_customer_message("Two-factor codes never arrive by SMS")
+    reply = await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    [message] = await h.rows(Message)  # as if the bookkeeping after the reply had failed: still pending
+    await h.bot.triage.classify_and_reply(message)
+    [update] = await h.slack.wait_for("chat.update", timeout=5)
+    assert update.args["ts"] == reply.response["ts"]
+    assert (
+        len([c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]) == 1
+    )
+    assert await h.count(Prediction) == 2
