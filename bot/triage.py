@@ -93,8 +93,6 @@ class Triage:
         always stored. Classification happens later in the bounded work queue.
         """
         empty = not incoming.text.strip()
-        # when the queue is full the message is stored as due at once: the sweep queues it when there is room
-        lease = timedelta(0) if self.queue.full() else repo.DEFAULT_LEASE
         async with self.sessions.begin() as session:
             if incoming.event_id and not await repo.record_event(session, incoming.event_id):
                 return False
@@ -107,11 +105,15 @@ class Triage:
                 text=incoming.text,
                 thread_ts=incoming.thread_ts,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
-                lease=lease,
             )
-        if not created or empty or lease == timedelta(0):
+        if not created or empty:
             return False
-        self.queue.put_nowait(message)
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
+            async with self.sessions.begin() as session:
+                await repo.release_message(session, message.id)
+            return False
         return True
 
     async def run(self, stop: asyncio.Event) -> None:

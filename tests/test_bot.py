@@ -339,3 +339,17 @@ async def test_a_retry_after_a_reply_updates_it_instead_of_answering_twice(harne
         len([c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]) == 1
     )
     assert await h.count(Prediction) == 2
+
+
+async def test_overload_waits_in_the_database_and_every_message_is_answered(harness_factory: Any) -> None:
+    h = await harness_factory(triage_workers=1, triage_queue_size=1)
+    events = [
+        h.slack.message_event(CHANNEL, CUSTOMER, f"Problem number {i} with the invoices page")
+        for i in range(6)
+    ]
+    responses = await asyncio.gather(*(h.slack.send_event(e) for e in events))
+    assert [r.status for r in responses] == [200] * 6
+    assert await h.count(Message) == 6
+    await h.slack.wait_for("chat.postMessage", count=6, timeout=20)
+    replied = {c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")}
+    assert replied == {e["ts"] for e in events}

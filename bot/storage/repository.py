@@ -254,6 +254,15 @@ async def claim_due_messages(
     return sorted(claimed, key=lambda m: m.id)
 
 
+async def release_message(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> None:
+    """Give up a pending message's lease: the next ``claim_due_messages`` may take it at once."""
+    await session.execute(
+        update(Message)
+        .where(Message.id == message_id, Message.state == MessageState.PENDING)
+        .values(next_attempt_at=now or utcnow())
+    )
+
+
 async def mark_classified(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> None:
     result = await session.execute(
         update(Message)
