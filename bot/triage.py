@@ -144,7 +144,7 @@ class Triage:
         async with self.sessions.begin() as session:
             claimed = await repo.claim_due_messages(session, limit=room)
         for message in claimed:
-            self.queue.put_nowait(message)
+            await self.queue.put(message)  # new messages may have taken the room meanwhile: wait for it
         return len(claimed)
 
     async def _sweep(self, stop: asyncio.Event) -> None:
