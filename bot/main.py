@@ -19,7 +19,7 @@ from bot.reactions import ReactionMap
 from bot.retrain import Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
-from bot.storage.database import check_schema, create_engine, create_session_factory
+from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
 from classifier.paths import registry_dir
@@ -56,8 +56,13 @@ class RunningBot:
 
 async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None) -> RunningBot:
     """Start serving (HTTP or Socket Mode) and the background work; returns at once."""
-    # room for the workers and the listeners at once; beyond it a request waits, never loses a message
-    engine = create_engine(settings.database_url, pool_size=20, max_overflow=20, pool_timeout=30)
+    url = resolve_database_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        # one connection: SQLite has one writer anyway, and its busy handler sleeps (up to 100 ms a try)
+        # when several connections compete, which made acknowledgements slow under load
+        engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+    else:  # room for the workers and the listeners at once; beyond it a request waits, never loses a message
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
     cleanup: list[Any] = [engine.dispose]
     try:
         await check_schema(engine)
