@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from pydantic import SecretStr
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -84,7 +85,8 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         ) from None
     classifier = make_classifier(
         settings.classifier_url,
-        settings.classifier_token.get_secret_value() if settings.classifier_token else None,
+        _secret(settings.classifier_token),
+        admin_token=_secret(settings.classifier_admin_token),
     )
     cleanup.append(classifier.close)
     pacer = ChannelPacer()
@@ -149,6 +151,10 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         auth.get("user_id"),
     )
     return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup)
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value else None
 
 
 def _poster(client: AsyncWebClient, pacer: ChannelPacer) -> Any:

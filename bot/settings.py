@@ -32,7 +32,11 @@ def _split(value: Any) -> Any:
 
 class BotSettings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=".env", env_file_encoding="utf-8", extra="ignore", case_sensitive=False
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,
     )
 
     slack_bot_token: SecretStr = Field(description="Bot token (xoxb-...)")
@@ -42,6 +46,7 @@ class BotSettings(BaseSettings):
     database_url: str | None = None
     classifier_url: str | None = None
     classifier_token: SecretStr | None = None
+    classifier_admin_token: SecretStr | None = None  # lets /triage models|status|rollback use `triage serve`
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
     triage_escalation_channel: str | None = None

@@ -100,7 +100,9 @@ class ServerSettings(BaseSettings):
     Read once at start-up (``load_settings``). The registry is ``$TRIAGE_DATA_DIR/models``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="CLASSIFIER_", extra="ignore", env_file=None)
+    model_config = SettingsConfigDict(
+        env_prefix="CLASSIFIER_", extra="ignore", env_file=None, env_ignore_empty=True
+    )
 
     token: SecretStr | None = None
     admin_token: SecretStr | None = None
