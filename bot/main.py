@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from bot.settings import BotSettings
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
+from classifier.engine import EngineConfig
 from classifier.paths import registry_dir
 from classifier.registry import Registry
 
@@ -83,10 +85,13 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         raise StartupError(
             f"Slack rejected SLACK_BOT_TOKEN (auth.test: {exc.response.get('error')})"
         ) from None
+    # in-process, the model leaves one core to the event loop, so acknowledgements stay fast under load
+    embedded = EngineConfig(cpu_threads=max(1, (os.cpu_count() or 2) - 1))
     classifier = make_classifier(
         settings.classifier_url,
         _secret(settings.classifier_token),
         admin_token=_secret(settings.classifier_admin_token),
+        engine_config=embedded,
     )
     cleanup.append(classifier.close)
     pacer = ChannelPacer()
