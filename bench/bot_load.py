@@ -62,6 +62,7 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from bot.storage.database import create_engine, resolve_database_url, upgrade_database  # noqa: E402
 from bot.storage.models import Message, Prediction, SlackEvent  # noqa: E402
 from tests.slack_standin import SLACK_USER_AGENT, SlackStandIn  # noqa: E402
@@ -498,14 +499,6 @@ def cpu_busy_s() -> float | None:
     except (OSError, ValueError):
         return None
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def own_cpu_s() -> float:

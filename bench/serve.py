@@ -27,7 +27,6 @@ import contextlib
 import itertools
 import json
 import os
-import platform
 import random
 import socket
 import statistics
@@ -47,6 +46,7 @@ import aiohttp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from bench.machine import cpu_name  # noqa: E402
 from classifier.engine import Engine, EngineConfig, resolve_device  # noqa: E402
 from classifier.model import MultiHeadClassifier, autocast_context, to_predictions  # noqa: E402
 from classifier.paths import default_base_model  # noqa: E402
@@ -227,14 +227,6 @@ def model_only(
             if time.perf_counter() - started >= seconds:
                 break
     return done / (time.perf_counter() - started)
-
-
-def cpu_name() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def process_cpu_s(pid: int) -> float:

@@ -159,6 +159,23 @@ def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
     assert [(e.text, e.labels, e.source) for e in merged] == [("Refund please", {"topic": "bug"}, "slack:9")]
 
 
+async def _retrain_process(data_dir: Path, database_url: URL, *args: str) -> asyncio.subprocess.Process:
+    """``python -m bot.retrain`` as the bot starts it: its own process, progress as JSON lines."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.retrain",
+        "--progress-json",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        env={
+            **os.environ,
+            "DATABASE_URL": database_url.render_as_string(hide_password=False),
+            "TRIAGE_DATA_DIR": str(data_dir),
+        },
+    )
+
+
 async def test_one_run_at_a_time(tiny_bert: Path, data_dir: Path, db: Any) -> None:
     engine, sessions = db
     registry = Registry(data_dir / "models")
@@ -186,18 +203,7 @@ async def test_busy_answer_names_who_and_when(
     async with run_lock(engine):
         async with sessions.begin() as session:
             await repo.start_training_run(session, trigger=TrainingTrigger.COMMAND, requested_by="U0ADMIN")
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "bot.retrain",
-            "--progress-json",
-            stdout=asyncio.subprocess.PIPE,
-            env={
-                **os.environ,
-                "DATABASE_URL": database_url.render_as_string(hide_password=False),
-                "TRIAGE_DATA_DIR": str(data_dir),
-            },
-        )
+        proc = await _retrain_process(data_dir, database_url)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 3
     message = json.loads(out.decode().strip().splitlines()[-1])
@@ -211,20 +217,7 @@ async def test_killed_run_leaves_active_model_and_next_run_proceeds(
     registry = Registry(data_dir / "models")
     _base_version(registry, tiny_bert, steps=1)
     await _store_feedback(sessions, learnable_rows(800, seed=5))  # enough work to be killed mid-training
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot.retrain",
-        "--progress-json",
-        "--epochs",
-        "50",
-        stdout=asyncio.subprocess.PIPE,
-        env={
-            **os.environ,
-            "DATABASE_URL": database_url.render_as_string(hide_password=False),
-            "TRIAGE_DATA_DIR": str(data_dir),
-        },
-    )
+    proc = await _retrain_process(data_dir, database_url, "--epochs", "50")
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
     assert json.loads(line)["event"] == "dataset"
