@@ -103,7 +103,9 @@ async def main() -> None:
         patience=3,
     )
     started = time.time()
-    train(seed, schema, config, registry, progress=False)
+    # the held-out rows go with the seed data: the stable split keeps them out of training, and every
+    # retraining run judges candidate and incumbent on them (the gate's held-out set)
+    train(seed + heldout, schema, config, registry, progress=False)
     seed_seconds = time.time() - started
     name, accuracy = heldout_accuracy(registry, heldout)
     rows: list[dict[str, Any]] = [
