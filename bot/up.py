@@ -14,6 +14,7 @@ import secrets
 import signal
 from pathlib import Path
 
+import aiohttp
 import typer
 
 from classifier.paths import STARTER_DATA, data_dir, registry_dir
@@ -92,12 +93,26 @@ async def run_up(host: str, port: int) -> None:
             "See README.md, 'Create the Slack app'."
         )
 
-    def listening(bound: int) -> None:
+    announce: list[asyncio.Task[None]] = []
+
+    async def announce_when_ready(bound: int) -> None:
+        """Print the address once the model has loaded (``/readyz``), not merely when the port is open."""
         shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        async with aiohttp.ClientSession() as session:
+            while not stop.is_set():
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"http://{local}:{bound}/readyz") as response:
+                        if response.status == 200:
+                            break
+                await asyncio.sleep(0.2)
         typer.echo(
             f"classifier ready: http://{shown}:{bound}/?token={token}  (API token in {TOKEN_FILE} "
             f"or CLASSIFIER_TOKEN; Ctrl-C stops)"
         )
+
+    def listening(bound: int) -> None:
+        announce.append(asyncio.ensure_future(announce_when_ready(bound)))
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -106,6 +121,8 @@ async def run_up(host: str, port: int) -> None:
     try:
         await serve(server_settings, stop=stop, on_listening=listening)
     finally:
+        for task in announce:
+            task.cancel()
         if bot is not None:
             await bot.stop()
 
