@@ -130,7 +130,6 @@ def evaluate(
     """Evaluate every head that has labels in ``examples``; heads absent from the data are left out."""
     schema: LabelSchema = model.schema
     texts = [ex.text for ex in examples]
-    probs: dict[str, np.ndarray] = {h: np.zeros((0, len(v))) for h, v in schema.heads.items()}
     chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
     parts: list[dict[str, np.ndarray]] = [
         predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)

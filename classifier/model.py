@@ -151,20 +151,6 @@ def autocast_context(device: torch.device) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int) -> dict[str, Any]:
-    """Tokenize without padding; returns input ids per text and whether each was cut at ``max_length``."""
-    enc = tokenizer(
-        list(texts),
-        truncation=True,
-        max_length=max_length,
-        return_overflowing_tokens=False,
-        return_length=True,
-    )
-    full = tokenizer(list(texts), truncation=False, return_length=True, verbose=False)["length"]
-    enc["truncated"] = [n > max_length for n in full]
-    return enc
-
-
 @torch.inference_mode()
 def predict_probs(
     model: MultiHeadClassifier,

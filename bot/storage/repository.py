@@ -462,17 +462,6 @@ def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None 
     return select(sub.c.message_id, sub.c.head, sub.c.label).where(sub.c.rank == 1)
 
 
-async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
-    """Head -> human label for a message (heads nobody labelled are absent)."""
-    query = (
-        select(Correction.head, Correction.new_label)
-        .where(Correction.message_id == message_id, Correction.retracted_at.is_(None))
-        .order_by(Correction.created_at, Correction.id)
-    )
-    # Ordered oldest first, so the latest per head is the one left in the dict.
-    return {head: label for head, label in (await session.execute(query)).all()}
-
-
 async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
     """Head -> the latest non-retracted correction or confirmation (who set the label, and how)."""
     query = (
@@ -482,6 +471,11 @@ async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str
     )
     # Ordered oldest first, so the latest per head is the one left in the dict.
     return {c.head: c for c in (await session.scalars(query)).all()}
+
+
+async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
+    """Head -> human label for a message (heads nobody labelled are absent)."""
+    return {head: c.new_label for head, c in (await latest_corrections(session, message_id)).items()}
 
 
 async def current_label(session: AsyncSession, message_id: int, head: str) -> str | None:
