@@ -112,7 +112,9 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         summary_channel=settings.triage_summary_channel or settings.triage_escalation_channel,
         epochs=settings.triage_retrain_epochs,
         gate=Gate(
-            tolerance=settings.triage_gate_tolerance, max_recall_drop=settings.triage_gate_max_recall_drop
+            tolerance=settings.triage_gate_tolerance,
+            max_recall_drop=settings.triage_gate_max_recall_drop,
+            recall_drop_alpha=settings.triage_gate_recall_drop_alpha,
         ),
     )
     commands = Commands(settings, sessions, classifier, retrainer)

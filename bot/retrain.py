@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -51,13 +52,20 @@ FEEDBACK_SOURCE = "slack:"
 @dataclass
 class Gate:
     """Promotion rule: no head's macro-F1 worse by more than ``tolerance``, at least one head better by more
-    than ``min_gain``, and no class (with ``min_support`` held-out rows) losing more than
-    ``max_recall_drop``."""
+    than ``min_gain``, and no class (with ``min_support`` held-out rows) whose recall falls by more than
+    ``max_recall_drop`` *and* whose fall is beyond chance.
+
+    Both models are judged on the same rows, so a class's fall is tested pairwise (an exact one-sided
+    McNemar test over the rows one model gets right and the other wrong, level ``recall_drop_alpha``).
+    With a dozen held-out rows per class, two rows flipping is a 0.15 recall swing that means nothing;
+    seven rows lost and none gained is a regression.
+    """
 
     tolerance: float = 0.01
     min_gain: float = 0.0
     max_recall_drop: float = 0.10
     min_support: int = 5
+    recall_drop_alpha: float = 0.05
 
     def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
         reasons: list[str] = []
@@ -72,20 +80,49 @@ class Gate:
                 reasons.append(f"{head} macro-F1 fell {-delta:.3f} (tolerance {self.tolerance:.3f})")
             if delta > self.min_gain:
                 better.append(head)
+            flips = _paired_flips(c.get("rows"), i.get("rows"))
             for label, ci in c["per_class"].items():
                 ii = i["per_class"].get(label)
-                if (
-                    ii
-                    and ii["support"] >= self.min_support
-                    and ii["recall"] - ci["recall"] > self.max_recall_drop
-                ):
+                if not ii or ii["support"] < self.min_support:
+                    continue
+                drop = ii["recall"] - ci["recall"]
+                if drop <= self.max_recall_drop:
+                    continue
+                # without per-row predictions, assume the fewest flips that explain the drop
+                lost, gained = flips.get(label, (round(drop * ii["support"]), 0))
+                p = _one_sided_sign_test(lost, gained)
+                if p < self.recall_drop_alpha:
                     reasons.append(
-                        f"{head}={label} recall fell {ii['recall'] - ci['recall']:.2f} "
-                        f"(limit {self.max_recall_drop:.2f})"
+                        f"{head}={label} recall fell {drop:.2f} (limit {self.max_recall_drop:.2f}; "
+                        f"{lost} held-out rows lost, {gained} gained, p={p:.3f})"
                     )
         if not better:
             reasons.append("not better than the incumbent on any head")
         return not reasons, reasons
+
+
+def _paired_flips(
+    candidate_rows: dict[str, list[str]] | None, incumbent_rows: dict[str, list[str]] | None
+) -> dict[str, tuple[int, int]]:
+    """Per true label: (rows the incumbent got right and the candidate wrong, the reverse)."""
+    if not candidate_rows or not incumbent_rows or candidate_rows["true"] != incumbent_rows["true"]:
+        return {}
+    flips: dict[str, list[int]] = {}
+    for truth, cand, inc in zip(
+        candidate_rows["true"], candidate_rows["predicted"], incumbent_rows["predicted"], strict=True
+    ):
+        counts = flips.setdefault(truth, [0, 0])
+        counts[0] += inc == truth and cand != truth
+        counts[1] += cand == truth and inc != truth
+    return {label: (lost, gained) for label, (lost, gained) in flips.items()}
+
+
+def _one_sided_sign_test(lost: int, gained: int) -> float:
+    """P(at least ``lost`` of the ``lost + gained`` flipped rows went against the candidate | no change)."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
 
 
 @dataclass
@@ -362,7 +399,9 @@ def _train_and_judge_sync(
             if name != candidate.name
             else Path(candidate.path) / "eval" / "heldout"
         )
-        reports[name] = evaluate(model, tokenizer, heldout, max_length, out_dir=out, model_version=name)
+        reports[name] = evaluate(
+            model, tokenizer, heldout, max_length, out_dir=out, model_version=name, with_rows=True
+        )
     promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
     deltas = {
         h: {
@@ -450,6 +489,8 @@ class Retrainer:
             str(self.gate.tolerance),
             "--gate-max-recall-drop",
             str(self.gate.max_recall_drop),
+            "--gate-recall-drop-alpha",
+            str(self.gate.recall_drop_alpha),
         ]
         env = {**os.environ, "DATABASE_URL": self.database_url, "TRIAGE_DATA_DIR": str(data_dir())}
         self.process = await asyncio.create_subprocess_exec(
@@ -523,6 +564,7 @@ async def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
     parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
+    parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
     parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
     args = parser.parse_args(argv)
     engine = create_engine(os.environ.get("DATABASE_URL") or None)
@@ -552,7 +594,11 @@ async def _main(argv: list[str] | None = None) -> int:
             requested_by=args.requested_by,
             epochs=args.epochs,
             on_progress=emit,
-            gate=Gate(tolerance=args.gate_tolerance, max_recall_drop=args.gate_max_recall_drop),
+            gate=Gate(
+                tolerance=args.gate_tolerance,
+                max_recall_drop=args.gate_max_recall_drop,
+                recall_drop_alpha=args.gate_recall_drop_alpha,
+            ),
         )
         return 1 if outcome.status == TrainingStatus.FAILED else 0
     except RunBusy:

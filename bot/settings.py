@@ -65,6 +65,7 @@ class BotSettings(BaseSettings):
     triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
     triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
     triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)
+    triage_gate_recall_drop_alpha: float = Field(0.05, gt=0, le=1)  # a class's fall must be beyond chance
     triage_keep_versions: int = Field(10, ge=1)  # model versions kept in the registry (the active one always)
     triage_retention_days: int = Field(0, ge=0)  # remove message texts after this many days (0: keep)
     host: str = "0.0.0.0"

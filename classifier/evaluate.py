@@ -126,8 +126,12 @@ def evaluate(
     batch_size: int = 64,
     device: torch.device | None = None,
     progress: bool = False,
+    with_rows: bool = False,
 ) -> dict[str, Any]:
-    """Evaluate every head that has labels in ``examples``; heads absent from the data are left out."""
+    """Evaluate every head that has labels in ``examples``; heads absent from the data are left out.
+
+    ``with_rows`` adds each head's per-row true and predicted labels (``rows``), in the order of
+    ``examples``, so two models judged on the same rows can be compared pairwise."""
     schema: LabelSchema = model.schema
     texts = [ex.text for ex in examples]
     chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
@@ -147,6 +151,11 @@ def evaluate(
         metrics = head_metrics(y_true, head_probs, labels)
         report["heads"][head] = metrics
         y_pred = head_probs.argmax(axis=1)
+        if with_rows:
+            metrics["rows"] = {
+                "true": [labels[t] for t in y_true],
+                "predicted": [labels[p] for p in y_pred],
+            }
         for k, i in enumerate(rows):
             if y_pred[k] != y_true[k]:
                 wrong.append(

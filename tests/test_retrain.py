@@ -138,15 +138,48 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
 
 
 def test_gate_rules() -> None:
-    def report(f1: float, recall: float) -> dict[str, Any]:
-        return {"heads": {"topic": {"macro_f1": f1, "per_class": {"bug": {"recall": recall, "support": 20}}}}}
+    def report(f1: float, recall: float, support: int = 20) -> dict[str, Any]:
+        per_class = {"bug": {"recall": recall, "support": support}}
+        return {"heads": {"topic": {"macro_f1": f1, "per_class": per_class}}}
 
     gate = Gate(tolerance=0.01, max_recall_drop=0.1)
     assert gate.decide(report(0.80, 0.8), report(0.75, 0.8)) == (True, [])
-    ok, reasons = gate.decide(report(0.80, 0.6), report(0.75, 0.8))
-    assert not ok and "bug recall fell" in reasons[0]
+    ok, reasons = gate.decide(report(0.80, 0.6), report(0.75, 0.8))  # 4 rows lost at best
+    assert ok, reasons  # ... is within chance (p = 1/16 > 0.05)
+    ok, reasons = gate.decide(report(0.80, 0.5), report(0.75, 0.8))  # 6 rows lost
+    assert not ok and "bug recall fell 0.30" in reasons[0] and "p=0.016" in reasons[0]
     ok, reasons = gate.decide(report(0.75, 0.8), report(0.75, 0.8))
     assert not ok and "not better" in reasons[0]
+    ok, reasons = gate.decide(report(0.80, 0.0, support=4), report(0.75, 1.0, support=4))
+    assert ok, "classes under min_support are not judged"
+
+
+def test_gate_judges_a_class_drop_pairwise() -> None:
+    """The same 13 held-out rows of a class, recall 0.85 → 0.69 or lower: noise if rows flipped both ways,
+    a regression if the candidate only lost rows."""
+
+    def report(f1: float, predicted: list[str]) -> dict[str, Any]:
+        truth = ["bug"] * 13
+        recall = sum(p == "bug" for p in predicted) / 13
+        return {
+            "heads": {
+                "topic": {
+                    "macro_f1": f1,
+                    "per_class": {"bug": {"recall": recall, "support": 13}},
+                    "rows": {"true": truth, "predicted": predicted},
+                }
+            }
+        }
+
+    incumbent = report(0.70, ["bug"] * 11 + ["other"] * 2)
+    churn = report(0.75, ["other"] * 4 + ["bug"] * 9)  # 4 lost, 2 gained
+    assert Gate().decide(churn, incumbent) == (True, [])
+    worse = report(0.75, ["bug"] * 4 + ["other"] * 9)  # 7 lost, 0 gained
+    ok, reasons = Gate().decide(worse, incumbent)
+    assert not ok and reasons == [
+        "topic=bug recall fell 0.54 (limit 0.10; 7 held-out rows lost, 0 gained, p=0.008)"
+    ]
+    assert Gate(recall_drop_alpha=0.001).decide(worse, incumbent)[0]
 
 
 def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
