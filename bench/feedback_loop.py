@@ -64,6 +64,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--head-lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--class-weighting", default="none", help="none or balanced (retraining inherits the seed's)"
+    )
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     return parser.parse_args()
@@ -101,6 +104,7 @@ async def main() -> None:
         batch_size=16,
         max_length=64,
         patience=3,
+        class_weighting=args.class_weighting,
     )
     started = time.time()
     # the held-out rows go with the seed data: the stable split keeps them out of training, and every

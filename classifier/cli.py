@@ -89,6 +89,9 @@ def train_command(
     warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
     weight_decay: float = 0.01,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
+    class_weighting: Annotated[
+        str, typer.Option(help="none, or balanced: classes weigh in the loss inversely to their counts.")
+    ] = "none",
     seed: int = 42,
     split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "80/10/10",
     max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
@@ -114,6 +117,7 @@ def train_command(
         warmup_ratio=warmup,
         weight_decay=weight_decay,
         patience=patience,
+        class_weighting=class_weighting,
         seed=seed,
         split=_split(split),
         max_steps=max_steps,

@@ -31,6 +31,7 @@ from classifier.registry import Registry, VersionInfo
 from classifier.schema import LabelSchema
 
 IGNORE = -100  # label index of "no label for this head"; skipped by the loss
+CLASS_WEIGHTINGS = ("none", "balanced")
 
 
 @dataclass
@@ -49,6 +50,9 @@ class TrainConfig:
     split: tuple[float, float, float] = (0.8, 0.1, 0.1)
     split_salt: str = DEFAULT_SPLIT_SALT
     pooling: str = "mean"
+    # "balanced": each class of a head weighs in the loss inversely to its count in the training split, so
+    # a skewed sample (e.g. feedback, where only wrong predictions get corrected) does not skew the prior
+    class_weighting: str = "none"
     dropout: float = 0.1
     max_steps: int | None = None  # cap on optimizer steps (smoke runs, tests)
     device: str = "auto"
@@ -70,6 +74,10 @@ class TrainConfig:
             raise ValueError("weight decay and patience must not be negative")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max steps must be at least 1")
+        if self.class_weighting not in CLASS_WEIGHTINGS:
+            raise ValueError(
+                f"class weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, got {self.class_weighting!r}"
+            )
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -118,10 +126,25 @@ def length_grouped_batches(
     return batches
 
 
-def masked_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over heads of each head's cross-entropy on the rows labeled for it."""
+def balanced_class_weights(label_ids: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``n / (k * n_c)`` for each of the ``k`` classes present (as scikit-learn's "balanced"); 1 for absent
+    ones, which have no rows to weigh."""
+    counts = torch.bincount(label_ids[label_ids != IGNORE], minlength=num_labels).float()
+    present = counts > 0
+    weights = torch.ones(num_labels)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights
+
+
+def masked_loss(
+    logits: dict[str, torch.Tensor],
+    labels: dict[str, torch.Tensor],
+    class_weights: dict[str, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mean over heads of each head's (optionally class-weighted) cross-entropy on the rows labeled for it."""
+    weights = class_weights or {}
     losses = [
-        nn.functional.cross_entropy(logits[h], y, ignore_index=IGNORE)
+        nn.functional.cross_entropy(logits[h], y, weight=weights.get(h), ignore_index=IGNORE)
         for h, y in labels.items()
         if bool((y != IGNORE).any())
     ]
@@ -196,6 +219,11 @@ def train(
         )
         for h, labels in schema.heads.items()
     }
+    class_weights = (
+        {h: balanced_class_weights(y, len(schema.heads[h])).to(device) for h, y in label_ids.items()}
+        if config.class_weighting == "balanced"
+        else None
+    )
 
     # 4. optimiser and schedule
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -251,7 +279,7 @@ def train(
             targets = {h: y[idx].to(device) for h, y in label_ids.items()}
             with autocast_context(device):
                 logits = model(**batch)
-            loss = masked_loss(logits, targets)
+            loss = masked_loss(logits, targets, class_weights)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -17,7 +17,7 @@ from classifier.data import Example
 from classifier.model import MultiHeadClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
-from classifier.train import IGNORE, TrainConfig, masked_loss, train
+from classifier.train import IGNORE, TrainConfig, balanced_class_weights, masked_loss, train
 from tests.model_fixtures import learnable_rows, write_csv
 
 runner = CliRunner()
@@ -41,6 +41,19 @@ def test_masked_loss_ignores_unlabeled_rows() -> None:
     assert not logits["topic"].grad[2].any()  # the unlabeled row gives no gradient
     expected = torch.nn.functional.cross_entropy(logits["topic"][[0, 1, 3]], torch.tensor([0, 1, 2]))
     assert torch.isclose(loss, expected)
+
+
+def test_balanced_class_weights_even_out_a_skewed_sample() -> None:
+    y = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, IGNORE])  # class 2 absent, one row unlabeled
+    weights = balanced_class_weights(y, 3)
+    assert torch.allclose(weights, torch.tensor([8 / (2 * 6), 8 / (2 * 2), 1.0]))
+    # each present class now carries the same total weight
+    assert torch.isclose(weights[0] * 6, weights[1] * 2)
+    logits = {"topic": torch.randn(9, 3)}
+    plain = masked_loss(logits, {"topic": y})
+    weighted = masked_loss(logits, {"topic": y}, {"topic": weights})
+    expected = torch.nn.functional.cross_entropy(logits["topic"][:8], y[:8], weight=weights)
+    assert torch.isclose(weighted, expected) and not torch.isclose(weighted, plain)
 
 
 def test_partially_labeled_files_train_one_joint_model(
@@ -215,7 +228,10 @@ def test_evaluate_json_prints_exactly_one_object(tiny_bert: Path, data_dir: Path
     assert sum(map(sum, head["confusion_matrix"]["matrix"])) == 30
 
 
-@pytest.mark.parametrize("flag", [["--max-length", "2"], ["--split", "80/10"], ["--batch-size", "0"]])
+@pytest.mark.parametrize(
+    "flag",
+    [["--max-length", "2"], ["--split", "80/10"], ["--batch-size", "0"], ["--class-weighting", "inverse"]],
+)
 def test_bad_settings_are_refused(flag: list[str], tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
     good = write_csv(tmp_path / "good.csv", learnable_rows(40))
     result = runner.invoke(app, ["train", "--data", str(good), "--base-model", str(tiny_bert), *flag])
