@@ -4,7 +4,8 @@
 2. The rest of the file arrives as Slack messages through the bot's storage path (message stored,
    classified by the in-process engine, prediction stored); simulated agents correct only wrong predictions.
 3. Every K corrections the real retraining path runs (``bot.retrain.run_once``: export, warm-started
-   candidate, held-out comparison, gate, promotion, engine hot swap).
+   candidate, held-out comparison, gate, promotion, engine hot swap). As in the product, predictions
+   nobody corrected count as accepted labels (``--max-accepted 0``: corrections only).
 4. After each run: accuracy on held-out BANKING77 rows (the stable split's test share, never fed as
    messages) and the number of corrections so far. Output: CSV + plot in bench/out/.
 
@@ -27,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bot.retrain import run_once
+from bot.retrain import Acceptance, run_once
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import CorrectionSource, TrainingTrigger
@@ -67,6 +68,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--class-weighting", default="none", help="none or balanced (retraining inherits the seed's)"
     )
+    parser.add_argument(
+        "--accept-after-hours",
+        type=float,
+        default=0.0,
+        help="review window (the simulated agents have seen every reply before the next batch)",
+    )
+    parser.add_argument("--max-accepted", type=int, default=20_000, help="0: train on corrections only")
     parser.add_argument("--database-url", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "out")
     return parser.parse_args()
@@ -121,6 +129,7 @@ async def main() -> None:
             "accuracy": round(accuracy, 4),
             "status": "seed",
             "retrain_seconds": round(seed_seconds, 1),
+            "reasons": "",
         }
     ]
     print(json.dumps(rows[-1]), flush=True)
@@ -132,6 +141,34 @@ async def main() -> None:
     classifier = LocalClassifier(registry=registry, config=EngineConfig(poll_interval_s=0.5))
     corrections = since_retrain = messages = 0
     batch = 32
+
+    async def retrain() -> None:
+        t0 = time.time()
+        outcome = await run_once(
+            sessions,
+            engine,
+            registry,
+            trigger=TrainingTrigger.CLI,
+            epochs=args.retrain_epochs,
+            acceptance=Acceptance(after_hours=args.accept_after_hours, max_rows=args.max_accepted),
+        )
+        seconds = time.time() - t0
+        name, accuracy = heldout_accuracy(registry, heldout)
+        rows.append(
+            {
+                "run": len(rows),
+                "corrections": corrections,
+                "messages": messages,
+                "model": name,
+                "accuracy": round(accuracy, 4),
+                "status": str(outcome.status),
+                "retrain_seconds": round(seconds, 1),
+                "reasons": "; ".join(outcome.reasons),
+            }
+        )
+        print(json.dumps(rows[-1]), flush=True)
+        await asyncio.sleep(1.0)  # let the engine's ACTIVE poller pick up a promotion
+
     try:
         for start in range(0, len(stream), batch):
             chunk = stream[start : start + batch]
@@ -163,28 +200,12 @@ async def main() -> None:
                         corrections += 1
                         since_retrain += 1
             if since_retrain >= args.every or corrections >= args.max_corrections:
-                t0 = time.time()
-                outcome = await run_once(
-                    sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=args.retrain_epochs
-                )
-                seconds = time.time() - t0
-                name, accuracy = heldout_accuracy(registry, heldout)
-                rows.append(
-                    {
-                        "run": len(rows),
-                        "corrections": corrections,
-                        "messages": messages,
-                        "model": name,
-                        "accuracy": round(accuracy, 4),
-                        "status": str(outcome.status),
-                        "retrain_seconds": round(seconds, 1),
-                    }
-                )
-                print(json.dumps(rows[-1]), flush=True)
+                await retrain()
                 since_retrain = 0
-                await asyncio.sleep(1.0)  # let the engine's ACTIVE poller pick up a promotion
             if corrections >= args.max_corrections:
                 break
+        if since_retrain:  # the stream ran out before the next K: one last run on what came in
+            await retrain()
     finally:
         await classifier.close()
         await engine.dispose()

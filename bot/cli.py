@@ -52,6 +52,12 @@ def retrain_command(
         bool, typer.Option("--dry-run", help="Show what would be trained; train nothing.")
     ] = False,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [default: the active model's]")] = None,
+    accept_after_hours: Annotated[
+        float, typer.Option(min=0, help="Train on predictions nobody corrected for this long.")
+    ] = 24.0,
+    max_accepted: Annotated[
+        int, typer.Option(min=0, help="At most this many such messages, newest first (0: none).")
+    ] = 20_000,
 ) -> None:
     """Retrain on the corrections in the database; promote the candidate only if the gate passes."""
     from bot.retrain import _main
@@ -60,6 +66,7 @@ def retrain_command(
         ["--trigger", "cli"]
         + (["--dry-run"] if dry_run else [])
         + (["--epochs", str(epochs)] if epochs else [])
+        + ["--accept-after-hours", str(accept_after_hours), "--max-accepted", str(max_accepted)]
     )
     raise typer.Exit(asyncio.run(_main(args)))
 

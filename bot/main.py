@@ -18,7 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.app import build_app, http_app, make_web_client
 from bot.commands import Commands
 from bot.reactions import ReactionMap
-from bot.retrain import Gate, Retrainer, mirror_versions
+from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
@@ -115,6 +115,10 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             tolerance=settings.triage_gate_tolerance,
             max_recall_drop=settings.triage_gate_max_recall_drop,
             recall_drop_alpha=settings.triage_gate_recall_drop_alpha,
+        ),
+        acceptance=Acceptance(
+            after_hours=settings.triage_retrain_accept_after_hours,
+            max_rows=settings.triage_retrain_max_accepted,
         ),
     )
     commands = Commands(settings, sessions, classifier, retrainer)

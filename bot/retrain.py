@@ -26,9 +26,9 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,14 +39,34 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory
 from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
-from classifier.data import Example, label_counts, normalize, read_jsonl, split_examples
+from classifier.data import (
+    DEFAULT_SPLIT_SALT,
+    Example,
+    label_counts,
+    normalize,
+    read_jsonl,
+    split_examples,
+    split_of,
+)
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
 
 log = logging.getLogger(__name__)
 
 ADVISORY_LOCK_KEY = 0x7472_6961_6765  # "triage": one key for the whole product
-FEEDBACK_SOURCE = "slack:"
+FEEDBACK_SOURCE = "slack:"  # every row from the database; re-read fresh by each run
+ACCEPTED_SOURCE = f"{FEEDBACK_SOURCE}accepted:"  # a prediction people let stand (training only)
+
+
+@dataclass
+class Acceptance:
+    """Which predictions count as accepted labels: people correct what is wrong, so a prediction left
+    uncorrected for ``after_hours`` stands. Without these rows a run sees only the model's mistakes: the
+    corrections pull every confusable class towards the labels people typed, and classes the model got
+    right lose recall (measured: bench/feedback_loop.py). ``max_rows`` newest messages; 0 turns it off."""
+
+    after_hours: float = 24.0
+    max_rows: int = 20_000
 
 
 @dataclass
@@ -152,7 +172,8 @@ class RunOutcome:
             )
         c = self.counts
         lines.append(
-            f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback), "
+            f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
+            f"{c.get('accepted', 0)} accepted predictions), "
             f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
         )
         if self.reasons and self.status != TrainingStatus.PROMOTED:
@@ -193,12 +214,24 @@ async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
             lock.release()
 
 
-def merge_feedback(base: list[Example], feedback: list[repo.TrainingExample]) -> list[Example]:
-    """Base rows plus human labels; a human label for the same text wins over the base one."""
+def merge_feedback(
+    base: list[Example],
+    feedback: list[repo.TrainingExample],
+    accepted: Sequence[repo.TrainingExample] = (),
+) -> list[Example]:
+    """Base rows plus human labels; a human label for the same text wins over the base one. Accepted
+    predictions only fill heads that have no label from the base data or from people."""
     by_text: dict[str, Example] = {}
     for ex in base:
         if not ex.source.startswith(FEEDBACK_SOURCE):  # earlier runs' feedback is re-read fresh below
             by_text.setdefault(normalize(ex.text), Example(ex.text, dict(ex.labels), ex.source))
+    for row in accepted:
+        key = normalize(row.text)
+        if key in by_text:
+            for head, label in row.labels.items():
+                by_text[key].labels.setdefault(head, label)
+        else:
+            by_text[key] = Example(row.text, dict(row.labels), f"{ACCEPTED_SOURCE}{row.message_id}")
     for fb in feedback:
         key = normalize(fb.text)
         if key in by_text:
@@ -207,6 +240,10 @@ def merge_feedback(base: list[Example], feedback: list[repo.TrainingExample]) ->
         else:
             by_text[key] = Example(fb.text, dict(fb.labels), f"{FEEDBACK_SOURCE}{fb.message_id}")
     return list(by_text.values())
+
+
+def _is_human_feedback(example: Example) -> bool:
+    return example.source.startswith(FEEDBACK_SOURCE) and not example.source.startswith(ACCEPTED_SOURCE)
 
 
 def _restrict_to_schema(examples: list[Example], heads: dict[str, list[str]]) -> list[Example]:
@@ -226,29 +263,46 @@ async def dataset_for_run(
     sessions: async_sessionmaker[AsyncSession],
     registry: Registry,
     until: datetime,
+    acceptance: Acceptance | None = None,
 ) -> tuple[VersionInfo, list[Example], list[repo.TrainingExample]]:
+    acceptance = acceptance or Acceptance()
     active = registry.active()
     heads = active.schema["heads"]
     base = read_jsonl(Path(active.path) / "dataset.jsonl")
     async with sessions() as session:
         feedback = await repo.export_training_set(session, until=until, heads=list(heads))
-    return active, _restrict_to_schema(merge_feedback(base, feedback), heads), feedback
+        accepted = await repo.export_accepted_predictions(
+            session,
+            until=until,
+            predicted_before=until - timedelta(hours=acceptance.after_hours),
+            heads=list(heads),
+            limit=acceptance.max_rows,
+        )
+    # a text in the test split is judged on, never trained on: it must carry human labels only
+    split = tuple(active.train_config.get("split", (0.8, 0.1, 0.1)))
+    salt = active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
+    accepted = [a for a in accepted if split_of(a.text, split, salt) != "test"]  # type: ignore[arg-type]
+    return active, _restrict_to_schema(merge_feedback(base, feedback, accepted), heads), feedback
 
 
-async def describe_dry_run(sessions: async_sessionmaker[AsyncSession], registry: Registry) -> str:
+async def describe_dry_run(
+    sessions: async_sessionmaker[AsyncSession], registry: Registry, acceptance: Acceptance | None = None
+) -> str:
     """What a run would train on, without training."""
-    active, examples, feedback = await dataset_for_run(sessions, registry, utcnow())
+    active, examples, feedback = await dataset_for_run(sessions, registry, utcnow(), acceptance)
     async with sessions() as session:
         last = await repo.latest_training_run(
             session, status=[TrainingStatus.PROMOTED, TrainingStatus.REJECTED]
         )
         since = last.started_at if last else datetime.fromisoformat(active.created)
         fresh = await repo.feedback_counts(session, since)
-    fb_examples = [e for e in examples if e.source.startswith(FEEDBACK_SOURCE)]
+    fb_examples = [e for e in examples if _is_human_feedback(e)]
+    accepted = sum(e.source.startswith(ACCEPTED_SOURCE) for e in examples)
     splits = split_examples(fb_examples)
     lines = [
         f"*Dry run* (active model {active.name}): {len(examples)} training rows, {len(fb_examples)} with "
-        f"labels from Slack ({len(splits['test'])} of them held out for judging).",
+        f"labels from Slack ({len(splits['test'])} of them held out for judging), {accepted} with "
+        "predictions nobody corrected (training only).",
         f"New since the last run: {fresh.corrections} corrections, {fresh.confirmations} confirmations.",
     ]
     for head, counts in label_counts(fb_examples).items():
@@ -270,6 +324,7 @@ async def run_once(
     gate: Gate | None = None,
     epochs: int | None = None,
     on_progress: ProgressSink | None = None,
+    acceptance: Acceptance | None = None,
 ) -> RunOutcome:
     """One complete run under the lock; raises ``RunBusy`` if another run holds it."""
     gate = gate or Gate()
@@ -284,7 +339,7 @@ async def run_once(
             )
         registry.clean_staging()
         try:
-            active, examples, _ = await dataset_for_run(sessions, registry, started)
+            active, examples, _ = await dataset_for_run(sessions, registry, started, acceptance)
             outcome = await asyncio.to_thread(
                 _train_and_judge_sync, registry, active, examples, gate, epochs, emit
             )
@@ -365,7 +420,8 @@ def _train_and_judge_sync(
     learn = splits["train"] + splits["validation"]
     counts = {
         "train": len(learn),
-        "feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in learn),
+        "feedback": sum(_is_human_feedback(e) for e in learn),
+        "accepted": sum(e.source.startswith(ACCEPTED_SOURCE) for e in learn),
         "heldout": len(heldout),
         "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
     }
@@ -447,9 +503,11 @@ class Retrainer:
         summary_channel: str | None = None,
         epochs: int | None = None,
         gate: Gate | None = None,
+        acceptance: Acceptance | None = None,
     ):
         self.sessions = sessions
         self.gate = gate or Gate()
+        self.acceptance = acceptance or Acceptance()
         self.database_url = database_url
         self.post = post  # (channel, text, thread_ts) -> ts of the posted message
         self.upload = upload  # (channel, path, title)
@@ -459,7 +517,7 @@ class Retrainer:
         self.relay: asyncio.Future[None] | None = None  # relays the running process's progress
 
     async def dry_run(self) -> str:
-        return await describe_dry_run(self.sessions, Registry(registry_dir()))
+        return await describe_dry_run(self.sessions, Registry(registry_dir()), self.acceptance)
 
     async def busy_message(self) -> str | None:
         async with self.sessions() as session:
@@ -491,6 +549,10 @@ class Retrainer:
             str(self.gate.max_recall_drop),
             "--gate-recall-drop-alpha",
             str(self.gate.recall_drop_alpha),
+            "--accept-after-hours",
+            str(self.acceptance.after_hours),
+            "--max-accepted",
+            str(self.acceptance.max_rows),
         ]
         env = {**os.environ, "DATABASE_URL": self.database_url, "TRIAGE_DATA_DIR": str(data_dir())}
         self.process = await asyncio.create_subprocess_exec(
@@ -565,8 +627,20 @@ async def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
     parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
     parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
+    parser.add_argument(
+        "--accept-after-hours",
+        type=float,
+        default=Acceptance.after_hours,
+        help="a prediction nobody corrected for this long counts as a label (training only)",
+    )
+    parser.add_argument(
+        "--max-accepted", type=int, default=Acceptance.max_rows, help="newest accepted messages (0: none)"
+    )
     parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
     args = parser.parse_args(argv)
+    if args.accept_after_hours < 0 or args.max_accepted < 0:
+        parser.error("--accept-after-hours and --max-accepted must not be negative")
+    acceptance = Acceptance(after_hours=args.accept_after_hours, max_rows=args.max_accepted)
     engine = create_engine(os.environ.get("DATABASE_URL") or None)
     sessions = create_session_factory(engine)
     registry = Registry(registry_dir())
@@ -584,7 +658,7 @@ async def _main(argv: list[str] | None = None) -> int:
 
     try:
         if args.dry_run:
-            print(await describe_dry_run(sessions, registry))
+            print(await describe_dry_run(sessions, registry, acceptance))
             return 0
         outcome = await run_once(
             sessions,
@@ -599,6 +673,7 @@ async def _main(argv: list[str] | None = None) -> int:
                 max_recall_drop=args.gate_max_recall_drop,
                 recall_drop_alpha=args.gate_recall_drop_alpha,
             ),
+            acceptance=acceptance,
         )
         return 1 if outcome.status == TrainingStatus.FAILED else 0
     except RunBusy:

@@ -62,6 +62,9 @@ class BotSettings(BaseSettings):
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
     triage_retrain_min_corrections: int = Field(20, ge=1)  # new labels needed before a scheduled run trains
     triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting
+    # a prediction nobody corrected for this long is trained on as a label (never judged on)
+    triage_retrain_accept_after_hours: float = Field(24.0, ge=0)
+    triage_retrain_max_accepted: int = Field(20_000, ge=0)  # newest such messages per run (0: none)
     triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
     triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
     triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)

@@ -9,6 +9,7 @@ import random
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +18,17 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import Gate, RunBusy, merge_feedback, run_lock, run_once
+from bot.retrain import Acceptance, Gate, RunBusy, dataset_for_run, merge_feedback, run_lock, run_once
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
-from bot.storage.models import CorrectionSource, ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger
+from bot.storage.models import (
+    CorrectionSource,
+    ModelStatus,
+    TrainingRun,
+    TrainingStatus,
+    TrainingTrigger,
+    utcnow,
+)
 from classifier.data import Example, read_jsonl, split_of
 from classifier.registry import Registry
 from classifier.results import HeadPrediction
@@ -275,3 +283,78 @@ async def _store_feedback_more(sessions: async_sessionmaker[AsyncSession]) -> No
         await repo.add_correction(
             session, message.id, "topic", "billing", user_id="U2", source=CorrectionSource.BUTTON
         )
+
+
+async def test_predictions_nobody_corrected_become_training_labels(
+    tiny_bert: Path, data_dir: Path, db: Any
+) -> None:
+    """What people let stand for the review window is a label for the heads they did not fix: newest
+    messages first, only the latest prediction, never a forgotten person's text, never in the held-out
+    (test-split) rows, and never over a human label."""
+    _, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    now = utcnow()
+    day_ago, hour_ago = now - timedelta(hours=30), now - timedelta(hours=1)
+    texts = [f"my card payment {i} failed twice today" for i in range(40)]
+    train_texts = [t for t in texts if split_of(t) != "test"]
+    test_text = next(t for t in texts if split_of(t) == "test")
+
+    def both(label: str, confidence: float = 0.9) -> dict[str, HeadPrediction]:
+        return {"topic": HeadPrediction(label, confidence, {}), "urgency": HeadPrediction("low", 0.8, {})}
+
+    async with sessions.begin() as session:
+        ids = {}
+        for i, text in enumerate([*train_texts[:5], test_text]):
+            message, _ = await repo.store_message(
+                session, team_id="T1", channel_id="C1", ts=f"1700000001.{i:06d}", user_id="U1", text=text
+            )
+            ids[text] = message.id
+            await repo.add_prediction(session, message.id, "v1", both("bug"), now=day_ago)
+        a, b, c, d, e = train_texts[:5]
+        await repo.add_prediction(session, ids[b], "v2", both("outage"), now=day_ago + timedelta(hours=1))
+        await repo.add_correction(
+            session,
+            ids[c],
+            "topic",
+            "billing",
+            user_id="U2",
+            source=CorrectionSource.BUTTON,
+            old_label="bug",
+            now=hour_ago,
+        )
+        await repo.add_prediction(session, ids[d], "v2", both("outage"), now=hour_ago)  # too recent
+        fresh, _ = await repo.store_message(
+            session, team_id="T1", channel_id="C1", ts="1700000002.000001", user_id="U9", text=e + " again"
+        )
+        await repo.add_prediction(session, fresh.id, "v1", both("bug"), now=day_ago)
+        await repo.forget_user(session, "U9")
+
+    async with sessions() as session:
+        rows = await repo.export_accepted_predictions(
+            session,
+            until=now,
+            predicted_before=now - timedelta(hours=24),
+            heads=["topic", "urgency"],
+            limit=100,
+        )
+        newest_two = await repo.export_accepted_predictions(
+            session, until=now, predicted_before=now, heads=["topic"], limit=2
+        )
+    got = {r.text: r.labels for r in rows}
+    assert got[a] == {"topic": "bug", "urgency": "low"}
+    assert got[b] == {"topic": "outage", "urgency": "low"}  # the latest prediction
+    assert got[c] == {"urgency": "low"}  # people fixed the topic: theirs is the only topic label
+    assert d not in got  # its latest prediction is still inside the review window
+    assert e + " again" not in got  # forgotten
+    assert [r.message_id for r in newest_two] == sorted(r.message_id for r in newest_two)
+    assert {r.text for r in newest_two} == {e, test_text}
+
+    # in a run: accepted labels train, human ones win, and nothing accepted reaches the held-out rows
+    _, examples, _ = await dataset_for_run(sessions, registry, now, Acceptance(after_hours=24))
+    by_text = {ex.text: ex for ex in examples}
+    assert by_text[a].labels == {"topic": "bug"} and by_text[a].source.startswith("slack:accepted:")
+    assert by_text[c].labels == {"topic": "billing"} and by_text[c].source == f"slack:{ids[c]}"
+    assert test_text not in by_text
+    _, off, _ = await dataset_for_run(sessions, registry, now, Acceptance(max_rows=0))
+    assert not any(ex.source.startswith("slack:accepted:") for ex in off)

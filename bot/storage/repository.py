@@ -15,7 +15,19 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, CursorResult, Result, Select, delete, exists, func, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    CursorResult,
+    Result,
+    Select,
+    and_,
+    delete,
+    exists,
+    func,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -535,6 +547,60 @@ async def export_training_set(
         if not examples or examples[-1].message_id != message_id:
             examples.append(TrainingExample(message_id=message_id, text=text, labels={}))
         examples[-1].labels[head] = label
+    return examples
+
+
+async def export_accepted_predictions(
+    session: AsyncSession,
+    *,
+    until: datetime,
+    predicted_before: datetime,
+    heads: Collection[str],
+    limit: int,
+) -> list[TrainingExample]:
+    """Predictions people let stand: each message's latest prediction, if it was made before
+    ``predicted_before`` (the review window), for every head nobody labelled as of ``until``.
+
+    The newest ``limit`` messages; texts and people as in ``export_training_set``. These rows carry the
+    model's own labels, so they are for training only, never for judging a model.
+    """
+    if limit < 1 or not heads:
+        return []
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=Prediction.message_id,
+            order_by=(Prediction.created_at.desc(), Prediction.id.desc()),
+        )
+        .label("rank")
+    )
+    latest = select(Prediction.id, Prediction.message_id, Prediction.created_at, rank).subquery(
+        "latest_prediction"
+    )
+    human = _latest_labels(as_of=until, heads=heads).subquery("human")
+    query = (
+        select(Message.id, Message.text, PredictionHead.head, PredictionHead.label)
+        .join(latest, and_(latest.c.message_id == Message.id, latest.c.rank == 1))
+        .join(PredictionHead, PredictionHead.prediction_id == latest.c.id)
+        .outerjoin(human, and_(human.c.message_id == Message.id, human.c.head == PredictionHead.head))
+        .where(
+            latest.c.created_at <= predicted_before,  # what the reply shows has stood for the window
+            human.c.message_id.is_(None),
+            PredictionHead.head.in_(list(heads)),
+            Message.text.is_not(None),
+            _not_forgotten(),
+        )
+        .order_by(Message.id.desc(), PredictionHead.head)
+        .limit(limit * len(heads))  # at most one row per head and message
+    )
+    examples: list[TrainingExample] = []
+    for message_id, text, head, label in (await session.execute(query)).all():
+        if not examples or examples[-1].message_id != message_id:
+            if len(examples) == limit:
+                break
+            examples.append(TrainingExample(message_id=message_id, text=text, labels={}))
+        examples[-1].labels[head] = label
+    examples.reverse()  # oldest first, like export_training_set
     return examples
 
 
