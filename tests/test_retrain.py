@@ -18,7 +18,16 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import Acceptance, Gate, RunBusy, dataset_for_run, merge_feedback, run_lock, run_once
+from bot.retrain import (
+    Acceptance,
+    Gate,
+    RunBusy,
+    dataset_for_run,
+    describe_dry_run,
+    merge_feedback,
+    run_lock,
+    run_once,
+)
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
@@ -114,6 +123,8 @@ async def test_retrain_from_corrections_promotes_a_better_model(
     assert outcome.status == TrainingStatus.PROMOTED, outcome.summary()
     assert registry.active_name() == "v2" and registry.get("v1").status == "retired"
     assert outcome.counts["feedback"] > 200 and outcome.counts["heldout_feedback"] > 0
+    assert outcome.counts["accepted"] == 0  # every prediction was corrected (and is younger than a day)
+    assert f"{outcome.counts['feedback']} from Slack feedback, 0 accepted predictions" in outcome.summary()
     assert outcome.deltas["topic"]["delta"] > 0
     assert events[0]["event"] == "dataset" and events[-1]["event"] == "done"
     assert any(e["event"] == "epoch" for e in events)
@@ -358,3 +369,27 @@ async def test_predictions_nobody_corrected_become_training_labels(
     assert test_text not in by_text
     _, off, _ = await dataset_for_run(sessions, registry, now, Acceptance(max_rows=0))
     assert not any(ex.source.startswith("slack:accepted:") for ex in off)
+
+
+async def test_dry_run_describes_the_dataset_and_trains_nothing(
+    tiny_bert: Path, data_dir: Path, db: Any
+) -> None:
+    _, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    rows = learnable_rows(40, seed=3)
+    await _store_feedback(sessions, rows)
+    silent = [t for t in (f"the dashboard {i} will not load" for i in range(20)) if split_of(t) != "test"][:3]
+    async with sessions.begin() as session:
+        for i, text in enumerate(silent):
+            message, _ = await repo.store_message(
+                session, team_id="T1", channel_id="C2", ts=f"1700000003.{i:06d}", user_id="U1", text=text
+            )
+            await repo.add_prediction(session, message.id, "v1", {"topic": HeadPrediction("bug", 0.9, {})})
+    text = await describe_dry_run(sessions, registry, Acceptance(after_hours=0))
+    held_out = sum(split_of(r["text"]) == "test" for r in rows)
+    assert f"{len(rows)} with labels from Slack ({held_out} of them held out for judging)" in text
+    assert "3 with predictions nobody corrected" in text
+    assert "New since the last run: 40 corrections, 0 confirmations." in text
+    assert "topic (from Slack):" in text
+    assert [v.name for v in registry.list()] == ["v1"]  # nothing trained
