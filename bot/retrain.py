@@ -220,17 +220,14 @@ def merge_feedback(
     accepted: Sequence[repo.TrainingExample] = (),
 ) -> list[Example]:
     """Base rows plus human labels; a human label for the same text wins over the base one. Accepted
-    predictions only fill heads that have no label from the base data or from people."""
+    predictions add texts the base data lacks, under the human labels of the same message."""
     by_text: dict[str, Example] = {}
     for ex in base:
         if not ex.source.startswith(FEEDBACK_SOURCE):  # earlier runs' feedback is re-read fresh below
             by_text.setdefault(normalize(ex.text), Example(ex.text, dict(ex.labels), ex.source))
     for row in accepted:
         key = normalize(row.text)
-        if key in by_text:
-            for head, label in row.labels.items():
-                by_text[key].labels.setdefault(head, label)
-        else:
+        if key not in by_text:  # curated base rows stay as they were given
             by_text[key] = Example(row.text, dict(row.labels), f"{ACCEPTED_SOURCE}{row.message_id}")
     for fb in feedback:
         key = normalize(fb.text)
@@ -279,9 +276,9 @@ async def dataset_for_run(
             limit=acceptance.max_rows,
         )
     # a text in the test split is judged on, never trained on: it must carry human labels only
-    split = tuple(active.train_config.get("split", (0.8, 0.1, 0.1)))
+    train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
     salt = active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
-    accepted = [a for a in accepted if split_of(a.text, split, salt) != "test"]  # type: ignore[arg-type]
+    accepted = [a for a in accepted if split_of(a.text, (train, validation, test), salt) != "test"]
     return active, _restrict_to_schema(merge_feedback(base, feedback, accepted), heads), feedback
 
 

@@ -210,6 +210,19 @@ def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
     merged = merge_feedback(base, feedback)
     assert [(e.text, e.labels, e.source) for e in merged] == [("Refund please", {"topic": "bug"}, "slack:9")]
 
+    accepted = [
+        repo.TrainingExample(message_id=9, text="refund please", labels={"urgency": "low"}),
+        repo.TrainingExample(message_id=10, text="App crashes", labels={"topic": "bug", "urgency": "high"}),
+        repo.TrainingExample(message_id=11, text="Site down", labels={"urgency": "critical"}),
+    ]
+    feedback.append(repo.TrainingExample(message_id=11, text="site down", labels={"topic": "outage"}))
+    merged = merge_feedback(base, feedback, accepted)
+    assert [(e.text, e.labels, e.source) for e in merged] == [
+        ("Refund please", {"topic": "bug"}, "slack:9"),  # a curated base text takes no accepted label
+        ("App crashes", {"topic": "bug", "urgency": "high"}, "slack:accepted:10"),
+        ("Site down", {"urgency": "critical", "topic": "outage"}, "slack:11"),  # people fixed the topic
+    ]
+
 
 async def _retrain_process(data_dir: Path, database_url: URL, *args: str) -> asyncio.subprocess.Process:
     """``python -m bot.retrain`` as the bot starts it: its own process, progress as JSON lines."""
