@@ -46,8 +46,11 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 TARGET = {"accuracy": 0.85, "corrections": 2000}
 
 
-def heldout_accuracy(registry: Registry, heldout: list[Example]) -> tuple[str, float]:
-    info = registry.active()
+def heldout_accuracy(
+    registry: Registry, heldout: list[Example], version: str | None = None
+) -> tuple[str, float]:
+    """Topic accuracy of a version (default: the active one) on the held-out rows."""
+    info = registry.get(version) if version else registry.active()
     model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
     report = evaluate(model, tokenizer, heldout, max_length)
     return info.name, report["heads"]["topic"]["accuracy"]
@@ -128,6 +131,8 @@ async def main() -> None:
             "model": name,
             "accuracy": round(accuracy, 4),
             "status": "seed",
+            "candidate": name,
+            "candidate_accuracy": round(accuracy, 4),
             "retrain_seconds": round(seed_seconds, 1),
             "reasons": "",
         }
@@ -153,7 +158,13 @@ async def main() -> None:
             acceptance=Acceptance(after_hours=args.accept_after_hours, max_rows=args.max_accepted),
         )
         seconds = time.time() - t0
-        name, accuracy = heldout_accuracy(registry, heldout)
+        name, accuracy = await asyncio.to_thread(heldout_accuracy, registry, heldout)
+        candidate = outcome.candidate
+        _, candidate_accuracy = (
+            await asyncio.to_thread(heldout_accuracy, registry, heldout, candidate)
+            if candidate and candidate != name
+            else (name, accuracy)
+        )
         rows.append(
             {
                 "run": len(rows),
@@ -162,6 +173,8 @@ async def main() -> None:
                 "model": name,
                 "accuracy": round(accuracy, 4),
                 "status": str(outcome.status),
+                "candidate": candidate or "",
+                "candidate_accuracy": round(candidate_accuracy, 4),
                 "retrain_seconds": round(seconds, 1),
                 "reasons": "; ".join(outcome.reasons),
             }
@@ -226,6 +239,7 @@ def write_report(rows: list[dict[str, Any]], corrections: int, seed_seconds: flo
         "held-out accuracy (BANKING77)",
         "Does the loop learn?",
         out / "feedback_loop.png",
+        rejected=[(r["corrections"], r["candidate_accuracy"]) for r in rows if r["status"] == "rejected"],
     )
     best = max((r for r in rows if r["corrections"] <= TARGET["corrections"]), key=lambda r: r["accuracy"])
     retrains = [r["retrain_seconds"] for r in rows[1:]]

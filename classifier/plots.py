@@ -107,10 +107,21 @@ def length_histogram_png(lengths: Sequence[int], cuts: Sequence[int], title: str
 
 
 def learning_curve_png(
-    xs: Sequence[float], ys: Sequence[float], xlabel: str, ylabel: str, title: str, path: Path
+    xs: Sequence[float],
+    ys: Sequence[float],
+    xlabel: str,
+    ylabel: str,
+    title: str,
+    path: Path,
+    rejected: Sequence[tuple[float, float]] = (),
 ) -> None:
+    """A metric against effort; ``rejected`` points (x, candidate's value) are drawn as red crosses."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(xs, ys, marker="o")
+    ax.plot(xs, ys, marker="o", label="active model")
+    if rejected:
+        rx, ry = zip(*rejected, strict=True)
+        ax.scatter(rx, ry, marker="x", color="tab:red", zorder=3, label="rejected candidate")
+        ax.legend(loc="best")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
