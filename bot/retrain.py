@@ -239,6 +239,12 @@ def merge_feedback(
     return list(by_text.values())
 
 
+def _split_of(active: VersionInfo) -> tuple[tuple[float, float, float], str]:
+    """The (fractions, salt) of the split the active version was trained with: a run's split too."""
+    train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
+    return (train, validation, test), active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
+
+
 def _is_human_feedback(example: Example) -> bool:
     return example.source.startswith(FEEDBACK_SOURCE) and not example.source.startswith(ACCEPTED_SOURCE)
 
@@ -276,9 +282,8 @@ async def dataset_for_run(
             limit=acceptance.max_rows,
         )
     # a text in the test split is judged on, never trained on: it must carry human labels only
-    train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
-    salt = active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
-    accepted = [a for a in accepted if split_of(a.text, (train, validation, test), salt) != "test"]
+    fractions, salt = _split_of(active)
+    accepted = [a for a in accepted if split_of(a.text, fractions, salt) != "test"]
     return active, _restrict_to_schema(merge_feedback(base, feedback, accepted), heads), feedback
 
 
@@ -406,7 +411,8 @@ def _train_and_judge_sync(
     from classifier.train import TrainConfig, train
 
     config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
-    config = TrainConfig(**{**config_raw, "split": tuple(config_raw.get("split", (0.8, 0.1, 0.1)))})
+    fractions, salt = _split_of(active)
+    config = TrainConfig(**{**config_raw, "split": fractions, "split_salt": salt})
     config.init_from = active.name
     config.max_steps = None
     if epochs:

@@ -10,7 +10,7 @@ Times are timezone-aware UTC; each function takes ``now`` for tests and defaults
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
@@ -19,6 +19,7 @@ from sqlalchemy import (
     ColumnElement,
     CursorResult,
     Result,
+    Row,
     Select,
     and_,
     delete,
@@ -542,8 +543,13 @@ async def export_training_set(
         .where(Message.text.is_not(None), _not_forgotten())
         .order_by(Message.id, latest.c.head)
     )
+    return _group_by_message((await session.execute(query)).all())
+
+
+def _group_by_message(rows: Sequence[Row[Any]]) -> list[TrainingExample]:
+    """(message_id, text, head, label) rows, ordered by message, as one example per message."""
     examples: list[TrainingExample] = []
-    for message_id, text, head, label in (await session.execute(query)).all():
+    for message_id, text, head, label in rows:
         if not examples or examples[-1].message_id != message_id:
             examples.append(TrainingExample(message_id=message_id, text=text, labels={}))
         examples[-1].labels[head] = label
@@ -593,15 +599,8 @@ async def export_accepted_predictions(
         .order_by(Message.id.desc(), PredictionHead.head)
         .limit(limit * len(heads))  # at most one row per head and message
     )
-    examples: list[TrainingExample] = []
-    for message_id, text, head, label in (await session.execute(query)).all():
-        if not examples or examples[-1].message_id != message_id:
-            if len(examples) == limit:
-                break
-            examples.append(TrainingExample(message_id=message_id, text=text, labels={}))
-        examples[-1].labels[head] = label
-    examples.reverse()  # oldest first, like export_training_set
-    return examples
+    newest_first = _group_by_message((await session.execute(query)).all())[:limit]
+    return newest_first[::-1]  # oldest first, like export_training_set
 
 
 # --- retention and forgetting --------------------------------------------------------------------------
