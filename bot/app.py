@@ -8,6 +8,8 @@ Socket Mode is used when ``SLACK_APP_TOKEN`` is set.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import logging
 import re
@@ -16,12 +18,14 @@ from typing import Any
 
 from aiohttp import web
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.request.internals import parse_body
 from slack_bolt.response import BoltResponse
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
     AsyncRateLimitErrorRetryHandler,
     AsyncServerErrorRetryHandler,
 )
+from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.blocks import DONE_ACTION, FIX_ACTION, SET_ACTION_PREFIX
@@ -31,8 +35,19 @@ from bot.triage import IncomingMessage, Triage
 
 log = logging.getLogger(__name__)
 
+EVENTS_PATH = "/slack/events"
 # message subtypes that are a customer writing something new; edits, deletions, joins, bot posts are not
 NEW_MESSAGE_SUBTYPES = {None, "file_share", "thread_broadcast"}
+# Slack's request timestamp: whole seconds since the epoch; anything else is refused before it is parsed
+REQUEST_TIMESTAMP = re.compile(r"[0-9]{1,15}")
+# What the listeners read from the events they handle, with the types Slack documents (optional fields
+# are checked when present). Other event types reach only the catch-all listener, which reads nothing.
+EVENT_FIELDS: dict[str, dict[str, type]] = {
+    "message": {"ts": str, "channel": str, "user": str, "text": str, "thread_ts": str, "subtype": str},
+    "reaction_added": {"user": str, "reaction": str, "item": dict},
+    "reaction_removed": {"user": str, "reaction": str, "item": dict},
+}
+REQUIRED_EVENT_FIELDS = {"message": ("ts", "channel")}
 
 
 def make_web_client(settings: BotSettings) -> AsyncWebClient:
@@ -198,9 +213,84 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def http_app(app: AsyncApp) -> web.Application:
-    """aiohttp application: Bolt on ``/slack/events`` plus a health check for load balancers."""
-    web_app = app.web_app(path="/slack/events")
+def payload_problem(body: Any) -> str | None:
+    """Why a Slack payload cannot be handled (a wrong shape or type where a listener reads), or ``None``."""
+    if not isinstance(body, dict):
+        return f"the payload is a JSON {type(body).__name__}, not an object"
+    for key in ("type", "team_id", "event_id"):
+        if key in body and not isinstance(body[key], str):
+            return f"{key} is not a string"
+    if body.get("type") == "event_callback":
+        event = body.get("event")
+        if not isinstance(event, dict) or not isinstance(event.get("type"), str):
+            return "event_callback without an event object"
+        fields = EVENT_FIELDS.get(event["type"], {})
+        for key in REQUIRED_EVENT_FIELDS.get(event["type"], ()):
+            if key not in event:
+                return f"{event['type']} event without {key}"
+        for key, kind in fields.items():
+            if event.get(key) is not None and not isinstance(event[key], kind):
+                return f"{event['type']} event: {key} is not a {kind.__name__}"
+    if body.get("type") == "block_actions":
+        actions = body.get("actions")
+        if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+            return "block_actions without a list of actions"
+        for key in ("user", "team", "container"):
+            if body.get(key) is not None and not isinstance(body[key], dict):
+                return f"block_actions: {key} is not an object"
+    return None
+
+
+class RequestSignature(SignatureVerifier):
+    """slack_sdk's verifier (time window, constant-time compare), also for bodies that are not UTF-8:
+    Slack signs the bytes, and slack_sdk would fail decoding them."""
+
+    def generate_signature(self, *, timestamp: str, body: str | bytes) -> str | None:
+        if not isinstance(body, bytes):
+            return super().generate_signature(timestamp=timestamp, body=body)
+        base = b"v0:" + timestamp.encode() + b":" + body
+        return "v0=" + hmac.new(self.signing_secret.encode(), base, hashlib.sha256).hexdigest()
+
+
+def checked_slack_requests(signing_secret: str) -> Any:
+    """aiohttp middleware in front of Bolt on ``EVENTS_PATH``: what Bolt would fail on never reaches it.
+
+    Unsigned requests, bad signatures and malformed timestamps get 401 (without a traceback: they cost
+    an attacker nothing). A signed request whose body is not UTF-8, not JSON, or not shaped as Slack
+    documents gets 200 (Slack would retry anything else, forever the same), a warning, and is dropped.
+    """
+    verifier = RequestSignature(signing_secret)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method != "POST" or request.path != EVENTS_PATH:
+            return await handler(request)
+        raw = await request.read()  # aiohttp keeps it: Bolt reads the same bytes again
+        timestamp = request.headers.get("X-Slack-Request-Timestamp", "")
+        signature = request.headers.get("X-Slack-Signature", "")
+        try:
+            body = parse_body(raw.decode("utf-8"), request.content_type)
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            body, problem = None, f"{type(exc).__name__}: {str(exc)[:100]}"
+        else:
+            problem = payload_problem(body)
+        if isinstance(body, dict) and body.get("ssl_check") == "1":
+            return await handler(request)  # Slack's certificate check is unsigned; Bolt answers it
+        if not REQUEST_TIMESTAMP.fullmatch(timestamp) or not verifier.is_valid(raw, timestamp, signature):
+            log.debug("refused a Slack request without a valid signature from %s", request.remote)
+            return web.json_response({"error": "invalid request"}, status=401)
+        if problem is not None:
+            log.warning("malformed Slack request ignored (%d bytes): %s", len(raw), problem)
+            return web.Response(status=200)
+        return await handler(request)
+
+    return middleware
+
+
+def http_app(app: AsyncApp, signing_secret: str) -> web.Application:
+    """aiohttp application: Bolt on ``EVENTS_PATH`` plus a health check for load balancers."""
+    web_app = app.web_app(path=EVENTS_PATH)
+    web_app.middlewares.append(checked_slack_requests(signing_secret))
 
     async def healthz(_: web.Request) -> web.Response:
         return web.Response(text=json.dumps({"ok": True}), content_type="application/json")

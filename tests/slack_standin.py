@@ -1063,7 +1063,8 @@ class SlackStandIn:
 
     async def send_envelope(self, envelope: JSON, **options: Unpack[SendOptions]) -> BotResponse:
         """Send an already built envelope, e.g. again with ``retry_num=1`` to play a Slack retry."""
-        event = envelope.get("event") or {}
+        event = envelope.get("event")
+        event = event if isinstance(event, dict) else {}  # tests send malformed envelopes on purpose
         if event.get("type") == "message" and "subtype" not in event and "channel" in event and "ts" in event:
             self._remember(event["channel"], event)  # hand-built events become known messages too
         body = json.dumps(envelope).encode()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -353,3 +354,55 @@ async def test_overload_waits_in_the_database_and_every_message_is_answered(harn
     await h.slack.wait_for("chat.postMessage", count=6, timeout=20)
     replied = {c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")}
     assert replied == {e["ts"] for e in events}
+
+
+async def test_malformed_signed_payloads_are_acknowledged_and_nothing_is_stored(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Signed, so from Slack (or someone holding the secret): a 200 so Slack does not retry, a warning, no
+    row. One bad payload must not keep the next one from being answered."""
+    h = await harness_factory()
+    no_ts = h.slack.message_event(CHANNEL, CUSTOMER, "where is my ts")
+    del no_ts["ts"]
+    number_text = h.slack.message_event(CHANNEL, CUSTOMER, "x")
+    number_text["text"] = 12345
+    list_event = h.slack.event_envelope(h.slack.message_event(CHANNEL, CUSTOMER, "y"))
+    list_event["event"] = ["not", "an", "object"]
+    caplog.set_level("WARNING")
+    responses = [
+        await h.slack.send_event(no_ts),
+        await h.slack.send_event(number_text),
+        await h.slack.send_envelope(list_event),
+        await h.slack.send_raw(b"{not json", "application/json"),
+        await h.slack.send_raw(b"[1, 2]", "application/json"),
+        await h.slack.send_raw(b'{"type": "event_callback", "x": "\xff\xfe"}', "application/json"),
+        await h.slack.send_raw(b"payload=%7Bnot+json", "application/x-www-form-urlencoded"),
+    ]
+    assert [r.status for r in responses] == [200] * len(responses), [r.text for r in responses]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert sum("malformed Slack request" in r.getMessage() for r in caplog.records) == len(responses)
+    assert await h.count(Message) == 0
+    event, _ = await h.post_customer_message("The export button does nothing")  # the next one is answered
+    await h.reply_to(event["ts"])
+
+
+async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await harness_factory()
+    body = json.dumps(h.slack.event_envelope(h.slack.message_event(CHANNEL, CUSTOMER, "hi"))).encode()
+    caplog.set_level("WARNING")
+    responses = [
+        await h.slack.send_raw(body, "application/json", headers={"X-Slack-Request-Timestamp": "abc"}),
+        await h.slack.send_raw(body, "application/json", timestamp="abc"),  # signed over "abc"
+        await h.slack.send_raw(body, "application/json", timestamp="1e9"),
+        await h.slack.send_raw(body, "application/json", unsigned=True),
+        await h.slack.send_raw(body, "application/json", unsigned=True, headers={"X-Slack-Signature": "v0="}),
+        await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", bad_signature=True),
+        await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", timestamp="abc"),
+    ]
+    assert [r.status for r in responses] == [401] * len(responses), [r.text for r in responses]
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert await h.count(Message) == 0
+    handshake = await h.slack.send_url_verification("the-challenge")  # still answered, as Slack signs it
+    assert handshake.status == 200 and "the-challenge" in handshake.text
