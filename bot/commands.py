@@ -119,6 +119,11 @@ class Commands:
                 await ack(response_type="ephemeral", text="Retraining is not set up on this bot.")
                 return
             dry_run = "--dry-run" in args
+            busy = None if dry_run else await self.retrainer.busy_message()
+            if busy:  # said in the acknowledgement; a run that starts meanwhile is still refused by its lock
+                await ack(response_type="ephemeral", text=busy)
+                await self._audit(user, "retrain", args, allowed=True, reason="already running")
+                return
             await ack(response_type="ephemeral", text="Looking at the feedback…" if dry_run else "Starting…")
             await self._audit(user, "retrain", args, allowed=True)
             channel = command.get("channel_id", "")

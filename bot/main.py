@@ -106,7 +106,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     )
     retrainer = Retrainer(
         sessions,
-        engine.url.render_as_string(hide_password=False),
+        engine,
         post=_poster(client, pacer),
         upload=_uploader(client),
         summary_channel=settings.triage_summary_channel or settings.triage_escalation_channel,

@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory
-from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
+from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     DEFAULT_SPLIT_SALT,
     Example,
@@ -185,6 +185,44 @@ class RunBusy(RuntimeError):
     """Another retraining run holds the lock."""
 
 
+def busy_text(running: TrainingRun | None, slack: bool = True) -> str:
+    """What to tell someone who asks for a run while another holds the lock (``slack``: a mention)."""
+    if running is None:
+        return "Retraining is already running."
+    who = str(running.trigger)
+    if running.requested_by:
+        who = f"<@{running.requested_by}>" if slack else running.requested_by
+    return f"Retraining is already running, started by {who} at {running.started_at:%Y-%m-%d %H:%M} UTC."
+
+
+def _run_file_lock() -> FileLock:
+    return FileLock(str(data_dir() / "retrain.lock"), timeout=0)
+
+
+async def run_in_progress(engine: AsyncEngine) -> bool:
+    """Whether a run holds the lock now: the only sign of a live run (a 'running' row may be a dead one's).
+
+    On PostgreSQL it reads ``pg_locks`` and takes nothing; on SQLite it takes the file lock and lets go at
+    once, so a run starting in that instant may find it busy (it then says so, and nothing is lost).
+    """
+    if engine.dialect.name == "postgresql":
+        held = text(
+            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            " AND classid = :high AND objid = :low AND objsubid = 1)"
+        )
+        async with engine.connect() as conn:
+            key = {"high": ADVISORY_LOCK_KEY >> 32, "low": ADVISORY_LOCK_KEY & 0xFFFF_FFFF}
+            return bool((await conn.execute(held, key)).scalar())
+    lock = _run_file_lock()
+    try:
+        lock.acquire()
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
 @contextlib.asynccontextmanager
 async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
     """Exclusive across processes and replicas: PostgreSQL advisory lock, or a file lock beside SQLite."""
@@ -203,7 +241,7 @@ async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
                 await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
                 await conn.commit()
     else:
-        lock = FileLock(str(data_dir() / "retrain.lock"), timeout=0)
+        lock = _run_file_lock()
         try:
             lock.acquire()
         except Timeout:
@@ -500,7 +538,7 @@ class Retrainer:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        database_url: str,
+        engine: AsyncEngine,
         post: Callable[[str, str, str | None], Awaitable[str | None]],
         upload: Callable[[str, str, str], Awaitable[None]] | None = None,
         summary_channel: str | None = None,
@@ -511,7 +549,7 @@ class Retrainer:
         self.sessions = sessions
         self.gate = gate or Gate()
         self.acceptance = acceptance or Acceptance()
-        self.database_url = database_url
+        self.engine = engine
         self.post = post  # (channel, text, thread_ts) -> ts of the posted message
         self.upload = upload  # (channel, path, title)
         self.summary_channel = summary_channel
@@ -523,12 +561,13 @@ class Retrainer:
         return await describe_dry_run(self.sessions, Registry(registry_dir()), self.acceptance)
 
     async def busy_message(self) -> str | None:
+        """What to answer while a run holds the lock (or this bot's is starting); ``None`` when free."""
+        if self.process is not None and self.process.returncode is None:
+            return "Retraining is already running (started from this bot)."
+        if not await run_in_progress(self.engine):
+            return None  # a 'running' row now is a killed run's: the next run marks it failed
         async with self.sessions() as session:
-            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
-        if running is None:
-            return None
-        who = f"<@{running.requested_by}>" if running.requested_by else str(running.trigger)
-        return f"Retraining is already running, started by {who} at {running.started_at:%Y-%m-%d %H:%M} UTC."
+            return busy_text(await repo.latest_training_run(session, status=TrainingStatus.RUNNING))
 
     async def request(
         self,
@@ -536,10 +575,13 @@ class Retrainer:
         notify_channel: str | None,
         trigger: TrainingTrigger = TrainingTrigger.COMMAND,
     ) -> str:
-        """Start a run unless one is going; returns what to tell the person who asked."""
+        """Start a run unless one is going; returns what to tell the person who asked.
+
+        The check is a courtesy: the run itself takes the lock, and reports back if another got it first.
+        """
         busy = await self.busy_message()
-        if busy or (self.process is not None and self.process.returncode is None):
-            return busy or "Retraining is already running (started from this bot)."
+        if busy:
+            return busy
         args = [sys.executable, "-m", "bot.retrain", "--trigger", str(trigger), "--progress-json"]
         if requested_by:
             args += ["--requested-by", requested_by]
@@ -557,7 +599,8 @@ class Retrainer:
             "--max-accepted",
             str(self.acceptance.max_rows),
         ]
-        env = {**os.environ, "DATABASE_URL": self.database_url, "TRIAGE_DATA_DIR": str(data_dir())}
+        database_url = self.engine.url.render_as_string(hide_password=False)
+        env = {**os.environ, "DATABASE_URL": database_url, "TRIAGE_DATA_DIR": str(data_dir())}
         self.process = await asyncio.create_subprocess_exec(
             *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
         )
@@ -682,9 +725,7 @@ async def _main(argv: list[str] | None = None) -> int:
     except RunBusy:
         async with sessions() as session:
             running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
-        who = (running.requested_by or str(running.trigger)) if running else "another process"
-        when = f" at {running.started_at:%Y-%m-%d %H:%M} UTC" if running else ""
-        message = f"Retraining is already running, started by {who}{when}."
+        message = busy_text(running, slack=args.progress_json)  # JSON progress is relayed to Slack
         if args.progress_json:
             print(json.dumps({"event": "busy", "message": message}), flush=True)
         else:

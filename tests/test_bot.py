@@ -14,7 +14,9 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import URL
 
 from bot.main import RunningBot, start_bot
+from bot.retrain import run_lock
 from bot.settings import load_settings
+from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     AuditEntry,
@@ -24,6 +26,7 @@ from bot.storage.models import (
     ModelStatus,
     ModelVersion,
     Prediction,
+    TrainingTrigger,
 )
 from classifier.registry import Registry
 from tests.slack_standin import SlackStandIn
@@ -406,3 +409,16 @@ async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
     assert await h.count(Message) == 0
     handshake = await h.slack.send_url_verification("the-challenge")  # still answered, as Slack signs it
     assert handshake.status == 200 and "the-challenge" in handshake.text
+
+
+async def test_retrain_while_one_runs_is_answered_in_the_acknowledgement(harness_factory: Any) -> None:
+    h = await harness_factory()
+    async with h.sessions.begin() as session:
+        await repo.start_training_run(session, trigger=TrainingTrigger.SCHEDULE)
+    async with run_lock(h.engine):  # a run in progress, in another process or replica
+        response = await h.slack.send_command("/triage", "retrain", user_id=ADMIN, channel_id=CHANNEL)
+    assert response.status == 200
+    assert response.json()["text"].startswith("Retraining is already running, started by schedule at")
+    assert h.bot.retrainer.process is None  # nothing started, and nothing more to say later
+    [entry] = await h.rows(AuditEntry)
+    assert (entry.action, entry.allowed, entry.reason) == ("retrain", True, "already running")

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.retrain import (
     Acceptance,
     Gate,
+    Retrainer,
     RunBusy,
     dataset_for_run,
     describe_dry_run,
@@ -272,7 +273,7 @@ async def test_busy_answer_names_who_and_when(
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 3
     message = json.loads(out.decode().strip().splitlines()[-1])
-    assert message["event"] == "busy" and "already running, started by U0ADMIN at" in message["message"]
+    assert message["event"] == "busy" and "already running, started by <@U0ADMIN> at" in message["message"]
 
 
 async def test_killed_run_leaves_active_model_and_next_run_proceeds(
@@ -282,14 +283,21 @@ async def test_killed_run_leaves_active_model_and_next_run_proceeds(
     registry = Registry(data_dir / "models")
     _base_version(registry, tiny_bert, steps=1)
     await _store_feedback(sessions, learnable_rows(800, seed=5))  # enough work to be killed mid-training
+    retrainer = Retrainer(sessions, engine, post=_nowhere)  # the bot's side: /triage retrain, the schedule
+    assert await retrainer.busy_message() is None
     proc = await _retrain_process(data_dir, database_url, "--epochs", "50")
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
-    assert json.loads(line)["event"] == "dataset"
-    await asyncio.sleep(1.0)  # training now
+    assert json.loads(line)["event"] == "dataset"  # the run holds the lock and its 'running' row exists
+    assert "already running, started by cli" in (await retrainer.busy_message() or "")
     proc.send_signal(signal.SIGKILL)
     await proc.wait()
     assert registry.active_name() == "v1" and registry.names() == ["v1"]
+    # the row still says 'running', but nothing holds the lock: not busy
+    async with sessions() as session:
+        stale = await repo.latest_training_run(session)
+    assert stale is not None and stale.status == TrainingStatus.RUNNING
+    assert await retrainer.busy_message() is None
     await _store_feedback_more(sessions)
     outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=1)
     assert outcome.status in (TrainingStatus.PROMOTED, TrainingStatus.REJECTED)
@@ -297,6 +305,10 @@ async def test_killed_run_leaves_active_model_and_next_run_proceeds(
     async with sessions() as session:
         runs = list((await session.scalars(select(TrainingRun).order_by(TrainingRun.id))).all())
     assert runs[0].status == TrainingStatus.FAILED and "abandoned" in (runs[0].error or "")
+
+
+async def _nowhere(channel: str, text: str, thread_ts: str | None) -> str | None:
+    return None
 
 
 async def _store_feedback_more(sessions: async_sessionmaker[AsyncSession]) -> None:
