@@ -13,10 +13,13 @@ import hmac
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from slack_bolt.async_app import AsyncApp
 from slack_bolt.request.internals import parse_body
 from slack_bolt.response import BoltResponse
@@ -31,6 +34,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot.blocks import DONE_ACTION, FIX_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.settings import BotSettings
+from bot.storage.models import utcnow
 from bot.triage import IncomingMessage, Triage
 
 log = logging.getLogger(__name__)
@@ -287,13 +291,45 @@ def checked_slack_requests(signing_secret: str) -> Any:
     return middleware
 
 
-def http_app(app: AsyncApp, signing_secret: str) -> web.Application:
-    """aiohttp application: Bolt on ``EVENTS_PATH`` plus a health check for load balancers."""
+class BacklogCollector(Collector):
+    """Messages waiting for an answer, as of the bot's last sweep (a scrape never queries the database)."""
+
+    def __init__(self, triage: Triage):
+        self.triage = triage
+
+    def collect(self) -> Iterable[Metric]:
+        backlog = self.triage.backlog
+        if backlog is None:  # no sweep has finished yet
+            return
+        yield GaugeMetricFamily(
+            "triage_bot_messages_waiting", "Messages stored and not answered yet", value=backlog.waiting
+        )
+        yield GaugeMetricFamily(
+            "triage_bot_messages_retrying",
+            "Waiting messages that failed at least once (classifier or Slack unreachable); retried forever",
+            value=backlog.failed,
+        )
+        age = (utcnow() - backlog.oldest).total_seconds() if backlog.oldest else 0.0
+        yield GaugeMetricFamily(
+            "triage_bot_oldest_waiting_seconds", "Age of the oldest message waiting for an answer", value=age
+        )
+
+
+def http_app(app: AsyncApp, signing_secret: str, triage: Triage) -> web.Application:
+    """aiohttp application: Bolt on ``EVENTS_PATH``, a health check for load balancers, Prometheus metrics."""
     web_app = app.web_app(path=EVENTS_PATH)
     web_app.middlewares.append(checked_slack_requests(signing_secret))
+    metrics = CollectorRegistry(auto_describe=True)
+    metrics.register(BacklogCollector(triage))
 
     async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps({"ok": True}), content_type="application/json")
+        backlog = triage.backlog
+        waiting = {"waiting": backlog.waiting, "retrying": backlog.failed} if backlog else {}
+        return web.Response(text=json.dumps({"ok": True, **waiting}), content_type="application/json")
+
+    async def metrics_endpoint(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     web_app.router.add_get("/healthz", healthz)
+    web_app.router.add_get("/metrics", metrics_endpoint)
     return web_app

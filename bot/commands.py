@@ -181,6 +181,7 @@ class Commands:
                     f"predictions, {stats.corrections} corrections, {stats.confirmations} confirmations; "
                     f"{stats.pending} waiting for the classifier"
                 )
+            lines.extend(_backlog_lines(await repo.backlog(session), await repo.count_skipped(session)))
         if last is None:
             lines.append("*Last retraining:* none yet")
         else:
@@ -228,3 +229,20 @@ class Commands:
                     reason=f"rollback by {user}",
                 )
         return f"{name} is now the active model. Every classifier picks it up within seconds."
+
+
+def _backlog_lines(backlog: repo.Backlog, skipped: int) -> list[str]:
+    """Messages not answered yet (retried until they are) and skipped ones someone may want back."""
+    lines = []
+    if backlog.waiting:
+        oldest = f", the oldest since {backlog.oldest:%Y-%m-%d %H:%M} UTC" if backlog.oldest else ""
+        lines.append(
+            f"*Waiting:* {backlog.waiting} message(s) not answered yet, {backlog.failed} of them after "
+            f"failures (retried until answered){oldest}"
+        )
+    if skipped:
+        lines.append(
+            f"*Skipped:* {skipped} message(s) with text were not answered; "
+            "`triage messages retry` queues them again"
+        )
+    return lines

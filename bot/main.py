@@ -148,7 +148,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         cleanup.append(handler.close_async)
     else:
         assert settings.slack_signing_secret is not None  # required in HTTP mode (settings)
-        web_app = http_app(app, settings.slack_signing_secret.get_secret_value())
+        web_app = http_app(app, settings.slack_signing_secret.get_secret_value(), triage)
         runner = web.AppRunner(web_app, shutdown_timeout=10)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)

@@ -57,6 +57,7 @@ class BotSettings(BaseSettings):
     triage_reactions_file: Path | None = None  # YAML emoji map replacing the default
     triage_pending_interval_s: float = Field(5.0, gt=0)  # how often the retry worker looks for pending work
     triage_retry_base_s: float = Field(30.0, gt=0)  # first retry delay of an unclassified message; doubles
+    triage_retry_max_s: float = Field(600.0, gt=0)  # ... up to this; a message is never given up
     triage_workers: int = Field(32, ge=1, le=1024)  # messages classified and answered at once
     triage_queue_size: int = Field(512, ge=1)  # messages waiting in memory; more wait in the database
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
@@ -152,6 +153,8 @@ class BotSettings(BaseSettings):
             )
         if self.slack_api_url is None:
             self.slack_api_url = "https://slack.com/api/"
+        if self.triage_retry_max_s < self.triage_retry_base_s:
+            raise ValueError("TRIAGE_RETRY_MAX_S must not be less than TRIAGE_RETRY_BASE_S")
         return self
 
     @property

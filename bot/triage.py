@@ -32,6 +32,18 @@ from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
 
+# chat.postMessage errors that no retry can cure: the message is skipped (and says why) instead
+UNPOSTABLE = frozenset(
+    {
+        "channel_not_found",
+        "not_in_channel",
+        "is_archived",
+        "restricted_action",
+        "invalid_blocks",
+        "msg_too_long",
+    }
+)
+
 
 class ChannelPacer:
     """Slack allows about one message per second per channel: space our posts out per channel."""
@@ -83,6 +95,7 @@ class Triage:
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
+        self.backlog: repo.Backlog | None = None  # as of the last sweep: for /healthz and /metrics
 
     # ---- new messages ------------------------------------------------------------------------------
     async def on_message(self, incoming: IncomingMessage) -> bool:
@@ -151,6 +164,8 @@ class Triage:
         while not stop.is_set():
             try:
                 await self.run_pending()
+                async with self.sessions() as session:
+                    self.backlog = await repo.backlog(session)
             except Exception:  # a database hiccup must not end the loop
                 log.exception("pending-message sweep failed")
             with contextlib.suppress(TimeoutError):
@@ -209,7 +224,13 @@ class Triage:
                     unfurl_media=False,
                 )
             except SlackApiError as exc:
-                await self._retry_later(message, f"chat.postMessage: {exc.response.get('error')}")
+                error = f"chat.postMessage: {exc.response.get('error')}"
+                if exc.response.get("error") in UNPOSTABLE:
+                    log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
+                    async with self.sessions.begin() as session:
+                        await repo.mark_skipped(session, message.id, reason=error)
+                else:
+                    await self._retry_later(message, error)
                 return
             channel, ts = str(posted["channel"]), str(posted["ts"])
             # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
@@ -241,14 +262,13 @@ class Triage:
     async def _retry_later(self, message: Message, error: str) -> None:
         log.warning("message %s in %s not answered yet: %s", message.ts, message.channel_id, error)
         async with self.sessions.begin() as session:
-            when = await repo.schedule_retry(
+            await repo.schedule_retry(
                 session,
                 message.id,
                 error=error,
                 base_delay=timedelta(seconds=self.settings.triage_retry_base_s),
+                max_delay=timedelta(seconds=self.settings.triage_retry_max_s),
             )
-        if when is None:
-            log.error("giving up on message %s in %s after repeated failures", message.ts, message.channel_id)
 
     async def _route(self, message: Message, views: Mapping[str, LabelView]) -> None:
         """Urgent messages: a reaction on the original and a post in the escalation channel; topic routes."""

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy import func, select
 from sqlalchemy.engine import URL
@@ -422,3 +423,37 @@ async def test_retrain_while_one_runs_is_answered_in_the_acknowledgement(harness
     assert h.bot.retrainer.process is None  # nothing started, and nothing more to say later
     [entry] = await h.rows(AuditEntry)
     assert (entry.action, entry.allowed, entry.reason) == ("retrain", True, "already running")
+
+
+async def test_a_long_classifier_outage_delays_the_answer_and_never_loses_it(
+    harness_factory: Any, tiny_bert: Path, data_dir: Path
+) -> None:
+    """Retries go on past the ten attempts that used to skip a message for good, at a capped interval;
+    the backlog shows in /healthz, /metrics and /triage status meanwhile."""
+    h = await harness_factory(with_model=False, triage_retry_max_s=0.2)
+    event, _ = await h.post_customer_message("Nothing loads since the update")
+    assert await h.eventually(lambda: h.count(Message, Message.attempts >= 12), within_s=30)
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.PENDING and message.last_error
+    base = f"http://127.0.0.1:{h.bot.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{base}/healthz") as response:
+            assert await response.json() == {"ok": True, "waiting": 1, "retrying": 1}
+        async with http.get(f"{base}/metrics") as response:
+            metrics = await response.text()
+    assert "triage_bot_messages_waiting 1.0" in metrics and "triage_bot_messages_retrying 1.0" in metrics
+    await h.slack.send_command("/triage", "status", user_id=ADMIN, channel_id=CHANNEL)
+    [status] = await h.slack.wait_for_response(timeout=5)
+    assert "*Waiting:* 1 message(s) not answered yet, 1 of them after failures" in str(status.body)
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert)  # the classifier comes back
+    await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+
+
+async def test_a_reply_slack_will_never_take_skips_the_message(harness_factory: Any) -> None:
+    h = await harness_factory()
+    h.slack.fail_next("chat.postMessage", error="is_archived")
+    await h.post_customer_message("Is anyone there?")
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.SKIPPED))
+    [message] = await h.rows(Message)
+    assert message.last_error == "chat.postMessage: is_archived"

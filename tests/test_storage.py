@@ -404,19 +404,40 @@ async def test_pending_messages_are_claimed_retried_and_classified(session_facto
         assert await repo.count_pending(session) == 0
 
 
-async def test_retries_give_up_after_max_attempts(session_factory: Factory) -> None:
+async def test_skipped_messages_with_text_are_requeued(session_factory: Factory) -> None:
+    gave_up = await store(session_factory, "6.1")
+    empty = await store(session_factory, "6.2", text="  ")
+    forgotten = await store(session_factory, "6.3", text=None)
+    answered = await store(session_factory, "6.4")
+    async with session_factory.begin() as session:
+        for message in (gave_up, empty, forgotten):
+            await repo.mark_skipped(session, message.id, reason="retries exhausted (an older version)")
+        await repo.mark_classified(session, answered.id)
+        assert await repo.count_skipped(session) == 1
+    async with session_factory.begin() as session:
+        assert await repo.requeue_skipped(session, now=at(10)) == 1
+    async with session_factory.begin() as session:
+        assert [m.id for m in await repo.claim_due_messages(session, now=at(10))] == [gave_up.id]
+        again = await session.get(Message, gave_up.id)
+        assert again is not None and (again.attempts, again.last_error) == (1, None)
+        assert await repo.count_skipped(session) == 0
+
+
+async def test_retries_never_give_up_and_the_delay_is_capped(session_factory: Factory) -> None:
+    """A classifier outage of any length only delays the answer: 50 failed attempts, still pending."""
     message = await store(session_factory, "5.2", received=T0)
     now = T0
-    for attempt in range(1, 4):
+    cap = timedelta(minutes=5)
+    for attempt in range(1, 51):
         now += timedelta(days=1)
         async with session_factory.begin() as session:
             assert [m.attempts for m in await repo.claim_due_messages(session, now=now)] == [attempt]
-            retry = await repo.schedule_retry(session, message.id, error="boom", now=now, max_attempts=3)
-        assert (retry is None) == (attempt == 3)
+            retry = await repo.schedule_retry(session, message.id, error="boom", now=now, max_delay=cap)
+        assert retry == now + min(repo.RETRY_BASE_DELAY * 2 ** min(attempt, 10), cap)
     async with session_factory() as session:
-        gone = await repo.get_message(session, "T1", "C1", "5.2")
-        assert gone is not None and (gone.state, gone.last_error) == (MessageState.SKIPPED, "boom")
-        assert await repo.claim_due_messages(session, now=now + timedelta(days=30)) == []
+        waiting = await repo.get_message(session, "T1", "C1", "5.2")
+        assert waiting is not None and (waiting.state, waiting.last_error) == (MessageState.PENDING, "boom")
+        assert await repo.backlog(session) == repo.Backlog(waiting=1, failed=1, oldest=T0)
     async with session_factory.begin() as session:
         other = await store(session_factory, "5.3")
         await repo.mark_skipped(session, other.id, reason="bot message")
@@ -697,3 +718,23 @@ async def test_cli_actions_are_audited(engine: AsyncEngine, database_url: URL) -
         assert [(e.args, e.allowed) for e in entries] == [({"user": "W42"}, True)]
         assert entries[0].user_id.startswith("cli:")
         assert await repo.is_forgotten(session, "W42")
+
+
+async def test_messages_retry_command_queues_skipped_messages(
+    engine: AsyncEngine, session_factory: Factory, database_url: URL
+) -> None:
+    app = typer.Typer()
+    register(app)
+    skipped = await store(session_factory, "7.1")
+    async with session_factory.begin() as session:
+        await repo.mark_skipped(session, skipped.id, reason="classifier: gave up after 10 attempts")
+    url = ["--database-url", database_url.render_as_string(hide_password=False)]
+    dry = await asyncio.to_thread(CliRunner().invoke, app, ["messages", "retry", "--dry-run", *url])
+    assert dry.exit_code == 0 and "would queue 1 skipped message(s)" in dry.output, dry.output
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["messages", "retry", *url])
+    assert result.exit_code == 0 and "queued 1 skipped message(s)" in result.output, result.output
+    async with session_factory() as session:
+        again = await session.get(Message, skipped.id)
+        assert again is not None and again.state == MessageState.PENDING
+        [entry] = await repo.list_audit_entries(session, action="messages.retry")
+        assert entry.args == {"queued": 1}

@@ -1,4 +1,4 @@
-"""``triage db upgrade|current`` and ``triage data forget|purge``.
+"""``triage db upgrade|current``, ``triage messages retry`` and ``triage data forget|purge``.
 
 Wiring (``bot/cli.py``): ``register(app)`` adds the ``db`` group; ``forget_command`` and ``purge_command``
 are plain typer commands to attach to the ``data`` group the classifier's CLI creates, e.g.
@@ -53,6 +53,13 @@ DatabaseUrlOption = Annotated[
 db_app = typer.Typer(
     name="db",
     help="The database schema: migrate it, or show where it stands.",
+    no_args_is_help=True,
+)
+
+
+messages_app = typer.Typer(
+    name="messages",
+    help="Stored Slack messages: bring skipped ones back.",
     no_args_is_help=True,
 )
 
@@ -150,6 +157,31 @@ def current_command(
         raise typer.Exit(1)
 
 
+@messages_app.command("retry")
+def retry_command(
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be queued.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Queue skipped messages again (those with text): a running bot classifies and answers them.
+
+    Messages are skipped when they cannot be classified or posted, or (in earlier versions) after ten
+    failed attempts. A reply already posted is updated, never posted twice.
+    """
+    operator = _operator()
+
+    async def work(session: AsyncSession) -> int:
+        if dry_run:
+            return await repository.count_skipped(session)
+        queued = await repository.requeue_skipped(session)
+        await repository.add_audit_entry(
+            session, user_id=operator, action="messages.retry", args={"queued": queued}, allowed=True
+        )
+        return queued
+
+    count = _run(database_url, lambda url: _in_session(url, work))
+    typer.echo(f"would queue {count} skipped message(s)" if dry_run else f"queued {count} skipped message(s)")
+
+
 def forget_command(
     user: Annotated[
         str, typer.Option("--user", "-u", help="Slack user id (U… or W…) of the person to forget.")
@@ -235,7 +267,8 @@ def register_data_commands(data_app: typer.Typer) -> None:
 
 
 def register(app: typer.Typer, *, data_app: typer.Typer | None = None) -> None:
-    """Add the ``db`` group to the root app (and the data commands to ``data_app`` when given)."""
+    """Add the ``db`` and ``messages`` groups to the root app (and the data commands to ``data_app``)."""
     app.add_typer(db_app, name="db")
+    app.add_typer(messages_app, name="messages")
     if data_app is not None:
         register_data_commands(data_app)

@@ -55,8 +55,7 @@ from classifier.results import HeadPrediction
 # How long a claimed message belongs to its worker before another may take it (a crash must not lose it).
 DEFAULT_LEASE = timedelta(minutes=2)
 RETRY_BASE_DELAY = timedelta(seconds=30)
-RETRY_MAX_DELAY = timedelta(hours=1)
-MAX_ATTEMPTS = 10
+RETRY_MAX_DELAY = timedelta(minutes=10)
 
 
 # --- value types ---------------------------------------------------------------------------------------
@@ -91,6 +90,15 @@ class Stats:
     corrections: int
     confirmations: int
     pending: int
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Messages waiting for an answer: all of them, those that failed at least once, the oldest's arrival."""
+
+    waiting: int
+    failed: int
+    oldest: datetime | None
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -308,23 +316,17 @@ async def schedule_retry(
     now: datetime | None = None,
     base_delay: timedelta = RETRY_BASE_DELAY,
     max_delay: timedelta = RETRY_MAX_DELAY,
-    max_attempts: int = MAX_ATTEMPTS,
-) -> datetime | None:
-    """After a failed classification: retry later with exponential backoff; returns when.
+) -> datetime:
+    """After a failure that can pass (classifier or Slack unreachable): retry later; returns when.
 
-    The delay doubles with each claim (``attempts``) up to ``max_delay``. After ``max_attempts`` claims the
-    message is skipped for good and ``None`` is returned.
+    The delay doubles with each claim (``attempts``) up to ``max_delay``, and the message is never given
+    up: an outage of any length only delays its answer. What cannot pass is ``mark_skipped`` instead.
     """
     now = now or utcnow()
     message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
         raise LookupError(f"no message with id {message_id}")
     message.last_error = error[:2000]
-    if message.attempts >= max_attempts:
-        message.state = MessageState.SKIPPED
-        message.next_attempt_at = None
-        await session.flush()
-        return None
     delay = min(base_delay * (2 ** min(message.attempts, 30)), max_delay)
     message.state = MessageState.PENDING
     message.next_attempt_at = now + delay
@@ -336,6 +338,44 @@ async def count_pending(session: AsyncSession) -> int:
     return await _count(
         session, select(func.count()).select_from(Message).where(Message.state == MessageState.PENDING)
     )
+
+
+async def backlog(session: AsyncSession) -> Backlog:
+    """Messages stored and not answered yet: how many, how many after a failure, since when."""
+    waiting, failed, oldest = (
+        await session.execute(
+            select(
+                func.count(),
+                func.count(Message.last_error),
+                func.min(Message.received_at),
+            ).where(Message.state == MessageState.PENDING)
+        )
+    ).one()
+    return Backlog(waiting=int(waiting), failed=int(failed), oldest=oldest)
+
+
+def _requeueable() -> Any:
+    """Skipped messages that have text to classify (not empty, not forgotten or purged)."""
+    has_text = Message.text.is_not(None) & (func.trim(Message.text) != "")
+    return (Message.state == MessageState.SKIPPED) & has_text
+
+
+async def count_skipped(session: AsyncSession) -> int:
+    return await _count(session, select(func.count()).select_from(Message).where(_requeueable()))
+
+
+async def requeue_skipped(session: AsyncSession, *, now: datetime | None = None) -> int:
+    """Make every skipped message with text pending again, due now; returns how many.
+
+    A reply posted before it was skipped is updated, never posted twice (``Message.reply_ts``).
+    """
+    result = await session.execute(
+        update(Message)
+        .where(_requeueable())
+        .values(state=MessageState.PENDING, attempts=0, next_attempt_at=now or utcnow(), last_error=None)
+        .execution_options(synchronize_session=False)
+    )
+    return _rowcount(result)
 
 
 # --- predictions ---------------------------------------------------------------------------------------
