@@ -1,4 +1,5 @@
-"""Slash commands: ``/classify <text>`` for anyone, ``/triage status|models|retrain|rollback`` for admins."""
+"""Slash commands: ``/classify <text>`` for anyone, ``/triage status|models`` for agents, ``/triage
+retrain|rollback`` for admins."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
+from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.settings import BotSettings
 from bot.storage import repository as repo
@@ -32,12 +34,13 @@ CLASSIFY_USAGE = (
 )
 TRIAGE_USAGE = (
     "*/triage* commands:\n"
-    "• `/triage status`: active model, its metrics, feedback since the last training, the last run\n"
-    "• `/triage models`: model versions\n"
+    "• `/triage status`: active model, its metrics, feedback since the last training, the last run (agents)\n"
+    "• `/triage models`: model versions (agents)\n"
     "• `/triage retrain [--dry-run]`: retrain on the corrections (admins)\n"
     "• `/triage rollback VERSION`: switch the active model back (admins)"
 )
 ADMIN_ONLY = {"retrain", "rollback"}
+AGENTS_ONLY = {"status", "models"}  # they show model internals and the last run's error
 # Slack wants an answer to a slash command within 3 s; leave room for the network.
 CLASSIFY_INLINE_BUDGET_S = 2.0
 
@@ -48,11 +51,13 @@ class Commands:
         settings: BotSettings,
         sessions: async_sessionmaker[AsyncSession],
         classifier: Classifier,
+        agents: Agents,
         retrainer: Retrainer | None = None,
     ):
         self.settings = settings
         self.sessions = sessions
         self.classifier = classifier
+        self.agents = agents
         self.retrainer = retrainer
 
     # ---- /classify ---------------------------------------------------------------------------------
@@ -100,6 +105,12 @@ class Commands:
                 response_type="ephemeral",
                 text=f"Sorry, `/triage {sub}` is for triage admins only. Ask one of "
                 f"{', '.join(f'<@{a}>' for a in self.settings.triage_admins) or 'your Slack admins'}.",
+            )
+            return
+        if sub in AGENTS_ONLY and not await self.agents.is_agent(user):
+            await ack(
+                response_type="ephemeral",
+                text=f"Sorry, `/triage {sub}` is for the support team of this workspace only.",
             )
             return
         if sub == "status":

@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot.agents import Agents
 from bot.app import build_app, http_app, make_web_client
 from bot.commands import Commands
 from bot.reactions import ReactionMap
@@ -121,7 +122,8 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             max_rows=settings.triage_retrain_max_accepted,
         ),
     )
-    commands = Commands(settings, sessions, classifier, retrainer)
+    agents = Agents(client, team_id=str(auth.get("team_id") or ""), admins=settings.triage_admins)
+    commands = Commands(settings, sessions, classifier, agents, retrainer)
     app = build_app(settings, triage, commands, client)
 
     stop = asyncio.Event()

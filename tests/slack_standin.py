@@ -517,8 +517,19 @@ class SlackStandIn:
         display_name: str | None = None,
         is_bot: bool = False,
         email: str | None = None,
+        team_id: str | None = None,
+        is_restricted: bool = False,
+        is_ultra_restricted: bool = False,
+        deleted: bool = False,
     ) -> JSON:
-        """Register a user as users.info reports it (unknown users are made up on first use)."""
+        """Register a user as users.info reports it (unknown users are made up on first use).
+
+        ``team_id``: the user's home workspace; another one is someone from another organization in a
+        shared (Slack Connect) channel. Guests as Slack marks them: multi-channel ``is_restricted``,
+        single-channel ``is_restricted`` and ``is_ultra_restricted``. ``deleted``: deactivated.
+        """
+        team_id = team_id or self.team_id
+        is_restricted = is_restricted or is_ultra_restricted
         name = name or user_id.lower()
         real_name = real_name or name.replace(".", " ").title()
         display_name = name if display_name is None else display_name
@@ -541,7 +552,7 @@ class SlackStandIn:
                 f"image_{size}": f"https://avatars.example/{user_id}_{size}.png"
                 for size in (24, 32, 48, 72, 192)
             },
-            "team": self.team_id,
+            "team": team_id,
         }
         if is_bot:
             profile.update(
@@ -555,9 +566,9 @@ class SlackStandIn:
             profile["email"] = email or f"{name}@{self.team_domain}.example"
         user: JSON = {
             "id": user_id,
-            "team_id": self.team_id,
+            "team_id": team_id,
             "name": name,
-            "deleted": False,
+            "deleted": deleted,
             "color": "9f69e7",
             "real_name": real_name,
             "tz": "Etc/UTC",
@@ -567,8 +578,8 @@ class SlackStandIn:
             "is_admin": False,
             "is_owner": False,
             "is_primary_owner": False,
-            "is_restricted": False,
-            "is_ultra_restricted": False,
+            "is_restricted": is_restricted,
+            "is_ultra_restricted": is_ultra_restricted,
             "is_bot": is_bot,
             "is_app_user": False,
             "updated": int(time.time()),

@@ -457,3 +457,31 @@ async def test_a_reply_slack_will_never_take_skips_the_message(harness_factory: 
     assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.SKIPPED))
     [message] = await h.rows(Message)
     assert message.last_error == "chat.postMessage: is_archived"
+
+
+async def test_status_and_models_are_for_agents_only(harness_factory: Any) -> None:
+    """Guests and people from other organizations in a shared channel get a private refusal, not the
+    model's internals or the last run's error; the workspace's own members get both."""
+    h = await harness_factory()
+    outsiders = [
+        h.slack.add_user("U0GUEST", "guest", is_restricted=True),
+        h.slack.add_user("U0SINGLE", "single.channel.guest", is_ultra_restricted=True),
+        h.slack.add_user("U0PARTNER", "partner", team_id="T0OTHERORG"),
+        h.slack.add_user("U0LEFT", "left.the.company", deleted=True),
+    ]
+    for user in outsiders:
+        for sub in ("status", "models"):
+            response = await h.slack.send_command("/triage", sub, user_id=user["id"], channel_id=CHANNEL)
+            assert response.status == 200
+            body = response.json()
+            assert body["response_type"] == "ephemeral", body
+            assert body["text"] == f"Sorry, `/triage {sub}` is for the support team of this workspace only."
+    h.slack.add_user(AGENT, "agent")
+    for _ in range(2):
+        response = await h.slack.send_command("/triage", "models", user_id=AGENT, channel_id=CHANNEL)
+        assert response.json()["text"] == "Listing models…"
+    posted = await h.slack.wait_for_response(count=2, timeout=5)
+    assert all("v1" in str(p.body) for p in posted)
+    assert all(p.context["user_id"] == AGENT for p in h.slack.responses)  # nothing went to the others
+    lookups = [c.args["user"] for c in h.slack.calls_to("users.info")]
+    assert sorted(lookups) == sorted([u["id"] for u in outsiders] + [AGENT])  # each looked up once

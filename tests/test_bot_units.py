@@ -105,3 +105,4 @@ def test_manifest_matches_what_the_bot_handles() -> None:
     assert manifest["settings"]["interactivity"]["is_enabled"]
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"chat:write", "reactions:read", "reactions:write", "commands", "channels:history"} <= scopes
+    assert "users:read" in scopes  # users.info tells agents from guests and other organizations

@@ -544,6 +544,13 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert (user["id"], user["name"], user["is_bot"]) == ("U0ANNA", "anna", False)
     assert user["profile"]["display_name"] == "Anna" and user["profile"]["real_name"] == "Anna Example"
     assert (await client.users_info(user="U0BOT"))["user"]["is_bot"] is True
+    assert (user["team_id"], user["is_restricted"], user["is_ultra_restricted"]) == ("T0001", False, False)
+    slack.add_user("U0GUEST", is_ultra_restricted=True)  # a single-channel guest is restricted too
+    slack.add_user("U0PARTNER", team_id="T0OTHER", deleted=True)
+    guest = (await client.users_info(user="U0GUEST"))["user"]
+    assert (guest["team_id"], guest["is_restricted"], guest["is_ultra_restricted"]) == ("T0001", True, True)
+    partner = (await client.users_info(user="U0PARTNER"))["user"]
+    assert (partner["team_id"], partner["profile"]["team"], partner["deleted"]) == ("T0OTHER",) * 2 + (True,)
 
     slack.add_channel("C0QUIET", "quiet", is_member=False)
     channel = (await client.conversations_info(channel="C0QUIET"))["channel"]
