@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_bolt.request.internals import parse_body
 from slack_bolt.response import BoltResponse
 from slack_sdk.http_retry.builtin_async_handlers import (
@@ -54,17 +55,27 @@ EVENT_FIELDS: dict[str, dict[str, type]] = {
 REQUIRED_EVENT_FIELDS = {"message": ("ts", "channel")}
 
 
-def make_web_client(settings: BotSettings) -> AsyncWebClient:
-    """Web API client with Slack's documented retry rules: 429 waits Retry-After, 5xx and resets retry."""
+def make_web_client(settings: BotSettings, retry: bool = True) -> AsyncWebClient:
+    """Web API client with Slack's documented retry rules: 429 waits Retry-After, 5xx and resets retry
+    (``retry=False``: none, for a caller with its own retry loop)."""
+    handlers = [
+        AsyncConnectionErrorRetryHandler(max_retry_count=2),
+        AsyncRateLimitErrorRetryHandler(max_retry_count=5),
+        AsyncServerErrorRetryHandler(max_retry_count=2),
+    ]
     return AsyncWebClient(
         token=settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
-        retry_handlers=[
-            AsyncConnectionErrorRetryHandler(max_retry_count=2),
-            AsyncRateLimitErrorRetryHandler(max_retry_count=5),
-            AsyncServerErrorRetryHandler(max_retry_count=2),
-        ],
+        retry_handlers=handlers if retry else [],
     )
+
+
+class _TokenUnusedFilter(logging.Filter):
+    """Drops Bolt's "As you gave `client` as well, `token` will be unused": Bolt reads SLACK_BOT_TOKEN from
+    the environment (set in every deployment) even when given a client, and warned at every start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
 
 
 def is_new_customer_message(event: dict[str, Any]) -> bool:
@@ -77,6 +88,9 @@ def is_new_customer_message(event: dict[str, Any]) -> bool:
 
 
 def build_app(settings: BotSettings, triage: Triage, commands: Commands, client: AsyncWebClient) -> AsyncApp:
+    bolt_log = logging.getLogger("bot.bolt")
+    if not any(isinstance(f, _TokenUnusedFilter) for f in bolt_log.filters):
+        bolt_log.addFilter(_TokenUnusedFilter())
     app = AsyncApp(
         client=client,
         signing_secret=settings.slack_signing_secret.get_secret_value()
@@ -85,7 +99,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         request_verification_enabled=not settings.socket_mode,
         # listeners store what must not be lost before Slack gets its 200; slow work goes to later()
         process_before_response=True,
-        logger=logging.getLogger("bot.bolt"),
+        logger=bolt_log,
     )
     background: set[asyncio.Task[Any]] = set()
 

@@ -7,9 +7,12 @@ import contextlib
 import logging
 import os
 import signal
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 from slack_sdk.errors import SlackApiError
@@ -30,6 +33,13 @@ from classifier.paths import registry_dir
 from classifier.registry import Registry
 
 log = logging.getLogger(__name__)
+
+SLACK_RETRY_BASE_S = 1.0
+SLACK_RETRY_MAX_S = 30.0  # Slack unreachable at start: the longest wait between two tries
+# auth.test errors that mean the token itself is refused: no retry can help
+REJECTED_TOKEN = frozenset(
+    {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
+)
 
 
 class StartupError(RuntimeError):
@@ -80,12 +90,10 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             await mirror_versions(session, registry)
     client = make_web_client(settings)
     try:
-        auth = await client.auth_test()
-    except SlackApiError as exc:
+        auth = await wait_for_slack(settings)
+    except BaseException:  # a rejected token, or stopped while waiting
         await engine.dispose()
-        raise StartupError(
-            f"Slack rejected SLACK_BOT_TOKEN (auth.test: {exc.response.get('error')})"
-        ) from None
+        raise
     # in-process, the model leaves one core to the event loop, so acknowledgements stay fast under load
     embedded = EngineConfig(cpu_threads=max(1, (os.cpu_count() or 2) - 1))
     classifier = make_classifier(
@@ -168,6 +176,37 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup)
 
 
+async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:
+    """``auth.test`` until Slack answers: who the bot is. Unreachable (a network blip, DNS at container
+    start, a mistyped SLACK_API_URL) or failing on Slack's side is retried with a capped back-off, one line
+    each; a token Slack rejects is a ``StartupError`` naming the variable."""
+    client = make_web_client(settings, retry=False)  # this loop is the retry
+    delay = SLACK_RETRY_BASE_S
+    while True:
+        try:
+            return dict((await client.auth_test()).data)  # type: ignore[arg-type]
+        except SlackApiError as exc:
+            error = exc.response.get("error")
+            if error in REJECTED_TOKEN:
+                raise StartupError(f"Slack rejected SLACK_BOT_TOKEN (auth.test: {error})") from None
+            reason = f"auth.test: HTTP {exc.response.status_code} {error}"
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+        log.warning(
+            "Slack is not reachable at %s (%s); trying again in %.0f s",
+            _without_credentials(settings.slack_api_url),
+            reason,
+            delay,
+        )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, SLACK_RETRY_MAX_S)
+
+
+def _without_credentials(url: str) -> str:
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value else None
 
@@ -196,12 +235,29 @@ def _uploader(client: AsyncWebClient) -> Any:
 
 
 async def run_bot(settings: BotSettings) -> None:
-    """Run until SIGINT/SIGTERM, then shut down gracefully."""
-    bot = await start_bot(settings)
+    """Run until SIGINT/SIGTERM (which also ends a wait for Slack at start), then shut down gracefully."""
+    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, bot.stop_event.set)
-    await bot.stop_event.wait()
+            loop.add_signal_handler(sig, stop.set)
+    bot = await until_stopped(start_bot(settings), stop)
+    if bot is None:
+        return
+    await stop.wait()
     log.info("shutting down")
     await bot.stop()
+
+
+async def until_stopped(starting: Awaitable[RunningBot], stop: asyncio.Event) -> RunningBot | None:
+    """The started bot, or ``None`` when ``stop`` came first (start-up is then cancelled)."""
+    start = asyncio.ensure_future(starting)
+    stopped = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    if not start.done():
+        start.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        return None
+    return start.result()

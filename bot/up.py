@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import typer
 
+from bot.settings import BotSettings
 from classifier.paths import STARTER_DATA, data_dir, registry_dir
 from classifier.registry import Registry
 
@@ -71,7 +72,7 @@ def classifier_token() -> str:
 
 
 async def run_up(host: str, port: int) -> None:
-    from bot.main import start_bot
+    from bot.main import RunningBot, StartupError, start_bot, until_stopped
     from bot.settings import settings_or_exit
     from classifier.server import load_settings as load_server_settings
     from classifier.server import serve
@@ -79,13 +80,24 @@ async def run_up(host: str, port: int) -> None:
     token = classifier_token()
     server_settings = load_server_settings(host=host, port=port, token=token)
     stop = asyncio.Event()
-    bot = None
+    bot_task: asyncio.Task[RunningBot | None] | None = None
+    failed: list[str] = []
+
+    async def start_bot_meanwhile(settings: BotSettings) -> RunningBot | None:
+        """The bot starts beside the classifier: waiting for Slack never keeps the page from serving."""
+        try:
+            bot = await until_stopped(start_bot(settings), stop)
+        except StartupError as exc:  # e.g. a token Slack rejects: everything stops, with that one line
+            failed.append(str(exc))
+            stop.set()
+            return None
+        if bot is not None:
+            mode = "Socket Mode" if settings.socket_mode else f"HTTP port {bot.port}"
+            typer.echo(f"Slack bot running ({mode})")
+        return bot
+
     if os.environ.get("SLACK_BOT_TOKEN"):
-        settings = settings_or_exit()
-        bot = await start_bot(settings)
-        typer.echo(
-            f"Slack bot running ({'Socket Mode' if settings.socket_mode else f'HTTP port {bot.port}'})"
-        )
+        bot_task = asyncio.ensure_future(start_bot_meanwhile(settings_or_exit()))
     else:
         typer.echo(
             "Slack bot not started: set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN for "
@@ -121,10 +133,15 @@ async def run_up(host: str, port: int) -> None:
     try:
         await serve(server_settings, stop=stop, on_listening=listening)
     finally:
+        stop.set()
         for task in announce:
             task.cancel()
+        bot = await bot_task if bot_task is not None else None
         if bot is not None:
             await bot.stop()
+    if failed:
+        typer.echo(f"error: {failed[0]}", err=True)
+        raise typer.Exit(2)
 
 
 def up_command(
