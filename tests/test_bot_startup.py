@@ -247,8 +247,9 @@ async def test_triage_up_serves_the_classifier_while_slack_is_unreachable(
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
-async def test_triage_bot_with_a_rejected_token_says_so_in_one_line(
-    ready: Any, data_dir: Path, database_url: URL
+@pytest.mark.parametrize("command", [["bot"], ["up", "--port", "0"]])
+async def test_a_rejected_token_stops_the_command_with_one_line(
+    ready: Any, data_dir: Path, database_url: URL, command: list[str]
 ) -> None:
     async with SlackStandIn() as slack:
         env = _environment(
@@ -258,7 +259,7 @@ async def test_triage_bot_with_a_rejected_token_says_so_in_one_line(
             sys.executable,
             "-m",
             "bot.cli",
-            "bot",
+            *command,
             cwd=REPO,
             env=env,
             stdout=asyncio.subprocess.PIPE,
