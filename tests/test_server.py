@@ -12,6 +12,7 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yarl
 from typer.testing import CliRunner
 
 from classifier.engine import Engine
@@ -162,6 +163,9 @@ async def test_no_auth_mode_needs_no_token(registry: Registry) -> None:
         (b'{"texts": ["ok", 5]}', 422, "texts[1]"),
         (b'{"texts": [["nested"]]}', 422, "texts[0]"),
         (json.dumps({"texts": ["ok", "x" * (MAX_CHARS + 1)]}).encode(), 422, "texts[1] has 20001 characters"),
+        (b'{"texts": ["ok", "\\ud800"]}', 422, "texts[1] cannot be encoded as UTF-8"),
+        (b'{"texts": [' + b"[" * 200_000 + b"]" * 200_000 + b"]}", 400, "nested too deeply"),
+        (b'{"texts": ' * 200_000, 400, "nested too deeply"),
     ],
 )
 async def test_bad_input(shared: Any, body: bytes, status: int, message: str) -> None:
@@ -442,6 +446,31 @@ async def test_serve_drains_in_flight_requests_on_shutdown(
     assert "secret-in-query-string" not in caplog.text  # the access log has no query strings
     assert TOKEN not in caplog.text and ADMIN_TOKEN not in caplog.text
     assert "GET / 200" in caplog.text
+
+
+async def test_access_log_escapes_control_characters(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoded %0A in the path must not start a log line of its own (log forging)."""
+    caplog.set_level(logging.INFO)
+    stop = asyncio.Event()
+    listening: asyncio.Queue[int] = asyncio.Queue()
+    server = asyncio.create_task(
+        serve(settings(host="127.0.0.1", port=0), registry=registry, stop=stop, on_listening=listening.put)
+    )
+    port = await asyncio.wait_for(listening.get(), 10)
+    forged = "/x%0A2026-12-01 18:00:00,000 INFO classifier.server: activated v9 via the HTTP API%1B[2J"
+    forged = forged.replace(" ", "%20")
+    async with (
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http,
+        http.get(yarl.URL(forged, encoded=True)) as r,
+    ):
+        assert r.status == 404
+    stop.set()
+    await asyncio.wait_for(server, 10)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/x" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line
+    assert "/x\\n2026-12-01 18:00:00,000 INFO" in line and "\\x1b[2J 404" in line
 
 
 async def test_serve_fails_fast_when_no_model_can_be_loaded(tmp_path: Path) -> None:
