@@ -28,6 +28,7 @@ from bot.blocks import DONE_ACTION, FIX_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.settings import BotSettings
 from bot.triage import IncomingMessage, Triage
+from classifier.logsafe import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -185,7 +186,9 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
-        log.exception("unhandled error in a Slack listener (%s)", body.get("type"), exc_info=error)
+        log.exception(
+            "unhandled error in a Slack listener (%s)", escape_controls(body.get("type")), exc_info=error
+        )
         return BoltResponse(status=500, body="")
 
     return app

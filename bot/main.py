@@ -25,6 +25,7 @@ from bot.storage.database import check_schema, create_engine, create_session_fac
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
 from classifier.engine import EngineConfig
+from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
 from classifier.registry import Registry
 
@@ -147,7 +148,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         cleanup.append(drain)
         cleanup.append(handler.close_async)
     else:
-        runner = web.AppRunner(http_app(app), shutdown_timeout=10)
+        runner = web.AppRunner(http_app(app), shutdown_timeout=10, access_log_class=AccessLogger)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()

@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from classifier.logsafe import redact_url
+
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
@@ -98,7 +100,7 @@ class BotSettings(BaseSettings):
         if not v:
             return None
         if not re.match(r"^https?://[^\s/]+", v):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
+            raise ValueError(f"must be an http(s) URL, got {redact_url(v)!r}")
         return v
 
     @field_validator("slack_api_url")

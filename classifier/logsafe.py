@@ -15,8 +15,8 @@ from aiohttp.abc import AbstractAccessLogger
 # C0 and C1 controls (newlines included), DEL, Unicode line/paragraph separators, and lone surrogates
 # (which a UTF-8 log stream cannot even write).
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")
-# scheme://userinfo@ : the userinfo ends at the last "@" before the path, query or fragment (RFC 3986)
-_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
+# [scheme://]userinfo@ : the userinfo ends at the last "@" before the path, query or fragment (RFC 3986)
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)?[^/?#]*@")
 
 
 def escape_controls(value: object) -> str:
@@ -27,7 +27,7 @@ def escape_controls(value: object) -> str:
 
 def redact_url(url: str) -> str:
     """``url`` without its user and password (``http://***@host/...``): fit for logs and messages."""
-    return _USERINFO.sub(r"\1***@", url)
+    return _USERINFO.sub(lambda m: f"{m.group(1) or ''}***@", url)
 
 
 class AccessLogger(AbstractAccessLogger):

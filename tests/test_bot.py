@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,6 +19,7 @@ from bot.settings import load_settings
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     AuditEntry,
+    Base,
     Correction,
     Message,
     MessageState,
@@ -353,3 +356,79 @@ async def test_overload_waits_in_the_database_and_every_message_is_answered(harn
     await h.slack.wait_for("chat.postMessage", count=6, timeout=20)
     replied = {c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")}
     assert replied == {e["ts"] for e in events}
+
+
+async def test_text_that_is_not_valid_unicode_is_stored_cleaned_and_answered(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON may carry a lone surrogate (\\ud800) or NUL: neither database stores them, so they are replaced;
+    a 500 here would make Slack deliver the event again and again."""
+    h = await harness_factory()
+    event, response = await h.post_customer_message("refund \ud800 please\x00 now")
+    assert response.status == 200
+    await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    [message] = await h.rows(Message)
+    assert message.text == "refund \ufffd please\ufffd now"
+    assert any(
+        r.levelno == logging.WARNING
+        and "not valid Unicode" in r.getMessage()
+        and event["ts"] in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_bot_access_log_cannot_be_forged(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the path nor a header (NEL, U+2028: line breaks to many log readers) starts a log line."""
+    caplog.set_level(logging.INFO)
+    h = await harness_factory()
+    forged = "2026-12-01 18:00:00,000 WARNING bot.triage: forged"
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.bot.port)
+    writer.write(
+        b"GET /x%0A" + forged.replace(" ", "%20").encode() + b"%C2%85 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"User-Agent: probe\xc2\x85" + forged.encode() + b"\xe2\x80\xa8\r\nConnection: close\r\n\r\n"
+    )
+    assert (await reader.read()).startswith(b"HTTP/1.1 404")
+    writer.close()
+
+    async def access_lines() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/x" in r.getMessage()
+        ]
+
+    [line] = await h.eventually(access_lines)
+    assert line.splitlines() == [line]
+    assert f"/x\\n{forged}\\x85 404" in line
+
+
+async def test_classifier_url_credentials_reach_no_log_and_no_row(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cret-pass-0123456789"
+    with socket.socket() as probe:  # a port nobody listens on: every classifier call fails
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    h = await harness_factory(classifier_url=f"http://triage:{secret}@127.0.0.1:{port}")
+    await h.post_customer_message("Login fails with SSO since this morning")
+    assert await h.eventually(lambda: h.count(Message, Message.attempts >= 2), within_s=15)
+    classify = await h.slack.send_command("/classify", "Is the API down?", user_id=AGENT, channel_id=CHANNEL)
+    assert classify.status == 200  # answered in the acknowledgement or later through the response URL
+    for text in ("status", "rollback v1"):
+        response = await h.slack.send_command("/triage", text, user_id=ADMIN, channel_id=CHANNEL)
+        assert response.status == 200
+    await h.slack.wait_for_response(
+        count=2, timeout=15, predicate=lambda r: "failed" in str(r.body) or "Could not" in str(r.body)
+    )
+    assert await h.eventually(lambda: h.count(AuditEntry, AuditEntry.action == "rollback"))
+    [message] = await h.rows(Message)
+    assert "classifier at http://***@127.0.0.1" in str(message.last_error)
+    async with h.sessions() as session:
+        for table in Base.metadata.sorted_tables:
+            rows = (await session.execute(select(table))).all()
+            assert secret not in str(rows), table.name
+    assert [r for r in caplog.records if secret in r.getMessage()] == []
+    assert secret not in caplog.text  # tracebacks included
+    assert "http://***@127.0.0.1" in caplog.text

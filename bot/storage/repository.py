@@ -10,6 +10,7 @@ Times are timezone-aware UTC; each function takes ``now`` for tests and defaults
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -146,6 +147,14 @@ async def delete_events_before(session: AsyncSession, before: datetime) -> int:
 
 
 # --- messages ------------------------------------------------------------------------------------------
+
+# Lone surrogates (JSON's "\ud800") cannot be encoded as UTF-8, and PostgreSQL's text refuses NUL.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` as both databases store it: lone surrogates and NUL replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
 
 
 async def store_message(
