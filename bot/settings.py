@@ -154,6 +154,14 @@ class BotSettings(BaseSettings):
             )
         if self.slack_api_url is None:
             self.slack_api_url = "https://slack.com/api/"
+        if (
+            self.classifier_url
+            and self.classifier_token
+            and redact_url(self.classifier_url) != self.classifier_url
+        ):
+            raise ValueError(  # both would be the one Authorization header: the HTTP client refuses the pair
+                "CLASSIFIER_URL carries a user and password, and CLASSIFIER_TOKEN is set: use one of them"
+            )
         return self
 
     @property
