@@ -15,6 +15,7 @@ import pytest_asyncio
 import yarl
 from typer.testing import CliRunner
 
+import classifier.engine as engine_module
 from classifier.engine import Engine
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
@@ -227,6 +228,43 @@ async def test_results_equal_unbatched_inference_under_concurrency(shared: Any) 
             assert_heads_match(result, expected[i])
             assert truncated == expected[i]["truncated"]
     assert engine.stats.max_batch_texts > len(TEXTS), "requests should have been batched together"
+
+
+async def test_requests_batched_with_one_that_breaks_inference_succeed(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http, engine = server
+    poison = "a text the tokenizer cannot take"
+    tokenize = engine_module._tokenize
+
+    def failing_tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
+        if poison in texts:  # as a fast tokenizer fails on input it cannot encode
+            raise TypeError(
+                "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+            )
+        return tokenize(tokenizer, texts, max_length)
+
+    monkeypatch.setattr(engine_module, "_tokenize", failing_tokenize)
+
+    async def post(texts: list[str]) -> tuple[int, Any]:
+        async with http.post("/v1/classify", json={"texts": texts}, headers=AUTH) as r:
+            return r.status, await r.json()
+
+    with gate_worker(monkeypatch) as gate:
+        held = asyncio.create_task(post(["first"]))
+        await asyncio.to_thread(gate.entered.wait, 5)  # the worker is busy: what follows queues up
+        good = [asyncio.create_task(post([text])) for text in TEXTS[:6]]
+        bad = asyncio.create_task(post(["ok", poison]))
+        for _ in range(500):  # until all seven requests wait for the same pool
+            if engine.queue_depth == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.queue_depth == 8
+        gate.release()
+        statuses = [status for status, _ in await asyncio.gather(held, *good)]
+        bad_status, bad_body = await bad
+    assert statuses == [200] * 7
+    assert bad_status == 500 and "inference failed" in bad_body["error"]
 
 
 async def test_overload_is_503_with_retry_after(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
