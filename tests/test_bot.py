@@ -378,6 +378,15 @@ async def test_text_that_is_not_valid_unicode_is_stored_cleaned_and_answered(
     )
 
 
+async def test_command_arguments_that_cannot_be_stored_are_audited_cleaned(harness_factory: Any) -> None:
+    """%00 in a slash command's text: PostgreSQL's jsonb refuses NUL, which made the command a 500."""
+    h = await harness_factory()
+    response = await h.slack.send_command("/triage", "rollback v1\x00", user_id=AGENT, channel_id=CHANNEL)
+    assert response.status == 200 and "admins only" in response.json()["text"]
+    [entry] = await h.rows(AuditEntry)
+    assert (entry.action, entry.args, entry.allowed) == ("rollback", {"args": ["v1\ufffd"]}, False)
+
+
 async def test_bot_access_log_cannot_be_forged(
     harness_factory: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

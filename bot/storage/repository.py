@@ -157,6 +157,17 @@ def storable_text(text: str) -> str:
     return _UNSTORABLE.sub("\ufffd", text)
 
 
+def _storable_json(value: Any) -> Any:
+    """``storable_text`` for every string in a JSON value (PostgreSQL's jsonb refuses them too)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, Mapping):
+        return {storable_text(str(k)): _storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(v) for v in value]
+    return value
+
+
 async def store_message(
     session: AsyncSession,
     *,
@@ -880,13 +891,13 @@ async def add_audit_entry(
     reason: str | None = None,
     now: datetime | None = None,
 ) -> AuditEntry:
-    """Record an admin action someone asked for, allowed or refused."""
+    """Record an admin action someone asked for, allowed or refused (arguments as typed, made storable)."""
     entry = AuditEntry(
         user_id=user_id,
         action=action,
-        args=dict(args or {}),
+        args=_storable_json(dict(args or {})),
         allowed=allowed,
-        reason=reason,
+        reason=storable_text(reason) if reason is not None else None,
         created_at=now or utcnow(),
     )
     session.add(entry)
