@@ -33,6 +33,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
+from classifier.logsafe import escape_controls
 from classifier.model import MultiHeadClassifier, to_predictions
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
@@ -435,7 +436,9 @@ class Engine:
                 self._fail(calls[0], exc)
                 return
             log.warning(
-                "inference failed for %d calls batched together (%s); retrying each alone", len(calls), exc
+                "inference failed for %d calls batched together (%s); retrying each alone",
+                len(calls),
+                escape_controls(exc),
             )
         for call in calls:
             left = [it for it in items if it.call is call and call.results[it.index] is None]

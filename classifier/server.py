@@ -537,7 +537,7 @@ async def activate_model(request: web.Request) -> web.Response:
         return _error(409, f"version {name} cannot be served: {exc}")
     except EngineNotReady as exc:
         return _error(503, str(exc), {"Retry-After": "1"})
-    log.info("activated %s via the HTTP API", name)
+    log.info("activated %s via the HTTP API", escape_controls(name))
     return web.json_response({"active": info.name, "serving": engine.version})
 
 
