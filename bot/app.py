@@ -37,6 +37,7 @@ from bot.commands import Commands
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
 from bot.triage import IncomingMessage, Triage
+from classifier.logsafe import escape_controls
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,9 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
-        log.exception("unhandled error in a Slack listener (%s)", body.get("type"), exc_info=error)
+        log.exception(
+            "unhandled error in a Slack listener (%s)", escape_controls(body.get("type")), exc_info=error
+        )
         return BoltResponse(status=500, body="")
 
     return app
@@ -288,7 +291,7 @@ def checked_slack_requests(signing_secret: str) -> Any:
         signature = request.headers.get("X-Slack-Signature", "")
         try:
             body = parse_body(raw.decode("utf-8"), request.content_type)
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, or nested too deeply
             body, problem = None, f"{type(exc).__name__}: {str(exc)[:100]}"
         else:
             problem = payload_problem(body)

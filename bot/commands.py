@@ -19,6 +19,7 @@ from bot.settings import BotSettings
 from bot.storage import repository as repo
 from bot.storage.models import ModelStatus
 from classifier.client import Classifier
+from classifier.logsafe import escape_controls
 from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
 
 if TYPE_CHECKING:
@@ -80,7 +81,7 @@ class Commands:
         except InvalidInput as exc:
             return {"text": f"I can't classify that: {exc}"}
         except (ClassifierUnavailable, ClassifierError) as exc:
-            log.warning("/classify failed: %s", exc)
+            log.warning("/classify failed: %s", escape_controls(exc))
             return {"text": "The classifier is not available right now; please try again in a minute."}
         r = result.results[0]
         views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in r.heads.items()}

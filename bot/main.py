@@ -29,6 +29,7 @@ from bot.storage.database import check_schema, create_engine, create_session_fac
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
 from classifier.engine import EngineConfig
+from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
 from classifier.registry import Registry
 
@@ -159,7 +160,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     else:
         assert settings.slack_signing_secret is not None  # required in HTTP mode (settings)
         web_app = http_app(app, settings.slack_signing_secret.get_secret_value(), triage)
-        runner = web.AppRunner(web_app, shutdown_timeout=10)
+        runner = web.AppRunner(web_app, shutdown_timeout=10, access_log_class=AccessLogger)
         await runner.setup()
         site = web.TCPSite(runner, settings.host, settings.port)
         await site.start()

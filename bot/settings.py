@@ -14,6 +14,8 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from classifier.logsafe import redact_url
+
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
@@ -99,7 +101,7 @@ class BotSettings(BaseSettings):
         if not v:
             return None
         if not re.match(r"^https?://[^\s/]+", v):
-            raise ValueError(f"must be an http(s) URL, got {v!r}")
+            raise ValueError(f"must be an http(s) URL, got {redact_url(v)!r}")
         return v
 
     @field_validator("slack_api_url")
@@ -155,6 +157,14 @@ class BotSettings(BaseSettings):
             self.slack_api_url = "https://slack.com/api/"
         if self.triage_retry_max_s < self.triage_retry_base_s:
             raise ValueError("TRIAGE_RETRY_MAX_S must not be less than TRIAGE_RETRY_BASE_S")
+        if (
+            self.classifier_url
+            and self.classifier_token
+            and redact_url(self.classifier_url) != self.classifier_url
+        ):
+            raise ValueError(  # both would be the one Authorization header: the HTTP client refuses the pair
+                "CLASSIFIER_URL carries a user and password, and CLASSIFIER_TOKEN is set: use one of them"
+            )
         return self
 
     @property

@@ -28,6 +28,7 @@ from bot.settings import BotSettings
 from bot.storage import repository as repo
 from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
 from classifier.client import Classifier
+from classifier.logsafe import escape_controls
 from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,14 @@ class Triage:
         propagates, so Slack gets an error and delivers the event again: an acknowledged message is
         always stored. Classification happens later in the bounded work queue.
         """
-        empty = not incoming.text.strip()
+        text = repo.storable_text(incoming.text)
+        if text != incoming.text:  # stored cleaned: a failure here would only make Slack send it again
+            log.warning(
+                "message %s in %s is not valid Unicode (lone surrogates or NUL): stored with U+FFFD instead",
+                escape_controls(incoming.ts),
+                escape_controls(incoming.channel_id),
+            )
+        empty = not text.strip()
         async with self.sessions.begin() as session:
             if incoming.event_id and not await repo.record_event(session, incoming.event_id):
                 return False
@@ -115,7 +123,7 @@ class Triage:
                 channel_id=incoming.channel_id,
                 ts=incoming.ts,
                 user_id=incoming.user_id,
-                text=incoming.text,
+                text=text,
                 thread_ts=incoming.thread_ts,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
             )
@@ -260,7 +268,8 @@ class Triage:
                 await asyncio.sleep(0.2 * 2**attempt)
 
     async def _retry_later(self, message: Message, error: str) -> None:
-        log.warning("message %s in %s not answered yet: %s", message.ts, message.channel_id, error)
+        where = f"{escape_controls(message.ts)} in {escape_controls(message.channel_id)}"
+        log.warning("message %s not answered yet: %s", where, escape_controls(error))
         async with self.sessions.begin() as session:
             await repo.schedule_retry(
                 session,

@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 import aiohttp
 
 from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
+from classifier.logsafe import redact_url
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
 from classifier.registry import Registry, RegistryError, VersionInfo
@@ -191,7 +192,8 @@ class HttpClassifier:
         retry: RetryPolicy | None = None,
         session: aiohttp.ClientSession | None = None,
     ):
-        self.url = url.rstrip("/")
+        self._url = url.rstrip("/")  # may carry a user and password (sent as basic auth): requests only
+        self.url = redact_url(self._url)  # for messages and logs
         self._token = token
         self._admin_token = admin_token
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -199,7 +201,7 @@ class HttpClassifier:
         self._session = session
         self._owns_session = session is None
 
-    def __repr__(self) -> str:  # never show the tokens
+    def __repr__(self) -> str:  # never show the tokens or the URL's password
         return f"HttpClassifier({self.url!r})"
 
     async def classify(self, texts: Sequence[str]) -> ClassifyResult:
@@ -238,7 +240,7 @@ class HttpClassifier:
             retry_after = None
             try:
                 async with self._get_session().request(
-                    method, self.url + path, json=payload, headers=headers, timeout=self.timeout
+                    method, self._url + path, json=payload, headers=headers, timeout=self.timeout
                 ) as response:
                     if response.status in (502, 503, 504):  # overloaded, loading, or a proxy in between
                         retry_after = _retry_after(response.headers.get("Retry-After"))

@@ -7,7 +7,8 @@ How a call flows::
         forward pass per micro-batch of at most max_batch_tokens  ──▶  future resolved on the loop
 
 Sorting a pool of several batches' worth puts texts of similar length together, so padding stays small;
-each forward pass stays small enough to be cache-friendly on a CPU.
+each forward pass stays small enough to be cache-friendly on a CPU. When a pool fails, each of its calls
+is run again on its own: one call that breaks inference fails alone, not everyone batched with it.
 
 The event loop only appends to the queue and awaits a future; tokenization and forward passes never run
 on it. A call is bound to the model version that is current when it is queued, so a hot swap never mixes
@@ -32,6 +33,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
+from classifier.logsafe import escape_controls
 from classifier.model import MultiHeadClassifier, to_predictions
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
@@ -79,7 +81,10 @@ class EngineNotReady(ClassifierUnavailable):
 
 
 class EngineError(RuntimeError):
-    """A forward pass failed (a bug or an out-of-memory); the calls in that batch get this error."""
+    """Tokenization or a forward pass failed (a bug, an out-of-memory, a text the tokenizer cannot take).
+
+    Calls batched together are then run again one by one, so only the call that fails alone gets this.
+    """
 
 
 @dataclass(frozen=True)
@@ -418,46 +423,69 @@ class Engine:
             return taken
 
     def _process(self, items: list[_Item]) -> None:
+        """Run a pool; if it fails, run each of its calls on its own, so one bad call fails alone."""
         items = [it for it in items if not it.call.abandoned]
         if not items:
             return
-        loaded = items[0].call.loaded
+        calls = list(dict.fromkeys(it.call for it in items))
         try:
-            ids, truncated = _tokenize(
-                loaded.tokenizer, [it.call.texts[it.index] for it in items], loaded.max_length
+            self._infer(items)
+            return
+        except Exception as exc:
+            if len(calls) == 1:
+                self._fail(calls[0], exc)
+                return
+            log.warning(
+                "inference failed for %d calls batched together (%s); retrying each alone",
+                len(calls),
+                escape_controls(exc),
             )
-            batches = _micro_batches([len(x) for x in ids], self.max_batch_tokens, self.batch_cost)
-            # Oldest text first, so a long text sorted into the last batch does not wait longest.
-            batches.sort(key=lambda batch: min(items[i].enqueued for i in batch))
-            for batch in batches:
-                rows = [ids[i] for i in batch]
-                started = time.monotonic()
-                probs = _forward(loaded, rows)
-                FORWARD_SECONDS.observe(time.monotonic() - started)
-                padded = len(rows) * max(len(r) for r in rows)
-                BATCH_TEXTS.observe(len(rows))
-                BATCH_TOKENS.observe(padded)
-                self.stats.batches += 1
-                self.stats.texts += len(rows)
-                self.stats.max_batch_texts = max(self.stats.max_batch_texts, len(rows))
-                self.stats.max_padded_tokens = max(self.stats.max_padded_tokens, padded)
-                self.stats.tokens += sum(len(r) for r in rows)
-                self.stats.padded_tokens += padded
-                for row, i in enumerate(batch):
-                    item = items[i]
-                    item.call.results[item.index] = TextResult(
-                        heads=to_predictions(loaded.schema, probs, row), truncated=truncated[i]
-                    )
-                    item.call.remaining -= 1
-                    if item.call.remaining == 0:
-                        _settle(item.call, ClassifyResult(loaded.name, list(item.call.results)))  # type: ignore[arg-type]
-        except Exception as exc:  # fail these calls, keep the worker alive for the next batch
-            log.exception("inference failed for a batch of %d texts", len(items))
-            error = EngineError(f"inference failed: {exc}")
-            for item in items:
-                if not item.call.abandoned and item.call.remaining > 0:
-                    item.call.abandoned = True
-                    _settle(item.call, error)
+        for call in calls:
+            left = [it for it in items if it.call is call and call.results[it.index] is None]
+            if call.abandoned or not left:  # cancelled, or finished before the failure
+                continue
+            try:
+                self._infer(left)
+            except Exception as exc:
+                self._fail(call, exc)
+
+    def _fail(self, call: _Call, exc: Exception) -> None:
+        log.error("inference failed for a call of %d texts", len(call.texts), exc_info=exc)
+        if not call.abandoned and call.remaining > 0:
+            call.abandoned = True
+            _settle(call, EngineError(f"inference failed: {exc}"))
+
+    def _infer(self, items: list[_Item]) -> None:
+        """Tokenize, cut into micro-batches, run them; a call is settled as soon as its last text is done."""
+        loaded = items[0].call.loaded
+        ids, truncated = _tokenize(
+            loaded.tokenizer, [it.call.texts[it.index] for it in items], loaded.max_length
+        )
+        batches = _micro_batches([len(x) for x in ids], self.max_batch_tokens, self.batch_cost)
+        # Oldest text first, so a long text sorted into the last batch does not wait longest.
+        batches.sort(key=lambda batch: min(items[i].enqueued for i in batch))
+        for batch in batches:
+            rows = [ids[i] for i in batch]
+            started = time.monotonic()
+            probs = _forward(loaded, rows)
+            FORWARD_SECONDS.observe(time.monotonic() - started)
+            padded = len(rows) * max(len(r) for r in rows)
+            BATCH_TEXTS.observe(len(rows))
+            BATCH_TOKENS.observe(padded)
+            self.stats.batches += 1
+            self.stats.texts += len(rows)
+            self.stats.max_batch_texts = max(self.stats.max_batch_texts, len(rows))
+            self.stats.max_padded_tokens = max(self.stats.max_padded_tokens, padded)
+            self.stats.tokens += sum(len(r) for r in rows)
+            self.stats.padded_tokens += padded
+            for row, i in enumerate(batch):
+                item = items[i]
+                item.call.results[item.index] = TextResult(
+                    heads=to_predictions(loaded.schema, probs, row), truncated=truncated[i]
+                )
+                item.call.remaining -= 1
+                if item.call.remaining == 0:
+                    _settle(item.call, ClassifyResult(loaded.name, list(item.call.results)))  # type: ignore[arg-type]
 
 
 def _settle(call: _Call, outcome: ClassifyResult | BaseException) -> None:

@@ -31,7 +31,8 @@ class ClassifierError(Exception):
 
 
 class InvalidInput(ClassifierError, ValueError):
-    """The texts break the limits (empty list, too many, too long, not strings). Retrying will not help."""
+    """The texts break the limits (empty list, too many, too long, not strings, not encodable as UTF-8).
+    Retrying will not help."""
 
 
 class ClassifierUnavailable(ClassifierError):
@@ -144,4 +145,11 @@ def check_texts(texts: Any) -> list[str]:
             raise InvalidInput(f"texts[{i}] is {type(text).__name__}, not a string")
         if len(text) > MAX_CHARS:
             raise InvalidInput(f"texts[{i}] has {len(text)} characters: the limit is {MAX_CHARS}")
+        try:  # JSON's \ud800 escape gives a lone surrogate: no tokenizer (or database) takes it
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidInput(
+                f"texts[{i}] cannot be encoded as UTF-8: lone surrogate U+{ord(text[exc.start]):04X} "
+                f"at character {exc.start}"
+            ) from None
     return list(texts)

@@ -20,14 +20,16 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
                   "urgency": {...}, ...}, ...],
      "truncated": [false, ...]}          # per text: it was cut at the model's max length
 
-Errors are JSON ``{"error": "..."}``: 400 malformed JSON, 401/403 auth, 413 body too large, 422 wrong
-shape or limits (1..256 texts, each up to 20,000 characters), 503 overloaded or not ready (with
+Errors are JSON ``{"error": "..."}``: 400 malformed JSON (or nested too deeply), 401/403 auth, 413 body
+too large, 422 wrong shape or limits (1..256 texts, each up to 20,000 characters and encodable as UTF-8:
+no lone surrogates), 500 inference failed for this request, 503 overloaded or not ready (with
 Retry-After).
 
 Running: ``CLASSIFIER_TOKEN=... CLASSIFIER_ADMIN_TOKEN=... triage serve --host 0.0.0.0 --port 8080``
 serves the active version of ``$TRIAGE_DATA_DIR/models`` and follows its ACTIVE pointer. Share the page
 as ``http://host:8080/?token=<CLASSIFIER_TOKEN>``: the page moves the token into the tab's session
-storage and drops it from the address bar; the access log records paths without query strings.
+storage and drops it from the address bar; the access log records paths without query strings, with
+control characters escaped.
 SIGTERM stops listening, lets in-flight requests finish (``--shutdown-timeout``), then exits.
 """
 
@@ -48,7 +50,6 @@ from typing import Annotated, Any, Literal
 
 import typer
 from aiohttp import web
-from aiohttp.abc import AbstractAccessLogger
 from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -57,6 +58,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
+from classifier.logsafe import AccessLogger, escape_controls
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
 from classifier.registry import Registry, RegistryError
@@ -236,17 +238,6 @@ class _EngineCollector(Collector):
         )
 
 
-class _AccessLogger(AbstractAccessLogger):
-    """Method, path (no query string: the page may carry ?token=), status, duration. Never headers."""
-
-    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
-
-    @property
-    def enabled(self) -> bool:
-        return self.logger.isEnabledFor(logging.INFO)
-
-
 def create_app(engine: Engine, settings: ServerSettings, *, no_auth: bool = False) -> web.Application:
     """The aiohttp app around ``engine`` (which it starts if needed, and closes — draining — on cleanup)."""
     if settings.token is None and not no_auth:
@@ -323,7 +314,7 @@ async def _errors_middleware(request: web.Request, handler: Handler) -> web.Stre
         }
         return _error(exc.status, message, headers)
     except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
+        log.exception("unhandled error on %s %s", request.method, escape_controls(request.path))
         return _error(500, "internal server error")
 
 
@@ -426,6 +417,8 @@ async def classify(request: web.Request) -> web.Response:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _error(400, f"malformed JSON: {exc}")
+    except RecursionError:  # the parser recurses once per level: a deeply nested body exhausts the stack
+        return _error(400, "malformed JSON: nested too deeply")
     if not isinstance(body, dict):
         return _error(422, 'the body must be a JSON object: {"texts": ["..."]}')
     unknown = sorted(set(body) - {"texts"})
@@ -544,7 +537,7 @@ async def activate_model(request: web.Request) -> web.Response:
         return _error(409, f"version {name} cannot be served: {exc}")
     except EngineNotReady as exc:
         return _error(503, str(exc), {"Retry-After": "1"})
-    log.info("activated %s via the HTTP API", name)
+    log.info("activated %s via the HTTP API", escape_controls(name))
     return web.json_response({"active": info.name, "serving": engine.version})
 
 
@@ -587,7 +580,7 @@ async def serve(
     runner = web.AppRunner(
         app,
         shutdown_timeout=settings.shutdown_timeout_s,
-        access_log_class=_AccessLogger,
+        access_log_class=AccessLogger,
         handle_signals=False,
     )
     await runner.setup()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -21,6 +23,7 @@ from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     AuditEntry,
+    Base,
     Correction,
     Message,
     MessageState,
@@ -381,6 +384,7 @@ async def test_malformed_signed_payloads_are_acknowledged_and_nothing_is_stored(
         await h.slack.send_raw(b"[1, 2]", "application/json"),
         await h.slack.send_raw(b'{"type": "event_callback", "x": "\xff\xfe"}', "application/json"),
         await h.slack.send_raw(b"payload=%7Bnot+json", "application/x-www-form-urlencoded"),
+        await h.slack.send_raw(b"[" * 200_000 + b"]" * 200_000, "application/json"),  # RecursionError
     ]
     assert [r.status for r in responses] == [200] * len(responses), [r.text for r in responses]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
@@ -404,6 +408,7 @@ async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
         await h.slack.send_raw(body, "application/json", unsigned=True, headers={"X-Slack-Signature": "v0="}),
         await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", bad_signature=True),
         await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", timestamp="abc"),
+        await h.slack.send_raw(b"[" * 200_000 + b"]" * 200_000, "application/json", unsigned=True),
     ]
     assert [r.status for r in responses] == [401] * len(responses), [r.text for r in responses]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
@@ -485,3 +490,88 @@ async def test_status_and_models_are_for_agents_only(harness_factory: Any) -> No
     assert all(p.context["user_id"] == AGENT for p in h.slack.responses)  # nothing went to the others
     lookups = [c.args["user"] for c in h.slack.calls_to("users.info")]
     assert sorted(lookups) == sorted([u["id"] for u in outsiders] + [AGENT])  # each looked up once
+
+
+async def test_text_that_is_not_valid_unicode_is_stored_cleaned_and_answered(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """JSON may carry a lone surrogate (\\ud800) or NUL: neither database stores them, so they are replaced;
+    a 500 here would make Slack deliver the event again and again."""
+    h = await harness_factory()
+    event, response = await h.post_customer_message("refund \ud800 please\x00 now")
+    assert response.status == 200
+    await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    [message] = await h.rows(Message)
+    assert message.text == "refund \ufffd please\ufffd now"
+    assert any(
+        r.levelno == logging.WARNING
+        and "not valid Unicode" in r.getMessage()
+        and event["ts"] in r.getMessage()
+        for r in caplog.records
+    )
+
+
+async def test_command_arguments_that_cannot_be_stored_are_audited_cleaned(harness_factory: Any) -> None:
+    """%00 in a slash command's text: PostgreSQL's jsonb refuses NUL, which made the command a 500."""
+    h = await harness_factory()
+    response = await h.slack.send_command("/triage", "rollback v1\x00", user_id=AGENT, channel_id=CHANNEL)
+    assert response.status == 200 and "admins only" in response.json()["text"]
+    [entry] = await h.rows(AuditEntry)
+    assert (entry.action, entry.args, entry.allowed) == ("rollback", {"args": ["v1\ufffd"]}, False)
+
+
+async def test_bot_access_log_cannot_be_forged(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Neither the path nor a header (NEL, U+2028: line breaks to many log readers) starts a log line."""
+    caplog.set_level(logging.INFO)
+    h = await harness_factory()
+    forged = "2026-12-01 18:00:00,000 WARNING bot.triage: forged"
+    reader, writer = await asyncio.open_connection("127.0.0.1", h.bot.port)
+    writer.write(
+        b"GET /x%0A" + forged.replace(" ", "%20").encode() + b"%C2%85 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"User-Agent: probe\xc2\x85" + forged.encode() + b"\xe2\x80\xa8\r\nConnection: close\r\n\r\n"
+    )
+    assert (await reader.read()).startswith(b"HTTP/1.1 404")
+    writer.close()
+
+    async def access_lines() -> list[str]:
+        return [
+            r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/x" in r.getMessage()
+        ]
+
+    [line] = await h.eventually(access_lines)
+    assert line.splitlines() == [line]
+    assert f"/x\\n{forged}\\x85 404" in line
+
+
+async def test_classifier_url_credentials_reach_no_log_and_no_row(
+    harness_factory: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = "s3cret-pass-0123456789"
+    with socket.socket() as probe:  # a port nobody listens on: every classifier call fails
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    h = await harness_factory(classifier_url=f"http://triage:{secret}@127.0.0.1:{port}")
+    await h.post_customer_message("Login fails with SSO since this morning")
+    assert await h.eventually(lambda: h.count(Message, Message.attempts >= 2), within_s=15)
+    classify = await h.slack.send_command("/classify", "Is the API down?", user_id=AGENT, channel_id=CHANNEL)
+    assert classify.status == 200  # answered in the acknowledgement or later through the response URL
+    for text in ("status", "rollback v1"):
+        response = await h.slack.send_command("/triage", text, user_id=ADMIN, channel_id=CHANNEL)
+        assert response.status == 200
+    await h.slack.wait_for_response(
+        count=2, timeout=15, predicate=lambda r: "failed" in str(r.body) or "Could not" in str(r.body)
+    )
+    assert await h.eventually(lambda: h.count(AuditEntry, AuditEntry.action == "rollback"))
+    [message] = await h.rows(Message)
+    assert "classifier at http://***@127.0.0.1" in str(message.last_error)
+    async with h.sessions() as session:
+        for table in Base.metadata.sorted_tables:
+            rows = (await session.execute(select(table))).all()
+            assert secret not in str(rows), table.name
+    assert [r for r in caplog.records if secret in r.getMessage()] == []
+    assert secret not in caplog.text  # tracebacks included
+    assert "http://***@127.0.0.1" in caplog.text

@@ -39,6 +39,15 @@ def test_settings_report_each_problem_on_its_own_line(monkeypatch: pytest.Monkey
         load_settings(_env_file=None, slack_bot_token="xoxb-1")
 
 
+def test_settings_never_echo_a_urls_password() -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(**BASE, classifier_url="htp://triage:pa55word@classifier:8080")
+    assert str(err.value) == "CLASSIFIER_URL: must be an http(s) URL, got 'htp://***@classifier:8080'"
+    with pytest.raises(SettingsError, match="CLASSIFIER_URL carries a user and password") as err:
+        load_settings(**BASE, classifier_url="http://triage:pa55word@classifier", classifier_token="t" * 20)
+    assert "pa55word" not in str(err.value)
+
+
 def test_settings_parse_lists_routes_and_socket_mode() -> None:
     s = load_settings(
         **BASE,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -194,3 +195,21 @@ async def test_http_errors_map_to_the_interface(status: int, error: type[Excepti
     assert calls == 1  # only 502/503/504 and network errors are retried
     if status in (401, 403):
         assert not isinstance(excinfo.value, ClassifierUnavailable)
+
+
+async def test_url_credentials_are_sent_but_never_shown() -> None:
+    """http://user:pass@host: the password goes out as basic auth and into no message or repr."""
+    seen: list[str] = []
+
+    async def overloaded(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("Authorization", ""))
+        return web.json_response({"error": "queue full"}, status=503)
+
+    async with fake_server(overloaded) as url:
+        client = HttpClassifier(url.replace("://", "://triage:s3cret-pass@"), None, retry=FAST)
+        with pytest.raises(ClassifierUnavailable) as excinfo:
+            await client.classify(["hello"])
+        await client.close()
+    assert seen and set(seen) == {"Basic " + base64.b64encode(b"triage:s3cret-pass").decode()}
+    assert "s3cret-pass" not in str(excinfo.value) and "s3cret-pass" not in repr(client)
+    assert f"classifier at {url.replace('://', '://***@')} unavailable" in str(excinfo.value)

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 import classifier.engine as engine_module
-from classifier.engine import Engine, EngineConfig, EngineNotReady, EngineOverloaded, _micro_batches
+from classifier.engine import (
+    Engine,
+    EngineConfig,
+    EngineError,
+    EngineNotReady,
+    EngineOverloaded,
+    _micro_batches,
+)
 from classifier.model import ModelLoadError
 from classifier.registry import Registry, RegistryError
 from classifier.results import MAX_CHARS, MAX_TEXTS, ClassifierUnavailable, InvalidInput
@@ -214,10 +221,56 @@ async def test_a_cancelled_call_does_not_disturb_the_others(
         assert engine.queue_depth == 0
 
 
+async def test_a_call_that_breaks_its_batch_fails_alone(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Calls queued together share one tokenization; when it fails, each call is run on its own."""
+    poison = "a text the tokenizer cannot take"  # as a fast tokenizer fails on a lone surrogate
+    tokenized: list[list[str]] = []
+    tokenize = engine_module._tokenize
+
+    def failing_tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
+        if threading.current_thread().name == "triage-engine":
+            tokenized.append(list(texts))
+        if poison in texts:
+            raise TypeError(
+                "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+            )
+        return tokenize(tokenizer, texts, max_length)
+
+    monkeypatch.setattr(engine_module, "_tokenize", failing_tokenize)
+    good = TEXTS[:6]
+    expected = reference(registry, "v1", good)
+    async with Engine(registry, engine_config()) as engine:
+        with gate_worker(monkeypatch) as gate:
+            held = asyncio.create_task(engine.classify(["first"]))
+            await asyncio.to_thread(gate.entered.wait, 5)  # the worker is busy: the next calls queue up
+            calls = [asyncio.create_task(engine.classify([text])) for text in good]
+            bad = asyncio.create_task(engine.classify(["ok", poison]))
+            await asyncio.sleep(0)  # each task queues its texts in its first step
+            assert engine.queue_depth == len(good) + 2
+            gate.release()
+            results = await asyncio.gather(*calls)
+            with pytest.raises(EngineError, match="inference failed"):
+                await bad
+            assert (await held).model_version == "v1"
+    assert sorted(tokenized[1]) == sorted([*good, "ok", poison]), "all calls shared one batch"
+    for text, result, ref in zip(good, results, expected, strict=True):
+        _check(result, [text], [ref])
+
+
 @pytest.mark.parametrize(
     "texts",
-    [[], ["x"] * (MAX_TEXTS + 1), ["ok", 3], "a bare string", ["x" * (MAX_CHARS + 1)], None],
-    ids=["empty", "too-many", "not-a-string", "bare-string", "too-long", "none"],
+    [
+        [],
+        ["x"] * (MAX_TEXTS + 1),
+        ["ok", 3],
+        "a bare string",
+        ["x" * (MAX_CHARS + 1)],
+        None,
+        ["ok", "\ud800"],
+    ],
+    ids=["empty", "too-many", "not-a-string", "bare-string", "too-long", "none", "lone-surrogate"],
 )
 async def test_invalid_input_is_rejected_before_queueing(registry: Registry, texts: Any) -> None:
     async with Engine(registry, engine_config()) as engine:

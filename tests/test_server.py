@@ -12,8 +12,10 @@ from typing import Any
 import aiohttp
 import pytest
 import pytest_asyncio
+import yarl
 from typer.testing import CliRunner
 
+import classifier.engine as engine_module
 from classifier.engine import Engine
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
@@ -162,6 +164,9 @@ async def test_no_auth_mode_needs_no_token(registry: Registry) -> None:
         (b'{"texts": ["ok", 5]}', 422, "texts[1]"),
         (b'{"texts": [["nested"]]}', 422, "texts[0]"),
         (json.dumps({"texts": ["ok", "x" * (MAX_CHARS + 1)]}).encode(), 422, "texts[1] has 20001 characters"),
+        (b'{"texts": ["ok", "\\ud800"]}', 422, "texts[1] cannot be encoded as UTF-8"),
+        (b'{"texts": [' + b"[" * 200_000 + b"]" * 200_000 + b"]}", 400, "nested too deeply"),
+        (b'{"texts": ' * 200_000, 400, "nested too deeply"),
     ],
 )
 async def test_bad_input(shared: Any, body: bytes, status: int, message: str) -> None:
@@ -223,6 +228,43 @@ async def test_results_equal_unbatched_inference_under_concurrency(shared: Any) 
             assert_heads_match(result, expected[i])
             assert truncated == expected[i]["truncated"]
     assert engine.stats.max_batch_texts > len(TEXTS), "requests should have been batched together"
+
+
+async def test_requests_batched_with_one_that_breaks_inference_succeed(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    http, engine = server
+    poison = "a text the tokenizer cannot take"
+    tokenize = engine_module._tokenize
+
+    def failing_tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
+        if poison in texts:  # as a fast tokenizer fails on input it cannot encode
+            raise TypeError(
+                "TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]"
+            )
+        return tokenize(tokenizer, texts, max_length)
+
+    monkeypatch.setattr(engine_module, "_tokenize", failing_tokenize)
+
+    async def post(texts: list[str]) -> tuple[int, Any]:
+        async with http.post("/v1/classify", json={"texts": texts}, headers=AUTH) as r:
+            return r.status, await r.json()
+
+    with gate_worker(monkeypatch) as gate:
+        held = asyncio.create_task(post(["first"]))
+        await asyncio.to_thread(gate.entered.wait, 5)  # the worker is busy: what follows queues up
+        good = [asyncio.create_task(post([text])) for text in TEXTS[:6]]
+        bad = asyncio.create_task(post(["ok", poison]))
+        for _ in range(500):  # until all seven requests wait for the same pool
+            if engine.queue_depth == 8:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.queue_depth == 8
+        gate.release()
+        statuses = [status for status, _ in await asyncio.gather(held, *good)]
+        bad_status, bad_body = await bad
+    assert statuses == [200] * 7
+    assert bad_status == 500 and "inference failed" in bad_body["error"]
 
 
 async def test_overload_is_503_with_retry_after(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -442,6 +484,31 @@ async def test_serve_drains_in_flight_requests_on_shutdown(
     assert "secret-in-query-string" not in caplog.text  # the access log has no query strings
     assert TOKEN not in caplog.text and ADMIN_TOKEN not in caplog.text
     assert "GET / 200" in caplog.text
+
+
+async def test_access_log_escapes_control_characters(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A decoded %0A in the path must not start a log line of its own (log forging)."""
+    caplog.set_level(logging.INFO)
+    stop = asyncio.Event()
+    listening: asyncio.Queue[int] = asyncio.Queue()
+    server = asyncio.create_task(
+        serve(settings(host="127.0.0.1", port=0), registry=registry, stop=stop, on_listening=listening.put)
+    )
+    port = await asyncio.wait_for(listening.get(), 10)
+    forged = "/x%0A2026-12-01 18:00:00,000 INFO classifier.server: activated v9 via the HTTP API%1B[2J"
+    forged = forged.replace(" ", "%20")
+    async with (
+        aiohttp.ClientSession(f"http://127.0.0.1:{port}") as http,
+        http.get(yarl.URL(forged, encoded=True)) as r,
+    ):
+        assert r.status == 404
+    stop.set()
+    await asyncio.wait_for(server, 10)
+    [line] = [r.getMessage() for r in caplog.records if r.name == "aiohttp.access" and "/x" in r.getMessage()]
+    assert "\n" not in line and "\x1b" not in line
+    assert "/x\\n2026-12-01 18:00:00,000 INFO" in line and "\\x1b[2J 404" in line
 
 
 async def test_serve_fails_fast_when_no_model_can_be_loaded(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ Times are timezone-aware UTC; each function takes ``now`` for tests and defaults
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -154,6 +155,25 @@ async def delete_events_before(session: AsyncSession, before: datetime) -> int:
 
 
 # --- messages ------------------------------------------------------------------------------------------
+
+# Lone surrogates (JSON's "\ud800") cannot be encoded as UTF-8, and PostgreSQL's text refuses NUL.
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable_text(text: str) -> str:
+    """``text`` as both databases store it: lone surrogates and NUL replaced by U+FFFD."""
+    return _UNSTORABLE.sub("\ufffd", text)
+
+
+def _storable_json(value: Any) -> Any:
+    """``storable_text`` for every string in a JSON value (PostgreSQL's jsonb refuses them too)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, Mapping):
+        return {storable_text(str(k)): _storable_json(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable_json(v) for v in value]
+    return value
 
 
 async def store_message(
@@ -911,13 +931,13 @@ async def add_audit_entry(
     reason: str | None = None,
     now: datetime | None = None,
 ) -> AuditEntry:
-    """Record an admin action someone asked for, allowed or refused."""
+    """Record an admin action someone asked for, allowed or refused (arguments as typed, made storable)."""
     entry = AuditEntry(
         user_id=user_id,
         action=action,
-        args=dict(args or {}),
+        args=_storable_json(dict(args or {})),
         allowed=allowed,
-        reason=reason,
+        reason=storable_text(reason) if reason is not None else None,
         created_at=now or utcnow(),
     )
     session.add(entry)
