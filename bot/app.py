@@ -2,13 +2,12 @@
 or ``Commands``.
 
 HTTP mode serves events, slash commands and interactivity on ``POST /slack/events`` (plus ``/healthz``);
-Socket Mode is used when ``SLACK_APP_TOKEN`` is set.
+Socket Mode is used when ``SLACK_APP_TOKEN`` is set (``bot/socket_mode.py``), with only ``/healthz`` on HTTP.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -198,12 +197,32 @@ def _int(value: Any) -> int | None:
         return None
 
 
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def _always_healthy() -> tuple[bool, dict[str, Any]]:
+    return True, {}
+
+
+def add_healthz(web_app: web.Application, check: HealthCheck = _always_healthy) -> None:
+    """``GET /healthz``: 200 ``{"ok": true, ...}`` when ``check`` says healthy, else 503 with the details."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok, details = check()
+        return web.json_response({"ok": ok, **details}, status=200 if ok else 503)
+
+    web_app.router.add_get("/healthz", healthz)
+
+
 def http_app(app: AsyncApp) -> web.Application:
     """aiohttp application: Bolt on ``/slack/events`` plus a health check for load balancers."""
     web_app = app.web_app(path="/slack/events")
+    add_healthz(web_app)
+    return web_app
 
-    async def healthz(_: web.Request) -> web.Response:
-        return web.Response(text=json.dumps({"ok": True}), content_type="application/json")
 
-    web_app.router.add_get("/healthz", healthz)
+def health_app(check: HealthCheck) -> web.Application:
+    """Socket Mode takes no requests from Slack; this serves only the health check."""
+    web_app = web.Application()
+    add_healthz(web_app, check)
     return web_app

@@ -216,6 +216,20 @@ class SocketModeStandIn(SlackStandIn):
             raise WaitTimeout(f"waited {timeout}s for link {number}; links: {self._describe_links()}")
         return self.links[number - 1]
 
+    async def wait_for_hello(self, after: int = 0, timeout: float = 10.0) -> Link:  # noqa: ASYNC109
+        """Wait for the first link numbered above ``after`` that is open and got its hello."""
+
+        def found() -> Link | None:
+            return next((k for k in self.links[after:] if k.open and k.hello_at is not None), None)
+
+        if not await self._wait(lambda: found() is not None, timeout):
+            raise WaitTimeout(
+                f"waited {timeout}s for a hello after link {after}; links: {self._describe_links()}"
+            )
+        link = found()
+        assert link is not None
+        return link
+
     def _describe_links(self) -> list[str]:
         return [
             f"#{link.number} {'open' if link.open else 'closed'} hello={link.hello_at is not None} "

@@ -3,15 +3,17 @@ WebSocket, delivers envelopes over it, checks every ack and records the Web API 
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from sqlalchemy.engine import URL
 
 from bot.main import RunningBot, start_bot
-from bot.settings import load_settings
+from bot.settings import SettingsError, load_settings
 from bot.storage.database import upgrade_database
 from bot.storage.models import Correction, Message, MessageState, Prediction
 from classifier.registry import Registry
@@ -176,3 +178,130 @@ async def _closed(link: Link) -> bool:
 
 async def _all_replied(h: Harness, count: int) -> bool:
     return await h.count(Message, Message.state == MessageState.CLASSIFIED) == count
+
+
+# ---- the liveness watchdog and /healthz -------------------------------------------------------------
+
+FAST_WATCHDOG = {"triage_socket_ping_interval_s": 0.2, "triage_socket_dead_after_s": 1.0}
+BOUND_S = FAST_WATCHDOG["triage_socket_dead_after_s"] + 1.0  # the bound, plus a check and a connect
+
+
+async def healthz(h: Harness) -> tuple[int, dict[str, Any]]:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{h.bot.port}/healthz") as response,
+    ):
+        return response.status, await response.json()
+
+
+async def health_is(h: Harness, status: int, state: str) -> bool:
+    code, body = await healthz(h)
+    return code == status and body["socket_mode"]["state"] == state
+
+
+async def test_healthz_reports_the_link(socket_bot: SocketBot) -> None:
+    h = await socket_bot(**FAST_WATCHDOG)
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    _, body = await healthz(h)
+    assert body["ok"] is True and body["socket_mode"]["connections"] == 1
+
+
+@pytest.mark.parametrize("reason", ["refresh_requested", "link_disabled"])
+async def test_a_new_link_without_hello_is_replaced_within_the_bound(
+    socket_bot: SocketBot, reason: str
+) -> None:
+    h = await socket_bot(**FAST_WATCHDOG)
+    slack = standin(h)
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    # after the reconnect Slack never says hello on the new link: no error, no events (bolt-python #1529)
+    slack.send_hello = False
+    await slack.disconnect(reason)
+    zombie = await slack.wait_for_link(2)
+    assert await h.eventually(lambda: health_is(h, 503, "reconnecting"))
+    _, body = await healthz(h)
+    assert body["ok"] is False and reason in body["socket_mode"]["why"]
+
+    assert await h.eventually(lambda: _reconnected(h), within_s=BOUND_S)
+    assert time.monotonic() - zombie.opened_at <= BOUND_S + 0.5  # 0.5: a healthz poll
+    _, body = await healthz(h)
+    assert "no hello" in body["socket_mode"]["last_problem"]
+    assert await h.eventually(lambda: _closed(zombie))  # the dead link is let go
+    slack.send_hello = True  # Slack is well again: the next link the watchdog opens works
+    fresh = await slack.wait_for_hello(after=zombie.number, timeout=2 * BOUND_S)
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    assert all(call.ok for call in slack.calls_to("apps.connections.open"))
+
+    event = slack.message_event(CHANNEL, CUSTOMER, "Nobody can log in since this morning")
+    await slack.deliver_event(event, link=fresh)
+    await h.reply_to(event["ts"])
+    assert len(replies_to(slack, event["ts"])) == 1 and slack.protocol_errors == []
+
+
+async def _reconnected(h: Harness) -> bool:
+    _, body = await healthz(h)
+    return bool(body["socket_mode"]["reconnects"])
+
+
+async def test_a_link_that_stops_answering_pings_is_replaced_within_the_bound(socket_bot: SocketBot) -> None:
+    h = await socket_bot(**FAST_WATCHDOG)
+    slack = standin(h)
+    first = slack.links[0]
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    first.answer_pings = False  # the link stays open, but nothing comes back
+    stopped = time.monotonic()
+    fresh = await slack.wait_for_hello(after=first.number, timeout=BOUND_S + 2)
+    assert fresh.opened_at - stopped <= BOUND_S and first.pings >= 1
+    assert await h.eventually(lambda: _closed(first))
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    _, body = await healthz(h)
+    assert body["socket_mode"]["connections"] >= 2
+
+    event = slack.message_event(CHANNEL, CUSTOMER, "Invoices page shows someone else's data")
+    await slack.deliver_event(event)
+    await h.reply_to(event["ts"])
+    assert len(replies_to(slack, event["ts"])) == 1 and slack.protocol_errors == []
+
+
+@pytest.mark.parametrize(
+    ("pings_answered", "problem"),
+    [(True, "nothing heard"), (False, "the client did not reconnect")],
+)
+async def test_a_link_the_client_stopped_watching_is_replaced(
+    socket_bot: SocketBot, pings_answered: bool, problem: str
+) -> None:
+    h = await socket_bot(**FAST_WATCHDOG)
+    slack = standin(h)
+    first = slack.links[0]
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    # the client's own monitor (its pings and its reconnects) stops, without an error, as the client
+    # in bolt-python #1529 did; the link stays quiet, or stops answering pings so aiohttp closes it
+    assert h.bot.link is not None
+    monitor = h.bot.link._handler.client.current_session_monitor
+    assert monitor is not None
+    monitor.cancel()
+    first.answer_pings = pings_answered
+    stopped = time.monotonic()
+    fresh = await slack.wait_for_hello(after=first.number, timeout=BOUND_S + 2)
+    assert fresh.opened_at - stopped <= BOUND_S + FAST_WATCHDOG["triage_socket_ping_interval_s"]
+    assert await h.eventually(lambda: _closed(first))
+    assert await h.eventually(lambda: health_is(h, 200, "connected"))
+    _, body = await healthz(h)
+    assert body["socket_mode"]["reconnects"] == 1 and problem in body["socket_mode"]["last_problem"]
+
+    event = slack.message_event(CHANNEL, CUSTOMER, "Password reset emails never arrive")
+    await slack.deliver_event(event)
+    await h.reply_to(event["ts"])
+    assert len(replies_to(slack, event["ts"])) == 1 and slack.protocol_errors == []
+
+
+def test_watchdog_settings_are_validated() -> None:
+    with pytest.raises(SettingsError, match="TRIAGE_SOCKET_DEAD_AFTER_S must be at least twice"):
+        load_settings(
+            _env_file=None,
+            slack_bot_token="xoxb-1",
+            slack_app_token="xapp-1",
+            triage_socket_ping_interval_s=10,
+            triage_socket_dead_after_s=15,
+        )
+    with pytest.raises(SettingsError, match="TRIAGE_SOCKET_PING_INTERVAL_S"):
+        load_settings(_env_file=None, slack_bot_token="xoxb-1", triage_socket_ping_interval_s=0)
