@@ -182,7 +182,7 @@ async def _all_replied(h: Harness, count: int) -> bool:
 
 # ---- the liveness watchdog and /healthz -------------------------------------------------------------
 
-FAST_WATCHDOG = {"triage_socket_ping_interval_s": 0.2, "triage_socket_dead_after_s": 1.0}
+FAST_WATCHDOG = {"triage_socket_ping_interval_s": 0.2, "triage_socket_dead_after_s": 1.5}
 BOUND_S = FAST_WATCHDOG["triage_socket_dead_after_s"] + 1.0  # the bound, plus a check and a connect
 
 
