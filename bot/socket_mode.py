@@ -48,7 +48,7 @@ class SocketModeLink:
         self._handler = self._new_handler()
         self._state = LinkState.CONNECTING
         self._state_since = time.monotonic()
-        self._why: str | None = None  # why the link is not connected, for /healthz
+        self._why: str | None = "connecting"  # why the link is not connected, for /healthz
         self._session: Any = None  # the client's current WebSocket, as last observed
         self._hello_session: Any = None  # the WebSocket the last hello came over
         self._waiting_since: float | None = time.monotonic()  # waiting for a hello since then
