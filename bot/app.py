@@ -2,7 +2,7 @@
 or ``Commands``.
 
 HTTP mode serves events, slash commands and interactivity on ``POST /slack/events`` (plus ``/healthz``);
-Socket Mode is used when ``SLACK_APP_TOKEN`` is set.
+Socket Mode is used when ``SLACK_APP_TOKEN`` is set (``bot/socket_mode.py``), with only ``/healthz`` on HTTP.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
@@ -332,21 +331,45 @@ class BacklogCollector(Collector):
         )
 
 
-def http_app(app: AsyncApp, signing_secret: str, triage: Triage) -> web.Application:
-    """aiohttp application: Bolt on ``EVENTS_PATH``, a health check for load balancers, Prometheus metrics."""
-    web_app = app.web_app(path=EVENTS_PATH)
-    web_app.middlewares.append(checked_slack_requests(signing_secret))
+HealthCheck = Callable[[], tuple[bool, dict[str, Any]]]
+
+
+def _always_healthy() -> tuple[bool, dict[str, Any]]:
+    return True, {}
+
+
+def add_health_and_metrics(
+    web_app: web.Application, triage: Triage, link_health: HealthCheck = _always_healthy
+) -> None:
+    """``GET /healthz`` (200 ``{"ok": true, ...}`` with the backlog, 503 when the Slack link is down) and
+    ``GET /metrics`` (Prometheus), in HTTP and Socket Mode alike."""
     metrics = CollectorRegistry(auto_describe=True)
     metrics.register(BacklogCollector(triage))
 
     async def healthz(_: web.Request) -> web.Response:
+        ok, details = link_health()
         backlog = triage.backlog
-        waiting = {"waiting": backlog.waiting, "retrying": backlog.failed} if backlog else {}
-        return web.Response(text=json.dumps({"ok": True, **waiting}), content_type="application/json")
+        if backlog is not None:
+            details = {**details, "waiting": backlog.waiting, "retrying": backlog.failed}
+        return web.json_response({"ok": ok, **details}, status=200 if ok else 503)
 
     async def metrics_endpoint(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     web_app.router.add_get("/healthz", healthz)
     web_app.router.add_get("/metrics", metrics_endpoint)
+
+
+def http_app(app: AsyncApp, signing_secret: str, triage: Triage) -> web.Application:
+    """aiohttp application: Bolt on ``EVENTS_PATH``, a health check for load balancers, Prometheus metrics."""
+    web_app = app.web_app(path=EVENTS_PATH)
+    web_app.middlewares.append(checked_slack_requests(signing_secret))
+    add_health_and_metrics(web_app, triage)
+    return web_app
+
+
+def health_app(triage: Triage, link_health: HealthCheck) -> web.Application:
+    """Socket Mode takes no requests from Slack; HTTP serves only the health check and metrics."""
+    web_app = web.Application()
+    add_health_and_metrics(web_app, triage, link_health)
     return web_app

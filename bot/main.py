@@ -19,12 +19,13 @@ from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.agents import Agents
-from bot.app import build_app, http_app, make_web_client
+from bot.app import build_app, health_app, http_app, make_web_client
 from bot.commands import Commands
 from bot.reactions import ReactionMap
 from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
+from bot.socket_mode import SocketModeLink
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
 from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
@@ -59,6 +60,7 @@ class RunningBot:
     port: int | None
     stop_event: asyncio.Event
     _cleanup: list[Any]
+    link: SocketModeLink | None = None  # Socket Mode only
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -147,34 +149,37 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         if tasks:
             await asyncio.wait(tasks, timeout=20)
 
-    runner: web.AppRunner | None = None
-    port: int | None = None
+    link: SocketModeLink | None = None
+    cleanup.append(drain)
     if settings.socket_mode:
-        from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-
         assert settings.slack_app_token is not None
-        handler = AsyncSocketModeHandler(app, settings.slack_app_token.get_secret_value())
-        await handler.connect_async()
-        cleanup.append(drain)
-        cleanup.append(handler.close_async)
+        link = SocketModeLink(
+            app,
+            settings.slack_app_token.get_secret_value(),
+            ping_interval_s=settings.triage_socket_ping_interval_s,
+            dead_after_s=settings.triage_socket_dead_after_s,
+        )
+        await link.start()
+        cleanup.append(link.close)
+        web_app = health_app(triage, link.health)  # Slack talks over the link; HTTP: /healthz, /metrics
     else:
         assert settings.slack_signing_secret is not None  # required in HTTP mode (settings)
         web_app = http_app(app, settings.slack_signing_secret.get_secret_value(), triage)
-        runner = web.AppRunner(web_app, shutdown_timeout=10, access_log_class=AccessLogger)
-        await runner.setup()
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        server = getattr(site, "_server", None)
-        sockets = getattr(server, "sockets", None) or []
-        port = sockets[0].getsockname()[1] if sockets else settings.port
-        cleanup.append(drain)
-        cleanup.append(runner.cleanup)
+    runner = web.AppRunner(web_app, shutdown_timeout=10, access_log_class=AccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    server = getattr(site, "_server", None)
+    sockets = getattr(server, "sockets", None) or []
+    port = sockets[0].getsockname()[1] if sockets else settings.port
+    cleanup.append(runner.cleanup)
     log.info(
-        "triage bot up (%s), bot user %s",
-        "Socket Mode" if settings.socket_mode else f"HTTP on port {port}",
+        "triage bot up (%s on port %s), bot user %s",
+        "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
+        port,
         auth.get("user_id"),
     )
-    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup)
+    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link)
 
 
 async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:

@@ -74,6 +74,10 @@ class BotSettings(BaseSettings):
     triage_gate_recall_drop_alpha: float = Field(0.05, gt=0, le=1)  # a class's fall must be beyond chance
     triage_keep_versions: int = Field(10, ge=1)  # model versions kept in the registry (the active one always)
     triage_retention_days: int = Field(0, ge=0)  # remove message texts after this many days (0: keep)
+    # Socket Mode: how often the client pings Slack, and how long a link may go without a hello (after
+    # connecting) or without a pong or message before the watchdog replaces it
+    triage_socket_ping_interval_s: float = Field(10.0, gt=0)
+    triage_socket_dead_after_s: float = Field(30.0, gt=0)
     host: str = "0.0.0.0"
     port: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
 
@@ -164,6 +168,11 @@ class BotSettings(BaseSettings):
         ):
             raise ValueError(  # both would be the one Authorization header: the HTTP client refuses the pair
                 "CLASSIFIER_URL carries a user and password, and CLASSIFIER_TOKEN is set: use one of them"
+            )
+        if self.triage_socket_dead_after_s < 2 * self.triage_socket_ping_interval_s:
+            raise ValueError(
+                "TRIAGE_SOCKET_DEAD_AFTER_S must be at least twice TRIAGE_SOCKET_PING_INTERVAL_S "
+                "(one late pong must not drop the link)"
             )
         return self
 

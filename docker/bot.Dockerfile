@@ -47,8 +47,7 @@ USER 10001:10001
 WORKDIR /home/triage
 VOLUME ["/data"]
 EXPOSE 3000
-# GET /healthz on $PORT. In Socket Mode (SLACK_APP_TOKEN set) the bot opens no HTTP port, so the check
-# only says the container is running.
+# GET /healthz on $PORT, in HTTP and in Socket Mode (503 while the Socket Mode link is down).
 HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, sys, urllib.request; sys.exit(0) if os.environ.get('SLACK_APP_TOKEN') else urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '3000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/healthz' % os.environ.get('PORT', '3000'), timeout=4)"]
 CMD ["triage", "bot"]

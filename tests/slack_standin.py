@@ -452,6 +452,8 @@ class SlackStandIn:
         self._rate_methods: frozenset[str] = frozenset()
         self._rate_last: dict[tuple[str, str], float] = {}
         self._methods: dict[str, MethodHandler] = self._builtin_methods()
+        # Methods that take another kind of token than the bot's (app-level xapp- tokens): method -> token.
+        self.method_tokens: dict[str, str] = {}
         self._changed: asyncio.Condition | None = None
         self._runner: web.AppRunner | None = None
         self._session: aiohttp.ClientSession | None = None
@@ -478,6 +480,7 @@ class SlackStandIn:
         app.router.add_route("*", "/api/{method}", self._handle_api)
         app.router.add_post("/{kind:commands|actions}/{rest:.+}", self._handle_response_url)
         app.router.add_post("/upload/v1/{file_id}", self._handle_upload)
+        self.add_routes(app)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self._port)
@@ -489,6 +492,9 @@ class SlackStandIn:
         self.response_url_base = base
         # force_close: no keep-alive connections left behind to hold up the bot's server shutdown.
         self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True))
+
+    def add_routes(self, app: web.Application) -> None:
+        """Extensions serve more of Slack here (e.g. the Socket Mode WebSocket); called once by start()."""
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -1104,7 +1110,7 @@ class SlackStandIn:
         }
         return await self.send_raw(json.dumps(payload).encode(), "application/json", payload, **options)
 
-    async def send_command(
+    def command_payload(
         self,
         command: str = "/classify",
         text: str = "",
@@ -1117,9 +1123,8 @@ class SlackStandIn:
         enterprise_name: str | None = None,
         trigger_id: str | None = None,
         response_url: str | None = None,
-        **options: Unpack[SendOptions],
-    ) -> BotResponse:
-        """A slash command, form-encoded with Slack's fields; its ``response_url`` points at the stand-in."""
+    ) -> dict[str, str]:
+        """A slash command's fields as Slack sends them; its ``response_url`` points at the stand-in."""
         fields: dict[str, str] = {
             "token": self.verification_token,
             "team_id": self.team_id,
@@ -1145,6 +1150,36 @@ class SlackStandIn:
                 ),
                 "trigger_id": trigger_id or self._new_trigger_id(),
             }
+        )
+        return fields
+
+    async def send_command(
+        self,
+        command: str = "/classify",
+        text: str = "",
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        channel_id: str = DEFAULT_CHANNEL_ID,
+        user_name: str | None = None,
+        channel_name: str | None = None,
+        enterprise_id: str | None = None,
+        enterprise_name: str | None = None,
+        trigger_id: str | None = None,
+        response_url: str | None = None,
+        **options: Unpack[SendOptions],
+    ) -> BotResponse:
+        """A slash command, form-encoded with Slack's fields (see ``command_payload``)."""
+        fields = self.command_payload(
+            command,
+            text,
+            user_id=user_id,
+            channel_id=channel_id,
+            user_name=user_name,
+            channel_name=channel_name,
+            enterprise_id=enterprise_id,
+            enterprise_name=enterprise_name,
+            trigger_id=trigger_id,
+            response_url=response_url,
         )
         body = urllib.parse.urlencode(fields).encode()
         return await self.send_raw(body, "application/x-www-form-urlencoded", fields, **options)
@@ -1175,7 +1210,7 @@ class SlackStandIn:
         action.setdefault("action_ts", f"{time.time():.6f}")
         return action
 
-    async def send_block_actions(
+    def block_actions_payload(
         self,
         actions: Iterable[Mapping[str, Any]],
         *,
@@ -1189,9 +1224,8 @@ class SlackStandIn:
         view_id: str | None = None,
         trigger_id: str | None = None,
         response_url: str | None = None,
-        **options: Unpack[SendOptions],
-    ) -> BotResponse:
-        """A ``block_actions`` interaction (``payload=<json>`` form body) on a message, or on a view.
+    ) -> JSON:
+        """The payload of a ``block_actions`` interaction on a message, or on a view.
 
         The message defaults to the stored one at (channel_id, message_ts) - typically what the bot posted
         with chat.postMessage - and actions are completed from its blocks: ``[{"action_id": "fix"}]`` or
@@ -1259,6 +1293,38 @@ class SlackStandIn:
                 },
             )
         payload["actions"] = [self._complete_action(action, blocks) for action in actions]
+        return payload
+
+    async def send_block_actions(
+        self,
+        actions: Iterable[Mapping[str, Any]],
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        channel_id: str = DEFAULT_CHANNEL_ID,
+        message_ts: str | None = None,
+        message: JSON | None = None,
+        container: JSON | None = None,
+        state_values: JSON | None = None,
+        is_ephemeral: bool = False,
+        view_id: str | None = None,
+        trigger_id: str | None = None,
+        response_url: str | None = None,
+        **options: Unpack[SendOptions],
+    ) -> BotResponse:
+        """A ``block_actions`` interaction (``payload=<json>`` form body); see ``block_actions_payload``."""
+        payload = self.block_actions_payload(
+            actions,
+            user_id=user_id,
+            channel_id=channel_id,
+            message_ts=message_ts,
+            message=message,
+            container=container,
+            state_values=state_values,
+            is_ephemeral=is_ephemeral,
+            view_id=view_id,
+            trigger_id=trigger_id,
+            response_url=response_url,
+        )
         body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
         return await self.send_raw(body, "application/x-www-form-urlencoded", payload, **options)
 
@@ -1531,8 +1597,10 @@ class SlackStandIn:
             token = token or (call.args.get("token") if request.content_type != "application/json" else None)
             if not token:
                 return 200, {"ok": False, "error": "not_authed"}, {}
-            if token != self.bot_token:
-                return 200, {"ok": False, "error": "invalid_auth"}, {}
+            expected = self.method_tokens.get(call.method, self.bot_token)
+            if token != expected:
+                known = token == self.bot_token or token in self.method_tokens.values()
+                return 200, {"ok": False, "error": "not_allowed_token_type" if known else "invalid_auth"}, {}
         fault = self._take_fault(call.method, call.args)
         if fault is not None:
             if fault.delay:

@@ -212,6 +212,7 @@ def test_bot_dockerfile() -> None:
     )
     code = check_python_healthcheck(healthcheck_command(final), "/healthz")
     assert "PORT" in code and "'3000'" in code
+    assert "SLACK_APP_TOKEN" not in code  # Socket Mode serves /healthz too: the check must not skip it
     assert env_values(final).get("PORT") == "3000"
     assert exec_form(next(ins.args for ins in final if ins.keyword == "CMD")) == ["triage", "bot"]
 
