@@ -107,7 +107,7 @@ async def run_up(host: str, port: int) -> None:
                             break
                 await asyncio.sleep(0.2)
         typer.echo(
-            f"classifier ready: http://{shown}:{bound}/?token={token}  (API token in {TOKEN_FILE} "
+            f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {TOKEN_FILE} "
             f"or CLASSIFIER_TOKEN; Ctrl-C stops)"
         )
 

