@@ -26,7 +26,8 @@ from bot.triage import ChannelPacer, Triage
 from classifier.client import make_classifier
 from classifier.engine import EngineConfig
 from classifier.paths import registry_dir
-from classifier.registry import Registry
+from classifier.registry import Registry, RegistryError
+from classifier.schema import schema_heads
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
         async with sessions.begin() as session:
             await mirror_versions(session, registry)
+        await _log_missing_heads(settings, registry)
     client = make_web_client(settings)
     try:
         auth = await client.auth_test()
@@ -162,6 +164,16 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         auth.get("user_id"),
     )
     return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup)
+
+
+async def _log_missing_heads(settings: BotSettings, registry: Registry) -> None:
+    """Say at start-up what will not work because the active model lacks heads the bot uses."""
+    try:
+        active = await asyncio.to_thread(registry.active)
+    except RegistryError:
+        return
+    for line in settings.missing_heads(schema_heads(active.schema)):
+        log.warning("the active model %s lacks a head the bot uses: %s", active.name, line)
 
 
 def _secret(value: SecretStr | None) -> str | None:

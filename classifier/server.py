@@ -11,7 +11,10 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
     GET  /v1/model                           token   the serving version: schema, metrics, eval images
     GET  /v1/models/{version}/eval/{file}    token   an evaluation plot (<version>/eval/*.png)
     GET  /v1/models                          admin   all versions
-    POST /v1/models/{version}/activate       admin   load, switch, and make it the registry's active version
+    POST /v1/models/{version}/activate       admin   load, switch, and make it the registry's active version;
+                                                     answers {"active", "serving", "lost_heads"}: heads the
+                                                     previous version had and this one lacks (logged as a
+                                                     warning; the caller reports them)
 
 ``POST /v1/classify`` answers, in input order and all from one model version::
 
@@ -73,6 +76,7 @@ from classifier.results import (
     ModelSummary,
     check_texts,
 )
+from classifier.schema import describe_lost_heads, lost_heads
 
 log = logging.getLogger(__name__)
 
@@ -541,6 +545,7 @@ async def activate_model(request: web.Request) -> web.Response:
     name = request.match_info["version"]
     engine = request.app[ENGINE]
     registry = request.app[REGISTRY]
+    previous = engine.current
     try:
         await engine.swap_to(name)
         info = await asyncio.to_thread(registry.activate, name, "activated via the HTTP API")
@@ -551,7 +556,10 @@ async def activate_model(request: web.Request) -> web.Response:
     except EngineNotReady as exc:
         return _error(503, str(exc), {"Retry-After": "1"})
     log.info("activated %s via the HTTP API", name)
-    return web.json_response({"active": info.name, "serving": engine.version})
+    lost = lost_heads(previous.schema.to_dict(), info.schema) if previous is not None else []
+    if lost:
+        log.warning("%s has no %s head: %s", name, ", ".join(lost), "; ".join(describe_lost_heads(lost)))
+    return web.json_response({"active": info.name, "serving": engine.version, "lost_heads": lost})
 
 
 async def eval_image(request: web.Request) -> web.StreamResponse:

@@ -18,6 +18,7 @@ from classifier.engine import Engine
 from classifier.paths import PACKAGED_BASE_NAME, base_model_name
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
+from classifier.schema import LabelSchema
 from classifier.server import ConfigError, load_settings, serve, serve_command
 from tests.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
@@ -35,6 +36,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     settings,
     tiny_base_fixture,
 )
+from tests.tiny_model import make_tiny_version
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -312,6 +314,24 @@ async def test_models_list_and_activate(server: Any, registry: Registry) -> None
     async with http.post("/v1/models/v2/activate", headers=ADMIN) as r:
         assert r.status == 409 and "cannot be served" in (await _json(r))["error"]
     assert engine.version == "v1" and registry.active_name() == "v1"  # a broken version is never recorded
+
+
+async def test_activating_a_version_with_fewer_heads_reports_what_is_lost(
+    server: Any, registry: Registry, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    http, engine = server
+    topic_only = make_tiny_version(
+        registry, tiny_base, LabelSchema(heads={"topic": ["billing", "bug"]}), activate=False
+    )
+    with caplog.at_level(logging.WARNING, logger="classifier.server"):
+        async with http.post(f"/v1/models/{topic_only.name}/activate", headers=ADMIN) as r:
+            assert r.status == 200
+            body = await r.json()
+    assert body["lost_heads"] == ["urgency", "sentiment"]
+    assert engine.version == topic_only.name
+    assert "without urgency: escalation" in caplog.text
+    async with http.post("/v1/models/v1/activate", headers=ADMIN) as r:
+        assert (await r.json())["lost_heads"] == []
 
 
 @pytest.mark.parametrize(
