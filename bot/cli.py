@@ -12,13 +12,26 @@ from bot.storage.cli import register as register_storage_commands
 from bot.up import up_command
 from classifier.cli import data_app
 from classifier.cli import register as register_classifier_commands
+from classifier.paths import DATA_DIR_ENV, default_data_dir, describe_data_dir
 
 app = typer.Typer(
     name="triage",
     help="Triage customer messages in Slack with a fine-tuned multi-head BERT classifier.",
+    epilog=(
+        f"State (models, runs, reports, the SQLite database) lives in {DATA_DIR_ENV}, by default "
+        f"{default_data_dir()}; every command names the one it uses on stderr."
+    ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+@app.callback()
+def _name_the_data_dir() -> None:
+    # stderr, so that `--json` output on stdout stays one clean object.
+    typer.echo(describe_data_dir(), err=True)
+
+
 register_classifier_commands(app)
 register_storage_commands(app, data_app=data_app)
 app.command("up")(up_command)

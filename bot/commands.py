@@ -21,6 +21,7 @@ from bot.storage.models import ModelStatus
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
 from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
+from classifier.schema import schema_heads
 
 if TYPE_CHECKING:
     from bot.retrain import Retrainer
@@ -180,6 +181,9 @@ class Commands:
                 lines.append(
                     f"  • {head}: accuracy {m.get('accuracy', 0):.3f}, macro-F1 {m.get('macro_f1', 0):.3f}"
                 )
+            lines.extend(
+                f"  :warning: {line}" for line in self.settings.missing_heads(schema_heads(active.schema))
+            )
             if active.created:
                 since = datetime.fromisoformat(active.created)
         async with self.sessions() as session:
@@ -240,7 +244,17 @@ class Commands:
                     metrics=info.metrics if info else None,
                     reason=f"rollback by {user}",
                 )
-        return f"{name} is now the active model. Every classifier picks it up within seconds."
+        gaps = await self._missing_heads(name)
+        done = f"{name} is now the active model. Every classifier picks it up within seconds."
+        return "\n".join([done, *(f":warning: {line}" for line in gaps)])
+
+    async def _missing_heads(self, name: str) -> list[str]:
+        """What stops working because version ``name`` lacks heads the bot uses (nothing if unknown)."""
+        try:
+            info = next((v for v in await self.classifier.models() if v.name == name), None)
+        except ClassifierError:
+            return []
+        return self.settings.missing_heads(schema_heads(info.schema)) if info else []
 
 
 def _backlog_lines(backlog: repo.Backlog, skipped: int) -> list[str]:

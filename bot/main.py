@@ -32,7 +32,8 @@ from classifier.client import make_classifier
 from classifier.engine import EngineConfig
 from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
-from classifier.registry import Registry
+from classifier.registry import Registry, RegistryError
+from classifier.schema import schema_heads
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
         async with sessions.begin() as session:
             await mirror_versions(session, registry)
+        await _log_missing_heads(settings, registry)
     client = make_web_client(settings)
     try:
         auth = await wait_for_slack(settings)
@@ -211,6 +213,16 @@ async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:
 def _without_credentials(url: str) -> str:
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
+async def _log_missing_heads(settings: BotSettings, registry: Registry) -> None:
+    """Say at start-up what will not work because the active model lacks heads the bot uses."""
+    try:
+        active = await asyncio.to_thread(registry.active)
+    except RegistryError:
+        return
+    for line in settings.missing_heads(schema_heads(active.schema)):
+        log.warning("the active model %s lacks a head the bot uses: %s", active.name, line)
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from classifier.logsafe import redact_url
+from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
@@ -183,6 +184,12 @@ class BotSettings(BaseSettings):
     @property
     def socket_mode(self) -> bool:
         return self.slack_app_token is not None
+
+    def missing_heads(self, heads: list[str]) -> list[str]:
+        """What stops working with a model that has only ``heads``: one line per head the bot uses that is
+        missing (the urgency head's name is TRIAGE_URGENCY_HEAD)."""
+        uses = {self.triage_urgency_head if h == "urgency" else h: use for h, use in HEAD_USES.items()}
+        return describe_lost_heads([h for h in uses if h not in heads], uses)
 
     def is_admin(self, user_id: str) -> bool:
         return user_id in self.triage_admins

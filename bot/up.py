@@ -35,20 +35,22 @@ STARTER_SETTINGS = {
 TOKEN_FILE = "classifier_token"
 
 
-def ensure_model(registry: Registry) -> None:
-    """Train the starter model when the registry has no active version."""
+def ensure_model(registry: Registry, max_steps: int | None = None) -> None:
+    """Train the starter model when the registry has no active version; ``max_steps`` caps the training
+    (a quick, weaker model for smoke tests)."""
     if registry.active_name() is not None:
         return
     from classifier.data import fingerprint, load_examples
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
-    typer.echo("no model yet: training the starter model on the bundled starter dataset (a few minutes)")
+    how_long = f"at most {max_steps} steps" if max_steps else "a few minutes"
+    typer.echo(f"no model yet: training the starter model on the bundled starter dataset ({how_long})")
     examples, schema = load_examples([STARTER_DATA], LabelSchema())
     result = train(
         examples,
         schema,
-        TrainConfig(**STARTER_SETTINGS),
+        TrainConfig(**STARTER_SETTINGS, max_steps=max_steps),
         registry,  # type: ignore[arg-type]
         data_info={"files": [{"path": "starter.csv", "sha256": fingerprint(STARTER_DATA)}]},
     )
@@ -119,7 +121,7 @@ async def run_up(host: str, port: int) -> None:
                             break
                 await asyncio.sleep(0.2)
         typer.echo(
-            f"classifier ready: http://{shown}:{bound}/?token={token}  (API token in {TOKEN_FILE} "
+            f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {TOKEN_FILE} "
             f"or CLASSIFIER_TOKEN; Ctrl-C stops)"
         )
 
@@ -147,6 +149,12 @@ async def run_up(host: str, port: int) -> None:
 def up_command(
     host: str = typer.Option("127.0.0.1", help="Interface for the classifier's API and page."),
     port: int = typer.Option(8080, min=0, max=65535, help="Port for the classifier's API and page."),
+    starter_steps: int | None = typer.Option(
+        None,
+        min=1,
+        help="Stop training the starter model after this many steps: a quick, weaker model for smoke "
+        "tests [default: train it fully]",
+    ),
 ) -> None:
     """Set up and run everything on embedded defaults: database, starter model, classifier, bot."""
     from bot.storage.database import resolve_database_url, upgrade_database
@@ -155,5 +163,5 @@ def up_command(
     url = resolve_database_url()
     asyncio.run(upgrade_database(url))
     typer.echo(f"database ready: {url.render_as_string(hide_password=True)}")
-    ensure_model(Registry(registry_dir()))
+    ensure_model(Registry(registry_dir()), max_steps=starter_steps)
     asyncio.run(run_up(host, port))

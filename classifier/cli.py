@@ -226,9 +226,26 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
 
 @models_app.command("activate")
 @user_errors
-def models_activate(version: Annotated[str, typer.Argument(help="Version name, e.g. v3.")]) -> None:
+def models_activate(
+    version: Annotated[str, typer.Argument(help="Version name, e.g. v3.")],
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Activate even if the version lacks heads the active one has.")
+    ] = False,
+) -> None:
     """Make a version the active model (running servers switch to it without a restart)."""
-    info = _registry().activate(version, reason="activated from the command line")
+    from classifier.schema import describe_lost_heads, lost_heads
+
+    registry = _registry()
+    target = registry.get(version)
+    active = registry.active_name()
+    lost = lost_heads(registry.get(active).schema, target.schema) if active else []
+    if lost:
+        typer.echo(f"warning: {version} lacks head(s) the active {active} has: {', '.join(lost)}", err=True)
+        for line in describe_lost_heads(lost):
+            typer.echo(f"  {line}", err=True)
+        if not yes:
+            typer.confirm(f"Activate {version} anyway?", abort=True, err=True)
+    info = registry.activate(version, reason="activated from the command line")
     typer.echo(f"{info.name} is now the active model")
 
 

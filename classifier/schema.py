@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,12 @@ DEFAULT_HEADS: dict[str, list[str]] = {
     "topic": ["account", "billing", "bug", "feature_request", "how_to", "outage", "other"],
     "urgency": ["low", "medium", "high", "critical"],
     "sentiment": ["negative", "neutral", "positive"],
+}
+# What the product does with each default head: what stops working when the active model lacks it.
+HEAD_USES: dict[str, str] = {
+    "topic": "topic routing (TRIAGE_ROUTES) and the topic on cards",
+    "urgency": "escalation (the :rotating_light: reaction and posts to TRIAGE_ESCALATION_CHANNEL)",
+    "sentiment": "the sentiment on cards",
 }
 
 
@@ -85,3 +92,23 @@ class LabelSchema:
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def schema_heads(schema: Mapping[str, Any]) -> list[str]:
+    """The head names of a stored schema (``LabelSchema.to_dict()``, as in version.json)."""
+    heads = schema.get("heads")
+    return list(heads) if isinstance(heads, Mapping) else []
+
+
+def lost_heads(current: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Heads of the ``current`` stored schema that the ``new`` one lacks, in the current order."""
+    kept = set(schema_heads(new))
+    return [head for head in schema_heads(current) if head not in kept]
+
+
+def describe_lost_heads(heads: Iterable[str], uses: Mapping[str, str] = HEAD_USES) -> list[str]:
+    """One line per head: what stops working without it."""
+    return [
+        f"without {head}: {uses.get(head, 'its labels on cards and in corrections')} stops working"
+        for head in heads
+    ]

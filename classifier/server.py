@@ -11,7 +11,10 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
     GET  /v1/model                           token   the serving version: schema, metrics, eval images
     GET  /v1/models/{version}/eval/{file}    token   an evaluation plot (<version>/eval/*.png)
     GET  /v1/models                          admin   all versions
-    POST /v1/models/{version}/activate       admin   load, switch, and make it the registry's active version
+    POST /v1/models/{version}/activate       admin   load, switch, and make it the registry's active version;
+                                                     answers {"active", "serving", "lost_heads"}: heads the
+                                                     previous version had and this one lacks (logged as a
+                                                     warning; the caller reports them)
 
 ``POST /v1/classify`` answers, in input order and all from one model version::
 
@@ -20,6 +23,10 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
                   "urgency": {...}, ...}, ...],
      "truncated": [false, ...]}          # per text: it was cut at the model's max length
 
+``GET /v1/model`` answers ``{"version", "status", "created", "base_model"`` (as recorded: a folder path),
+``"base_model_name"`` (readable, e.g. all-MiniLM-L6-v2), ``"metrics": {head: {"n", "accuracy", "macro_f1",
+...}}``, ``"schema", "max_length", "eval_images": [{"name", "url"}]}``.
+
 Errors are JSON ``{"error": "..."}``: 400 malformed JSON (or nested too deeply), 401/403 auth, 413 body
 too large, 422 wrong shape or limits (1..256 texts, each up to 20,000 characters and encodable as UTF-8:
 no lone surrogates), 500 inference failed for this request, 503 overloaded or not ready (with
@@ -27,9 +34,9 @@ Retry-After).
 
 Running: ``CLASSIFIER_TOKEN=... CLASSIFIER_ADMIN_TOKEN=... triage serve --host 0.0.0.0 --port 8080``
 serves the active version of ``$TRIAGE_DATA_DIR/models`` and follows its ACTIVE pointer. Share the page
-as ``http://host:8080/?token=<CLASSIFIER_TOKEN>``: the page moves the token into the tab's session
-storage and drops it from the address bar; the access log records paths without query strings, with
-control characters escaped.
+as ``http://host:8080/#token=<CLASSIFIER_TOKEN>``: browsers never send the fragment, so the token reaches
+no proxy or access log; the page moves it into the tab's session storage and drops it from the address
+bar. The access log records paths without query strings all the same, with control characters escaped.
 SIGTERM stops listening, lets in-flight requests finish (``--shutdown-timeout``), then exits.
 """
 
@@ -60,7 +67,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
 from classifier.logsafe import AccessLogger, escape_controls
 from classifier.model import ModelLoadError
-from classifier.paths import registry_dir
+from classifier.paths import base_model_name, registry_dir
 from classifier.registry import Registry, RegistryError
 from classifier.results import (
     MAX_CHARS,
@@ -70,6 +77,7 @@ from classifier.results import (
     ModelSummary,
     check_texts,
 )
+from classifier.schema import describe_lost_heads, lost_heads
 
 log = logging.getLogger(__name__)
 
@@ -193,7 +201,7 @@ _CONTENT_TYPES = {
 }
 _PAGE_HEADERS = {
     "Cache-Control": "no-store",
-    "Referrer-Policy": "no-referrer",  # the page URL may carry ?token=
+    "Referrer-Policy": "no-referrer",  # nothing about the page's address leaves it
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Content-Security-Policy": (
@@ -468,6 +476,7 @@ async def serving_model(request: web.Request) -> web.Response:
             "status": info.status,
             "created": info.created,
             "base_model": info.base_model,
+            "base_model_name": base_model_name(info.base_model),
             "metrics": info.metrics,
             "schema": loaded.schema.to_dict(),
             "max_length": loaded.max_length,
@@ -528,6 +537,7 @@ async def activate_model(request: web.Request) -> web.Response:
     name = request.match_info["version"]
     engine = request.app[ENGINE]
     registry = request.app[REGISTRY]
+    previous = engine.current
     try:
         await engine.swap_to(name)
         info = await asyncio.to_thread(registry.activate, name, "activated via the HTTP API")
@@ -538,7 +548,10 @@ async def activate_model(request: web.Request) -> web.Response:
     except EngineNotReady as exc:
         return _error(503, str(exc), {"Retry-After": "1"})
     log.info("activated %s via the HTTP API", escape_controls(name))
-    return web.json_response({"active": info.name, "serving": engine.version})
+    lost = lost_heads(previous.schema.to_dict(), info.schema) if previous is not None else []
+    if lost:
+        log.warning("%s has no %s head: %s", name, ", ".join(lost), "; ".join(describe_lost_heads(lost)))
+    return web.json_response({"active": info.name, "serving": engine.version, "lost_heads": lost})
 
 
 async def eval_image(request: web.Request) -> web.StreamResponse:

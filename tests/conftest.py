@@ -23,6 +23,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from classifier.paths import DATA_DIR_ENV
 
 PG_URL_ENV = "TRIAGE_TEST_PG_URL"
 DEFAULT_PG_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/"
@@ -90,6 +91,21 @@ class PostgresServer:
 def _server_url() -> URL:
     url = make_url(os.environ.get(PG_URL_ENV) or DEFAULT_PG_URL)
     return url.set(drivername="postgresql+asyncpg", database=url.database or "postgres")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes into the user's real data directory: TRIAGE_DATA_DIR points to a scratch folder
+    for the whole session (tests that need their own set it again; subprocesses inherit it)."""
+    saved = os.environ.get(DATA_DIR_ENV)
+    os.environ[DATA_DIR_ENV] = str(tmp_path_factory.mktemp("triage-data"))
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(DATA_DIR_ENV, None)
+        else:
+            os.environ[DATA_DIR_ENV] = saved
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,7 @@ from bot.storage.models import (
     TrainingTrigger,
 )
 from classifier.registry import Registry
+from classifier.schema import LabelSchema
 from tests.slack_standin import SlackStandIn
 from tests.tiny_model import make_tiny_version
 
@@ -575,3 +576,27 @@ async def test_classifier_url_credentials_reach_no_log_and_no_row(
     assert [r for r in caplog.records if secret in r.getMessage()] == []
     assert secret not in caplog.text  # tracebacks included
     assert "http://***@127.0.0.1" in caplog.text
+
+
+async def test_a_model_without_urgency_is_reported_at_start_and_in_status(
+    harness_factory: Any, tiny_bert: Path, data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    topics = LabelSchema(heads={"topic": ["billing", "bug", "outage"]})
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, topics)  # v1, active
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, activate=False)  # v2: every head
+    with caplog.at_level(logging.WARNING, logger="bot.main"):
+        h = await harness_factory(with_model=False)
+    assert "the active model v1 lacks a head the bot uses: without urgency: escalation" in caplog.text
+    await h.slack.send_command("/triage", "status", user_id=ADMIN, channel_id=CHANNEL)
+    [posted] = await h.slack.wait_for_response(timeout=5)
+    status = str(posted.body)
+    assert ":warning: without urgency: escalation" in status
+    assert ":warning: without sentiment: the sentiment on cards stops working" in status
+    assert "without topic" not in status
+
+    await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
+    [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v2 is now" in str(r.body))
+    assert ":warning:" not in str(posted.body)
+    await h.slack.send_command("/triage", "rollback v1", user_id=ADMIN, channel_id=CHANNEL)
+    [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v1 is now" in str(r.body))
+    assert ":warning: without urgency: escalation" in str(posted.body)

@@ -9,6 +9,7 @@ import contextlib
 import itertools
 import json
 import os
+import re
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 import pytest_asyncio
 
 from classifier.engine import Engine
+from classifier.paths import PACKAGED_BASE_NAME, default_base_model
 from tests.serving import (  # noqa: F401 (fixtures)
     PNG,
     TOKEN,
@@ -100,9 +102,13 @@ class DevTools:
             await asyncio.sleep(0.05)
 
     async def navigate(self, url: str) -> None:
+        """Load ``url`` as a fresh document (from the same page, a new fragment alone would not reload)."""
+        await self.send("Page.navigate", url="about:blank")
+        await self.wait_for("location.href === 'about:blank'")
         await self.send("Page.navigate", url=url)
+        page = re.split(r"[?#]", url)[0]
         await self.wait_for(
-            f"location.href.startsWith({json.dumps(url.split('?')[0])}) && document.readyState === 'complete'"
+            f"location.href.startsWith({json.dumps(page)}) && document.readyState === 'complete'"
         )
 
     async def type_into(self, selector: str, text: str) -> None:
@@ -166,16 +172,33 @@ async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Dev
         log.close()
 
 
+METRICS = {  # the shape of version.json's metrics: evaluate.summary(report)["heads"]
+    "topic": {"n": 40, "accuracy": 0.9, "macro_f1": 0.825, "macro_recall": 0.8, "roc_auc": None, "ece": 0.05},
+    "urgency": {
+        "n": 40,
+        "accuracy": 0.75,
+        "macro_f1": 0.6,
+        "macro_recall": 0.625,
+        "roc_auc": 0.9,
+        "ece": 0.125,
+    },
+}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def page_server(
     tmp_path_factory: pytest.TempPathFactory, registry_template: Path
 ) -> AsyncIterator[Any]:
-    """A server whose v1 has evaluation metrics and a confusion-matrix PNG."""
+    """A server whose v1 was trained on the packaged base model, with evaluation metrics (as training
+    records them: per head) and a confusion-matrix PNG."""
     registry = copy_registry(registry_template, tmp_path_factory.mktemp("page") / "models")
-    eval_dir = Path(registry.get("v1").path) / "eval"
-    eval_dir.mkdir()
-    (eval_dir / "confusion_topic.png").write_bytes(PNG)
-    registry.update_metrics("v1", {"heads": {"topic": {"n": 40, "accuracy": 0.9, "macro_f1": 0.825}}})
+    version_dir = Path(registry.get("v1").path)
+    (version_dir / "eval").mkdir()
+    (version_dir / "eval" / "confusion_topic.png").write_bytes(PNG)
+    registry.update_metrics("v1", METRICS)
+    recorded = json.loads((version_dir / "version.json").read_text(encoding="utf-8"))
+    recorded["base_model"] = str(default_base_model())  # as `triage train` records the default
+    (version_dir / "version.json").write_text(json.dumps(recorded), encoding="utf-8")
     engine = Engine(registry, engine_config())
     async with running_server(engine) as url:
         yield url, registry
@@ -186,14 +209,30 @@ async def test_type_a_message_click_and_read_each_heads_result(browser: DevTools
     message = "We were charged twice for our subscription this month, please refund"
     expected = reference(registry, "v1", [message])[0]["heads"]
 
-    await browser.navigate(f"{url}/?token={TOKEN}")
-    # The token moved from the URL into this tab's sessionStorage and the password field.
-    assert await browser.evaluate("location.search") == ""
+    await browser.navigate(f"{url}/#token={TOKEN}")
+    # The token moved from the URL's fragment (never sent to the server) into this tab's sessionStorage
+    # and the password field.
+    assert await browser.evaluate("location.hash") == ""
+    assert await browser.evaluate("location.href") == f"{url}/"
     assert await browser.evaluate("sessionStorage.getItem('triage.classifier.token')") == TOKEN
     assert await browser.evaluate("document.getElementById('token').type") == "password"
-    # Model version, evaluation metrics and the confusion matrix (fetched with the token, shown as a blob).
+    # Model version, base model, evaluation metrics and the confusion matrix (fetched with the token,
+    # shown as a blob).
     await browser.wait_for("document.getElementById('version').textContent === 'v1'")
-    assert "0.825" in await browser.evaluate("document.getElementById('metrics').textContent")
+    meta = await browser.evaluate("document.getElementById('model-meta').textContent")
+    assert f"base {PACKAGED_BASE_NAME}" in meta
+    table = await browser.evaluate(
+        "[...document.querySelectorAll('#metrics table tr')]"
+        ".map(row => [...row.children].map(cell => cell.textContent))"
+    )
+    assert table == [
+        ["head", "n", "accuracy", "macro f1", "macro recall", "roc auc", "ece"],
+        ["topic", "40", "0.900", "0.825", "0.800", "–", "0.050"],
+        ["urgency", "40", "0.750", "0.600", "0.625", "0.900", "0.125"],
+    ]
+    assert "No evaluation recorded" not in await browser.evaluate(
+        "document.getElementById('metrics').textContent"
+    )
     await browser.wait_for("(document.querySelector('#eval-images img') || {}).naturalWidth > 0")
 
     await browser.type_into("#text", message)
@@ -219,7 +258,7 @@ async def test_type_a_message_click_and_read_each_heads_result(browser: DevTools
 
 async def test_a_wrong_token_shows_an_error_instead_of_results(browser: DevTools, page_server: Any) -> None:
     url, _ = page_server
-    await browser.navigate(f"{url}/?token=not-the-right-token-at-all")
+    await browser.navigate(f"{url}/#token=not-the-right-token-at-all")
     await browser.wait_for("document.getElementById('model-meta').textContent.includes('rejected')")
     await browser.type_into("#text", "hello")
     await browser.click("#classify")
@@ -229,3 +268,9 @@ async def test_a_wrong_token_shows_an_error_instead_of_results(browser: DevTools
     )
     assert "Token missing or rejected" in status
     assert await browser.evaluate("document.getElementById('results').hidden") is True
+
+    # A second link with the right token, opened in the same tab (only the fragment changes).
+    await browser.evaluate(f"location.hash = 'token={TOKEN}'")
+    await browser.wait_for("document.getElementById('version').textContent === 'v1'")
+    assert await browser.evaluate("location.hash") == ""
+    assert await browser.evaluate("document.getElementById('token').value") == TOKEN

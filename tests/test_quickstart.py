@@ -3,9 +3,10 @@ tokens migrates SQLite, trains the starter model on the CPU, serves the classifi
 and stops cleanly on Ctrl-C.
 
 It reuses the existing ``.venv`` (quickstart.sh installs nothing when ``.venv/bin/triage`` exists). The
-starter training runs 7 epochs (early stopping) of about 20 s each on 2 otherwise idle cores, so 2-3
-minutes to "ready"; other CPU-heavy work on the machine can make it many times slower. Hence the
-``slow`` marker and a start-up limit of 8 minutes (``TRIAGE_QUICKSTART_TIMEOUT_S`` overrides it).
+starter training is cut to ``STARTER_STEPS`` optimizer steps (``triage up --starter-steps``; the full
+run takes about 280, 2-3 minutes on 2 idle cores): enough for a clearly billing message to come out
+billing, and about a tenth of the work, so a busy machine stays well inside the start-up limit of 8
+minutes (``TRIAGE_QUICKSTART_TIMEOUT_S`` overrides it). The ``slow`` marker keeps it out of quick runs.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "quickstart.sh"
-STARTUP_TIMEOUT_S = float(os.environ.get("TRIAGE_QUICKSTART_TIMEOUT_S", "480"))
+TIMEOUT_ENV = "TRIAGE_QUICKSTART_TIMEOUT_S"
+STARTUP_TIMEOUT_S = float(os.environ.get(TIMEOUT_ENV, "480"))
+STARTER_STEPS = 30  # billing at 0.56 confidence on the starter set; 20 steps gave a marginal 0.32
 STOP_TIMEOUT_S = 10.0
 READY_TIMEOUT_S = 60.0  # from the "classifier ready" line to GET /readyz 200 (loading the model)
 READY = re.compile(r"classifier ready: (http://\S+)")
 PROGRESS = re.compile(r"\|\s*\d+/\d+ \[")  # a tqdm progress bar
 BILLING = "I was charged twice for my subscription this month, please refund the duplicate payment"
-
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(STARTUP_TIMEOUT_S + 120)]
 
 
 def free_port() -> int:
@@ -79,7 +80,9 @@ class Quickstart:
             self.lines.append(line)
             if match := pattern.search(line):
                 return match
-        pytest.fail(f"no {pattern.pattern!r} after {timeout:.0f}s:\n{self.tail()}")
+        pytest.fail(
+            f"no {pattern.pattern!r} after {timeout:.0f}s (set {TIMEOUT_ENV} to allow longer):\n{self.tail()}"
+        )
 
     def drain(self) -> None:
         """Collect what the process printed after the last ``wait_for`` (it has exited)."""
@@ -108,7 +111,7 @@ def quickstart(tmp_path: Path) -> Iterator[tuple[Quickstart, Path, int]]:
     }
     env.update(TRIAGE_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
     process = subprocess.Popen(
-        [str(QUICKSTART), "--port", str(port)],
+        [str(QUICKSTART), "--port", str(port), "--starter-steps", str(STARTER_STEPS)],
         cwd=REPO,
         env=env,
         stdin=subprocess.DEVNULL,
@@ -141,6 +144,22 @@ def request(url: str, *, token: str | None = None, body: Any = None) -> tuple[in
         return exc.code, exc.headers.get("Content-Type", ""), exc.read()
 
 
+def test_a_start_up_timeout_names_the_variable_that_sets_the_limit() -> None:
+    process = subprocess.Popen(
+        ["sh", "-c", "echo still training; sleep 30"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        with pytest.raises(pytest.fail.Exception) as failure:
+            Quickstart(process).wait_for(READY, 0.5)
+    finally:
+        process.kill()
+        process.wait()
+    assert f"no {READY.pattern!r} after 0s (set {TIMEOUT_ENV} to allow longer)" in str(failure.value)
+    assert "still training" in str(failure.value)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(STARTUP_TIMEOUT_S + 120)
 def test_quickstart_trains_serves_and_stops(quickstart: tuple[Quickstart, Path, int]) -> None:
     run, data, port = quickstart
     assert not data.exists()
@@ -155,10 +174,11 @@ def test_quickstart_trains_serves_and_stops(quickstart: tuple[Quickstart, Path, 
     assert "Slack bot not started: set SLACK_BOT_TOKEN" in output
     print(f"\nquickstart ready after {ready_s:.0f}s; {trained.strip()}")
 
-    # The printed address is this port, with the generated token; the token file is owner-only.
+    # The printed address is this port, with the generated token in the fragment (which browsers never
+    # send); the token file is owner-only.
     parts = urlsplit(url)
-    assert (parts.hostname, parts.port, parts.path) == ("localhost", port, "/")
-    token = parse_qs(parts.query)["token"][0]
+    assert (parts.hostname, parts.port, parts.path, parts.query) == ("localhost", port, "/", "")
+    token = parse_qs(parts.fragment)["token"][0]
     token_file = data / "classifier_token"
     assert token_file.read_text(encoding="utf-8").strip() == token
     assert token_file.stat().st_mode & 0o777 == 0o600

