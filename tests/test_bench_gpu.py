@@ -147,3 +147,26 @@ def test_gpu_py_skips_what_does_not_fit_the_budget_and_still_writes_the_json(tmp
     assert any(s.startswith("model_only tiny 16 tokens") for s in budget_skips)
     assert any(s.startswith("training ") for s in budget_skips)
     assert report["model_only"] == [] and report["training"] == [] and "http" not in report
+
+
+def test_gpu_py_records_a_failing_section_and_goes_on(tmp_path: Path) -> None:
+    """The server refuses a negative --max-wait-ms and exits: the run records why and still trains."""
+    path = tmp_path / "gpu.json"
+    result = run_gpu_py(
+        "--smoke",
+        "--device",
+        "cpu",
+        "--sections",
+        "http,training",
+        "--max-wait-ms",
+        "-1",
+        "--json",
+        str(path),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(path.read_text(encoding="utf-8"))
+    failures = {s["what"]: s["why"] for s in report["skipped"] if s["why"].startswith("failed:")}
+    assert failures == {"http": "failed: SystemExit: the server exited with 2"}
+    assert report["http"]["baseline_per_message"]["messages_per_s"] > 0
+    assert "clients" not in report["http"]
+    assert {r["precision"] for r in report["training"]} == {"fp32", "bf16"}
