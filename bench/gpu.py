@@ -226,12 +226,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def rate(step: Callable[[], Any], device: torch.device, seconds: float, warmup: int = 3) -> float:
-    """Calls of ``step`` per second over about ``seconds`` (after ``warmup`` calls); the device is
-    synchronised only every few calls, so the host keeps the GPU's queue full."""
-    for _ in range(warmup):
+def rate(step: Callable[[], Any], device: torch.device, seconds: float, warmup_s: float = 0.0) -> float:
+    """Calls of ``step`` per second over about ``seconds``, after at least 3 calls and ``warmup_s`` of
+    warm-up; the device is synchronised only every few calls, so the host keeps the GPU's queue full."""
+    calls, started = 0, time.perf_counter()
+    while calls < 3 or time.perf_counter() - started < warmup_s:
         step()
-    sync(device)
+        calls += 1
+        sync(device)
     calls, chunk, started = 0, 1, time.perf_counter()
     while True:
         for _ in range(chunk):
@@ -313,7 +315,9 @@ def model_only(
                     if batch_name == "latency" and variant in ("fp32", "compile"):
                         continue  # the small batch compares eager bf16 with its CUDA graph only
                     what = f"model_only {base.name} {tokens} tokens x {rows} {variant}"
-                    cost = args.seconds + 2 + (args.compile_cost_s if variant == "compile" else 0)
+                    cost = (
+                        args.seconds + 2 + (args.compile_cost_s + args.seconds if variant == "compile" else 0)
+                    )
                     if not budget.fits(cost):
                         report.skip(what, f"time budget ({budget.left():.0f}s left)")
                         continue
@@ -323,8 +327,10 @@ def model_only(
                         step, compile_s = variant_step(variant, model, compiled, inputs, device)
                         if compile_s is not None:
                             entry["compile_and_first_pass_s"] = round(compile_s, 2)
+                        # a compiled model runs slowly for a while after its first pass: warm it up longer
+                        warmup_s = args.seconds if variant == "compile" else 0.0
                         with torch.inference_mode():
-                            seq_s = rate(step, device, args.seconds) * rows
+                            seq_s = rate(step, device, args.seconds, warmup_s) * rows
                     except Exception as exc:  # one failing variant (e.g. compile) must not end the run
                         report.skip(what, f"{type(exc).__name__}: {exc}"[:500])
                         continue
@@ -662,7 +668,36 @@ def main(argv: list[str] | None = None) -> None:
                 seen,
             )
         report.write()
+    print(summary(report.data))
     print(f"wrote {args.json}" if args.json else json.dumps(report.data, indent=2))
+
+
+def summary(data: dict[str, Any]) -> str:
+    """The headline figures as text (the JSON has them all)."""
+    lines = [f"{data['device'].get('name')} ({data['mode']}), {data['elapsed_s']}s"]
+    if "matmul" in data:
+        lines.append(f"bf16 matmul {data['matmul']['n']}^3: {data['matmul']['tflops']} TFLOP/s")
+    for r in data.get("model_only", []):
+        lines.append(
+            f"model {r['model']:<10}{r['tokens']:>4} tok x{r['rows']:<5}{r['variant']:<8}"
+            f"{r['sequences_per_s']:>12,.0f} seq/s {r['tflops']:>9.4g} TFLOP/s "
+            f"{r['share_of_peak']:>8.2%} of peak  vs fp32 {r['vs_fp32'] or '-'}  "
+            f"vs bf16 {r['vs_bf16_eager'] or '-'}"
+        )
+    http = data.get("http", {})
+    for name, r in [("per-message", http.get("baseline_per_message")), *http.get("clients", {}).items()]:
+        if r:
+            lines.append(
+                f"http {name:<12}{r['messages_per_s']:>10,.0f} msg/s  p50 {r['p50_ms']:.1f} ms  p99 "
+                f"{r['p99_ms']:.1f} ms  {r['share_of_peak']:.3%} of peak  errors {r['errors']}"
+            )
+    for r in data.get("training", []):
+        lines.append(
+            f"train {r['precision']:<5} batch {r['batch_size']:<4}{r['samples_per_s']:>10,.0f} samples/s "
+            f"{r['share_of_peak']:.2%} of peak  vs fp32 {r['vs_fp32'] or '-'}"
+        )
+    lines += [f"skipped {s['what']}: {s['why']}" for s in data["skipped"]]
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -88,6 +88,7 @@ def test_gpu_py_smoke_on_the_cpu_writes_every_section(tmp_path: Path) -> None:
     result = run_gpu_py("--smoke", "--device", "cpu", "--json", str(path))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(path.read_text(encoding="utf-8"))
+    assert "http 4 " in result.stdout and "train bf16" in result.stdout  # the summary printed at the end
 
     assert report["schema"] == "triage-gpu-bench/1"
     assert report["mode"] == "smoke"
