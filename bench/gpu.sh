@@ -125,7 +125,7 @@ prepare_python() {
         say "no CUDA torch in $base; making $VENV with $python and installing the project (torch is large)"
         rm -rf "$VENV"
         "$python" -m venv "$VENV" || die "cannot make a venv with $python (python3-venv missing?)"
-        timeout "$left" "$VENV/bin/python" -m pip install --progress-bar off -e "$ROOT" ||
+        timeout "$left" "$VENV/bin/python" -m pip install --progress-bar off --retries 1 --timeout 20 -e "$ROOT" ||
             die "pip install -e . failed or ran past the budget"
         has_cuda_torch "$VENV/bin/python" ||
             die "the torch that pip installed in $VENV sees no GPU: $("$VENV/bin/python" -c \
