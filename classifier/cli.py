@@ -175,6 +175,12 @@ def evaluate_command(
         clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name, progress=not as_json
     )
     if as_json:
+        for head, unknown in report["left_out"].items():
+            typer.echo(
+                f"warning: {head}: {sum(unknown.values())} row(s) left out (labels {info.name} "
+                f"does not know: {', '.join(unknown)})",
+                err=True,
+            )
         sys.stdout.write(json.dumps(report) + "\n")
         return
     typer.echo(format_report(report))
@@ -214,12 +220,17 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if not versions:
         typer.echo("no model versions yet: train one with `triage train --data FILE`")
         return
+    from classifier.evaluate import too_few_rows
+
     for v in versions:
         mark = "*" if v.status == "active" else " "
         scores = "  ".join(
-            f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in v.metrics.items()
+            f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f} (n={m['n']})" for h, m in v.metrics.items()
         )
         typer.echo(f"{mark} {v.name:<5} {v.status:<9} {v.created}  {scores}")
+        for head, m in v.metrics.items():
+            if warning := too_few_rows(m):
+                typer.echo(f"        {head}: {warning}")
         if v.reason and v.status != "active":
             typer.echo(f"        {v.reason}")
 
