@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -61,6 +61,15 @@ def _split(value: str) -> tuple[float, float, float]:
     return (parts[0] / total, parts[1] / total, parts[2] / total)
 
 
+def _max_length(value: str) -> int | Literal["auto"]:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--max-length must be a number of tokens or auto, got {value!r}") from None
+
+
 DataOpt = Annotated[
     list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")
 ]
@@ -77,15 +86,27 @@ def train_command(
         str | None, typer.Option(help="Continue training from this registry version.")
     ] = None,
     schema: Annotated[
-        Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels.")
+        Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels; others are refused.")
     ] = None,
-    infer_labels: Annotated[bool, typer.Option(help="Take each head's labels from the data.")] = False,
+    infer_labels: Annotated[
+        bool,
+        typer.Option(
+            help="Take each head's labels from the data. Without it: the data's labels when no model exists "
+            "yet or when most of them are not starter labels, else the starter labels (the default schema)."
+        ),
+    ] = False,
     text_column: TextColumnOpt = "text",
     epochs: Annotated[int, typer.Option(min=1)] = 5,
-    max_length: Annotated[int, typer.Option(min=3, max=512, help="Max sequence length in tokens.")] = 128,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 5e-5,
-    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the heads [default: --lr]")] = None,
+    max_length: Annotated[
+        str,
+        typer.Option(
+            help="Max sequence length in tokens (3-512), or auto: the shortest of 32/64/128/256/512 that "
+            "keeps 95% of the training texts whole (what `triage data inspect` suggests)."
+        ),
+    ] = "64",
+    batch_size: Annotated[int, typer.Option(min=1, help="Training examples per optimizer step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 1e-4,
+    head_lr: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 1e-3,
     warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
     weight_decay: float = 0.01,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
@@ -99,17 +120,15 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune a multi-head model on labeled data and add it to the registry."""
-    from classifier.data import fingerprint, load_examples
+    from classifier.data import fingerprint
     from classifier.train import TrainConfig, train
 
     registry = _registry()
-    examples, used_schema = load_examples(
-        data, _schema(schema), text_column=text_column, infer_labels=infer_labels
-    )
+    examples, used_schema = _training_data(registry, data, schema, from_version, infer_labels, text_column)
     config = TrainConfig(
         base_model=base_model,
         init_from=from_version,
-        max_length=max_length,
+        max_length=_max_length(max_length),
         batch_size=batch_size,
         learning_rate=lr,
         head_learning_rate=head_lr,
@@ -145,6 +164,42 @@ def train_command(
         typer.echo(f"{result.version.name} is the active model (the first one trained)")
     else:
         typer.echo(f"active model stays {active}; `triage models activate {result.version.name}` to switch")
+
+
+def _training_data(
+    registry: Any,
+    data: list[Path],
+    schema_file: Path | None,
+    from_version: str | None,
+    infer_labels: bool,
+    text_column: str,
+) -> tuple[list[Any], Any]:
+    """The examples and the schema to train them with: strict against a given schema (--schema, or the
+    parent's when continuing from a version); otherwise the starter labels, or the data's own labels when
+    there is no model yet or they clearly form a new set (said in one line)."""
+    from classifier.data import load_examples, load_with_own_labels
+    from classifier.schema import LabelSchema
+
+    if schema_file or from_version or infer_labels:
+        schema = (
+            LabelSchema.from_dict(registry.get(from_version).schema)
+            if from_version and not schema_file
+            else _schema(schema_file)
+        )
+        return load_examples(data, schema, text_column=text_column, infer_labels=infer_labels)
+    first_model = not registry.names()
+    examples, schema, inferred = load_with_own_labels(
+        data, LabelSchema(), text_column=text_column, first_model=first_model
+    )
+    if inferred:
+        why = (
+            f"no model in {registry.root} yet"
+            if first_model
+            else "not the starter labels of the default schema"
+        )
+        found = "; ".join(f"{h} = {', '.join(schema.heads[h])}" for h in inferred)
+        typer.echo(f"labels taken from the data ({why}): {found}", err=True)
+    return examples, schema
 
 
 @user_errors

@@ -207,6 +207,26 @@ def load_examples(
     return examples, result
 
 
+def load_with_own_labels(
+    paths: Sequence[Path], default: LabelSchema, text_column: str = "text", first_model: bool = False
+) -> tuple[list[Example], LabelSchema, list[str]]:
+    """Load data that is not bound to an existing schema: a head takes its labels from the data when the data
+    has labels ``default`` lacks and either no model exists yet (``first_model``) or most of the head's
+    labels are new (the data clearly brings its own set); other heads keep the strict check, so a typo in
+    an otherwise known set is still an error. Returns the examples, their schema and the heads inferred."""
+    examples, found = load_examples(paths, default, text_column=text_column, infer_labels=True)
+    inferred = []
+    for head, labels in found.heads.items():
+        new = set(labels) - set(default.heads.get(head, []))
+        if new and (first_model or 2 * len(new) > len(labels)):
+            inferred.append(head)
+    if inferred and len(inferred) == len(found.heads):
+        return examples, found, inferred
+    heads = {h: (found.heads[h] if h in inferred else list(labels)) for h, labels in default.heads.items()}
+    examples, used = load_examples(paths, LabelSchema(heads=heads), text_column=text_column)
+    return examples, used, inferred
+
+
 def label_counts(examples: Iterable[Example]) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = {}
     for ex in examples:
