@@ -55,12 +55,17 @@ def ensure_model(registry: Registry) -> None:
     typer.echo(f"starter model {result.version.name} ready ({metrics})")
 
 
+def token_file() -> Path:
+    """Where a generated classifier token is kept."""
+    return data_dir() / TOKEN_FILE
+
+
 def classifier_token() -> str:
     """``CLASSIFIER_TOKEN``, or one generated once and kept (owner-only) in the data directory."""
     token = os.environ.get("CLASSIFIER_TOKEN", "").strip()
     if token:
         return token
-    path: Path = data_dir() / TOKEN_FILE
+    path = token_file()
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     token = secrets.token_urlsafe(24)
@@ -77,6 +82,7 @@ async def run_up(host: str, port: int) -> None:
     from classifier.server import serve
 
     token = classifier_token()
+    token_source = "CLASSIFIER_TOKEN" if os.environ.get("CLASSIFIER_TOKEN", "").strip() else token_file()
     server_settings = load_server_settings(host=host, port=port, token=token)
     stop = asyncio.Event()
     bot = None
@@ -107,8 +113,8 @@ async def run_up(host: str, port: int) -> None:
                             break
                 await asyncio.sleep(0.2)
         typer.echo(
-            f"classifier ready: http://{shown}:{bound}/?token={token}  (API token in {TOKEN_FILE} "
-            f"or CLASSIFIER_TOKEN; Ctrl-C stops)"
+            f"classifier ready: http://{shown}:{bound}/?token={token}  (API token in {token_source}; "
+            "Ctrl-C stops)"
         )
 
     def listening(bound: int) -> None:

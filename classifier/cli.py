@@ -74,13 +74,14 @@ DataOpt = Annotated[
     list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")
 ]
 TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
+PACKAGED_MODEL = "the packaged all-MiniLM-L6-v2"
 
 
 @user_errors
 def train_command(
     data: DataOpt,
     base_model: Annotated[
-        str, typer.Option(help="Local Hugging Face BERT folder [default: packaged MiniLM]")
+        str, typer.Option(help="Local Hugging Face BERT folder.", show_default=PACKAGED_MODEL)
     ] = "",
     from_version: Annotated[
         str | None, typer.Option(help="Continue training from this registry version.")
@@ -205,10 +206,12 @@ def _training_data(
 @user_errors
 def evaluate_command(
     data: DataOpt,
-    model: Annotated[str | None, typer.Option(help="Registry version [default: the active one]")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Registry version.", show_default="the active one")
+    ] = None,
     text_column: TextColumnOpt = "text",
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the report [default: data dir/reports/...]")
+        Path | None, typer.Option(help="Folder for the report.", show_default="data dir/reports/...")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
 ) -> None:
@@ -245,9 +248,9 @@ def evaluate_command(
 @data_app.command("inspect")
 @user_errors
 def inspect_command(
-    files: Annotated[list[Path], typer.Argument(help="CSV or JSONL files.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="CSV or JSONL files.")],
     text_column: TextColumnOpt = "text",
-    base_model: Annotated[str, typer.Option(help="Tokenizer folder [default: packaged MiniLM]")] = "",
+    base_model: Annotated[str, typer.Option(help="Tokenizer folder.", show_default=PACKAGED_MODEL)] = "",
     out: Annotated[Path | None, typer.Option(help="Folder for summary and plots.")] = None,
 ) -> None:
     """Label distribution per head, text lengths in tokens, and a suggested max sequence length."""
@@ -264,7 +267,9 @@ def inspect_command(
 
 @models_app.command("list")
 @user_errors
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the versions as one JSON list.")] = False,
+) -> None:
     """Show every version with its metrics; the active one is marked."""
     from dataclasses import asdict
 

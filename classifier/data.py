@@ -75,6 +75,26 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def _header_hint(header: list[str], text_column: str, rows: Iterator[list[str]]) -> str:
+    """What the header has instead: semicolons, or the column that most likely holds the texts (the
+    closest name, else the one with the longest values in the first rows)."""
+    if len(header) == 1 and ";" in header[0]:
+        return f"the file looks semicolon-separated ({header[0]!r}): save it with commas as separators"
+    if not any(header):
+        return "the header is empty"
+    close = difflib.get_close_matches(text_column, header, n=1, cutoff=0.6)
+    if close:
+        likely = close[0]
+    else:
+        lengths = [0] * len(header)
+        with contextlib.suppress(csv.Error):
+            for row in itertools.islice(rows, 50):
+                for i, value in enumerate(row[: len(header)]):
+                    lengths[i] += len(value)
+        likely = header[max(range(len(header)), key=lambda i: lengths[i])]
+    return f"found: {', '.join(header)}; if the texts are in {likely!r}, pass --text-column {likely}"
+
+
 def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, dict[str, str | None]]]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -85,9 +105,8 @@ def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, di
         raise DataError(f"{path}:1: malformed CSV header: {exc}") from None
     header = [h.strip() for h in header]
     if text_column not in header:
-        raise DataError(
-            f"{path}:1: no {text_column!r} column in the header (found: {', '.join(header) or 'nothing'})"
-        )
+        hint = _header_hint(header, text_column, reader)
+        raise DataError(f"{path}:1: no {text_column!r} column in the header; {hint}")
     if len(set(header)) != len(header):
         dupes = sorted(h for h, n in Counter(header).items() if n > 1)
         raise DataError(f"{path}:1: duplicate column name(s) {', '.join(dupes)}")
@@ -160,7 +179,11 @@ def load_examples(
             raise DataError(f"{path}: no data rows")
         columns = set(rows[0][1])
         if path.suffix.lower() in {".jsonl", ".ndjson"} and not any(text_column in r for _, r in rows[:1]):
-            raise DataError(f"{path}:{rows[0][0]}: no {text_column!r} field")
+            keys = list(rows[0][1])
+            sample = ([r.get(k) or "" for k in keys] for _, r in rows)
+            raise DataError(
+                f"{path}:{rows[0][0]}: no {text_column!r} field; {_header_hint(keys, text_column, sample)}"
+            )
         file_heads = [h for h in heads if h in columns or any(h in r for _, r in rows)]
         if not file_heads:
             raise DataError(
