@@ -39,7 +39,7 @@ from bot.storage.models import (
     TrainingTrigger,
     utcnow,
 )
-from classifier.data import Example, read_jsonl, split_examples
+from classifier.data import Example, normalize, read_jsonl, split_examples
 from classifier.registry import Registry
 from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
@@ -80,10 +80,7 @@ def _base_version(registry: Registry, tiny_bert: Path, steps: int | None, seed: 
     ).version.name
 
 
-async def _store_feedback(
-    sessions: async_sessionmaker[AsyncSession], rows: list[dict[str, str]], shuffle: bool = False
-) -> None:
-    rng = random.Random(1)
+async def _store_feedback(sessions: async_sessionmaker[AsyncSession], rows: list[dict[str, str]]) -> None:
     async with sessions.begin() as session:
         for i, row in enumerate(rows):
             message, _ = await repo.store_message(
@@ -97,12 +94,11 @@ async def _store_feedback(
             await repo.add_prediction(
                 session, message.id, "v1", {"topic": HeadPrediction("billing", 0.5, {})}
             )
-            label = rng.choice(list(TOPIC_WORDS)) if shuffle else row["topic"]
             await repo.add_correction(
                 session,
                 message.id,
                 "topic",
-                label,
+                row["topic"],
                 user_id="U2",
                 source=CorrectionSource.REACTION,
                 old_label="billing",
@@ -147,7 +143,9 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
     engine, sessions = db
     registry = Registry(data_dir / "models")
     _base_version(registry, tiny_bert, steps=None)  # a good model
-    await _store_feedback(sessions, learnable_rows(400, seed=9), shuffle=True)  # agents who label at random
+    rng = random.Random(1)
+    random_labels = [{**r, "topic": rng.choice(list(TOPIC_WORDS))} for r in learnable_rows(400, seed=9)]
+    await _store_feedback(sessions, _outside_held_out(registry, random_labels))  # agents who label at random
     outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=3)
     assert outcome.status == TrainingStatus.REJECTED, outcome.summary()
     assert registry.active_name() == "v1"
@@ -155,6 +153,20 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
     async with sessions() as session:
         mirror = await repo.get_model_version(session, "v2")
     assert mirror is not None and mirror.status == ModelStatus.REJECTED
+
+
+def _outside_held_out(registry: Registry, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The feedback rows a run would not hold out (dropping held-out ones until none is), so that agents
+    who label at random are not also the judges: the held-out rows stay the base data's."""
+    active = registry.active()
+    base = read_jsonl(Path(active.path) / "dataset.jsonl")
+    keep = rows
+    while True:
+        feedback = [repo.TrainingExample(i, r["text"], {"topic": r["topic"]}) for i, r in enumerate(keep)]
+        held_out = {normalize(e.text) for e in split_for_run(active, merge_feedback(base, feedback))["test"]}
+        if not any(normalize(r["text"]) in held_out for r in keep):
+            return keep
+        keep = [r for r in keep if normalize(r["text"]) not in held_out]
 
 
 def test_gate_rules() -> None:
