@@ -135,7 +135,7 @@ async def test_retrain_from_corrections_promotes_a_better_model(
     recorded = read_jsonl(Path(registry.get("v2").path) / "dataset.jsonl")
     held_out = split_for_run(registry.get("v1"), recorded)["test"]
     assert sum(e.source.startswith("slack:") for e in held_out) == outcome.counts["heldout_feedback"]
-    assert len(held_out) == outcome.counts["heldout"]
+    assert len(held_out) == outcome.counts["heldout"] == registry.get("v2").data["splits"]["test"]
     assert outcome.confusion_png and outcome.confusion_png.endswith("confusion_topic.png")  # checked to exist
 
 
