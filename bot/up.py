@@ -22,7 +22,7 @@ from classifier.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# Tuned on the starter set with all-MiniLM-L6-v2: a useful model in a few minutes on a laptop CPU.
+# Tuned on the starter set with all-MiniLM-L6-v2: a useful model in minutes on a laptop CPU.
 STARTER_SETTINGS = {
     "epochs": 8,
     "learning_rate": 1e-4,
@@ -42,7 +42,10 @@ def ensure_model(registry: Registry) -> None:
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
-    typer.echo("no model yet: training the starter model on the bundled starter dataset (a few minutes)")
+    typer.echo(
+        "no model yet: training the starter model on the bundled starter dataset "
+        "(minutes on free CPU cores, longer on a busy machine)"
+    )
     examples, schema = load_examples([STARTER_DATA], LabelSchema())
     result = train(
         examples,
