@@ -4,15 +4,56 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from bot.storage.cli import register as register_storage_commands
 from bot.up import up_command
 from classifier.cli import data_app
 from classifier.cli import register as register_classifier_commands
 from classifier.paths import DATA_DIR_ENV, default_data_dir, describe_data_dir
+
+
+class _PlainHelp:
+    """Help as people read it: a flag shows no ``<bool>`` value (it takes none)."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
+        for param in params:
+            if isinstance(param, TyperOption) and param.is_flag:
+                param.metavar = ""
+        return params
+
+
+class _Command(_PlainHelp, TyperCommand):
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """``FILE...`` and ``[NAME]`` for arguments (typer writes ``{files}...``: it reads as a choice)."""
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or (param.name or "").upper()
+                name = (name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else "")
+                pieces.append(name)
+        return pieces
+
+
+class _Group(_PlainHelp, TyperGroup):
+    pass
+
+
+def _plain_help(typer_app: typer.Typer) -> None:
+    """Give every command and group of ``typer_app``, wherever declared, the plain help."""
+    typer_app.info.cls = _Group
+    for command in typer_app.registered_commands:
+        if command.cls in (None, TyperCommand):
+            command.cls = _Command
+    for group in typer_app.registered_groups:
+        group.cls = _Group
+        if group.typer_instance is not None:
+            _plain_help(group.typer_instance)
+
 
 app = typer.Typer(
     name="triage",
@@ -45,7 +86,9 @@ def _logging(verbose: bool) -> None:
 
 
 @app.command("bot")
-def bot_command(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
+def bot_command(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")] = False,
+) -> None:
     """Run the Slack bot (HTTP on $PORT, or Socket Mode when SLACK_APP_TOKEN is set)."""
     from bot.main import StartupError, run_bot
     from bot.settings import settings_or_exit
@@ -64,7 +107,9 @@ def retrain_command(
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Show what would be trained; train nothing.")
     ] = False,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs [default: the active model's]")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(min=1, help="Epochs.", show_default="the active model's")
+    ] = None,
     accept_after_hours: Annotated[
         float, typer.Option(min=0, help="Train on predictions nobody corrected for this long.")
     ] = 24.0,
@@ -82,6 +127,9 @@ def retrain_command(
         + ["--accept-after-hours", str(accept_after_hours), "--max-accepted", str(max_accepted)]
     )
     raise typer.Exit(asyncio.run(_main(args)))
+
+
+_plain_help(app)
 
 
 def main() -> None:

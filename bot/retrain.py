@@ -4,8 +4,8 @@ One run, as plain steps that each leave a record (``TrainingRun`` row, registry 
 
 1. dataset: the active version's base data plus the latest human labels from the database, cut off at
    the run's start;
-2. held-out: every text whose stable hash puts it in the test split (the base test split plus the same
-   share of corrected messages), never trained on in any run;
+2. held-out: the test share of the active version's stratified, hash-ranked split of that data (the base
+   test split plus the same share of corrected messages; human labels only), never trained on in the run;
 3. train a candidate warm-started from the active version;
 4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
 5. promote (registry ACTIVE + database mirror; every engine hot-swaps) or keep it as rejected.
@@ -42,11 +42,11 @@ from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, Trainin
 from classifier.data import (
     DEFAULT_SPLIT_SALT,
     Example,
+    Split,
     label_counts,
     normalize,
     read_jsonl,
     split_examples,
-    split_of,
 )
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
@@ -258,7 +258,8 @@ def merge_feedback(
     accepted: Sequence[repo.TrainingExample] = (),
 ) -> list[Example]:
     """Base rows plus human labels; a human label for the same text wins over the base one. Accepted
-    predictions add texts the base data lacks, under the human labels of the same message."""
+    predictions add texts the base data lacks, under the human labels of the same message; their labels
+    are training-only (``Example.train_only``), so the split never holds them out to judge a model on."""
     by_text: dict[str, Example] = {}
     for ex in base:
         if not ex.source.startswith(FEEDBACK_SOURCE):  # earlier runs' feedback is re-read fresh below
@@ -266,12 +267,16 @@ def merge_feedback(
     for row in accepted:
         key = normalize(row.text)
         if key not in by_text:  # curated base rows stay as they were given
-            by_text[key] = Example(row.text, dict(row.labels), f"{ACCEPTED_SOURCE}{row.message_id}")
+            by_text[key] = Example(
+                row.text, dict(row.labels), f"{ACCEPTED_SOURCE}{row.message_id}", train_only=tuple(row.labels)
+            )
     for fb in feedback:
         key = normalize(fb.text)
         if key in by_text:
-            by_text[key].labels.update(fb.labels)
-            by_text[key].source = f"{FEEDBACK_SOURCE}{fb.message_id}"
+            ex = by_text[key]
+            ex.labels.update(fb.labels)
+            ex.source = f"{FEEDBACK_SOURCE}{fb.message_id}"
+            ex.train_only = tuple(h for h in ex.train_only if h not in fb.labels)
         else:
             by_text[key] = Example(fb.text, dict(fb.labels), f"{FEEDBACK_SOURCE}{fb.message_id}")
     return list(by_text.values())
@@ -281,6 +286,14 @@ def _split_of(active: VersionInfo) -> tuple[tuple[float, float, float], str]:
     """The (fractions, salt) of the split the active version was trained with: a run's split too."""
     train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
     return (train, validation, test), active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
+
+
+def split_for_run(active: VersionInfo, examples: Sequence[Example]) -> dict[Split, list[Example]]:
+    """A run's rows split as ``train()`` splits them for a candidate warm-started from ``active`` (its
+    fractions and salt, stratified by its heads in order): the test share is what both models are judged
+    on."""
+    fractions, salt = _split_of(active)
+    return split_examples(examples, fractions, salt, heads=list(active.schema["heads"]))
 
 
 def _is_human_feedback(example: Example) -> bool:
@@ -293,7 +306,7 @@ def _restrict_to_schema(examples: list[Example], heads: dict[str, list[str]]) ->
     for ex in examples:
         labels = {h: v for h, v in ex.labels.items() if h in heads and v in heads[h]}
         if labels:
-            out.append(Example(ex.text, labels, ex.source))
+            out.append(Example(ex.text, labels, ex.source, tuple(h for h in ex.train_only if h in labels)))
     return out
 
 
@@ -319,9 +332,6 @@ async def dataset_for_run(
             heads=list(heads),
             limit=acceptance.max_rows,
         )
-    # a text in the test split is judged on, never trained on: it must carry human labels only
-    fractions, salt = _split_of(active)
-    accepted = [a for a in accepted if split_of(a.text, fractions, salt) != "test"]
     return active, _restrict_to_schema(merge_feedback(base, feedback, accepted), heads), feedback
 
 
@@ -338,10 +348,10 @@ async def describe_dry_run(
         fresh = await repo.feedback_counts(session, since)
     fb_examples = [e for e in examples if _is_human_feedback(e)]
     accepted = sum(e.source.startswith(ACCEPTED_SOURCE) for e in examples)
-    splits = split_examples(fb_examples)
+    held_out = sum(_is_human_feedback(e) for e in split_for_run(active, examples)["test"])
     lines = [
         f"*Dry run* (active model {active.name}): {len(examples)} training rows, {len(fb_examples)} with "
-        f"labels from Slack ({len(splits['test'])} of them held out for judging), {accepted} with "
+        f"labels from Slack ({held_out} of them held out for judging), {accepted} with "
         "predictions nobody corrected (training only).",
         f"New since the last run: {fresh.corrections} corrections, {fresh.confirmations} confirmations.",
     ]
@@ -455,8 +465,7 @@ def _train_and_judge_sync(
     config.max_steps = None
     if epochs:
         config.epochs = epochs
-    # the same split train() applies: its test share is what both models are judged on
-    splits = split_examples(examples, config.split, config.split_salt)
+    splits = split_for_run(active, examples)
     heldout = splits["test"]
     learn = splits["train"] + splits["validation"]
     counts = {

@@ -23,7 +23,7 @@ from classifier.registry import Registry
 
 log = logging.getLogger(__name__)
 
-# Tuned on the starter set with all-MiniLM-L6-v2: a useful model in a few minutes on a laptop CPU.
+# Tuned on the starter set with all-MiniLM-L6-v2: a useful model in minutes on a laptop CPU.
 STARTER_SETTINGS = {
     "epochs": 8,
     "learning_rate": 1e-4,
@@ -44,7 +44,7 @@ def ensure_model(registry: Registry, max_steps: int | None = None) -> None:
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
-    how_long = f"at most {max_steps} steps" if max_steps else "a few minutes"
+    how_long = f"at most {max_steps} steps" if max_steps else "minutes on free CPU cores, more on a busy one"
     typer.echo(f"no model yet: training the starter model on the bundled starter dataset ({how_long})")
     examples, schema = load_examples([STARTER_DATA], LabelSchema())
     result = train(
@@ -58,12 +58,17 @@ def ensure_model(registry: Registry, max_steps: int | None = None) -> None:
     typer.echo(f"starter model {result.version.name} ready ({metrics})")
 
 
+def token_file() -> Path:
+    """Where a generated classifier token is kept."""
+    return data_dir() / TOKEN_FILE
+
+
 def classifier_token() -> str:
     """``CLASSIFIER_TOKEN``, or one generated once and kept (owner-only) in the data directory."""
     token = os.environ.get("CLASSIFIER_TOKEN", "").strip()
     if token:
         return token
-    path: Path = data_dir() / TOKEN_FILE
+    path = token_file()
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
     token = secrets.token_urlsafe(24)
@@ -80,6 +85,7 @@ async def run_up(host: str, port: int) -> None:
     from classifier.server import serve
 
     token = classifier_token()
+    token_source = "CLASSIFIER_TOKEN" if os.environ.get("CLASSIFIER_TOKEN", "").strip() else token_file()
     server_settings = load_server_settings(host=host, port=port, token=token)
     stop = asyncio.Event()
     bot_task: asyncio.Task[RunningBot | None] | None = None
@@ -121,8 +127,8 @@ async def run_up(host: str, port: int) -> None:
                             break
                 await asyncio.sleep(0.2)
         typer.echo(
-            f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {TOKEN_FILE} "
-            f"or CLASSIFIER_TOKEN; Ctrl-C stops)"
+            f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {token_source}; "
+            "Ctrl-C stops)"
         )
 
     def listening(bound: int) -> None:

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import typer
 
@@ -61,31 +61,53 @@ def _split(value: str) -> tuple[float, float, float]:
     return (parts[0] / total, parts[1] / total, parts[2] / total)
 
 
+def _max_length(value: str) -> int | Literal["auto"]:
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--max-length must be a number of tokens or auto, got {value!r}") from None
+
+
 DataOpt = Annotated[
     list[Path], typer.Option("--data", "-d", help="Labeled CSV or JSONL file; repeat for more.")
 ]
 TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
+PACKAGED_MODEL = "the packaged all-MiniLM-L6-v2"
 
 
 @user_errors
 def train_command(
     data: DataOpt,
     base_model: Annotated[
-        str, typer.Option(help="Local Hugging Face BERT folder [default: packaged MiniLM]")
+        str, typer.Option(help="Local Hugging Face BERT folder.", show_default=PACKAGED_MODEL)
     ] = "",
     from_version: Annotated[
         str | None, typer.Option(help="Continue training from this registry version.")
     ] = None,
     schema: Annotated[
-        Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels.")
+        Path | None, typer.Option(help="Label schema (YAML/JSON) with heads and labels; others are refused.")
     ] = None,
-    infer_labels: Annotated[bool, typer.Option(help="Take each head's labels from the data.")] = False,
+    infer_labels: Annotated[
+        bool,
+        typer.Option(
+            help="Take each head's labels from the data. Without it: the data's labels when no model exists "
+            "yet or when most of them are not starter labels, else the starter labels (the default schema)."
+        ),
+    ] = False,
     text_column: TextColumnOpt = "text",
     epochs: Annotated[int, typer.Option(min=1)] = 5,
-    max_length: Annotated[int, typer.Option(min=3, max=512, help="Max sequence length in tokens.")] = 128,
-    batch_size: Annotated[int, typer.Option(min=1)] = 16,
-    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 5e-5,
-    head_lr: Annotated[float | None, typer.Option(help="Learning rate of the heads [default: --lr]")] = None,
+    max_length: Annotated[
+        str,
+        typer.Option(
+            help="Max sequence length in tokens (3-512), or auto: the shortest of 32/64/128/256/512 that "
+            "keeps 95% of the training texts whole (what `triage data inspect` suggests)."
+        ),
+    ] = "64",
+    batch_size: Annotated[int, typer.Option(min=1, help="Training examples per optimizer step.")] = 32,
+    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 1e-4,
+    head_lr: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 1e-3,
     warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
     weight_decay: float = 0.01,
     patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
@@ -99,17 +121,15 @@ def train_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune a multi-head model on labeled data and add it to the registry."""
-    from classifier.data import fingerprint, load_examples
+    from classifier.data import fingerprint
     from classifier.train import TrainConfig, train
 
     registry = _registry()
-    examples, used_schema = load_examples(
-        data, _schema(schema), text_column=text_column, infer_labels=infer_labels
-    )
+    examples, used_schema = _training_data(registry, data, schema, from_version, infer_labels, text_column)
     config = TrainConfig(
         base_model=base_model,
         init_from=from_version,
-        max_length=max_length,
+        max_length=_max_length(max_length),
         batch_size=batch_size,
         learning_rate=lr,
         head_learning_rate=head_lr,
@@ -147,13 +167,51 @@ def train_command(
         typer.echo(f"active model stays {active}; `triage models activate {result.version.name}` to switch")
 
 
+def _training_data(
+    registry: Any,
+    data: list[Path],
+    schema_file: Path | None,
+    from_version: str | None,
+    infer_labels: bool,
+    text_column: str,
+) -> tuple[list[Any], Any]:
+    """The examples and the schema to train them with: strict against a given schema (--schema, or the
+    parent's when continuing from a version); otherwise the starter labels, or the data's own labels when
+    there is no model yet or they clearly form a new set (said in one line)."""
+    from classifier.data import load_examples, load_with_own_labels
+    from classifier.schema import LabelSchema
+
+    if schema_file or from_version or infer_labels:
+        schema = (
+            LabelSchema.from_dict(registry.get(from_version).schema)
+            if from_version and not schema_file
+            else _schema(schema_file)
+        )
+        return load_examples(data, schema, text_column=text_column, infer_labels=infer_labels)
+    first_model = not registry.names()
+    examples, schema, inferred = load_with_own_labels(
+        data, LabelSchema(), text_column=text_column, first_model=first_model
+    )
+    if inferred:
+        why = (
+            f"no model in {registry.root} yet"
+            if first_model
+            else "not the starter labels of the default schema"
+        )
+        found = "; ".join(f"{h} = {', '.join(schema.heads[h])}" for h in inferred)
+        typer.echo(f"labels taken from the data ({why}): {found}", err=True)
+    return examples, schema
+
+
 @user_errors
 def evaluate_command(
     data: DataOpt,
-    model: Annotated[str | None, typer.Option(help="Registry version [default: the active one]")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Registry version.", show_default="the active one")
+    ] = None,
     text_column: TextColumnOpt = "text",
     out: Annotated[
-        Path | None, typer.Option(help="Folder for the report [default: data dir/reports/...]")
+        Path | None, typer.Option(help="Folder for the report.", show_default="data dir/reports/...")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
 ) -> None:
@@ -175,6 +233,12 @@ def evaluate_command(
         clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name, progress=not as_json
     )
     if as_json:
+        for head, unknown in report["left_out"].items():
+            typer.echo(
+                f"warning: {head}: {sum(unknown.values())} row(s) left out (labels {info.name} "
+                f"does not know: {', '.join(unknown)})",
+                err=True,
+            )
         sys.stdout.write(json.dumps(report) + "\n")
         return
     typer.echo(format_report(report))
@@ -184,9 +248,9 @@ def evaluate_command(
 @data_app.command("inspect")
 @user_errors
 def inspect_command(
-    files: Annotated[list[Path], typer.Argument(help="CSV or JSONL files.")],
+    files: Annotated[list[Path], typer.Argument(metavar="FILE", help="CSV or JSONL files.")],
     text_column: TextColumnOpt = "text",
-    base_model: Annotated[str, typer.Option(help="Tokenizer folder [default: packaged MiniLM]")] = "",
+    base_model: Annotated[str, typer.Option(help="Tokenizer folder.", show_default=PACKAGED_MODEL)] = "",
     out: Annotated[Path | None, typer.Option(help="Folder for summary and plots.")] = None,
 ) -> None:
     """Label distribution per head, text lengths in tokens, and a suggested max sequence length."""
@@ -203,7 +267,9 @@ def inspect_command(
 
 @models_app.command("list")
 @user_errors
-def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+def models_list(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the versions as one JSON list.")] = False,
+) -> None:
     """Show every version with its metrics; the active one is marked."""
     from dataclasses import asdict
 
@@ -214,12 +280,17 @@ def models_list(as_json: Annotated[bool, typer.Option("--json")] = False) -> Non
     if not versions:
         typer.echo("no model versions yet: train one with `triage train --data FILE`")
         return
+    from classifier.evaluate import too_few_rows
+
     for v in versions:
         mark = "*" if v.status == "active" else " "
         scores = "  ".join(
-            f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f}" for h, m in v.metrics.items()
+            f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f} (n={m['n']})" for h, m in v.metrics.items()
         )
         typer.echo(f"{mark} {v.name:<5} {v.status:<9} {v.created}  {scores}")
+        for head, m in v.metrics.items():
+            if warning := too_few_rows(m):
+                typer.echo(f"        {head}: {warning}")
         if v.reason and v.status != "active":
             typer.echo(f"        {v.reason}")
 

@@ -6,14 +6,18 @@ files that label different heads (e.g. topic-only and sentiment-only sets) can b
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import hashlib
 import io
+import itertools
 import json
+import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -34,18 +38,29 @@ class Example:
     text: str
     labels: dict[str, str] = field(default_factory=dict)  # head -> label; absent head = unlabeled
     source: str = ""  # "file:line", or "slack:<message id>" for feedback rows
+    # heads whose label is for training only (a prediction nobody corrected): never ranked or judged on
+    train_only: tuple[str, ...] = ()
+
+    def judged_labels(self) -> dict[str, str]:
+        """The labels a model may be judged on: every label but the training-only ones."""
+        return {h: v for h, v in self.labels.items() if h not in self.train_only}
 
     def to_json(self) -> dict[str, object]:
-        return {"text": self.text, "labels": self.labels, "source": self.source}
+        raw: dict[str, object] = {"text": self.text, "labels": self.labels, "source": self.source}
+        if self.train_only:
+            raw["train_only"] = list(self.train_only)
+        return raw
 
     @classmethod
     def from_json(cls, raw: dict[str, object]) -> Example:
         labels = raw.get("labels") or {}
-        assert isinstance(labels, dict)
+        train_only = raw.get("train_only") or []
+        assert isinstance(labels, dict) and isinstance(train_only, list)
         return cls(
             text=str(raw["text"]),
             labels={str(k): str(v) for k, v in labels.items()},
             source=str(raw.get("source", "")),
+            train_only=tuple(str(h) for h in train_only),
         )
 
 
@@ -60,6 +75,26 @@ def _decode(path: Path) -> str:
         ) from None
 
 
+def _header_hint(header: list[str], text_column: str, rows: Iterator[list[str]]) -> str:
+    """What the header has instead: semicolons, or the column that most likely holds the texts (the
+    closest name, else the one with the longest values in the first rows)."""
+    if len(header) == 1 and ";" in header[0]:
+        return f"the file looks semicolon-separated ({header[0]!r}): save it with commas as separators"
+    if not any(header):
+        return "the header is empty"
+    close = difflib.get_close_matches(text_column, header, n=1, cutoff=0.6)
+    if close:
+        likely = close[0]
+    else:
+        lengths = [0] * len(header)
+        with contextlib.suppress(csv.Error):
+            for row in itertools.islice(rows, 50):
+                for i, value in enumerate(row[: len(header)]):
+                    lengths[i] += len(value)
+        likely = header[max(range(len(header)), key=lambda i: lengths[i])]
+    return f"found: {', '.join(header)}; if the texts are in {likely!r}, pass --text-column {likely}"
+
+
 def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, dict[str, str | None]]]:
     reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     try:
@@ -70,9 +105,8 @@ def _rows_csv(path: Path, text: str, text_column: str) -> Iterable[tuple[int, di
         raise DataError(f"{path}:1: malformed CSV header: {exc}") from None
     header = [h.strip() for h in header]
     if text_column not in header:
-        raise DataError(
-            f"{path}:1: no {text_column!r} column in the header (found: {', '.join(header) or 'nothing'})"
-        )
+        hint = _header_hint(header, text_column, reader)
+        raise DataError(f"{path}:1: no {text_column!r} column in the header; {hint}")
     if len(set(header)) != len(header):
         dupes = sorted(h for h, n in Counter(header).items() if n > 1)
         raise DataError(f"{path}:1: duplicate column name(s) {', '.join(dupes)}")
@@ -145,7 +179,11 @@ def load_examples(
             raise DataError(f"{path}: no data rows")
         columns = set(rows[0][1])
         if path.suffix.lower() in {".jsonl", ".ndjson"} and not any(text_column in r for _, r in rows[:1]):
-            raise DataError(f"{path}:{rows[0][0]}: no {text_column!r} field")
+            keys = list(rows[0][1])
+            sample = ([r.get(k) or "" for k in keys] for _, r in rows)
+            raise DataError(
+                f"{path}:{rows[0][0]}: no {text_column!r} field; {_header_hint(keys, text_column, sample)}"
+            )
         file_heads = [h for h in heads if h in columns or any(h in r for _, r in rows)]
         if not file_heads:
             raise DataError(
@@ -192,6 +230,26 @@ def load_examples(
     return examples, result
 
 
+def load_with_own_labels(
+    paths: Sequence[Path], default: LabelSchema, text_column: str = "text", first_model: bool = False
+) -> tuple[list[Example], LabelSchema, list[str]]:
+    """Load data that is not bound to an existing schema: a head takes its labels from the data when the data
+    has labels ``default`` lacks and either no model exists yet (``first_model``) or most of the head's
+    labels are new (the data clearly brings its own set); other heads keep the strict check, so a typo in
+    an otherwise known set is still an error. Returns the examples, their schema and the heads inferred."""
+    examples, found = load_examples(paths, default, text_column=text_column, infer_labels=True)
+    inferred = []
+    for head, labels in found.heads.items():
+        new = set(labels) - set(default.heads.get(head, []))
+        if new and (first_model or 2 * len(new) > len(labels)):
+            inferred.append(head)
+    if inferred and len(inferred) == len(found.heads):
+        return examples, found, inferred
+    heads = {h: (found.heads[h] if h in inferred else list(labels)) for h, labels in default.heads.items()}
+    examples, used = load_examples(paths, LabelSchema(heads=heads), text_column=text_column)
+    return examples, used, inferred
+
+
 def label_counts(examples: Iterable[Example]) -> dict[str, Counter[str]]:
     counts: dict[str, Counter[str]] = {}
     for ex in examples:
@@ -207,33 +265,68 @@ def normalize(text: str) -> str:
     return _WS.sub(" ", text.strip().lower())
 
 
-def split_of(
-    text: str, fractions: tuple[float, float, float] = (0.8, 0.1, 0.1), salt: str = DEFAULT_SPLIT_SALT
-) -> Split:
-    """Which split a text belongs to, from a hash of its normalized form.
-
-    Assignment depends only on the text, never on the rest of the data, so a test text stays a test
-    text in every later retraining; since the hash is uniform, each class is split 80/10/10 in
-    expectation (stratified without needing the whole data set).
-    """
+def _hash_rank(text: str, salt: str) -> float:
+    """A uniform number in [0, 1) from a salted hash of the normalized text: a text's place in its class."""
     digest = hashlib.sha256(f"{salt}\x00{normalize(text)}".encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2**64
-    train, validation, _ = fractions
-    if u < train:
-        return "train"
-    return "validation" if u < train + validation else "test"
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def _share(n: int, fraction: float) -> int:
+    """Rows of a class of ``n`` that go to a held-out split: the fraction rounded half up, and at least one
+    once the class has a row for each split (3), so that no class is missing from validation or test."""
+    if fraction <= 0:
+        return 0
+    return max(1 if n >= len(SPLITS) else 0, math.floor(n * fraction + 0.5))
+
+
+def stratum(example: Example, heads: Sequence[str] = ()) -> tuple[str, str] | None:
+    """The class a row is stratified by: its label of the first of ``heads`` it has a judged label for
+    (then any other head, by name); ``None`` for a row with judged labels for no head."""
+    judged = example.judged_labels()
+    order = [h for h in heads if h in judged] + sorted(h for h in judged if h not in heads)
+    return (order[0], judged[order[0]]) if order else None
 
 
 def split_examples(
     examples: Sequence[Example],
     fractions: tuple[float, float, float] = (0.8, 0.1, 0.1),
     salt: str = DEFAULT_SPLIT_SALT,
+    heads: Sequence[str] = (),
 ) -> dict[Split, list[Example]]:
+    """The stratified, stable train/validation/test split.
+
+    Within each class (``stratum``: the label of the first of ``heads`` a row has), distinct texts are
+    ranked by a salted hash of their normalized form and the class is cut at its 80% and 90% ranks: the
+    highest-ranked tenth is test, the tenth below it validation, the rest train. The hash is uniform, so
+    the cuts sit near the same hash values at any data size: as data grows only texts next to a cut move,
+    to the neighbouring split. Copies of a text share one split. Rows whose labels are all training-only
+    (``Example.train_only``) are never ranked and always train; a held-out row keeps its judged labels only.
+    """
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions) or fractions[0] <= 0:
         raise ValueError(f"split fractions must be non-negative, sum to 1 and train > 0; got {fractions}")
+    classes: dict[tuple[str, str] | None, list[str]] = {}
+    seen: set[str] = set()
+    for ex in examples:
+        key = normalize(ex.text)
+        if ex.judged_labels() and key not in seen:  # a text's first judged row decides its class
+            seen.add(key)
+            classes.setdefault(stratum(ex, heads), []).append(key)
+    assigned: dict[str, Split] = {}
+    for texts in classes.values():
+        ranked = sorted(texts, key=lambda t: (_hash_rank(t, salt), t))
+        test = min(_share(len(ranked), fractions[2]), len(ranked) - 1)  # a class keeps a training row
+        validation = min(_share(len(ranked), fractions[1]), len(ranked) - 1 - test)
+        train = len(ranked) - test - validation
+        for i, text in enumerate(ranked):
+            assigned[text] = "train" if i < train else ("validation" if i < train + validation else "test")
     out: dict[Split, list[Example]] = {s: [] for s in SPLITS}
     for ex in examples:
-        out[split_of(ex.text, fractions, salt)].append(ex)
+        split = assigned.get(normalize(ex.text), "train")
+        if split != "train" and ex.train_only:
+            ex = replace(ex, labels=ex.judged_labels(), train_only=())
+            if not ex.labels:
+                continue  # a training-only copy of a held-out text
+        out[split].append(ex)
     return out
 
 

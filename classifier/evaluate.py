@@ -10,6 +10,7 @@ import csv
 import itertools
 import json
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,16 +32,18 @@ from classifier.model import MultiHeadClassifier, predict_probs
 from classifier.schema import LabelSchema
 
 ECE_BINS = 15
+TOO_FEW_PER_CLASS = 10  # held-out rows a class needs before its scores mean much
 
 
 def head_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
     """Metrics of one head; ``y_true`` holds label indices, ``probs`` the [n, n_labels] distribution."""
     y_pred = probs.argmax(axis=1)
     idx = list(range(len(labels)))
-    present = sorted(set(y_true.tolist()) | set(y_pred.tolist()))
+    present = sorted(set(y_true.tolist()))
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=idx, zero_division=0)
-    # macro over labels that occur in the truth or the predictions: absent labels would score 0 and
-    # punish a model for classes the evaluation data does not contain
+    # macro over the labels the data has: a label without rows would score 0 and punish (or, predicted
+    # nowhere, flatter) a model for classes this data cannot judge; wrong guesses of such a label still
+    # cost the true classes their recall
     mp, mr, mf, _ = precision_recall_fscore_support(
         y_true, y_pred, labels=present, average="macro", zero_division=0
     )
@@ -48,6 +51,8 @@ def head_metrics(y_true: np.ndarray, probs: np.ndarray, labels: Sequence[str]) -
     correct = (y_pred == y_true).astype(float)
     return {
         "n": len(y_true),
+        "classes": len(present),
+        "min_support": int(min(s[i] for i in present)) if present else 0,
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "macro_f1": float(mf),
         "macro_recall": float(mr),
@@ -140,10 +145,20 @@ def evaluate(
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
     ]
     probs = {h: np.concatenate([p[h] for p in parts]) for h in schema.heads}
-    report: dict[str, Any] = {"model_version": model_version, "heads": {}}
+    report: dict[str, Any] = {
+        "model_version": model_version,
+        "rows": len(examples),
+        "heads": {},
+        "left_out": {},
+    }
     wrong: list[dict[str, Any]] = []
     for head, labels in schema.heads.items():
         rows = [i for i, ex in enumerate(examples) if ex.labels.get(head) in labels]
+        unknown = Counter(
+            ex.labels[head] for ex in examples if head in ex.labels and ex.labels[head] not in labels
+        )
+        if unknown:  # the model cannot predict these labels: judging it on them says nothing
+            report["left_out"][head] = dict(unknown.most_common())
         if not rows:
             continue
         y_true = np.array([labels.index(examples[i].labels[head]) for i in rows])
@@ -221,29 +236,55 @@ def mean_macro_f1(report: dict[str, Any]) -> float:
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The short form kept in version.json and printed by `--json`."""
+    keys = ("n", "classes", "min_support", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")
     return {
         "model_version": report.get("model_version", ""),
-        "heads": {
-            h: {k: m[k] for k in ("n", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")}
-            for h, m in report.get("heads", {}).items()
-        },
+        "heads": {h: {k: m[k] for k in keys if k in m} for h, m in report.get("heads", {}).items()},
     }
 
 
+def too_few_rows(metrics: dict[str, Any]) -> str | None:
+    """A warning when a head's scores rest on too few rows per class to judge it, else ``None``."""
+    fewest = metrics.get("min_support")
+    if fewest is None or fewest >= TOO_FEW_PER_CLASS:
+        return None
+    return (
+        f"too few rows to judge: {metrics['n']} in all, {fewest} in the smallest of {metrics['classes']} "
+        f"classes (under {TOO_FEW_PER_CLASS} per class, one row more or less swings these scores)"
+    )
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """Human-readable report: per head, overall metrics then per-class precision/recall/F1."""
+    """Human-readable report: per head, what the figures rest on, overall metrics, then per class."""
     lines = [f"model {report.get('model_version') or '?'}"]
+    left_out = report.get("left_out", {})
     for head, m in report["heads"].items():
         auc = f"{m['roc_auc']:.3f}" if m["roc_auc"] is not None else "n/a"
         lines.append(
             f"\n[{head}] n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
             f"macro-recall={m['macro_recall']:.3f} ROC-AUC={auc} ECE={m['ece']:.3f}"
         )
-        width = max(len(label) for label in m["per_class"])
+        if head in left_out:
+            lines.append(f"  {_left_out_line(left_out[head])}")
+        if warning := too_few_rows(m):
+            lines.append(f"  warning: {warning}")
+        present = {label: c for label, c in m["per_class"].items() if c["support"]}
+        width = max(len(label) for label in present)
         lines.append(f"  {'label':<{width}}  precision  recall     f1  support")
-        for label, c in m["per_class"].items():
+        for label, c in present.items():
             lines.append(
                 f"  {label:<{width}}  {c['precision']:9.3f}  {c['recall']:6.3f}  {c['f1']:5.3f}  "
                 f"{c['support']:7d}"
             )
+        absent = [label for label in m["per_class"] if label not in present]
+        if absent:
+            lines.append(f"  no rows here, left out of the averages: {', '.join(absent)}")
+    for head, unknown in left_out.items():
+        if head not in report["heads"]:
+            lines.append(f"\n[{head}] not evaluated: {_left_out_line(unknown)}")
     return "\n".join(lines)
+
+
+def _left_out_line(unknown: dict[str, int]) -> str:
+    labels = ", ".join(f"{label} {n}" for label, n in unknown.items())
+    return f"{sum(unknown.values())} row(s) left out: labels this model does not know ({labels})"

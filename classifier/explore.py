@@ -18,18 +18,32 @@ CUTS = (32, 64, 128, 256, 512)
 COVERAGE = 0.95  # suggest the shortest length that keeps this share of texts whole
 
 
+def token_lengths(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """Each text's length in tokens, special tokens included, uncut."""
+    return [len(ids) for ids in tokenizer(list(texts), truncation=False, verbose=False)["input_ids"]]
+
+
+def cut_shares(lengths: Sequence[int]) -> dict[int, float]:
+    """The share of texts longer than each of ``CUTS``."""
+    arr = np.array(lengths)
+    return {cut: float((arr > cut).mean()) for cut in CUTS}
+
+
+def suggest_max_length(lengths: Sequence[int]) -> int:
+    """The shortest of ``CUTS`` that keeps at least ``COVERAGE`` of the texts whole."""
+    shares = cut_shares(lengths)
+    return next((c for c in CUTS if 1 - shares[c] >= COVERAGE), CUTS[-1])
+
+
 def inspect_examples(
     examples: Sequence[Example], tokenizer_dir: Path, out_dir: Path, title: str
 ) -> dict[str, Any]:
     """Write summary.txt, summary.json and PNG plots to ``out_dir``; return the summary."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
-    lengths = [
-        len(ids)
-        for ids in tokenizer([ex.text for ex in examples], truncation=False, verbose=False)["input_ids"]
-    ]
+    lengths = token_lengths(tokenizer, [ex.text for ex in examples])
     arr = np.array(lengths)
-    cut_share = {cut: float((arr > cut).mean()) for cut in CUTS}
-    suggested = next((c for c in CUTS if 1 - cut_share[c] >= COVERAGE), CUTS[-1])
+    cut_share = cut_shares(lengths)
+    suggested = suggest_max_length(lengths)
     counts = label_counts(examples)
     summary: dict[str, Any] = {
         "texts": len(examples),

@@ -667,7 +667,7 @@ def serve_command(
         str | None, typer.Option(help="auto, cpu, cuda or cuda:N [env CLASSIFIER_DEVICE]")
     ] = None,
     cpu_threads: Annotated[
-        int | None, typer.Option(help="Torch CPU threads [default: torch's choice]")
+        int | None, typer.Option(help="Torch CPU threads.", show_default="torch's choice")
     ] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model at load time")

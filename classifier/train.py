@@ -13,9 +13,9 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -38,10 +38,12 @@ CLASS_WEIGHTINGS = ("none", "balanced")
 class TrainConfig:
     base_model: str = ""  # local Hugging Face folder; empty: the packaged all-MiniLM-L6-v2
     init_from: str | None = None  # registry version to continue training from (warm start)
-    max_length: int = 128
-    batch_size: int = 16
-    learning_rate: float = 5e-5
-    head_learning_rate: float | None = None  # default: same as learning_rate
+    # the best measured for the default base model (bench/accuracy.py: BANKING77 and TweetEval); "auto":
+    # the shortest of 32/64/128/256/512 tokens that keeps 95% of the training texts whole
+    max_length: int | Literal["auto"] = 64
+    batch_size: int = 32
+    learning_rate: float = 1e-4
+    head_learning_rate: float | None = 1e-3  # None: same as learning_rate
     epochs: int = 5
     warmup_ratio: float = 0.1
     weight_decay: float = 0.01
@@ -60,8 +62,10 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     def validate(self) -> None:
-        if not 3 <= self.max_length <= 512:
-            raise ValueError(f"max length must be between 3 and 512, got {self.max_length}")
+        if self.max_length != "auto" and not (
+            isinstance(self.max_length, int) and 3 <= self.max_length <= 512
+        ):
+            raise ValueError(f"max length must be auto or between 3 and 512, got {self.max_length!r}")
         if self.batch_size < 1 or self.eval_batch_size < 1:
             raise ValueError("batch size must be at least 1")
         if not 0 < self.learning_rate < 1:
@@ -153,6 +157,33 @@ def masked_loss(
     return torch.stack(losses).mean()
 
 
+def _max_length(
+    config: TrainConfig, model: MultiHeadClassifier, tokenizer: Any, train_set: Sequence[Example], say: bool
+) -> int:
+    """The max length to train with: the configured one, or for "auto" the one `triage data inspect`
+    suggests from the training texts; a fixed length that cuts many texts is pointed out."""
+    from classifier.explore import COVERAGE, suggest_max_length, token_lengths
+
+    lengths = token_lengths(tokenizer, [ex.text for ex in train_set])
+    suggested = suggest_max_length(lengths)
+    limit = int(getattr(model.encoder.config, "max_position_embeddings", 512))
+    if config.max_length == "auto":
+        chosen = min(suggested, limit)
+        if say:
+            tqdm.write(f"max length {chosen} tokens (auto: keeps {COVERAGE:.0%} of the training texts whole)")
+        return chosen
+    assert isinstance(config.max_length, int)
+    if config.max_length > limit:
+        raise ValueError(f"max length {config.max_length} exceeds the model's {limit} positions")
+    cut = sum(n > config.max_length for n in lengths) / max(len(lengths), 1)
+    if say and cut > 1 - COVERAGE and suggested > config.max_length:
+        tqdm.write(
+            f"note: {cut:.0%} of the training texts are longer than {config.max_length} tokens and are cut; "
+            f"--max-length auto would use {min(suggested, limit)}"
+        )
+    return config.max_length
+
+
 def _log_run(record: dict[str, Any]) -> None:
     with open(runs_log(), "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record, default=str) + "\n")
@@ -176,15 +207,7 @@ def train(
     run_id = uuid.uuid4().hex[:12]
     started = time.time()
 
-    # 1. split: by text hash, so a test text is a test text in every later run
-    splits = split_examples(examples, config.split, config.split_salt)
-    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
-    if not train_set:
-        raise ValueError("no training examples after the split; add data")
-    val_for_selection = val_set or train_set
-    test_for_report = test_set or val_set or train_set
-
-    # 2. model: fresh on the base checkpoint, or warm-started from a registry version
+    # 1. model: fresh on the base checkpoint, or warm-started from a registry version
     if config.init_from:
         parent_info = registry.get(config.init_from)
         parent_dir = Path(parent_info.path)
@@ -205,12 +228,19 @@ def train(
             base_path, schema, pooling=config.pooling, dropout=config.dropout
         )
         base_name = str(base_path)
-    limit = int(getattr(model.encoder.config, "max_position_embeddings", 512))
-    if config.max_length > limit:
-        raise ValueError(f"max length {config.max_length} exceeds the model's {limit} positions")
     model.to(device)
 
+    # 2. split: stratified by the first head's label, ranked by text hash within each class, so a test text
+    # stays a test text in later runs (as far as the class cuts allow)
+    splits = split_examples(examples, config.split, config.split_salt, heads=list(schema.heads))
+    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
+    if not train_set:
+        raise ValueError("no training examples after the split; add data")
+    val_for_selection = val_set or train_set
+    test_for_report = test_set or val_set or train_set
+
     # 3. tokenize once, without padding; pad per batch (dynamic padding)
+    config = replace(config, max_length=_max_length(config, model, tokenizer, train_set, progress))
     enc = tokenizer([ex.text for ex in train_set], truncation=True, max_length=config.max_length)
     lengths = [len(ids) for ids in enc["input_ids"]]
     label_ids = {

@@ -28,6 +28,7 @@ from bot.retrain import (
     merge_feedback,
     run_lock,
     run_once,
+    split_for_run,
 )
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
@@ -39,7 +40,7 @@ from bot.storage.models import (
     TrainingTrigger,
     utcnow,
 )
-from classifier.data import Example, read_jsonl, split_of
+from classifier.data import Example, normalize, read_jsonl, split_examples
 from classifier.registry import Registry
 from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
@@ -80,10 +81,7 @@ def _base_version(registry: Registry, tiny_bert: Path, steps: int | None, seed: 
     ).version.name
 
 
-async def _store_feedback(
-    sessions: async_sessionmaker[AsyncSession], rows: list[dict[str, str]], shuffle: bool = False
-) -> None:
-    rng = random.Random(1)
+async def _store_feedback(sessions: async_sessionmaker[AsyncSession], rows: list[dict[str, str]]) -> None:
     async with sessions.begin() as session:
         for i, row in enumerate(rows):
             message, _ = await repo.store_message(
@@ -97,12 +95,11 @@ async def _store_feedback(
             await repo.add_prediction(
                 session, message.id, "v1", {"topic": HeadPrediction("billing", 0.5, {})}
             )
-            label = rng.choice(list(TOPIC_WORDS)) if shuffle else row["topic"]
             await repo.add_correction(
                 session,
                 message.id,
                 "topic",
-                label,
+                row["topic"],
                 user_id="U2",
                 source=CorrectionSource.REACTION,
                 old_label="billing",
@@ -134,11 +131,12 @@ async def test_retrain_from_corrections_promotes_a_better_model(
         mirror = await repo.active_model_version(session)
     assert run is not None and run.status == TrainingStatus.PROMOTED and run.candidate_version == "v2"
     assert mirror is not None and mirror.name == "v2"
-    # the held-out feedback is exactly the feedback the stable split keeps out of training (train() uses
-    # the same split), so no run ever trains on it
-    recorded = Path(registry.get("v2").path) / "dataset.jsonl"
-    feedback = [e for e in read_jsonl(recorded) if e.source.startswith("slack:")]
-    assert sum(split_of(e.text) == "test" for e in feedback) == outcome.counts["heldout_feedback"]
+    # the held-out feedback is exactly the feedback the active version's split keeps out of training
+    # (train() splits the run's rows the same way), so the candidate never trains on it
+    recorded = read_jsonl(Path(registry.get("v2").path) / "dataset.jsonl")
+    held_out = split_for_run(registry.get("v1"), recorded)["test"]
+    assert sum(e.source.startswith("slack:") for e in held_out) == outcome.counts["heldout_feedback"]
+    assert len(held_out) == outcome.counts["heldout"] == registry.get("v2").data["splits"]["test"]
     assert outcome.confusion_png and outcome.confusion_png.endswith("confusion_topic.png")  # checked to exist
 
 
@@ -146,8 +144,9 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
     engine, sessions = db
     registry = Registry(data_dir / "models")
     _base_version(registry, tiny_bert, steps=None)  # a good model
-    rows = [r for r in learnable_rows(400, seed=9) if split_of(r["text"]) != "test"]
-    await _store_feedback(sessions, rows, shuffle=True)  # agents who label at random
+    rng = random.Random(1)
+    random_labels = [{**r, "topic": rng.choice(list(TOPIC_WORDS))} for r in learnable_rows(400, seed=9)]
+    await _store_feedback(sessions, _outside_held_out(registry, random_labels))  # agents who label at random
     outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=3)
     assert outcome.status == TrainingStatus.REJECTED, outcome.summary()
     assert registry.active_name() == "v1"
@@ -155,6 +154,20 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
     async with sessions() as session:
         mirror = await repo.get_model_version(session, "v2")
     assert mirror is not None and mirror.status == ModelStatus.REJECTED
+
+
+def _outside_held_out(registry: Registry, rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The feedback rows a run would not hold out (dropping held-out ones until none is), so that agents
+    who label at random are not also the judges: the held-out rows stay the base data's."""
+    active = registry.active()
+    base = read_jsonl(Path(active.path) / "dataset.jsonl")
+    keep = rows
+    while True:
+        feedback = [repo.TrainingExample(i, r["text"], {"topic": r["topic"]}) for i, r in enumerate(keep)]
+        held_out = {normalize(e.text) for e in split_for_run(active, merge_feedback(base, feedback))["test"]}
+        if not any(normalize(r["text"]) in held_out for r in keep):
+            return keep
+        keep = [r for r in keep if normalize(r["text"]) not in held_out]
 
 
 def test_gate_rules() -> None:
@@ -223,6 +236,8 @@ def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
         ("App crashes", {"topic": "bug", "urgency": "high"}, "slack:accepted:10"),
         ("Site down", {"urgency": "critical", "topic": "outage"}, "slack:11"),  # people fixed the topic
     ]
+    # what nobody corrected trains but is never judged on; what people labeled is
+    assert [e.train_only for e in merged] == [(), ("topic", "urgency"), ("urgency",)]
 
 
 async def _retrain_process(data_dir: Path, database_url: URL, *args: str) -> asyncio.subprocess.Process:
@@ -333,8 +348,7 @@ async def test_predictions_nobody_corrected_become_training_labels(
     now = utcnow()
     day_ago, hour_ago = now - timedelta(hours=30), now - timedelta(hours=1)
     texts = [f"my card payment {i} failed twice today" for i in range(40)]
-    train_texts = [t for t in texts if split_of(t) != "test"]
-    test_text = next(t for t in texts if split_of(t) == "test")
+    train_texts, test_text = texts[:5], texts[5]
 
     def both(label: str, confidence: float = 0.9) -> dict[str, HeadPrediction]:
         return {"topic": HeadPrediction(label, confidence, {}), "urgency": HeadPrediction("low", 0.8, {})}
@@ -387,11 +401,14 @@ async def test_predictions_nobody_corrected_become_training_labels(
     assert {r.text for r in newest_two} == {e, test_text}
 
     # in a run: accepted labels train, human ones win, and nothing accepted reaches the held-out rows
-    _, examples, _ = await dataset_for_run(sessions, registry, now, Acceptance(after_hours=24))
+    active, examples, _ = await dataset_for_run(sessions, registry, now, Acceptance(after_hours=24))
     by_text = {ex.text: ex for ex in examples}
     assert by_text[a].labels == {"topic": "bug"} and by_text[a].source.startswith("slack:accepted:")
+    assert by_text[a].train_only == ("topic",) and by_text[test_text].train_only == ("topic",)
     assert by_text[c].labels == {"topic": "billing"} and by_text[c].source == f"slack:{ids[c]}"
-    assert test_text not in by_text
+    splits = split_for_run(active, examples)
+    assert {e.text for e in examples if e.train_only} <= {e.text for e in splits["train"]}
+    assert not any(e.source.startswith("slack:accepted:") for e in splits["validation"] + splits["test"])
     _, off, _ = await dataset_for_run(sessions, registry, now, Acceptance(max_rows=0))
     assert not any(ex.source.startswith("slack:accepted:") for ex in off)
 
@@ -404,7 +421,7 @@ async def test_dry_run_describes_the_dataset_and_trains_nothing(
     _base_version(registry, tiny_bert, steps=1)
     rows = learnable_rows(40, seed=3)
     await _store_feedback(sessions, rows)
-    silent = [t for t in (f"the dashboard {i} will not load" for i in range(20)) if split_of(t) != "test"][:3]
+    silent = [f"the dashboard {i} will not load" for i in range(3)]
     async with sessions.begin() as session:
         for i, text in enumerate(silent):
             message, _ = await repo.store_message(
@@ -412,7 +429,9 @@ async def test_dry_run_describes_the_dataset_and_trains_nothing(
             )
             await repo.add_prediction(session, message.id, "v1", {"topic": HeadPrediction("bug", 0.9, {})})
     text = await describe_dry_run(sessions, registry, Acceptance(after_hours=0))
-    held_out = sum(split_of(r["text"]) == "test" for r in rows)
+    _, examples, _ = await dataset_for_run(sessions, registry, utcnow(), Acceptance(after_hours=0))
+    held_out = sum(e.source.startswith("slack:") for e in split_examples(examples, heads=["topic"])["test"])
+    assert held_out > 0
     assert f"{len(rows)} with labels from Slack ({held_out} of them held out for judging)" in text
     assert "3 with predictions nobody corrected" in text
     assert "New since the last run: 40 corrections, 0 confirmations." in text

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -165,6 +166,12 @@ def test_cli_train_evaluate_registry_and_continue(tiny_bert: Path, data_dir: Pat
 
     out = _cli("models", "list")
     assert "* v1" in out and "v3" in out
+    # each figure says how many held-out rows it rests on, and a handful per class is called out
+    assert (
+        f"topic: acc {v1.metrics['topic']['accuracy']:.3f}" in out
+        and f"(n={v1.metrics['topic']['n']})" in out
+    )
+    assert v1.metrics["topic"]["min_support"] < 10 and "topic: too few rows to judge" in out
     _cli("models", "activate", "v3")
     assert registry.active_name() == "v3" and registry.get("v1").status == "retired"
 
@@ -191,9 +198,9 @@ def test_training_learns_and_early_stopping_keeps_best(tiny_bert: Path, data_dir
 
 def test_bad_input_leaves_registry_untouched(tiny_bert: Path, data_dir: Path, tmp_path: Path) -> None:
     bad = tmp_path / "bad.csv"
-    bad.write_text("text,topic\nhello,billing\nbye,weather\n", encoding="utf-8")
+    bad.write_text("text,topic\nhello,billing\n  ,bug\n", encoding="utf-8")
     result = runner.invoke(app, ["train", "--data", str(bad), "--base-model", str(tiny_bert)])
-    assert result.exit_code == 2 and "bad.csv:3: unknown topic label 'weather'" in result.output
+    assert result.exit_code == 2 and "bad.csv:3: empty 'text'" in result.output
     good = write_csv(tmp_path / "good.csv", learnable_rows(40))
     result = runner.invoke(
         app, ["train", "--data", str(good), "--base-model", str(tiny_bert), "--max-length", "600"]
@@ -257,3 +264,119 @@ def test_activating_a_version_with_fewer_heads_warns_and_asks(tiny_bert: Path, d
     result = runner.invoke(app, ["models", "activate", "v1"], input="")
     assert result.exit_code == 0, result.output
     assert "lacks" not in result.stderr and registry.active_name() == "v1"
+
+
+SHOP = {
+    "refund": ["I want my money back", "please refund order", "return and refund"],
+    "login_problem": ["cannot sign in", "password reset fails", "locked out of account"],
+    "shipping": ["where is my parcel", "delivery is late", "tracking number missing"],
+}
+
+
+def _shop_csv(path: Path, extra: dict[str, str] | None = None) -> Path:
+    rows = [
+        {"text": f"{text} ({i})", "topic": topic}
+        for i in range(8)
+        for topic, texts in SHOP.items()
+        for text in texts
+    ]
+    return write_csv(path, rows + ([extra] if extra else []))
+
+
+def test_own_labels_train_the_first_model_and_a_given_schema_stays_strict(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    shop = _shop_csv(tmp_path / "shop.csv")
+    quick = ["--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "1"]
+    result = runner.invoke(app, ["train", "--data", str(shop), *quick])
+    assert result.exit_code == 0, result.output
+    assert "labels taken from the data (no model in" in result.stderr
+    assert "topic = login_problem, refund, shipping" in result.stderr
+    registry = Registry(data_dir / "models")
+    assert registry.get("v1").schema["heads"] == {"topic": ["login_problem", "refund", "shipping"]}
+
+    # against an existing schema the check stays strict: the parent's when continuing, or --schema
+    more = _shop_csv(tmp_path / "more.csv", {"text": "is this under warranty", "topic": "warranty"})
+    result = runner.invoke(app, ["train", "--data", str(more), "--from-version", "v1", "--max-steps", "1"])
+    assert result.exit_code == 2 and "unknown topic label 'warranty'" in result.output
+    schema = tmp_path / "schema.yaml"
+    schema.write_text("heads:\n  topic: [refund, login_problem, shipping]\n")
+    result = runner.invoke(app, ["train", "--data", str(more), "--schema", str(schema), *quick])
+    assert result.exit_code == 2 and "more.csv:74: unknown topic label 'warranty'" in result.output
+    assert registry.names() == ["v1"]
+
+
+def test_training_defaults_are_the_best_measured_and_max_length_can_follow_the_data(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    config = TrainConfig()  # bench/accuracy.py's best for all-MiniLM-L6-v2
+    assert (config.max_length, config.batch_size, config.learning_rate, config.head_learning_rate) == (
+        64,
+        32,
+        1e-4,
+        1e-3,
+    )
+    rows = learnable_rows(60)
+    long_rows = [{**r, "text": r["text"] + " and more words" * 12} for r in rows]  # about 60 tokens each
+    path = write_csv(tmp_path / "long.csv", long_rows)
+    quick = ["--base-model", str(tiny_bert), "--epochs", "1", "--max-steps", "1", "--infer-labels"]
+    out = _cli("train", "--data", str(path), "--max-length", "auto", *quick)
+    assert "max length 64 tokens (auto" in out
+    out = _cli("train", "--data", str(path), "--max-length", "16", *quick)
+    assert "are longer than 16 tokens and are cut; --max-length auto would use 64" in out
+    registry = Registry(data_dir / "models")
+    assert [registry.get(v).train_config["max_length"] for v in ("v1", "v2")] == [64, 16]
+    result = runner.invoke(app, ["train", "--data", str(path), "--max-length", "long", *quick])
+    assert result.exit_code == 2 and "--max-length must be a number of tokens or auto" in result.output
+
+
+def test_evaluate_says_which_rows_it_left_out_and_averages_over_classes_present(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path
+) -> None:
+    _cli(
+        "train",
+        "--data",
+        str(write_csv(tmp_path / "train.csv", learnable_rows(60))),
+        "--base-model",
+        str(tiny_bert),
+        "--max-steps",
+        "1",
+    )
+    known = [{"text": r["text"], "topic": r["topic"]} for r in learnable_rows(4, seed=3)]
+    unknown = [{"text": f"{label} question {i}", "topic": label} for label in SHOP for i in range(4)]
+    path = write_csv(tmp_path / "shop_test.csv", known + unknown)
+    out = _cli("evaluate", "--data", str(path))
+    assert "[topic] n=4 " in out
+    assert (
+        "12 row(s) left out: labels this model does not know (refund 4, login_problem 4, shipping 4)" in out
+    )
+    assert "warning: too few rows to judge" in out
+    result = runner.invoke(app, ["evaluate", "--data", str(path), "--json"])
+    report = json.loads(result.stdout)
+    assert report["left_out"] == {"topic": {"refund": 4, "login_problem": 4, "shipping": 4}}
+    assert "12 row(s) left out" in result.stderr
+
+
+def test_macro_averages_cover_only_the_classes_in_the_data() -> None:
+    from classifier.evaluate import head_metrics
+
+    y_true = np.array([0, 0, 1, 1])  # no row of class 2
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.1, 0.8], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]])
+    m = head_metrics(y_true, probs, ["billing", "bug", "outage"])
+    assert m["macro_recall"] == pytest.approx((0.5 + 1.0) / 2)  # outage's row-less 0 is not averaged in
+    assert m["classes"] == 2 and m["min_support"] == 2 and m["per_class"]["outage"]["support"] == 0
+
+
+def test_help_reads_plainly() -> None:
+    def help_of(*command: str) -> str:
+        result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    inspect = help_of("data", "inspect")
+    assert "Usage: triage data inspect [OPTIONS] FILE..." in inspect and "{files}" not in inspect
+    train_help = help_of("train")
+    assert "<bool>" not in train_help and "<bool>" not in help_of()
+    assert "[default: (the packaged all-MiniLM-L6-v2)]" in train_help
+    assert "Log debug messages too." in help_of("bot")
+    assert "Print the versions as one JSON list." in help_of("models", "list")
