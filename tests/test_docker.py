@@ -303,8 +303,12 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert ("registry", "/data") in [_volume(v) for v in classifier["volumes"]]
     env = classifier["environment"]
-    assert {"CLASSIFIER_TOKEN", "CLASSIFIER_ADMIN_TOKEN"} <= set(env)
     assert env["CLASSIFIER_DEVICE"] == "cuda"
+    # Its own settings and secrets only, each named: docker/.env (Slack tokens, signing secret, the
+    # database password) is not its env_file; host and port are fixed by the image's command.
+    assert "env_file" not in classifier
+    assert set(env) == server_variables() - {"CLASSIFIER_HOST", "CLASSIFIER_PORT"}
+    assert not [k for k in env if k.startswith(("SLACK_", "POSTGRES_")) or k == "DATABASE_URL"]
     assert classifier["healthcheck"]["test"]
 
     bot = services["bot"]
@@ -325,6 +329,12 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     assert ("registry", "/data") in [_volume(v) for v in starter["volumes"]]
     assert classifier["depends_on"]["starter-model"]["condition"] == "service_completed_successfully"
     assert {"registry", "database"} <= set(data["volumes"])
+
+
+def server_variables() -> set[str]:
+    """The environment variables the classifier server reads."""
+    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
+    return {(prefix + name).upper() for name in ServerSettings.model_fields}
 
 
 def _volume(entry: Any) -> tuple[str, str]:
@@ -418,9 +428,7 @@ def env_example() -> tuple[set[str], set[str]]:
 
 def names_the_code_reads() -> set[str]:
     """Settings fields (bot: plain names; server: CLASSIFIER_ prefix) plus variables read directly."""
-    names = {name.upper() for name in BotSettings.model_fields}
-    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
-    names |= {(prefix + name).upper() for name in ServerSettings.model_fields}
+    names = {name.upper() for name in BotSettings.model_fields} | server_variables()
     direct = re.compile(r"""(?:environ(?:\.get)?\(|environ\[|_ENV\s*=\s*)["']([A-Z][A-Z0-9_]+)["']""")
     for folder in ("bot", "classifier"):
         for path in (REPO / folder).rglob("*.py"):
@@ -439,8 +447,9 @@ def test_env_example_lists_only_variables_that_are_read() -> None:
     used = code | compose_variables()
     unknown = (active | commented) - used
     assert not unknown, f"docker/.env.example lists variables nothing reads: {sorted(unknown)}"
-    # Those only compose.yaml reads (the PostgreSQL password) must be set for ${VAR:?} to pass.
-    assert compose_variables() <= active
+    # Those compose.yaml requires (${VAR:?...}: the PostgreSQL password, the tokens) must be set.
+    required = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):\?", COMPOSE.read_text(encoding="utf-8")))
+    assert "POSTGRES_PASSWORD" in required and required <= active
     assert {"SLACK_BOT_TOKEN", "CLASSIFIER_TOKEN", "CLASSIFIER_ADMIN_TOKEN"} <= active
 
 
