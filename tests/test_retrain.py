@@ -431,13 +431,15 @@ async def _rows_holding(sessions: async_sessionmaker[AsyncSession], needle: str)
     return found
 
 
-@pytest.mark.parametrize("removal", ["forget", "purge"])
+@pytest.mark.parametrize("removal", ["forget", "purge", "retention"])
 async def test_removed_texts_leave_every_file_and_table(
     tiny_bert: Path, data_dir: Path, tmp_path: Path, database_url: URL, db: Any, removal: str
 ) -> None:
     import typer
     from typer.testing import CliRunner
 
+    from bot.scheduler import housekeeping
+    from bot.settings import load_settings
     from bot.storage.cli import register
 
     engine, sessions = db
@@ -458,7 +460,7 @@ async def test_removed_texts_leave_every_file_and_table(
                 ts=f"1700000009.{i:06d}",
                 user_id="U777",
                 text=text,
-                received_at=old if removal == "purge" else None,
+                received_at=old if removal != "forget" else None,
             )
             await repo.add_correction(
                 session,
@@ -474,14 +476,20 @@ async def test_removed_texts_leave_every_file_and_table(
     assert "data/models/v2/dataset.jsonl" in held
     assert any(name.endswith("wrong_predictions.csv") for name in held), held
 
-    app, data = typer.Typer(), typer.Typer()
-    register(app, data_app=data)
-    app.add_typer(data, name="data")
-    url = ["--database-url", database_url.render_as_string(hide_password=False)]
-    command = ["forget", "--user", "U777", "--yes"] if removal == "forget" else ["purge", "--days", "30"]
-    result = await asyncio.to_thread(CliRunner().invoke, app, ["data", *command, *url])
-    assert result.exit_code == 0, result.output
-    assert f"erased {len(chosen)} row(s) from model versions" in result.output, result.output
+    if removal == "retention":  # the bot's hourly housekeeping with TRIAGE_RETENTION_DAYS=30
+        settings = load_settings(
+            _env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s", triage_retention_days=30
+        )
+        await housekeeping(settings, engine, sessions)
+    else:
+        app, data = typer.Typer(), typer.Typer()
+        register(app, data_app=data)
+        app.add_typer(data, name="data")
+        url = ["--database-url", database_url.render_as_string(hide_password=False)]
+        command = ["forget", "--user", "U777", "--yes"] if removal == "forget" else ["purge", "--days", "30"]
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["data", *command, *url])
+        assert result.exit_code == 0, result.output
+        assert f"erased {len(chosen)} row(s) from model versions" in result.output, result.output
 
     assert _files_holding(tmp_path, SECRET) == []
     assert await _rows_holding(sessions, SECRET) == []
