@@ -380,7 +380,10 @@ async def run_once(
             log.exception("retraining run %s failed", run.id)
             outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
         # a person forgotten (or texts purged) while the run trained: the new version copied their rows
-        await erase_from_versions(sessions, registry)
+        try:
+            await erase_from_versions(sessions, registry)
+        except Exception:  # the run's record comes first; `triage data purge` erases them later
+            log.exception("retraining run %s could not erase removed texts from the model versions", run.id)
         async with sessions.begin() as session:
             await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
             await repo.finish_training_run(
