@@ -378,6 +378,13 @@ class BotProcess:
     async def stats(self, reset: bool = False) -> dict[str, Any]:
         return await self._ask("stats-reset" if reset else "stats", 30)
 
+    def kill(self) -> None:
+        """``kill -9`` of the bot process (a crash: nothing is flushed or closed); waits until it is gone."""
+        if self._proc is not None:
+            self._proc.kill()  # our own child, by its handle: SIGKILL
+            self._proc.join(30)
+            self._final = {"error": "killed"}
+
     async def stop(self) -> dict[str, Any]:
         if self._final is None and self._proc is not None:
             try:

@@ -142,7 +142,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     stop = asyncio.Event()
     worker = asyncio.ensure_future(triage.run(stop))
     cleanup.append(lambda: asyncio.wait_for(worker, timeout=10))
-    scheduler = build_scheduler(settings, sessions, retrainer)
+    scheduler = build_scheduler(settings, engine, sessions, retrainer)
     scheduler.start()
     cleanup.append(lambda: scheduler.shutdown(wait=False))
 

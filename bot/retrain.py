@@ -37,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory
+from bot.storage.database import create_engine, create_session_factory, erase_freed_space
 from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     DEFAULT_SPLIT_SALT,
@@ -282,6 +282,37 @@ def merge_feedback(
     return list(by_text.values())
 
 
+def _message_id(source: str) -> int | None:
+    """The message a feedback row came from (``slack:12``, ``slack:accepted:12``)."""
+    tail = source.rpartition(":")[2]
+    return int(tail) if tail.isdigit() else None
+
+
+async def erase_from_versions(sessions: async_sessionmaker[AsyncSession], registry: Registry) -> int:
+    """Erase from every model version the Slack rows whose text the database no longer holds (forgotten,
+    purged by retention, deleted): versions keep copies of the rows they were trained and judged on.
+    Runs never need these copies: each run re-reads Slack rows from the database. Returns rows erased."""
+    sources = await asyncio.to_thread(registry.row_sources)
+    referenced = {s: _message_id(s) for s in sources if s.startswith(FEEDBACK_SOURCE)}
+    async with sessions() as session:
+        kept = await repo.message_ids_with_text(session, {i for i in referenced.values() if i is not None})
+    gone = [source for source, message_id in referenced.items() if message_id not in kept]
+    return sum((await asyncio.to_thread(registry.erase_rows, gone)).values())
+
+
+async def erase_removed_texts(
+    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], registry: Registry, *, vacuum: bool
+) -> tuple[int, bool]:
+    """After texts were removed from the database, remove every other copy under the data directory and
+    in the database files. Returns (rows erased from model versions, whether the database files are
+    clean: ``False`` if a reader kept SQLite's WAL from being emptied)."""
+    erased = await erase_from_versions(sessions, registry)
+    with contextlib.suppress(RunBusy):  # a live run removes its own staging folder, and erases after commit
+        async with run_lock(engine):
+            await asyncio.to_thread(registry.clean_staging)
+    return erased, await erase_freed_space(engine, vacuum=vacuum)
+
+
 def _split_of(active: VersionInfo) -> tuple[tuple[float, float, float], str]:
     """The (fractions, salt) of the split the active version was trained with: a run's split too."""
     train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
@@ -396,6 +427,11 @@ async def run_once(
         except Exception as exc:  # recorded, never fatal to the caller
             log.exception("retraining run %s failed", run.id)
             outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+        # a person forgotten (or texts purged) while the run trained: the new version copied their rows
+        try:
+            await erase_from_versions(sessions, registry)
+        except Exception:  # the run's record comes first; `triage data purge` erases them later
+            log.exception("retraining run %s could not erase removed texts from the model versions", run.id)
         async with sessions.begin() as session:
             await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
             await repo.finish_training_run(

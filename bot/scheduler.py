@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import Retrainer
+from bot.retrain import Retrainer, erase_removed_texts
 from bot.settings import BotSettings
 from bot.storage import repository as repo
 from bot.storage.models import TrainingStatus, TrainingTrigger, utcnow
@@ -53,21 +54,30 @@ async def scheduled_retrain(
     )
 
 
-async def housekeeping(settings: BotSettings, sessions: async_sessionmaker[AsyncSession]) -> None:
+async def housekeeping(
+    settings: BotSettings, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+) -> None:
     now = utcnow()
+    removed = 0
     async with sessions.begin() as session:
         await repo.delete_events_before(session, now - EVENT_ID_TTL)
         if settings.triage_retention_days:
             removed = await repo.purge_message_texts(
                 session, older_than=repo.retention_cutoff(settings.triage_retention_days, now=now)
             )
-            if removed:
-                log.info("retention: removed the text of %d messages", removed)
-    Registry(registry_dir()).prune(settings.triage_keep_versions)
+    registry = Registry(registry_dir())
+    if removed:
+        # no VACUUM here: it would hold up the bot's writes; secure_delete already zeroed the old rows
+        erased, _ = await erase_removed_texts(engine, sessions, registry, vacuum=False)
+        log.info("retention: removed the text of %d messages (%d rows in model versions)", removed, erased)
+    await asyncio.to_thread(registry.prune, settings.triage_keep_versions)
 
 
 def build_scheduler(
-    settings: BotSettings, sessions: async_sessionmaker[AsyncSession], retrainer: Retrainer
+    settings: BotSettings,
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    retrainer: Retrainer,
 ) -> AsyncIOScheduler:
     scheduler = AsyncIOScheduler(timezone="UTC")
     if settings.triage_retrain_cron:
@@ -82,7 +92,7 @@ def build_scheduler(
     scheduler.add_job(
         housekeeping,
         IntervalTrigger(hours=1),
-        args=[settings, sessions],
+        args=[settings, engine, sessions],
         id="housekeeping",
         max_instances=1,
         coalesce=True,

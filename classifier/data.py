@@ -338,10 +338,13 @@ def fingerprint(path: Path) -> str:
     return h.hexdigest()
 
 
+def to_jsonl(examples: Iterable[Example]) -> str:
+    return "".join(json.dumps(ex.to_json(), ensure_ascii=False) + "\n" for ex in examples)
+
+
 def write_jsonl(path: Path, examples: Iterable[Example]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
-        for ex in examples:
-            fh.write(json.dumps(ex.to_json(), ensure_ascii=False) + "\n")
+        fh.write(to_jsonl(examples))
 
 
 def read_jsonl(path: Path) -> list[Example]:

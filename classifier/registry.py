@@ -5,7 +5,8 @@ Layout::
     models/
       ACTIVE                  name of the active version (replaced atomically)
       v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
-                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots)
+                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots,
+                              wrong_predictions.csv); the last two are the only files holding texts
       .staging-*/             versions being written; never visible as a version until renamed
 
 A version becomes visible only by an atomic rename of a complete staging folder, so a crash never
@@ -14,13 +15,15 @@ leaves a half-written version behind.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -29,8 +32,11 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
+from classifier.data import Example, read_jsonl, to_jsonl
+
 Status = Literal["active", "candidate", "rejected", "retired"]
 _NAME = re.compile(r"^v(\d+)$")
+DATASET_FILE = "dataset.jsonl"  # the rows a version was trained and tested on (see data.write_jsonl)
 
 
 class RegistryError(RuntimeError):
@@ -161,6 +167,40 @@ class Registry:
                     removed.append(name)
         return removed
 
+    def row_sources(self) -> set[str]:
+        """The ``source`` of every training row any version keeps (its ``dataset.jsonl``)."""
+        found: set[str] = set()
+        for name in self.names():
+            found.update(row.source for row in _read_dataset(self.root / name))
+        return found
+
+    def erase_rows(self, sources: Collection[str]) -> dict[str, int]:
+        """Remove every row whose ``source`` is in ``sources`` from each version's data and reports.
+
+        The texts live in ``dataset.jsonl`` and in ``wrong_predictions.csv`` under ``eval/``; both are
+        rewritten without those rows (atomically), and ``version.json`` records how many training rows
+        were erased, since the model itself was trained on them. Returns rows removed per version.
+        """
+        erase = set(sources)
+        removed: dict[str, int] = {}
+        if not erase:
+            return removed
+        with self._lock:
+            for name in self.names():
+                version = self.root / name
+                rows = _read_dataset(version)
+                kept = [r for r in rows if r.source not in erase]
+                for report in version.glob("eval/**/wrong_predictions.csv"):
+                    _erase_csv_rows(report, erase)
+                if len(kept) == len(rows):
+                    continue
+                _write_text(version / DATASET_FILE, to_jsonl(kept))
+                removed[name] = len(rows) - len(kept)
+                data = json.loads((version / "version.json").read_text(encoding="utf-8")).get("data", {})
+                data["erased_rows"] = data.get("erased_rows", 0) + removed[name]
+                self._update(name, data=data)
+        return removed
+
     def clean_staging(self, older_than_s: float = 0) -> None:
         """Remove staging folders left by a killed process."""
         now = time.time()
@@ -176,6 +216,27 @@ class Registry:
 
     def _write_active(self, name: str) -> None:
         _write_text(self.root / "ACTIVE", name + "\n")
+
+
+def _read_dataset(version: Path) -> list[Example]:
+    path = version / DATASET_FILE
+    return read_jsonl(path) if path.is_file() else []
+
+
+def _erase_csv_rows(path: Path, sources: set[str]) -> None:
+    """Rewrite a report CSV (with a ``source`` column) without the rows of ``sources``."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = list(reader.fieldnames or [])
+        rows = list(reader)
+    kept = [r for r in rows if r.get("source") not in sources]
+    if len(kept) == len(rows):
+        return
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(kept)
+    _write_text(path, out.getvalue())
 
 
 def _now() -> str:

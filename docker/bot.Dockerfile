@@ -15,15 +15,20 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/*
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# CPU wheel first, so the project's `torch>=2.4` is already satisfied and no CUDA build is pulled in.
-RUN pip install --index-url https://download.pytorch.org/whl/cpu torch==2.13.0
 WORKDIR /src
+# Exactly the locked versions, each checked against its hash (docker/lock.sh refreshes the lock). Torch is
+# the CPU wheel (torch==...+cpu), found on PyTorch's CPU page; everything else comes from PyPI.
+COPY docker/requirements-bot.lock ./docker/
+RUN pip install --require-hashes --find-links https://download.pytorch.org/whl/cpu/torch/ \
+        -r docker/requirements-bot.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY classifier ./classifier
 COPY migrations ./migrations
-# A regular (not editable) install; the source folder is not copied to the runtime image.
-RUN pip install . \
+# A regular (not editable) install of the project alone; `pip check` fails the build if the lock no longer
+# satisfies pyproject.toml. The source folder is not copied to the runtime image.
+RUN pip install --no-deps . \
+    && pip check \
     && python -c "import torch; assert torch.version.cuda is None, 'a CUDA build of torch was installed'"
 
 # ---- runtime ------------------------------------------------------------------------------------------

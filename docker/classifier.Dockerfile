@@ -10,14 +10,19 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /tmp/src
+# Exactly the locked versions, each checked against its hash (docker/lock.sh refreshes the lock). The lock
+# leaves torch out: the base image's CUDA build is kept (the base image's tag pins it).
+COPY docker/requirements-classifier.lock ./docker/
+RUN python -c "import torch; assert torch.version.cuda, 'the base image has no CUDA torch'" \
+    && pip install --require-hashes -r docker/requirements-classifier.lock
 COPY pyproject.toml README.md ./
 COPY bot ./bot
 COPY classifier ./classifier
 COPY migrations ./migrations
-# Keep the base image's CUDA build of torch: the constraint stops pip from swapping it for another one.
-RUN python -c "import torch; assert torch.version.cuda, 'the base image has no CUDA torch'; print('torch==' + torch.__version__)" > /tmp/torch.txt \
-    && pip install --constraint /tmp/torch.txt . \
-    && rm -rf /tmp/src /tmp/torch.txt
+# The project alone; its dependencies are the lock's (and the base image's torch).
+RUN pip install --no-deps . \
+    && python -c "import torch, transformers, classifier.server; assert torch.version.cuda" \
+    && rm -rf /tmp/src
 # The same uid/gid as the bot image: both write the shared model registry volume.
 RUN groupadd --system --gid 10001 triage \
     && useradd --system --uid 10001 --gid triage --home-dir /home/triage --create-home --shell /usr/sbin/nologin triage \

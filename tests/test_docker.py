@@ -198,13 +198,13 @@ def test_bot_dockerfile() -> None:
     build, final = stages(instructions)[0], stages(instructions)[-1]
     assert len(stages(instructions)) >= 2, "multi-stage: build tools stay in the build stage"
     assert all(image.startswith("python:3.11-slim") for image in base_images(instructions))
-    # CPU-only torch, pinned like quickstart.sh, from PyTorch's CPU index, before the project.
+    # CPU-only torch from PyTorch's CPU page, the version CI installs, pinned in the lock.
     runs = [ins.args for ins in build if ins.keyword == "RUN"]
-    torch_step = next(i for i, run in enumerate(runs) if "torch==" in run)
-    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install (\S+ )*\.(\s|$)", run))
-    assert torch_step < project_step
-    assert "torch==2.13.0" in runs[torch_step]
-    assert "--index-url https://download.pytorch.org/whl/cpu" in runs[torch_step]
+    lock_step = next(i for i, run in enumerate(runs) if "--require-hashes" in run)
+    assert "--find-links https://download.pytorch.org/whl/cpu/torch/" in runs[lock_step]
+    ci_torch = re.search(r"torch==([\d.]+)", (REPO / ".ci" / "run").read_text(encoding="utf-8"))
+    assert ci_torch is not None
+    assert lock_entries(LOCKS[BOT_DOCKERFILE])["torch"][0] == f"{ci_torch[1]}+cpu"
     # The runtime stage copies the built environment and installs no compilers itself.
     assert any(ins.keyword == "COPY" and ins.args.startswith("--from=build") for ins in final)
     assert not any(
@@ -227,6 +227,78 @@ def test_classifier_dockerfile() -> None:
     cmd = exec_form(next(ins.args for ins in final if ins.keyword == "CMD"))
     assert cmd == ["triage", "serve", "--host", "0.0.0.0", "--port", "8080"]
     assert "--no-bf16" not in cmd  # bf16 is the engine's default on CUDA
+
+
+# ---- the locks ----------------------------------------------------------------------------------------
+LOCKS = {
+    BOT_DOCKERFILE: DOCKER / "requirements-bot.lock",
+    CLASSIFIER_DOCKERFILE: DOCKER / "requirements-classifier.lock",
+}
+# The classifier image keeps its CUDA base image's torch, so its lock leaves torch out.
+NOT_LOCKED = {BOT_DOCKERFILE: set(), CLASSIFIER_DOCKERFILE: {"torch"}}
+
+
+def lock_entries(path: Path) -> dict[str, tuple[str, list[str]]]:
+    """Normalized name -> (pinned version, hashes) of a `uv pip compile --generate-hashes` file."""
+    from packaging.utils import canonicalize_name
+
+    entries: dict[str, tuple[str, list[str]]] = {}
+    name = ""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip().rstrip("\\").strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("--hash="):
+            entries[name][1].append(line.removeprefix("--hash="))
+            continue
+        pinned = re.fullmatch(r"([A-Za-z0-9._-]+)==(\S+)", line)
+        assert pinned, f"{path.name}: not a pinned requirement: {line}"
+        name = canonicalize_name(pinned[1])
+        entries[name] = (pinned[2], [])
+    return entries
+
+
+@pytest.mark.parametrize("dockerfile", [BOT_DOCKERFILE, CLASSIFIER_DOCKERFILE], ids=lambda p: p.name)
+def test_lock_covers_every_dependency(dockerfile: Path) -> None:
+    """Every dependency in pyproject.toml is pinned, within its range, with hashes (docker/lock.sh)."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    entries = lock_entries(LOCKS[dockerfile])
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    for dependency in pyproject["project"]["dependencies"]:
+        requirement = Requirement(dependency)
+        name = canonicalize_name(requirement.name)
+        if name in NOT_LOCKED[dockerfile]:
+            assert name not in entries, f"{LOCKS[dockerfile].name} should leave {name} to the base image"
+            continue
+        assert name in entries, f"{LOCKS[dockerfile].name} lacks {name}: run docker/lock.sh"
+        version = Version(entries[name][0])
+        assert requirement.specifier.contains(version, prereleases=True), (
+            f"{LOCKS[dockerfile].name} pins {name}=={version}, outside {requirement.specifier}: "
+            "run docker/lock.sh"
+        )
+    assert "greenlet" in entries  # sqlalchemy[asyncio]: extras are resolved too
+    assert all(hashes and all(h.startswith("sha256:") for h in hashes) for _, hashes in entries.values())
+
+
+@pytest.mark.parametrize("dockerfile", [BOT_DOCKERFILE, CLASSIFIER_DOCKERFILE], ids=lambda p: p.name)
+def test_dockerfile_installs_from_its_lock(dockerfile: Path) -> None:
+    """The image installs the lock with hashes required, then the project alone (--no-deps)."""
+    lock = LOCKS[dockerfile].relative_to(REPO).as_posix()
+    instructions = parse_dockerfile(dockerfile)
+    copies = [ins.args for ins in instructions if ins.keyword == "COPY" and "--from=" not in ins.args]
+    assert any(args.split()[0] == lock for args in copies), f"{dockerfile.name} does not COPY {lock}"
+    runs = [ins.args for ins in instructions if ins.keyword == "RUN"]
+    lock_step = next(
+        (i for i, run in enumerate(runs) if f"-r {lock}" in run and "--require-hashes" in run), None
+    )
+    assert lock_step is not None, f"{dockerfile.name}: no `pip install --require-hashes -r {lock}`"
+    project_step = next(i for i, run in enumerate(runs) if re.search(r"pip install (\S+ )*\.(\s|$)", run))
+    assert lock_step < project_step and "--no-deps" in runs[project_step]
+    pip_installs = [run for run in runs if "pip install" in run]
+    assert len(pip_installs) == 2, f"every install comes from the lock: {pip_installs}"
 
 
 # ---- hadolint -----------------------------------------------------------------------------------------
@@ -304,8 +376,12 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
     assert ("registry", "/data") in [_volume(v) for v in classifier["volumes"]]
     env = classifier["environment"]
-    assert {"CLASSIFIER_TOKEN", "CLASSIFIER_ADMIN_TOKEN"} <= set(env)
     assert env["CLASSIFIER_DEVICE"] == "cuda"
+    # Its own settings and secrets only, each named: docker/.env (Slack tokens, signing secret, the
+    # database password) is not its env_file; host and port are fixed by the image's command.
+    assert "env_file" not in classifier
+    assert set(env) == server_variables() - {"CLASSIFIER_HOST", "CLASSIFIER_PORT"}
+    assert not [k for k in env if k.startswith(("SLACK_", "POSTGRES_")) or k == "DATABASE_URL"]
     assert classifier["healthcheck"]["test"]
 
     bot = services["bot"]
@@ -326,6 +402,12 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     assert ("registry", "/data") in [_volume(v) for v in starter["volumes"]]
     assert classifier["depends_on"]["starter-model"]["condition"] == "service_completed_successfully"
     assert {"registry", "database"} <= set(data["volumes"])
+
+
+def server_variables() -> set[str]:
+    """The environment variables the classifier server reads."""
+    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
+    return {(prefix + name).upper() for name in ServerSettings.model_fields}
 
 
 def _volume(entry: Any) -> tuple[str, str]:
@@ -419,9 +501,7 @@ def env_example() -> tuple[set[str], set[str]]:
 
 def names_the_code_reads() -> set[str]:
     """Settings fields (bot: plain names; server: CLASSIFIER_ prefix) plus variables read directly."""
-    names = {name.upper() for name in BotSettings.model_fields}
-    prefix = str(ServerSettings.model_config.get("env_prefix", ""))
-    names |= {(prefix + name).upper() for name in ServerSettings.model_fields}
+    names = {name.upper() for name in BotSettings.model_fields} | server_variables()
     direct = re.compile(r"""(?:environ(?:\.get)?\(|environ\[|_ENV\s*=\s*)["']([A-Z][A-Z0-9_]+)["']""")
     for folder in ("bot", "classifier"):
         for path in (REPO / folder).rglob("*.py"):
@@ -440,8 +520,9 @@ def test_env_example_lists_only_variables_that_are_read() -> None:
     used = code | compose_variables()
     unknown = (active | commented) - used
     assert not unknown, f"docker/.env.example lists variables nothing reads: {sorted(unknown)}"
-    # Those only compose.yaml reads (the PostgreSQL password) must be set for ${VAR:?} to pass.
-    assert compose_variables() <= active
+    # Those compose.yaml requires (${VAR:?...}: the PostgreSQL password, the tokens) must be set.
+    required = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*):\?", COMPOSE.read_text(encoding="utf-8")))
+    assert "POSTGRES_PASSWORD" in required and required <= active
     assert {"SLACK_BOT_TOKEN", "CLASSIFIER_TOKEN", "CLASSIFIER_ADMIN_TOKEN"} <= active
 
 

@@ -437,3 +437,95 @@ async def test_dry_run_describes_the_dataset_and_trains_nothing(
     assert "New since the last run: 40 corrections, 0 confirmations." in text
     assert "topic (from Slack):" in text
     assert [v.name for v in registry.list()] == ["v1"]  # nothing trained
+
+
+# --- forgetting reaches every copy ----------------------------------------------------------------------
+SECRET = "Zq7secret"
+
+
+def _files_holding(root: Path, needle: str) -> list[str]:
+    """Every file under ``root`` whose bytes contain ``needle`` (the SQLite file and its WAL included)."""
+    raw = needle.encode()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and raw in p.read_bytes())
+
+
+async def _rows_holding(sessions: async_sessionmaker[AsyncSession], needle: str) -> list[str]:
+    """Every table row (of the application's tables) that holds ``needle`` in any column."""
+    from bot.storage.models import Base
+
+    found = []
+    async with sessions() as session:
+        for table in Base.metadata.sorted_tables:
+            for row in (await session.execute(table.select())).all():
+                if needle in repr(tuple(row)):
+                    found.append(f"{table.name}: {row}")
+    return found
+
+
+@pytest.mark.parametrize("removal", ["forget", "purge", "retention"])
+async def test_removed_texts_leave_every_file_and_table(
+    tiny_bert: Path, data_dir: Path, tmp_path: Path, database_url: URL, db: Any, removal: str
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from bot.scheduler import housekeeping
+    from bot.settings import load_settings
+    from bot.storage.cli import register
+
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    await _store_feedback(sessions, learnable_rows(60, seed=5))
+    # the same words under three labels: some of them are surely predicted wrong, so they reach the
+    # wrong_predictions.csv reports as well as dataset.jsonl; the stratified split holds some of them out
+    chosen = [f"{SECRET} invoice crash down number {i}" for i in range(24)]
+    old = utcnow() - timedelta(days=40)
+    async with sessions.begin() as session:
+        for i, text in enumerate(chosen):
+            message, _ = await repo.store_message(
+                session,
+                team_id="T1",
+                channel_id="C9",
+                ts=f"1700000009.{i:06d}",
+                user_id="U777",
+                text=text,
+                received_at=old if removal != "forget" else None,
+            )
+            await repo.add_correction(
+                session,
+                message.id,
+                "topic",
+                ["billing", "bug", "outage"][i % 3],
+                user_id="U2",
+                source=CorrectionSource.BUTTON,
+            )
+    outcome = await run_once(sessions, engine, registry, trigger=TrainingTrigger.CLI, epochs=1)
+    assert outcome.candidate == "v2", outcome.summary()
+    held = _files_holding(tmp_path, SECRET)
+    assert "data/models/v2/dataset.jsonl" in held
+    assert any(name.endswith("wrong_predictions.csv") for name in held), held
+
+    if removal == "retention":  # the bot's hourly housekeeping with TRIAGE_RETENTION_DAYS=30
+        settings = load_settings(
+            _env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s", triage_retention_days=30
+        )
+        await housekeeping(settings, engine, sessions)
+    else:
+        app, data = typer.Typer(), typer.Typer()
+        register(app, data_app=data)
+        app.add_typer(data, name="data")
+        url = ["--database-url", database_url.render_as_string(hide_password=False)]
+        command = ["forget", "--user", "U777", "--yes"] if removal == "forget" else ["purge", "--days", "30"]
+        result = await asyncio.to_thread(CliRunner().invoke, app, ["data", *command, *url])
+        assert result.exit_code == 0, result.output
+        assert f"erased {len(chosen)} row(s) from model versions" in result.output, result.output
+
+    assert _files_holding(tmp_path, SECRET) == []
+    assert await _rows_holding(sessions, SECRET) == []
+    # the rest of the version is intact, and it says what was taken out of the data it was trained on
+    kept = read_jsonl(Path(registry.get("v2").path) / "dataset.jsonl")
+    assert len(kept) > 100 and all("C9" not in e.text for e in kept)
+    assert registry.get("v2").data["erased_rows"] == len(chosen)
+    async with sessions() as session:
+        assert len(await repo.export_training_set(session, until=utcnow())) == 60  # U1's rows stay

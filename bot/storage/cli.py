@@ -100,6 +100,28 @@ async def _in_session(url: URL, work: Callable[[AsyncSession], Awaitable[T]]) ->
         await engine.dispose()
 
 
+async def _removing_texts(url: URL, work: Callable[[AsyncSession], Awaitable[T]]) -> tuple[T, str]:
+    """``work`` removes texts from the database; then every other copy goes too (model versions under the
+    data directory, free pages and the WAL of the database files). Returns its result and what was done."""
+    from bot.retrain import erase_removed_texts  # the feedback loop knows where versions copy Slack rows
+    from classifier.paths import registry_dir
+    from classifier.registry import Registry
+
+    engine = create_engine(url)
+    try:
+        await check_schema(engine)
+        sessions = create_session_factory(engine)
+        async with sessions.begin() as session:
+            result = await work(session)
+        erased, clean = await erase_removed_texts(engine, sessions, Registry(registry_dir()), vacuum=True)
+    finally:
+        await engine.dispose()
+    note = f"; erased {erased} row(s) from model versions"
+    if not clean:
+        note += "; the database's WAL is still in use: run the command again when the bot is idle"
+    return result, note
+
+
 async def _current(url: URL) -> str | None:
     engine = create_engine(url)
     try:
@@ -191,7 +213,8 @@ def forget_command(
 ) -> None:
     """Forget a person: remove their message texts now, store none later, never train on them.
 
-    Labels stay (they hold no text). The action is recorded in the audit log.
+    The texts also leave the model versions' training data and reports, and the database's free pages
+    and WAL. Labels stay (they hold no text). The action is recorded in the audit log.
     """
     user = user.strip().upper()
     if not SLACK_USER_ID.match(user):
@@ -207,9 +230,10 @@ def forget_command(
         )
         return removed
 
-    removed = _run(database_url, lambda url: _in_session(url, work))
+    removed, note = _run(database_url, lambda url: _removing_texts(url, work))
     typer.echo(
-        f"forgot {user}: removed {removed} message text(s); their future messages are stored without text"
+        f"forgot {user}: removed {removed} message text(s){note}; "
+        "their future messages are stored without text"
     )
 
 
@@ -227,16 +251,24 @@ def purge_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Apply the retention policy: remove old message texts and old Slack event ids."""
+    """Apply the retention policy: remove old message texts (everywhere, as ``forget`` does) and old
+    Slack event ids."""
     if days is None:
         raise _fail(f"give --days or set {RETENTION_DAYS_ENV}", code=2)
     now = utcnow()
     cutoff = repository.retention_cutoff(days, now=now)
     operator = _operator()
 
+    if dry_run:
+
+        async def count(session: AsyncSession) -> int:
+            return await repository.count_purgeable_texts(session, older_than=cutoff)
+
+        texts = _run(database_url, lambda url: _in_session(url, count))
+        typer.echo(f"would remove {texts} message text(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
+        return
+
     async def work(session: AsyncSession) -> tuple[int, int]:
-        if dry_run:
-            return await repository.count_purgeable_texts(session, older_than=cutoff), 0
         texts = await repository.purge_message_texts(session, older_than=cutoff, now=now)
         events = await repository.delete_events_before(
             session, repository.retention_cutoff(EVENT_ID_RETENTION_DAYS, now=now)
@@ -250,14 +282,11 @@ def purge_command(
         )
         return texts, events
 
-    texts, events = _run(database_url, lambda url: _in_session(url, work))
-    if dry_run:
-        typer.echo(f"would remove {texts} message text(s) received before {cutoff:%Y-%m-%d %H:%M} UTC")
-    else:
-        typer.echo(
-            f"removed {texts} message text(s) received before {cutoff:%Y-%m-%d %H:%M} UTC "
-            f"and {events} old Slack event id(s)"
-        )
+    (texts, events), note = _run(database_url, lambda url: _removing_texts(url, work))
+    typer.echo(
+        f"removed {texts} message text(s) received before {cutoff:%Y-%m-%d %H:%M} UTC "
+        f"and {events} old Slack event id(s){note}"
+    )
 
 
 def register_data_commands(data_app: typer.Typer) -> None:

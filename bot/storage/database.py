@@ -16,7 +16,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.script.revision import RevisionError
 from alembic.util import CommandError
-from sqlalchemy import event, pool
+from sqlalchemy import event, pool, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
@@ -152,8 +152,31 @@ def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
             cursor.execute("PRAGMA synchronous=NORMAL")  # durable enough with WAL, and much faster
             cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             cursor.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
+            # Overwrite deleted content with zeros, so a removed text does not linger in free space.
+            cursor.execute("PRAGMA secure_delete=ON")
         finally:
             cursor.close()
+
+
+async def erase_freed_space(engine: AsyncEngine, *, vacuum: bool = True) -> bool:
+    """After texts were removed: make the database files stop holding them, as far as the database allows.
+
+    SQLite (``secure_delete`` already zeroes what a statement removes): ``VACUUM`` rebuilds the file, for
+    pages freed before that, then ``wal_checkpoint(TRUNCATE)`` moves the WAL into the file and empties
+    it. Returns ``False`` when a reader kept the WAL from being emptied (run again when it is idle).
+    PostgreSQL: ``VACUUM`` of the message table removes the dead row versions from the table; the bytes
+    may stay in the data files until the space is reused, in the WAL until its segments are recycled,
+    and in backups. ``VACUUM FULL messages`` (it locks the table) rewrites the table into a new file.
+    """
+    async with engine.connect() as connection:
+        autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+        if engine.dialect.name != "sqlite":
+            await autocommit.execute(text("VACUUM messages"))
+            return True
+        if vacuum:
+            await autocommit.execute(text("VACUUM"))
+        busy = (await autocommit.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))).scalar()
+        return not busy
 
 
 def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

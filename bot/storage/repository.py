@@ -57,6 +57,8 @@ from classifier.results import HeadPrediction
 DEFAULT_LEASE = timedelta(minutes=2)
 RETRY_BASE_DELAY = timedelta(seconds=30)
 RETRY_MAX_DELAY = timedelta(minutes=10)
+# Ids per IN (...) list: well under SQLite's and asyncpg's limits on bound parameters.
+ID_CHUNK = 1000
 
 
 # --- value types ---------------------------------------------------------------------------------------
@@ -700,6 +702,18 @@ async def count_purgeable_texts(session: AsyncSession, *, older_than: datetime) 
         .select_from(Message)
         .where(Message.text.is_not(None), or_(Message.received_at < older_than, ~_not_forgotten())),
     )
+
+
+async def message_ids_with_text(session: AsyncSession, ids: Collection[int]) -> set[int]:
+    """Those of ``ids`` whose message still has its text (not purged, forgotten or deleted)."""
+    ordered = sorted(ids)
+    kept: set[int] = set()
+    for start in range(0, len(ordered), ID_CHUNK):
+        query = select(Message.id).where(
+            Message.id.in_(ordered[start : start + ID_CHUNK]), Message.text.is_not(None), _not_forgotten()
+        )
+        kept.update((await session.scalars(query)).all())
+    return kept
 
 
 async def is_forgotten(session: AsyncSession, user_id: str) -> bool:
