@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from filelock import FileLock, Timeout
 from sqlalchemy import text
@@ -40,7 +40,6 @@ from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory
 from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
-    DEFAULT_SPLIT_SALT,
     Example,
     label_counts,
     normalize,
@@ -48,6 +47,7 @@ from classifier.data import (
     split_examples,
     split_of,
 )
+from classifier.onnx_backend import Backend, Quantize
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
 
@@ -86,6 +86,9 @@ class Gate:
     max_recall_drop: float = 0.10
     min_support: int = 5
     recall_drop_alpha: float = 0.05
+    # both models are judged on the backend that will serve them (CLASSIFIER_BACKEND/QUANTIZE, on the CPU)
+    backend: Backend = "auto"
+    quantize: Quantize = "auto"
 
     def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
         reasons: list[str] = []
@@ -241,8 +244,7 @@ def merge_feedback(
 
 def _split_of(active: VersionInfo) -> tuple[tuple[float, float, float], str]:
     """The (fractions, salt) of the split the active version was trained with: a run's split too."""
-    train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
-    return (train, validation, test), active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
+    return active.split_config()
 
 
 def _is_human_feedback(example: Example) -> bool:
@@ -405,8 +407,7 @@ def _train_and_judge_sync(
     emit: ProgressSink,
 ) -> RunOutcome:
     """The heavy part: train, evaluate both, decide. Runs in a worker thread of the retrain process."""
-    from classifier.evaluate import evaluate
-    from classifier.model import MultiHeadClassifier
+    from classifier.evaluate import evaluate_version
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
@@ -452,14 +453,13 @@ def _train_and_judge_sync(
     emit({"event": "evaluating", "candidate": candidate.name})
     reports = {}
     for name in (candidate.name, active.name):
-        model, tokenizer, max_length = MultiHeadClassifier.load(Path(registry.get(name).path))
         out = (
             Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
             if name != candidate.name
             else Path(candidate.path) / "eval" / "heldout"
         )
-        reports[name] = evaluate(
-            model, tokenizer, heldout, max_length, out_dir=out, model_version=name, with_rows=True
+        reports[name] = evaluate_version(
+            registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
         )
     promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
     deltas = {
@@ -552,6 +552,10 @@ class Retrainer:
             str(self.gate.max_recall_drop),
             "--gate-recall-drop-alpha",
             str(self.gate.recall_drop_alpha),
+            "--gate-backend",
+            self.gate.backend,
+            "--gate-quantize",
+            self.gate.quantize,
             "--accept-after-hours",
             str(self.acceptance.after_hours),
             "--max-accepted",
@@ -630,6 +634,8 @@ async def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
     parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
     parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
+    parser.add_argument("--gate-backend", choices=get_args(Backend), default=Gate.backend)
+    parser.add_argument("--gate-quantize", choices=get_args(Quantize), default=Gate.quantize)
     parser.add_argument(
         "--accept-after-hours",
         type=float,
@@ -675,6 +681,8 @@ async def _main(argv: list[str] | None = None) -> int:
                 tolerance=args.gate_tolerance,
                 max_recall_drop=args.gate_max_recall_drop,
                 recall_drop_alpha=args.gate_recall_drop_alpha,
+                backend=args.gate_backend,
+                quantize=args.gate_quantize,
             ),
             acceptance=acceptance,
         )

@@ -29,6 +29,8 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
+from classifier.data import DEFAULT_SPLIT_SALT
+
 Status = Literal["active", "candidate", "rejected", "retired"]
 _NAME = re.compile(r"^v(\d+)$")
 
@@ -50,6 +52,11 @@ class VersionInfo:
     data: dict[str, Any] = field(default_factory=dict)  # fingerprints and counts of the training data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation on the held-out test split
     path: str = ""
+
+    def split_config(self) -> tuple[tuple[float, float, float], str]:
+        """The (fractions, salt) of the stable split this version was trained with."""
+        train, validation, test = self.train_config.get("split", (0.8, 0.1, 0.1))
+        return (train, validation, test), self.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
 
     @property
     def number(self) -> int:

@@ -39,11 +39,16 @@ def _check(result: Any, texts: list[str], expected: list[dict[str, Any]]) -> Non
         assert text_result.truncated == ref["truncated"]
 
 
-async def test_concurrent_results_equal_unbatched_inference(registry: Registry) -> None:
-    expected = reference(registry, "v1", TEXTS)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+async def test_concurrent_results_equal_unbatched_inference(registry: Registry, backend: Any) -> None:
+    expected = reference(registry, "v1", TEXTS)  # PyTorch in float32
     rng = random.Random(0)
     calls = [rng.sample(range(len(TEXTS)), rng.randint(1, 4)) for _ in range(60)]
-    async with Engine(registry, engine_config(max_wait_ms=10)) as engine:
+    async with Engine(registry, engine_config(max_wait_ms=10, backend=backend, quantize="none")) as engine:
+        assert (
+            engine.current is not None
+            and engine.current.backend == {"torch": "torch", "onnx": "onnx-fp32"}[backend]
+        )
         results = await asyncio.gather(*(engine.classify([TEXTS[i] for i in idx]) for idx in calls))
         stats = engine.stats
     for idx, result in zip(calls, results, strict=True):
