@@ -155,7 +155,9 @@ def _quantize(source: Path, target: Path) -> None:
     quiet = _DropRecords("pre-processing before quantization")
     logging.getLogger().addFilter(quiet)
     try:
-        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8)
+        # Per-channel weight scales: on a BANKING77 model, one scale per tensor cost 1.2 points of
+        # held-out accuracy, one per output channel nothing.
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True)
     finally:
         logging.getLogger().removeFilter(quiet)
 
@@ -216,6 +218,8 @@ class OnnxModel:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # No busy-waiting between runs: tokenization and the event loop need those cores meanwhile.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.precision = precision
         self.schema = schema
         self.session = ort.InferenceSession(

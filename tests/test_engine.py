@@ -157,11 +157,14 @@ async def test_follows_the_registrys_active_pointer(registry: Registry) -> None:
         assert (await engine.classify(["hello"])).model_version == "v2"
 
 
+@pytest.mark.parametrize(
+    ("backend", "broken_file"), [("torch", "heads.safetensors"), ("onnx", "onnx/fp32.onnx")]
+)
 async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
-    registry: Registry, caplog: pytest.LogCaptureFixture
+    registry: Registry, caplog: pytest.LogCaptureFixture, backend: Any, broken_file: str
 ) -> None:
-    (Path(registry.get("v2").path) / "heads.safetensors").unlink()
-    async with Engine(registry, engine_config(poll_interval_s=0.05)) as engine:
+    (Path(registry.get("v2").path) / broken_file).unlink()
+    async with Engine(registry, engine_config(poll_interval_s=0.05, backend=backend)) as engine:
         with pytest.raises(ModelLoadError):
             await engine.swap_to("v2")
         with pytest.raises(RegistryError):
