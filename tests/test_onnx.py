@@ -14,11 +14,15 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
+import classifier.evaluate as evaluate_module
 import classifier.onnx_backend as onnx_backend
+from bot.cli import app
+from bot.retrain import Gate, _train_and_judge_sync
 from bot.settings import SettingsError
 from bot.settings import load_settings as load_bot_settings
-from classifier.data import Example
+from classifier.data import Example, read_jsonl
 from classifier.engine import Engine, EngineConfig
 from classifier.evaluate import evaluate_version
 from classifier.model import MultiHeadClassifier, predict_probs
@@ -33,7 +37,7 @@ from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from classifier.server import ConfigError, load_settings
 from classifier.train import TrainConfig, train
-from tests.model_fixtures import learnable_rows
+from tests.model_fixtures import learnable_rows, write_csv
 from tests.serving import (  # noqa: F401 (fixtures)
     TEXTS,
     copy_registry,
@@ -182,3 +186,46 @@ def test_evaluation_runs_on_the_serving_backend(trained: Registry) -> None:
         assert fp32_head["accuracy"] == torch_head["accuracy"]
         assert fp32_head["mean_confidence"] == pytest.approx(torch_head["mean_confidence"], abs=1e-5)
         assert abs(reports["onnx-int8"]["heads"][head]["accuracy"] - torch_head["accuracy"]) <= 0.005
+
+
+def test_triage_evaluate_runs_on_the_chosen_backend(
+    trained: Registry, data_dir: Path, tmp_path: Path
+) -> None:
+    shutil.copytree(trained.root, data_dir / "models")
+    data = write_csv(
+        tmp_path / "test.csv", [{"text": r["text"], "topic": r["topic"]} for r in learnable_rows(40, 3)]
+    )
+    reports = {}
+    for backend in ("torch", "onnx"):
+        result = CliRunner().invoke(
+            app, ["evaluate", "--data", str(data), "--json", "--backend", backend, "--quantize", "none"]
+        )
+        assert result.exit_code == 0, result.output
+        reports[backend] = json.loads(result.stdout)["heads"]["topic"]
+    assert onnx_folder(data_dir / "models" / "v1").is_dir()  # made for the onnx run
+    assert reports["onnx"]["accuracy"] == reports["torch"]["accuracy"]
+    assert reports["onnx"]["mean_confidence"] == pytest.approx(reports["torch"]["mean_confidence"], abs=1e-5)
+    result = CliRunner().invoke(
+        app, ["evaluate", "--data", str(data), "--backend", "torch", "--quantize", "int8"]
+    )
+    assert result.exit_code == 2 and "int8 quantization needs the onnx backend" in result.output
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_the_gate_judges_both_models_on_the_serving_backend(
+    trained: Registry, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    judged: list[tuple[str, str]] = []
+    load = evaluate_module.load_onnx
+
+    def spy_load(info: Any, quantize: Any, threads: int | None = None) -> Any:
+        judged.append((info.name, quantize))
+        return load(info, quantize, threads)
+
+    monkeypatch.setattr(evaluate_module, "load_onnx", spy_load)
+    active = trained.active()
+    examples = read_jsonl(Path(active.path) / "dataset.jsonl")
+    outcome = _train_and_judge_sync(trained, active, examples, Gate(backend=backend), 1, lambda _: None)
+    # auto on the CPU: the ONNX Runtime engine serves, int8 where its check passed; so both are judged so
+    assert judged == ([(outcome.candidate, "auto"), ("v1", "auto")] if backend == "auto" else [])
+    assert onnx_folder(Path(trained.get(outcome.candidate).path)).is_dir() == (backend == "auto")
