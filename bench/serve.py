@@ -57,13 +57,14 @@ import torch  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
 from classifier.data import DEFAULT_SPLIT_SALT, load_examples, split_examples, write_jsonl  # noqa: E402
-from classifier.engine import Engine, EngineConfig, resolve_device, torch_runner  # noqa: E402
+from classifier.engine import Engine, EngineConfig, resolve_device  # noqa: E402
 from classifier.model import (  # noqa: E402
     MultiHeadClassifier,
     autocast_context,
     pad_batch,
     predict_probs_with,
     to_predictions,
+    torch_runner,
 )
 from classifier.onnx_backend import (  # noqa: E402
     OnnxModel,

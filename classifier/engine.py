@@ -9,6 +9,9 @@ How a call flows::
 Sorting a pool of several batches' worth puts texts of similar length together, so padding stays small;
 each forward pass stays small enough to be cache-friendly on a CPU.
 
+A forward pass runs on PyTorch or, by default on the CPU, on ONNX Runtime (``onnx_backend.py``: the
+version's ONNX files are made once, in the loader thread, and int8 is used where it keeps accuracy).
+
 The event loop only appends to the queue and awaits a future; tokenization and forward passes never run
 on it. A call is bound to the model version that is current when it is queued, so a hot swap never mixes
 versions inside one call: calls queued before the switch finish on the old model, later ones use the new.
@@ -23,7 +26,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import get_args
@@ -33,7 +36,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
-from classifier.model import MultiHeadClassifier, pad_batch, to_predictions
+from classifier.model import MultiHeadClassifier, Runner, pad_batch, to_predictions, torch_runner
 from classifier.onnx_backend import Backend, Quantize, load_onnx, resolve_backend
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
@@ -68,9 +71,6 @@ FORWARD_SECONDS = Histogram(
 )
 SWAPS = Counter("triage_classifier_model_swaps_total", "Model version switches", ["result"], registry=None)
 ENGINE_METRICS = (BATCH_TEXTS, BATCH_TOKENS, FORWARD_SECONDS, SWAPS)
-
-# ids and attention mask (right-padded int64 arrays) in, each head's class probabilities out
-Runner = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 POOL_BATCHES = 8  # the worker takes up to this many batches' worth of queued texts, to sort them by length
 
@@ -541,23 +541,6 @@ def _micro_batches(lengths: list[int], max_tokens: int, batch_cost: int = 0) -> 
         batches.append(order[cut[j] : j])
         j = cut[j]
     return batches[::-1]
-
-
-def torch_runner(model: MultiHeadClassifier, device: torch.device, bf16: bool, compile: bool) -> Runner:
-    # dynamic=True: one graph for all batch shapes instead of a recompile per shape.
-    module = torch.compile(model, dynamic=True) if compile else model
-
-    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = module(
-                input_ids=torch.from_numpy(input_ids).to(device),
-                attention_mask=torch.from_numpy(attention_mask).to(device),
-            )
-            return {
-                head: torch.softmax(value.float(), dim=-1).cpu().numpy() for head, value in logits.items()
-            }
-
-    return run
 
 
 def _forward(loaded: LoadedModel, rows: list[list[int]]) -> dict[str, np.ndarray]:

@@ -170,7 +170,30 @@ def autocast_context(device: torch.device) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.inference_mode()
+# ids and attention mask (right-padded int64 arrays) in, each head's class probabilities out
+Runner = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def torch_runner(
+    model: MultiHeadClassifier, device: torch.device, bf16: bool, compile: bool = False
+) -> Runner:
+    """The model (on ``device``, in eval mode) as a Runner; ``compile``: torch.compile it first."""
+    # dynamic=True: one graph for all batch shapes instead of a recompile per shape.
+    module = torch.compile(model, dynamic=True) if compile else model
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = module(
+                input_ids=torch.from_numpy(input_ids).to(device),
+                attention_mask=torch.from_numpy(attention_mask).to(device),
+            )
+            return {
+                head: torch.softmax(value.float(), dim=-1).cpu().numpy() for head, value in logits.items()
+            }
+
+    return run
+
+
 def predict_probs(
     model: MultiHeadClassifier,
     tokenizer: PreTrainedTokenizerBase,
@@ -179,33 +202,21 @@ def predict_probs(
     batch_size: int = 64,
     device: torch.device | None = None,
 ) -> dict[str, np.ndarray]:
-    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length."""
+    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length.
+
+    bf16 autocast on CUDA, full precision on the CPU (as ``autocast_context``)."""
     device = device or next(model.parameters()).device
-    out = {
-        h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in model.schema.heads.items()
-    }
-    if not texts:
-        return out
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(device):
-                logits = model(**batch)
-            for head, value in logits.items():
-                out[head][idx] = torch.softmax(value.float(), dim=-1).cpu().numpy()
+        runner = torch_runner(model, device, bf16=device.type == "cuda")
+        return predict_probs_with(runner, model.schema, tokenizer, texts, max_length, batch_size)
     finally:
         model.train(was_training)
-    return out
 
 
 def predict_probs_with(
-    runner: Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]],
+    runner: Runner,
     schema: LabelSchema,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
