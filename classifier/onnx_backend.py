@@ -95,6 +95,8 @@ def ensure_onnx(info: VersionInfo) -> OnnxReport:
     with FileLock(str(version_dir / ".onnx.lock"), timeout=600):
         if (folder / "report.json").is_file():
             return OnnxReport.read(folder)
+        for stale in version_dir.glob(".onnx-*"):  # left by a process killed while exporting
+            shutil.rmtree(stale, ignore_errors=True)
         started = time.monotonic()
         scratch = Path(tempfile.mkdtemp(prefix=".onnx-", dir=version_dir))
         try:

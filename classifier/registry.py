@@ -5,7 +5,8 @@ Layout::
     models/
       ACTIVE                  name of the active version (replaced atomically)
       v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
-                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots)
+                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots),
+                              onnx/ (made on first use: see onnx_backend.py)
       .staging-*/             versions being written; never visible as a version until renamed
 
 A version becomes visible only by an atomic rename of a complete staging folder, so a crash never
