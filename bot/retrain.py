@@ -47,9 +47,9 @@ from classifier.data import (
     split_examples,
     split_of,
 )
-from classifier.onnx_backend import Backend, Quantize
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
+from classifier.results import Backend, Quantize
 
 log = logging.getLogger(__name__)
 

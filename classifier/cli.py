@@ -13,8 +13,8 @@ import typer
 
 from classifier.data import DataError
 from classifier.model import ModelLoadError
-from classifier.onnx_backend import Backend, Quantize
 from classifier.registry import RegistryError
+from classifier.results import Backend, Quantize
 from classifier.schema import SchemaError
 
 data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)

@@ -37,12 +37,14 @@ from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
 from classifier.model import MultiHeadClassifier, Runner, pad_batch, to_predictions, torch_runner
-from classifier.onnx_backend import Backend, Quantize, load_onnx, resolve_backend
+from classifier.onnx_backend import load_onnx, resolve_backend
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
     MAX_TEXTS,
+    Backend,
     ClassifierUnavailable,
     ClassifyResult,
+    Quantize,
     TextResult,
     check_texts,
 )

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from classifier import plots
 from classifier.data import Example
 from classifier.model import MultiHeadClassifier, predict_probs
-from classifier.onnx_backend import Backend, OnnxModel, Quantize, load_onnx, resolve_backend
+from classifier.onnx_backend import OnnxModel, load_onnx, resolve_backend
 from classifier.registry import VersionInfo
+from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
 ECE_BINS = 15

@@ -35,13 +35,12 @@ from transformers import PreTrainedTokenizerBase
 from classifier.data import Example, read_jsonl, split_examples
 from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs_with
 from classifier.registry import VersionInfo
+from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
 log = logging.getLogger(__name__)
 
 ONNX_DIR = "onnx"
-Backend = Literal["auto", "torch", "onnx"]
-Quantize = Literal["auto", "none", "int8"]
 Precision = Literal["fp32", "int8"]
 MAX_INT8_ACCURACY_DROP = 0.005  # half a point of accuracy, on any head
 OPSET = 17

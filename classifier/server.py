@@ -56,24 +56,18 @@ from prometheus_client.registry import Collector
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from classifier.engine import (
-    ENGINE_METRICS,
-    Backend,
-    Engine,
-    EngineConfig,
-    EngineError,
-    EngineNotReady,
-    Quantize,
-)
+from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
 from classifier.registry import Registry, RegistryError
 from classifier.results import (
     MAX_CHARS,
     MAX_TEXTS,
+    Backend,
     ClassifierUnavailable,
     InvalidInput,
     ModelSummary,
+    Quantize,
     check_texts,
 )
 
