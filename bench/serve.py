@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                      # CPU, default model, 30 s per phase
     .venv/bin/python bench/serve.py --duration 60 --concurrency 64 --json bench-serve.json
+    .venv/bin/python bench/serve.py --banking77 ../shared/data/banking77/train.csv   # a trained model
     .venv/bin/python bench/serve.py --device cuda        # bf16 on a GPU, plus model-only sequences/s
 
 Every phase is a closed loop of ``--concurrency`` clients, each sending one Slack-like message (mostly
@@ -11,8 +12,16 @@ Every phase is a closed loop of ``--concurrency`` clients, each sending one Slac
    at a time, since concurrent forward passes only fight over the same cores);
 2. engine: ``Engine.classify([message])`` in-process (micro-batching), float32 like the baseline;
 3. engine-bf16: the same with bf16 autocast (CPU only; pays with AVX512-BF16/AMX);
-4. http: ``triage serve`` in a subprocess, ``POST /v1/classify`` over keep-alive connections (the load
-   generator runs on the same machine and competes for its cores).
+4. onnx-fp32: the engine on ONNX Runtime in float32 (CPU only);
+5. onnx: the engine on ONNX Runtime as served by default on the CPU (int8 when the version's held-out
+   check allows it, else float32);
+6. http: ``triage serve`` in a subprocess (its default backend), ``POST /v1/classify`` over keep-alive
+   connections (the load generator runs on the same machine and competes for its cores).
+
+With ``--banking77 FILE`` the model is trained on BANKING77 (a linear probe: the packaged encoder as it
+is, the topic head fitted on its pooled embeddings of the train and validation split; minutes on a CPU)
+instead of untrained, and the accuracy of each backend on the held-out test split is reported beside
+the speed: what int8 costs against the float32 model on real rows.
 
 The phases take turns (``--rounds``), so that load from other processes on a shared machine hits all of
 them alike. Throughput is messages answered per second within the measured windows (each after a short
@@ -47,13 +56,29 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
+from classifier.data import DEFAULT_SPLIT_SALT, load_examples, split_examples, write_jsonl  # noqa: E402
 from classifier.engine import Engine, EngineConfig, resolve_device  # noqa: E402
-from classifier.model import MultiHeadClassifier, autocast_context, to_predictions  # noqa: E402
+from classifier.model import (  # noqa: E402
+    MultiHeadClassifier,
+    autocast_context,
+    pad_batch,
+    predict_probs_with,
+    to_predictions,
+    torch_runner,
+)
+from classifier.onnx_backend import (  # noqa: E402
+    OnnxModel,
+    accuracy_by_head,
+    ensure_onnx,
+    heldout_examples,
+    onnx_folder,
+)
 from classifier.paths import default_base_model  # noqa: E402
 from classifier.registry import Registry, VersionInfo  # noqa: E402
 from classifier.schema import LabelSchema  # noqa: E402
 
 TOKEN = "bench-token-" + "0" * 20
+PHASES = ("baseline", "engine", "engine-bf16", "onnx-fp32", "onnx", "http")
 
 _VOCABULARY = (
     "the a our my we I you it is was can't cannot please help urgent asap today again still not working "
@@ -177,6 +202,89 @@ def build_registry(data_dir: Path, base_model: Path, max_length: int) -> Registr
     return registry
 
 
+def build_banking77_registry(data_dir: Path, base_model: Path, data: Path, max_length: int) -> Registry:
+    """A topic model trained on BANKING77 as a linear probe (frozen encoder, logistic-regression head):
+    real accuracy in minutes on a CPU, where fine-tuning would take hours."""
+    from sklearn.linear_model import LogisticRegression
+
+    examples, schema = load_examples([data], LabelSchema(heads={"topic": []}), infer_labels=True)
+    splits = split_examples(examples)
+    learn = splits["train"] + splits["validation"]
+    model, tokenizer = MultiHeadClassifier.from_base(base_model, schema)
+    model.eval()
+    features = pooled_features(model, tokenizer, [ex.text for ex in learn], max_length)
+    labels = schema.heads["topic"]
+    probe = LogisticRegression(C=10.0, max_iter=2000)
+    probe.fit(features, [labels.index(ex.labels["topic"]) for ex in learn])
+    head = model.heads["topic"]
+    with torch.no_grad():
+        head.weight.copy_(torch.from_numpy(probe.coef_).float())
+        head.bias.copy_(torch.from_numpy(probe.intercept_).float())
+    registry = Registry(data_dir / "models")
+    with registry.staging() as staging:
+        model.save(staging, tokenizer, max_length=max_length)
+        write_jsonl(staging / "dataset.jsonl", examples)
+        info = VersionInfo(
+            name="",
+            created="",
+            base_model=str(base_model),
+            schema=schema.to_dict(),
+            train_config={"split": [0.8, 0.1, 0.1], "split_salt": DEFAULT_SPLIT_SALT, "probe": "logistic"},
+            data={"examples": len(examples), "test_split": "test"},
+        )
+        registry.commit(staging, info)
+    return registry
+
+
+@torch.inference_mode()
+def pooled_features(
+    model: MultiHeadClassifier, tokenizer: Any, texts: list[str], max_length: int, batch_size: int = 64
+) -> np.ndarray:
+    rows = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
+    out = np.zeros((len(texts), int(model.encoder.config.hidden_size)), dtype=np.float32)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        ids, mask = pad_batch([rows[i] for i in idx], tokenizer.pad_token_id or 0)
+        out[idx] = model.pool(torch.from_numpy(ids), torch.from_numpy(mask)).numpy()
+    return out
+
+
+def heldout_accuracy(registry: Registry, cpu_threads: int | None) -> dict[str, Any]:
+    """Accuracy of each backend on the active version's held-out rows, and points lost against fp32."""
+    info = registry.active()
+    heldout = heldout_examples(info)
+    if not heldout:
+        return {}
+    onnx_report = ensure_onnx(info)
+    model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
+    texts = [ex.text for ex in heldout]
+    cpu = torch.device("cpu")
+    runners = {
+        "torch-fp32": torch_runner(model, cpu, bf16=False, compile=False),
+        "torch-bf16": torch_runner(model, cpu, bf16=True, compile=False),
+        **{
+            f"onnx-{precision}": OnnxModel(onnx_folder(Path(info.path)), precision, model.schema, cpu_threads)
+            for precision in ("fp32", "int8")
+        },
+    }
+    accuracy = {
+        name: accuracy_by_head(
+            model.schema, heldout, predict_probs_with(run, model.schema, tokenizer, texts, max_length)
+        )
+        for name, run in runners.items()
+    }
+    return {
+        "rows": len(heldout),
+        "accuracy": accuracy,
+        "points_lost_vs_fp32": {
+            name: {h: round((accuracy["torch-fp32"][h] - a) * 100, 2) for h, a in acc.items()}
+            for name, acc in accuracy.items()
+        },
+        "onnx_report": asdict(onnx_report),
+    }
+
+
 def naive_predictor(registry: Registry, device: torch.device) -> Callable[[str], Any]:
     """One message per forward pass: what a handler calling the model directly does."""
     model, tokenizer, max_length = MultiHeadClassifier.load(Path(registry.active().path))
@@ -252,6 +360,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     words = [len(m.split()) for m in messages]
     if args.registry:
         registry = Registry(Path(args.registry))
+    elif args.banking77:
+        print(f"training a linear probe on {args.banking77} ...", file=sys.stderr)
+        registry = build_banking77_registry(
+            Path(tempfile.mkdtemp(prefix="triage-bench-")) / "data",
+            Path(args.model),
+            Path(args.banking77),
+            args.max_length,
+        )
     else:
         print(f"building an untrained model on {args.model} ...", file=sys.stderr)
         registry = build_registry(
@@ -267,14 +383,21 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         cpu_threads=args.cpu_threads,
         compile=args.compile,
         bf16=True if args.bf16 else None,
+        backend="torch",
         max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
         queue_size=max(2048, args.concurrency * 4),
         poll_interval_s=None,
     )
-    phases = [p for p in ("baseline", "engine", "engine-bf16", "http") if p in args.phases]
+    phases = [p for p in PHASES if p in args.phases]
     if device.type == "cuda" or args.bf16:
         phases = [p for p in phases if p != "engine-bf16"]  # the engine phase already runs in bf16
+    onnx_report = None
+    if device.type == "cuda":
+        phases = [p for p in phases if not p.startswith("onnx")]  # ONNX Runtime serves on the CPU
+    elif any(p.startswith("onnx") or p == "http" for p in phases):
+        print("making the ONNX files (export, int8 quantization and check) ...", file=sys.stderr)
+        onnx_report = asdict(await asyncio.to_thread(ensure_onnx, registry.active()))
     tallies = {name: Tally(name) for name in phases}
     slice_s = args.duration / args.rounds
     loop = asyncio.get_running_loop()
@@ -291,6 +414,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if "engine-bf16" in phases:
             engine_bf16 = await stack.enter_async_context(Engine(registry, replace(config, bf16=True)))
             calls["engine-bf16"] = lambda text: engine_bf16.classify([text])
+        for name, quantize in (("onnx-fp32", "none"), ("onnx", "auto")):
+            if name in phases:
+                onnx_engine = await stack.enter_async_context(
+                    Engine(registry, replace(config, backend="onnx", quantize=quantize))
+                )
+                print(f"  {name}: {onnx_engine.current.backend}", file=sys.stderr)  # type: ignore[union-attr]
+                calls[name] = lambda text, e=onnx_engine: e.classify([text])
         if "http" in phases:
             calls["http"], clocks["http"] = await stack.enter_async_context(http_client(args, registry))
         # Phases take turns, round after round: load from other processes on a shared machine then
@@ -307,6 +437,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 f"  engine: {engine.stats.texts / max(engine.stats.batches, 1):.1f} texts per forward pass",
                 file=sys.stderr,
             )
+
+    accuracy = heldout_accuracy(registry, args.cpu_threads) if device.type == "cpu" else {}
 
     model_only_rate = None
     if args.model_only or device.type == "cuda":
@@ -333,6 +465,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "share_5_60": float(np.mean([5 <= w <= 60 for w in words])),
         },
         "engine_config": asdict(config),
+        "model": registry.active().name + (" (BANKING77 linear probe)" if args.banking77 else ""),
+        "onnx": onnx_report,
+        "heldout_accuracy": accuracy,
         "phases": {k: asdict(t.result()) for k, t in tallies.items()},
         "model_only_sequences_per_s": model_only_rate,
     }
@@ -433,7 +568,7 @@ def report(result: dict[str, Any]) -> str:
     base = phases.get("baseline")
     if base and base["messages_per_s"] > 0:
         lines.append("")
-        for name in ("engine", "engine-bf16", "http"):
+        for name in PHASES[1:]:
             if name in phases:
                 p = phases[name]
                 lines.append(
@@ -441,6 +576,17 @@ def report(result: dict[str, Any]) -> str:
                     f"p99 {p['p99_ms'] / base['p99_ms']:.2f}x, "
                     f"{p['messages_per_cpu_s'] / max(base['messages_per_cpu_s'], 1e-9):.2f}x msg/CPU-s"
                 )
+    accuracy = result.get("heldout_accuracy")
+    if accuracy:
+        lines.append("")
+        lines.append(f"held-out accuracy ({accuracy['rows']} rows), points lost against torch fp32:")
+        for name, heads in accuracy["accuracy"].items():
+            lost = accuracy["points_lost_vs_fp32"][name]
+            lines.append(
+                f"  {name:<11}" + ", ".join(f"{h} {a:.4f} ({lost[h]:+.2f})" for h, a in heads.items())
+            )
+    if result.get("onnx"):
+        lines.append(f"ONNX files: {result['onnx']['reason']} ({result['onnx']['seconds']:.0f} s to make)")
     if result["model_only_sequences_per_s"]:
         lines.append(
             f"model only (pre-tokenized batches): {result['model_only_sequences_per_s']:.0f} sequences/s"
@@ -465,8 +611,9 @@ def main() -> None:
     parser.add_argument(
         "--max-length", type=int, default=128, help="Max length of the built model [128, as `triage train`]"
     )
+    parser.add_argument("--phases", default=",".join(PHASES), help="Comma-separated subset to run")
     parser.add_argument(
-        "--phases", default="baseline,engine,engine-bf16,http", help="Comma-separated subset to run"
+        "--banking77", default=None, help="BANKING77 CSV: benchmark a model trained on it (linear probe)"
     )
     parser.add_argument("--model-only", action="store_true", help="Also measure forward passes alone")
     parser.add_argument(

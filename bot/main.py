@@ -100,7 +100,11 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         await engine.dispose()
         raise
     # in-process, the model leaves one core to the event loop, so acknowledgements stay fast under load
-    embedded = EngineConfig(cpu_threads=max(1, (os.cpu_count() or 2) - 1))
+    embedded = EngineConfig(
+        cpu_threads=max(1, (os.cpu_count() or 2) - 1),
+        backend=settings.classifier_backend,
+        quantize=settings.classifier_quantize,
+    )
     classifier = make_classifier(
         settings.classifier_url,
         _secret(settings.classifier_token),
@@ -129,6 +133,8 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             tolerance=settings.triage_gate_tolerance,
             max_recall_drop=settings.triage_gate_max_recall_drop,
             recall_drop_alpha=settings.triage_gate_recall_drop_alpha,
+            backend=settings.classifier_backend,
+            quantize=settings.classifier_quantize,
         ),
         acceptance=Acceptance(
             after_hours=settings.triage_retrain_accept_after_hours,

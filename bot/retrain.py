@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from filelock import FileLock, Timeout
 from sqlalchemy import text
@@ -40,16 +40,15 @@ from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, erase_freed_space
 from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
-    DEFAULT_SPLIT_SALT,
     Example,
     Split,
     label_counts,
     normalize,
     read_jsonl,
-    split_examples,
 )
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
+from classifier.results import Backend, Quantize
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +85,9 @@ class Gate:
     max_recall_drop: float = 0.10
     min_support: int = 5
     recall_drop_alpha: float = 0.05
+    # both models are judged on the backend that will serve them (CLASSIFIER_BACKEND/QUANTIZE, on the CPU)
+    backend: Backend = "auto"
+    quantize: Quantize = "auto"
 
     def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
         reasons: list[str] = []
@@ -313,18 +315,10 @@ async def erase_removed_texts(
     return erased, await erase_freed_space(engine, vacuum=vacuum)
 
 
-def _split_of(active: VersionInfo) -> tuple[tuple[float, float, float], str]:
-    """The (fractions, salt) of the split the active version was trained with: a run's split too."""
-    train, validation, test = active.train_config.get("split", (0.8, 0.1, 0.1))
-    return (train, validation, test), active.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
-
-
 def split_for_run(active: VersionInfo, examples: Sequence[Example]) -> dict[Split, list[Example]]:
-    """A run's rows split as ``train()`` splits them for a candidate warm-started from ``active`` (its
-    fractions and salt, stratified by its heads in order): the test share is what both models are judged
-    on."""
-    fractions, salt = _split_of(active)
-    return split_examples(examples, fractions, salt, heads=list(active.schema["heads"]))
+    """A run's rows split as ``train()`` splits them for a candidate warm-started from ``active``: the test
+    share is what both models are judged on."""
+    return active.split(examples)
 
 
 def _is_human_feedback(example: Example) -> bool:
@@ -489,13 +483,12 @@ def _train_and_judge_sync(
     emit: ProgressSink,
 ) -> RunOutcome:
     """The heavy part: train, evaluate both, decide. Runs in a worker thread of the retrain process."""
-    from classifier.evaluate import evaluate
-    from classifier.model import MultiHeadClassifier
+    from classifier.evaluate import evaluate_version
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
 
     config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
-    fractions, salt = _split_of(active)
+    fractions, salt = active.split_config()
     config = TrainConfig(**{**config_raw, "split": fractions, "split_salt": salt})
     config.init_from = active.name
     config.max_steps = None
@@ -535,14 +528,13 @@ def _train_and_judge_sync(
     emit({"event": "evaluating", "candidate": candidate.name})
     reports = {}
     for name in (candidate.name, active.name):
-        model, tokenizer, max_length = MultiHeadClassifier.load(Path(registry.get(name).path))
         out = (
             Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
             if name != candidate.name
             else Path(candidate.path) / "eval" / "heldout"
         )
-        reports[name] = evaluate(
-            model, tokenizer, heldout, max_length, out_dir=out, model_version=name, with_rows=True
+        reports[name] = evaluate_version(
+            registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
         )
     promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
     deltas = {
@@ -639,6 +631,10 @@ class Retrainer:
             str(self.gate.max_recall_drop),
             "--gate-recall-drop-alpha",
             str(self.gate.recall_drop_alpha),
+            "--gate-backend",
+            self.gate.backend,
+            "--gate-quantize",
+            self.gate.quantize,
             "--accept-after-hours",
             str(self.acceptance.after_hours),
             "--max-accepted",
@@ -718,6 +714,8 @@ async def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
     parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
     parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
+    parser.add_argument("--gate-backend", choices=get_args(Backend), default=Gate.backend)
+    parser.add_argument("--gate-quantize", choices=get_args(Quantize), default=Gate.quantize)
     parser.add_argument(
         "--accept-after-hours",
         type=float,
@@ -763,6 +761,8 @@ async def _main(argv: list[str] | None = None) -> int:
                 tolerance=args.gate_tolerance,
                 max_recall_drop=args.gate_max_recall_drop,
                 recall_drop_alpha=args.gate_recall_drop_alpha,
+                backend=args.gate_backend,
+                quantize=args.gate_quantize,
             ),
             acceptance=acceptance,
         )

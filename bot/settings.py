@@ -15,6 +15,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from classifier.logsafe import redact_url
+from classifier.results import Backend, Quantize
 from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
@@ -50,6 +51,10 @@ class BotSettings(BaseSettings):
     classifier_url: str | None = None
     classifier_token: SecretStr | None = None
     classifier_admin_token: SecretStr | None = None  # lets /triage models|status|rollback use `triage serve`
+    # the backend that serves the model (as `triage serve` reads them): the in-process engine runs on it
+    # and the retraining gate judges candidates on it
+    classifier_backend: Backend = "auto"
+    classifier_quantize: Quantize = "auto"
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
     triage_escalation_channel: str | None = None

@@ -14,6 +14,7 @@ import typer
 from classifier.data import DataError
 from classifier.model import ModelLoadError
 from classifier.registry import RegistryError
+from classifier.results import Backend, Quantize
 from classifier.schema import SchemaError
 
 data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)
@@ -214,24 +215,28 @@ def evaluate_command(
         Path | None, typer.Option(help="Folder for the report.", show_default="data dir/reports/...")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")] = False,
+    backend: Annotated[
+        Backend, typer.Option(help="torch, or onnx (ONNX Runtime, as served on the CPU); auto: onnx")
+    ] = "torch",
+    quantize: Annotated[
+        Quantize, typer.Option(help="onnx precision: none, int8, or auto (int8 if its held-out check passed)")
+    ] = "auto",
 ) -> None:
     """Evaluate a model version on labeled data: metrics, confusion matrices, ROC, calibration, errors."""
     from classifier.data import load_examples
-    from classifier.evaluate import evaluate, format_report
+    from classifier.evaluate import evaluate_version, format_report
     from classifier.model import MultiHeadClassifier
     from classifier.paths import data_dir
     from classifier.schema import LabelSchema
 
     registry = _registry()
     info = registry.get(model) if model else registry.active()
-    clf, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
     # the model's labels, extended by unknown ones so that they are reported as errors, not rejected
-    schema = LabelSchema(heads=clf.schema.heads, allow_new_labels=True)
+    model_schema, _, _ = MultiHeadClassifier.load_parts(Path(info.path))
+    schema = LabelSchema(heads=model_schema.heads, allow_new_labels=True)
     examples, _ = load_examples(data, schema, text_column=text_column)
     out_dir = out or data_dir() / "reports" / f"evaluate-{info.name}-{Path(data[0]).stem}"
-    report = evaluate(
-        clf, tokenizer, examples, max_length, out_dir=out_dir, model_version=info.name, progress=not as_json
-    )
+    report = evaluate_version(info, examples, backend, quantize, out_dir=out_dir, progress=not as_json)
     if as_json:
         for head, unknown in report["left_out"].items():
             typer.echo(

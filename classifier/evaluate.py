@@ -29,6 +29,9 @@ from tqdm import tqdm
 from classifier import plots
 from classifier.data import Example
 from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.onnx_backend import OnnxModel, load_onnx, resolve_backend
+from classifier.registry import VersionInfo
+from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
 ECE_BINS = 15
@@ -132,16 +135,20 @@ def evaluate(
     device: torch.device | None = None,
     progress: bool = False,
     with_rows: bool = False,
+    onnx: OnnxModel | None = None,
 ) -> dict[str, Any]:
     """Evaluate every head that has labels in ``examples``; heads absent from the data are left out.
 
     ``with_rows`` adds each head's per-row true and predicted labels (``rows``), in the order of
-    ``examples``, so two models judged on the same rows can be compared pairwise."""
+    ``examples``, so two models judged on the same rows can be compared pairwise. With ``onnx``, the
+    probabilities come from that ONNX Runtime session of the model instead of ``model`` itself."""
     schema: LabelSchema = model.schema
     texts = [ex.text for ex in examples]
     chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
     parts: list[dict[str, np.ndarray]] = [
-        predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
+        onnx.predict_probs(tokenizer, chunk, max_length, batch_size=batch_size)
+        if onnx is not None
+        else predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
         for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
     ]
     probs = {h: np.concatenate([p[h] for p in parts]) for h in schema.heads}
@@ -212,6 +219,22 @@ def evaluate(
             writer.writeheader()
             writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
     return report
+
+
+def evaluate_version(
+    info: VersionInfo,
+    examples: Sequence[Example],
+    backend: Backend = "torch",
+    quantize: Quantize = "auto",
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate a registry version on the CPU as ``backend`` serves it there (``auto``: onnx); ``options``
+    go to ``evaluate``. The onnx backend makes the version's ONNX files first if they are missing."""
+    model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
+    onnx = None
+    if resolve_backend(backend, quantize, torch.device("cpu")) == "onnx":
+        onnx = load_onnx(info, quantize)
+    return evaluate(model, tokenizer, examples, max_length, model_version=info.name, onnx=onnx, **options)
 
 
 def _roc_curves(

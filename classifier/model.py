@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,17 +54,25 @@ class MultiHeadClassifier(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        pooled = self.dropout(self.pool(input_ids, attention_mask, token_type_ids))
+        return {h: head(pooled).float() for h, head in self.heads.items()}
+
+    def pool(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The encoder's text representation that the heads read: [batch, hidden]."""
         kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": attention_mask}
         if token_type_ids is not None:
             kwargs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**kwargs).last_hidden_state
         if self.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:  # mean over real tokens: what sentence-transformer encoders such as MiniLM were trained for
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        pooled = self.dropout(pooled)
-        return {h: head(pooled).float() for h, head in self.heads.items()}
+            return hidden[:, 0]
+        # mean over real tokens: what sentence-transformer encoders such as MiniLM were trained for
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
     # ---- persistence -------------------------------------------------------------------------------
     def save(self, directory: Path, tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
@@ -125,6 +133,17 @@ class MultiHeadClassifier(nn.Module):
         model.eval()
         return model, tokenizer, int(meta["max_length"])
 
+    @staticmethod
+    def load_parts(directory: Path) -> tuple[LabelSchema, PreTrainedTokenizerBase, int]:
+        """What serving a saved model needs besides its weights: (schema, tokenizer, max_length)."""
+        try:
+            meta = json.loads((directory / "model.json").read_text(encoding="utf-8"))
+            schema = LabelSchema.from_dict(meta["schema"])
+            tokenizer = AutoTokenizer.from_pretrained(directory / "tokenizer", local_files_only=True)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ModelLoadError(f"{directory}: cannot load the model: {exc}") from exc
+        return schema, tokenizer, int(meta["max_length"])
+
     def warm_start_from(self, other: MultiHeadClassifier) -> None:
         """Copy encoder weights and, label by label, the head rows of a previous model.
 
@@ -151,7 +170,30 @@ def autocast_context(device: torch.device) -> Any:
     return torch.autocast("cpu", enabled=False)
 
 
-@torch.inference_mode()
+# ids and attention mask (right-padded int64 arrays) in, each head's class probabilities out
+Runner = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
+
+
+def torch_runner(
+    model: MultiHeadClassifier, device: torch.device, bf16: bool, compile: bool = False
+) -> Runner:
+    """The model (on ``device``, in eval mode) as a Runner; ``compile``: torch.compile it first."""
+    # dynamic=True: one graph for all batch shapes instead of a recompile per shape.
+    module = torch.compile(model, dynamic=True) if compile else model
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = module(
+                input_ids=torch.from_numpy(input_ids).to(device),
+                attention_mask=torch.from_numpy(attention_mask).to(device),
+            )
+            return {
+                head: torch.softmax(value.float(), dim=-1).cpu().numpy() for head, value in logits.items()
+            }
+
+    return run
+
+
 def predict_probs(
     model: MultiHeadClassifier,
     tokenizer: PreTrainedTokenizerBase,
@@ -160,29 +202,50 @@ def predict_probs(
     batch_size: int = 64,
     device: torch.device | None = None,
 ) -> dict[str, np.ndarray]:
-    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length."""
+    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length.
+
+    bf16 autocast on CUDA, full precision on the CPU (as ``autocast_context``)."""
     device = device or next(model.parameters()).device
-    out = {
-        h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in model.schema.heads.items()
-    }
-    if not texts:
-        return out
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with autocast_context(device):
-                logits = model(**batch)
-            for head, value in logits.items():
-                out[head][idx] = torch.softmax(value.float(), dim=-1).cpu().numpy()
+        runner = torch_runner(model, device, bf16=device.type == "cuda")
+        return predict_probs_with(runner, model.schema, tokenizer, texts, max_length, batch_size)
     finally:
         model.train(was_training)
+
+
+def predict_probs_with(
+    runner: Runner,
+    schema: LabelSchema,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_length: int,
+    batch_size: int = 64,
+) -> dict[str, np.ndarray]:
+    """As ``predict_probs``, with any runner that maps a padded batch (ids, mask) to probabilities."""
+    out = {h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in schema.heads.items()}
+    if not texts:
+        return out
+    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        for head, value in runner(*pad_batch([rows[i] for i in idx], pad_id)).items():
+            out[head][idx] = value
     return out
+
+
+def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad tokenized rows: (input_ids, attention_mask), int64 arrays of shape [rows, longest]."""
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = row
+        mask[i, : len(row)] = 1
+    return ids, mask
 
 
 def to_predictions(schema: LabelSchema, probs: dict[str, np.ndarray], row: int) -> dict[str, HeadPrediction]:

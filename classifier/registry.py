@@ -6,7 +6,8 @@ Layout::
       ACTIVE                  name of the active version (replaced atomically)
       v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
                               dataset.jsonl (the base data it was trained on), eval/ (reports, plots,
-                              wrong_predictions.csv); the last two are the only files holding texts
+                              wrong_predictions.csv); the last two are the only files holding texts;
+                              onnx/ (made on first use: see onnx_backend.py)
       .staging-*/             versions being written; never visible as a version until renamed
 
 A version becomes visible only by an atomic rename of a complete staging folder, so a crash never
@@ -23,7 +24,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
-from classifier.data import Example, read_jsonl, to_jsonl
+from classifier.data import DEFAULT_SPLIT_SALT, Example, Split, read_jsonl, split_examples, to_jsonl
 
 Status = Literal["active", "candidate", "rejected", "retired"]
 _NAME = re.compile(r"^v(\d+)$")
@@ -56,6 +57,17 @@ class VersionInfo:
     data: dict[str, Any] = field(default_factory=dict)  # fingerprints and counts of the training data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation on the held-out test split
     path: str = ""
+
+    def split_config(self) -> tuple[tuple[float, float, float], str]:
+        """The (fractions, salt) of the stable split this version was trained with."""
+        train, validation, test = self.train_config.get("split", (0.8, 0.1, 0.1))
+        return (train, validation, test), self.train_config.get("split_salt", DEFAULT_SPLIT_SALT)
+
+    def split(self, examples: Sequence[Example]) -> dict[Split, list[Example]]:
+        """``examples`` split as this version's training split its data (its fractions and salt, stratified
+        by its heads in order): a retraining run's split, and the rows this version was judged on."""
+        fractions, salt = self.split_config()
+        return split_examples(examples, fractions, salt, heads=list(self.schema.get("heads", {})))
 
     @property
     def number(self) -> int:

@@ -1,4 +1,5 @@
-"""What a classification returns, the input limits, and the errors: shared by engine, server and client.
+"""What a classification returns, the input limits, the errors and the backend choices: shared by
+engine, server, client and the bot's settings (so importing them needs no torch).
 
 The engine (in-process) and the HTTP client return the same types and raise the same errors, so the bot
 does not care which one it talks to.
@@ -8,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Backend = Literal["auto", "torch", "onnx"]  # what runs the model (see classifier/onnx_backend.py)
+Quantize = Literal["auto", "none", "int8"]  # onnx precision
 
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)

@@ -21,6 +21,7 @@ from aiohttp import web
 import classifier.engine as engine_module
 from classifier.engine import Engine, EngineConfig
 from classifier.model import MultiHeadClassifier, predict_probs, to_predictions
+from classifier.onnx_backend import ensure_onnx
 from classifier.registry import Registry
 from classifier.server import STATE, ServerSettings, create_app
 from tests.tiny_model import make_tiny_bert, make_tiny_version
@@ -53,10 +54,13 @@ def tiny_base_fixture(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(name="registry_template", scope="session")
 def registry_template_fixture(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    """v1 (active) and v2 (different weights, not active), made once; tests get copies."""
+    """v1 (active) and v2 (different weights, not active), made once with their ONNX files (what the
+    default backend serves on the CPU); tests get copies."""
     reg = Registry(tmp_path_factory.mktemp("registry-template") / "models")
     make_tiny_version(reg, tiny_base, seed=0)
     make_tiny_version(reg, tiny_base, seed=1, activate=False)
+    for name in reg.names():
+        ensure_onnx(reg.get(name))
     return reg.root
 
 

@@ -46,11 +46,16 @@ def _check(result: Any, texts: list[str], expected: list[dict[str, Any]]) -> Non
         assert text_result.truncated == ref["truncated"]
 
 
-async def test_concurrent_results_equal_unbatched_inference(registry: Registry) -> None:
-    expected = reference(registry, "v1", TEXTS)
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+async def test_concurrent_results_equal_unbatched_inference(registry: Registry, backend: Any) -> None:
+    expected = reference(registry, "v1", TEXTS)  # PyTorch in float32
     rng = random.Random(0)
     calls = [rng.sample(range(len(TEXTS)), rng.randint(1, 4)) for _ in range(60)]
-    async with Engine(registry, engine_config(max_wait_ms=10)) as engine:
+    async with Engine(registry, engine_config(max_wait_ms=10, backend=backend, quantize="none")) as engine:
+        assert (
+            engine.current is not None
+            and engine.current.backend == {"torch": "torch", "onnx": "onnx-fp32"}[backend]
+        )
         results = await asyncio.gather(*(engine.classify([TEXTS[i] for i in idx]) for idx in calls))
         stats = engine.stats
     for idx, result in zip(calls, results, strict=True):
@@ -159,11 +164,14 @@ async def test_follows_the_registrys_active_pointer(registry: Registry) -> None:
         assert (await engine.classify(["hello"])).model_version == "v2"
 
 
+@pytest.mark.parametrize(
+    ("backend", "broken_file"), [("torch", "heads.safetensors"), ("onnx", "onnx/fp32.onnx")]
+)
 async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
-    registry: Registry, caplog: pytest.LogCaptureFixture
+    registry: Registry, caplog: pytest.LogCaptureFixture, backend: Any, broken_file: str
 ) -> None:
-    (Path(registry.get("v2").path) / "heads.safetensors").unlink()
-    async with Engine(registry, engine_config(poll_interval_s=0.05)) as engine:
+    (Path(registry.get("v2").path) / broken_file).unlink()
+    async with Engine(registry, engine_config(poll_interval_s=0.05, backend=backend)) as engine:
         with pytest.raises(ModelLoadError):
             await engine.swap_to("v2")
         with pytest.raises(RegistryError):
