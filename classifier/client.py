@@ -1,11 +1,11 @@
-"""The bot's way to classify: one interface, two implementations chosen by configuration.
+"""The bot's way to classify: one interface, three implementations chosen by configuration.
 
 - ``ChildClassifier``: the embedded default; an Engine in a child process the bot starts and stops
   (``classifier.child``), reached over loopback HTTP, so forward passes never compete with the event loop.
 - ``LocalClassifier``: an in-process Engine (no HTTP), started on first use: tests, benchmarks.
 - ``HttpClassifier``: a ``triage serve`` server elsewhere (e.g. on a GPU), with timeouts and retries.
 
-Both validate input the same way and raise the same errors::
+All validate input the same way and raise the same errors::
 
     classifier = make_classifier(settings.classifier_url, settings.classifier_token)
     try:
