@@ -6,7 +6,8 @@
 
 Per rate, from scratch: a fresh database (SQLite file, or a throwaway PostgreSQL database on the server of
 ``--database-url``), a Slack stand-in (``tests/slack_standin.py``) and the bot (``bot.main.start_bot``, HTTP
-mode, the embedded classifier on the packaged all-MiniLM-L6-v2 with untrained heads, or ``--model-dir``).
+mode, the embedded classifier on the packaged all-MiniLM-L6-v2 with untrained heads, or ``--model-dir``;
+by default that classifier runs in the bot's child process, whose CPU is counted on its own line).
 
 * The bot runs in its own process by default, as in production: the load generator and the stand-in
   then do not share its event loop and GIL, so the ack latency is the bot's own (``--in-process``: one
@@ -287,6 +288,9 @@ class Probe:
         }
         if engine is not None:
             out.update(engine_batches=engine.stats.batches, engine_texts=engine.stats.texts)
+        child = getattr(self.bot.triage.classifier, "process", None)  # the embedded default's child
+        if child is not None and child.pid is not None:
+            out["classifier_cpu_s"] = process_cpu_s(child.pid)
         from classifier.engine import FORWARD_SECONDS  # process-wide: this is the bot's process
 
         for metric in FORWARD_SECONDS.collect():
@@ -508,6 +512,15 @@ def cpu_busy_s() -> float | None:
     return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
 
 
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds another process has used so far (user + system), from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def own_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -522,11 +535,19 @@ class CpuMark:
     own: float
     bot: float | None
     forward: float | None  # seconds the bot's classifier spent in forward passes
+    classifier: float | None  # CPU seconds of the bot's classifier process (the embedded default)
 
 
 async def cpu_mark(bot: BotHandle) -> CpuMark:
     stats = await bot.stats()
-    return CpuMark(time.monotonic(), cpu_busy_s(), own_cpu_s(), stats.get("cpu_s"), stats.get("forward_s"))
+    return CpuMark(
+        time.monotonic(),
+        cpu_busy_s(),
+        own_cpu_s(),
+        stats.get("cpu_s"),
+        stats.get("forward_s"),
+        stats.get("classifier_cpu_s"),
+    )
 
 
 def cores(a: CpuMark, b: CpuMark) -> dict[str, float | None]:
@@ -535,7 +556,10 @@ def cores(a: CpuMark, b: CpuMark) -> dict[str, float | None]:
     bot = (b.bot - a.bot) / dt if a.bot is not None and b.bot is not None else None
     generator = (b.own - a.own) / dt
     busy = (b.busy - a.busy) / dt if a.busy is not None and b.busy is not None else None
-    others = busy - generator - (bot or 0.0) if busy is not None else None
+    child = (
+        (b.classifier - a.classifier) / dt if a.classifier is not None and b.classifier is not None else None
+    )
+    others = busy - generator - (bot or 0.0) - (child or 0.0) if busy is not None else None
     forward = (b.forward - a.forward) / dt if a.forward is not None and b.forward is not None else None
     return {
         "seconds": dt,
@@ -544,6 +568,7 @@ def cores(a: CpuMark, b: CpuMark) -> dict[str, float | None]:
         "others": others,
         "busy": busy,
         "classifier_forward": forward,  # share of the time the classifier was in a forward pass
+        "classifier_process": child,  # the bot's classifier in its child process
     }
 
 
@@ -825,6 +850,7 @@ def report(result: dict[str, Any]) -> str:
         ("db messages / extra predictions", _db_rows, 0, False),
         ("db states", _db_states, 0, False),
         ("bot CPU while sending (cores)", lambda r: _cores(r, "bot"), 2, True),
+        ("its classifier process CPU (cores)", lambda r: _cores(r, "classifier_process"), 2, True),
         ("texts per forward pass", lambda r: r["bot"]["texts_per_forward"], 1, False),
         ("classifier in forward pass (sending)", lambda r: _cores(r, "classifier_forward"), 2, False),
         ("max classifier queue / loop tasks", _in_flight, 0, False),
@@ -893,7 +919,7 @@ def _in_flight(run: dict[str, Any]) -> str:
 
 
 def _cores(run: dict[str, Any], who: str) -> float | None:
-    value: float | None = run["machine"]["cores_while_sending"][who]
+    value: float | None = run["machine"]["cores_while_sending"].get(who)
     return value
 
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -28,7 +27,8 @@ from bot.settings import BotSettings
 from bot.socket_mode import SocketModeLink
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
 from bot.triage import ChannelPacer, Triage
-from classifier.client import make_classifier
+from classifier.child import ClassifierStartError, spare_core_threads
+from classifier.client import ChildClassifier, Classifier, make_classifier
 from classifier.engine import EngineConfig
 from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
@@ -36,6 +36,7 @@ from classifier.registry import Registry, RegistryError
 from classifier.schema import schema_heads
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SLACK_RETRY_BASE_S = 1.0
 SLACK_RETRY_MAX_S = 30.0  # Slack unreachable at start: the longest wait between two tries
@@ -94,23 +95,24 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             await mirror_versions(session, registry)
         await _log_missing_heads(settings, registry)
     client = make_web_client(settings)
-    try:
-        auth = await wait_for_slack(settings)
-    except BaseException:  # a rejected token, or stopped while waiting
-        await engine.dispose()
-        raise
-    # in-process, the model leaves one core to the event loop, so acknowledgements stay fast under load
-    embedded = EngineConfig(
-        cpu_threads=max(1, (os.cpu_count() or 2) - 1),
-        backend=settings.classifier_backend,
-        quantize=settings.classifier_quantize,
-    )
+    # embedded, the model leaves one core to the event loop, so acknowledgements stay fast under load
     classifier = make_classifier(
         settings.classifier_url,
         _secret(settings.classifier_token),
         admin_token=_secret(settings.classifier_admin_token),
-        engine_config=embedded,
+        engine_config=EngineConfig(
+            cpu_threads=spare_core_threads(),
+            backend=settings.classifier_backend,
+            quantize=settings.classifier_quantize,
+        ),
+        embedded=settings.triage_embedded_classifier,
     )
+    try:  # the classifier process loads the model while Slack is asked who we are
+        auth = await _meanwhile(wait_for_slack(settings), _start_classifier(classifier))
+    except BaseException:  # a rejected token, a classifier that cannot start, or stopped while waiting
+        await classifier.close()
+        await engine.dispose()
+        raise
     cleanup.append(classifier.close)
     pacer = ChannelPacer()
     triage = Triage(
@@ -216,6 +218,30 @@ async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:
         delay = min(delay * 2, SLACK_RETRY_MAX_S)
 
 
+async def _start_classifier(classifier: Classifier) -> None:
+    if isinstance(classifier, ChildClassifier):
+        try:
+            await classifier.start()
+        except ClassifierStartError as exc:
+            raise StartupError(str(exc)) from None
+
+
+async def _meanwhile(main: Awaitable[T], side: Awaitable[None]) -> T:
+    """``main``'s result once both are done; the first failure cancels the other and is raised."""
+    tasks = [asyncio.ensure_future(main), asyncio.ensure_future(side)]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        await asyncio.gather(*tasks)
+        return tasks[0].result()  # type: ignore[no-any-return]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 def _without_credentials(url: str) -> str:
     parts = urlsplit(url)
     return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
@@ -273,8 +299,8 @@ async def run_bot(settings: BotSettings) -> None:
     await bot.stop()
 
 
-async def until_stopped(starting: Awaitable[RunningBot], stop: asyncio.Event) -> RunningBot | None:
-    """The started bot, or ``None`` when ``stop`` came first (start-up is then cancelled)."""
+async def until_stopped(starting: Awaitable[T], stop: asyncio.Event) -> T | None:
+    """What ``starting`` gives, or ``None`` when ``stop`` came first (``starting`` is then cancelled)."""
     start = asyncio.ensure_future(starting)
     stopped = asyncio.ensure_future(stop.wait())
     await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -55,6 +55,9 @@ class BotSettings(BaseSettings):
     # and the retraining gate judges candidates on it
     classifier_backend: Backend = "auto"
     classifier_quantize: Quantize = "auto"
+    # without CLASSIFIER_URL: the engine in a child process the bot starts and stops ("process"), or on a
+    # thread in the bot's own process ("thread": tests; it competes with the event loop under load)
+    triage_embedded_classifier: Literal["process", "thread"] = "process"
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
     triage_escalation_channel: str | None = None

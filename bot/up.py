@@ -1,7 +1,8 @@
 """``triage up``: the whole product on embedded defaults, from a fresh data directory.
 
 Migrates the database, trains the starter model from the bundled starter dataset if no model exists,
-then serves the classifier (HTTP API and try-it page) and, when Slack tokens are configured, the bot.
+then serves the classifier (HTTP API and try-it page, in a child process) and, when Slack tokens are
+configured, the bot, which classifies through that same server: the model is loaded once.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ import secrets
 import signal
 from pathlib import Path
 
-import aiohttp
 import typer
+from pydantic import SecretStr
 
 from bot.settings import BotSettings
+from classifier.child import ClassifierProcess, ClassifierStartError, spare_core_threads
 from classifier.paths import STARTER_DATA, data_dir, registry_dir
 from classifier.registry import Registry
 
@@ -79,14 +81,23 @@ def classifier_token() -> str:
 
 
 async def run_up(host: str, port: int) -> None:
+    """The classifier server in a child process (the model loads once, there), and the bot beside it as
+    its client: forward passes never run on the bot's event loop."""
     from bot.main import RunningBot, StartupError, start_bot, until_stopped
     from bot.settings import settings_or_exit
-    from classifier.server import load_settings as load_server_settings
-    from classifier.server import serve
 
+    settings = settings_or_exit() if os.environ.get("SLACK_BOT_TOKEN") else None
     token = classifier_token()
     token_source = "CLASSIFIER_TOKEN" if os.environ.get("CLASSIFIER_TOKEN", "").strip() else token_file()
-    server_settings = load_server_settings(host=host, port=port, token=token)
+    # the bot's own, for /triage models and rollback, unless the operator set one for everyone
+    admin_token = os.environ.get("CLASSIFIER_ADMIN_TOKEN", "").strip() or secrets.token_urlsafe(24)
+    classifier = ClassifierProcess(
+        host=host,
+        port=port,
+        token=token,
+        admin_token=admin_token,
+        cpu_threads=spare_core_threads() if settings else None,  # with a bot: leave its loop a core
+    )
     stop = asyncio.Event()
     bot_task: asyncio.Task[RunningBot | None] | None = None
     failed: list[str] = []
@@ -104,52 +115,57 @@ async def run_up(host: str, port: int) -> None:
             typer.echo(f"Slack bot running ({mode})")
         return bot
 
-    if os.environ.get("SLACK_BOT_TOKEN"):
-        bot_task = asyncio.ensure_future(start_bot_meanwhile(settings_or_exit()))
-    else:
+    if settings is None:
         typer.echo(
             "Slack bot not started: set SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN for "
             "Socket Mode) in the environment or a .env file, then run this again. "
             "See README.md, 'Create the Slack app'."
         )
 
-    announce: list[asyncio.Task[None]] = []
-
-    async def announce_when_ready(bound: int) -> None:
-        """Print the address once the model has loaded (``/readyz``), not merely when the port is open."""
-        shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
-        local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
-        async with aiohttp.ClientSession() as session:
-            while not stop.is_set():
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(f"http://{local}:{bound}/readyz") as response:
-                        if response.status == 200:
-                            break
-                await asyncio.sleep(0.2)
-        typer.echo(
-            f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {token_source}; "
-            "Ctrl-C stops)"
-        )
-
-    def listening(bound: int) -> None:
-        announce.append(asyncio.ensure_future(announce_when_ready(bound)))
-
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    shown = "localhost" if host in ("0.0.0.0", "127.0.0.1", "::") else host
+    local = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     try:
-        await serve(server_settings, stop=stop, on_listening=listening)
+        bound = await until_stopped(classifier.start(), stop)
+        if bound is not None and settings is not None:
+            bot_task = asyncio.ensure_future(
+                start_bot_meanwhile(_client_of(settings, local, bound, classifier))
+            )
+        if bound is not None and await until_stopped(classifier.ready(), stop) is not None:
+            typer.echo(
+                f"classifier ready: http://{shown}:{bound}/#token={token}  (API token in {token_source}; "
+                "Ctrl-C stops)"
+            )
+            status = await until_stopped(classifier.wait(), stop)
+            if status is not None:
+                failed.append(f"the classifier process exited with status {status}")
+    except ClassifierStartError as exc:
+        failed.append(str(exc))
     finally:
         stop.set()
-        for task in announce:
-            task.cancel()
         bot = await bot_task if bot_task is not None else None
         if bot is not None:
-            await bot.stop()
+            await bot.stop()  # first: it drains its work through the classifier
+        await classifier.stop()
     if failed:
         typer.echo(f"error: {failed[0]}", err=True)
         raise typer.Exit(2)
+
+
+def _client_of(settings: BotSettings, host: str, port: int, classifier: ClassifierProcess) -> BotSettings:
+    """The bot's settings, pointed at the classifier ``triage up`` runs (unless CLASSIFIER_URL names one)."""
+    if settings.classifier_url:
+        return settings
+    return settings.model_copy(
+        update={
+            "classifier_url": f"http://{host}:{port}",
+            "classifier_token": SecretStr(classifier.token),
+            "classifier_admin_token": SecretStr(classifier.admin_token or ""),
+        }
+    )
 
 
 def up_command(

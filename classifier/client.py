@@ -1,9 +1,11 @@
-"""The bot's way to classify: one interface, two implementations chosen by configuration.
+"""The bot's way to classify: one interface, three implementations chosen by configuration.
 
-- ``LocalClassifier``: the embedded default; an in-process Engine (no HTTP), started on first use.
+- ``ChildClassifier``: the embedded default; an Engine in a child process the bot starts and stops
+  (``classifier.child``), reached over loopback HTTP, so forward passes never compete with the event loop.
+- ``LocalClassifier``: an in-process Engine (no HTTP), started on first use: tests, benchmarks.
 - ``HttpClassifier``: a ``triage serve`` server elsewhere (e.g. on a GPU), with timeouts and retries.
 
-Both validate input the same way and raise the same errors::
+All validate input the same way and raise the same errors::
 
     classifier = make_classifier(settings.classifier_url, settings.classifier_token)
     try:
@@ -18,12 +20,15 @@ import asyncio
 import contextlib
 import logging
 import random
+import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import aiohttp
 
+from classifier.child import ClassifierProcess, ClassifierStartError
 from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
 from classifier.logsafe import redact_url
 from classifier.model import ModelLoadError
@@ -39,6 +44,7 @@ from classifier.results import (
 )
 
 __all__ = [
+    "ChildClassifier",
     "Classifier",
     "ClassifierError",
     "ClassifierUnavailable",
@@ -257,6 +263,115 @@ class HttpClassifier:
         )
 
 
+class ChildClassifier:
+    """The embedded default: an Engine in a child process (``classifier.child``), reached over loopback
+    HTTP with tokens made for it, so forward passes never compete with the bot's event loop.
+
+    ``start()`` (at the bot's start-up) loads the model when one exists and raises ClassifierStartError
+    if the child cannot. Until a model exists calls raise ClassifierUnavailable and each later call looks
+    again, as LocalClassifier does. A child that died is started again by the next call; a start that
+    failed is logged in one line and not tried again for ``RESTART_PAUSE_S``.
+    """
+
+    RESTART_PAUSE_S = 30.0
+
+    def __init__(
+        self,
+        registry: Registry | None = None,
+        *,
+        cpu_threads: int | None = None,
+        retry: RetryPolicy | None = None,
+        timeout_s: float = 40.0,  # beyond the server's own 30 s limit, which answers 503 first
+    ):
+        self.registry = registry or Registry(registry_dir())
+        self.cpu_threads = cpu_threads
+        self.retry = retry or RetryPolicy()
+        self.timeout_s = timeout_s
+        self.process: ClassifierProcess | None = None
+        self._http: HttpClassifier | None = None
+        self._lock = asyncio.Lock()
+        self._failed: tuple[float, str] | None = None  # when the last start failed, and why
+
+    async def start(self) -> None:
+        """Start the child now if there is a model to serve; otherwise the first call after one exists."""
+        if await asyncio.to_thread(self.registry.active_name) is None:
+            log.info("no model yet: the classifier process starts once one is trained")
+            return
+        await self._running(report=False)  # the caller reports it: one line, not two
+
+    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+        texts = check_texts(texts)
+        return await (await self._running()).classify(texts)
+
+    async def models(self) -> list[ModelSummary]:
+        if self._http is None and await asyncio.to_thread(self.registry.active_name) is None:
+            return [_summary(v, None) for v in await asyncio.to_thread(self.registry.list)]
+        return await (await self._running()).models()
+
+    async def activate(self, name: str) -> str:
+        return await (await self._running()).activate(name)
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
+
+    async def _running(self, report: bool = True) -> HttpClassifier:
+        """The client of a running child, started (again) if needed; ``report``: log a failed start."""
+        async with self._lock:  # one start at a time; callers wait for it rather than fail
+            if self._http is not None and self.process is not None and self.process.returncode is None:
+                return self._http
+            if self.process is not None:
+                status = self.process.returncode
+                log.warning("the classifier process exited (status %s): starting it again", status)
+                await self._drop()
+            if self._failed is not None and time.monotonic() - self._failed[0] < self.RESTART_PAUSE_S:
+                raise ClassifierUnavailable(self._failed[1])
+            if await asyncio.to_thread(self.registry.active_name) is None:
+                raise ClassifierUnavailable(
+                    f"no model to classify with: no active model in {self.registry.root}: "
+                    "train one with `triage train`"
+                )
+            try:
+                self._http = await self._spawn()
+            except ClassifierStartError as exc:
+                self._failed = (time.monotonic(), str(exc))
+                if report:
+                    log.error("%s", exc)
+                raise
+            self._failed = None
+            return self._http
+
+    async def _spawn(self) -> HttpClassifier:
+        process = ClassifierProcess(
+            token=secrets.token_urlsafe(32),
+            admin_token=secrets.token_urlsafe(32),  # /triage models and rollback need it
+            registry_root=self.registry.root,
+            cpu_threads=self.cpu_threads,
+        )
+        try:
+            port = await process.start()
+            version = await process.ready()
+        except BaseException:
+            await process.stop()
+            raise
+        self.process = process
+        log.info("classifier process %s serving %s on 127.0.0.1:%d", process.pid, version, port)
+        return HttpClassifier(
+            f"http://127.0.0.1:{port}",
+            process.token,
+            admin_token=process.admin_token,
+            timeout_s=self.timeout_s,
+            retry=self.retry,
+        )
+
+    async def _drop(self) -> None:
+        if self._http is not None:
+            await self._http.close()
+        if self.process is not None:
+            await self.process.stop()
+        self._http = self.process = None
+
+
 def _retry_after(value: str | None) -> float | None:
     with contextlib.suppress(TypeError, ValueError):
         return max(0.0, float(value))  # type: ignore[arg-type]
@@ -292,9 +407,14 @@ def make_classifier(
     engine_config: EngineConfig | None = None,
     timeout_s: float = 10.0,
     retry: RetryPolicy | None = None,
+    embedded: Literal["process", "thread"] = "process",
 ) -> Classifier:
-    """HttpClassifier when ``url`` is set, else the embedded LocalClassifier on ``registry``
-    (default ``$TRIAGE_DATA_DIR/models``)."""
+    """HttpClassifier when ``url`` is set, else the embedded classifier on ``registry`` (default
+    ``$TRIAGE_DATA_DIR/models``): ChildClassifier (``embedded="process"``), or LocalClassifier in this
+    process (``"thread"``). ``engine_config`` is the in-process engine's; a child takes its CPU threads."""
     if url:
         return HttpClassifier(url, token, admin_token=admin_token, timeout_s=timeout_s, retry=retry)
+    if embedded == "process":
+        threads = engine_config.cpu_threads if engine_config else None
+        return ChildClassifier(registry, cpu_threads=threads, retry=retry)
     return LocalClassifier(registry=registry, config=engine_config, retry=retry)

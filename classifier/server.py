@@ -587,9 +587,11 @@ async def serve(
     registry: Registry | None = None,
     stop: asyncio.Event | None = None,
     on_listening: Callable[[int], Awaitable[None] | None] | None = None,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Serve until ``stop`` is set (or SIGTERM/SIGINT), then drain: stop listening, let in-flight requests
-    finish (up to ``shutdown_timeout_s``), finish the engine's queue, exit.
+    finish (up to ``shutdown_timeout_s``), finish the engine's queue, exit. ``on_listening(port)`` is called
+    once the port is open, ``on_ready(version)`` once the model is loaded.
 
     Raises ConfigError/RegistryError/ModelLoadError when the model cannot be loaded at start-up.
     """
@@ -633,6 +635,8 @@ async def serve(
         if load_task.done() and load_task.exception() is not None:
             stop_task.cancel()
             raise load_task.exception()  # type: ignore[misc]
+        if load_task.done() and on_ready is not None:
+            on_ready(str(engine.version))
         await stop_task
         log.info("shutting down: draining in-flight requests (up to %gs)", settings.shutdown_timeout_s)
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +19,7 @@ from sqlalchemy.engine import URL
 
 from bot.main import RunningBot, start_bot
 from bot.retrain import run_lock
-from bot.settings import load_settings
+from bot.settings import BotSettings, load_settings
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
@@ -32,9 +33,11 @@ from bot.storage.models import (
     Prediction,
     TrainingTrigger,
 )
+from classifier.client import ChildClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from tests.slack_standin import SlackStandIn
+from tests.test_child import forward_passes_here
 from tests.tiny_model import make_tiny_version
 
 CHANNEL = "C0TRIAGE"
@@ -104,7 +107,7 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
             triage_pending_interval_s=0.2,
             triage_retry_base_s=0.2,
             triage_retrain_cron="",
-            **settings,
+            **{"triage_embedded_classifier": "thread", **settings},  # the default's child: test_child.py
         )
         bot = await start_bot(config)
         slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"
@@ -135,6 +138,24 @@ async def test_message_gets_threaded_reply_and_is_stored(harness_factory: Any) -
     assert message.text == "We were charged twice for invoice 4471, please refund"
     [version] = await h.rows(ModelVersion)  # the registry is mirrored into the database at start-up
     assert (version.name, version.status) == ("v1", ModelStatus.ACTIVE)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_by_default_no_forward_pass_runs_in_the_bots_process(harness_factory: Any) -> None:
+    """Without CLASSIFIER_URL the engine runs in a child process: inference never competes with the event
+    loop that acknowledges Slack's deliveries."""
+    assert BotSettings.model_fields["triage_embedded_classifier"].default == "process"
+    before = forward_passes_here()
+    h = await harness_factory(triage_embedded_classifier="process")
+    event, _ = await h.post_customer_message("We were charged twice for invoice 4471, please refund")
+    reply = await h.reply_to(event["ts"])
+    assert "*Topic:*" in str(reply.args["blocks"])
+    classifier = h.bot.triage.classifier
+    assert isinstance(classifier, ChildClassifier)
+    assert classifier.process is not None and classifier.process.pid != os.getpid()
+    assert forward_passes_here() == before
+    await h.bot.stop()
+    assert classifier.process is None  # stopped with the bot
 
 
 async def test_retried_and_racing_deliveries_give_one_reply(harness_factory: Any) -> None:

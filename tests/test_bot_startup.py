@@ -82,6 +82,7 @@ async def ready(tiny_bert: Path, data_dir: Path, database_url: URL) -> AsyncIter
             "port": 0,
             "triage_channels": CHANNEL,
             "triage_retrain_cron": "",
+            "triage_embedded_classifier": "thread",  # the default's child process: tests/test_child.py
         }
         return load_settings(_env_file=None, **{**values, **over})
 
@@ -244,6 +245,8 @@ async def test_triage_up_serves_the_classifier_while_slack_is_unreachable(
     assert process.returncode == 0, output
     assert "Traceback" not in output and "ClientConnectorError" not in output, output
     assert "will be unused" not in output
+    # one engine: the bot classifies through the server `triage up` runs, which loaded the model once
+    assert len([line for line in lines if "serving model v1" in line]) == 1, output
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
@@ -271,3 +274,32 @@ async def test_a_rejected_token_stops_the_command_with_one_line(
     assert lines[-1] == "error: Slack rejected SLACK_BOT_TOKEN (auth.test: invalid_auth)"
     assert [line for line in lines if "SLACK_BOT_TOKEN" in line or "Traceback" in line] == lines[-1:]
     assert "xoxb-revoked-long-ago" not in (out + err).decode()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_a_classifier_process_that_cannot_start_stops_the_bot_with_one_line(
+    ready: Any, data_dir: Path, database_url: URL
+) -> None:
+    """Without CLASSIFIER_URL the bot starts its classifier process while it waits for Slack; a model that
+    cannot be loaded stops it at once, with one line saying why."""
+    [version] = Registry(data_dir / "models").list()
+    (Path(version.path) / "heads.safetensors").write_bytes(b"not a safetensors file")
+    port = free_port()  # nothing listens: the bot is still waiting for Slack when the classifier fails
+    env = _environment(
+        data_dir, database_url, SLACK_BOT_TOKEN="xoxb-test", SLACK_API_URL=f"http://127.0.0.1:{port}/api/"
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.cli",
+        "bot",
+        cwd=REPO,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(process.communicate(), timeout=120)
+    assert process.returncode == 2
+    lines = err.decode().splitlines()  # start-up log lines, then the one that matters
+    assert lines[-1].startswith("error: the classifier process did not start: model v1 in "), lines
+    assert [line for line in lines if "deserializ" in line or "Traceback" in line] == lines[-1:]

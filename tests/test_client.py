@@ -48,7 +48,7 @@ def _heads_json(result: Any) -> list[dict[str, Any]]:
 
 async def test_local_and_http_give_the_same_results(registry: Registry) -> None:
     expected = reference(registry, "v1", TEXTS)
-    local = make_classifier(None, None, registry=registry, engine_config=engine_config())
+    local = make_classifier(None, None, registry=registry, engine_config=engine_config(), embedded="thread")
     assert isinstance(local, LocalClassifier) and isinstance(local, Classifier)
     engine = Engine(registry, engine_config())
     async with running_server(engine) as url:

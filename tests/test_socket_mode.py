@@ -53,7 +53,7 @@ async def socket_bot(tiny_bert: Path, data_dir: Path, database_url: URL) -> Asyn
             triage_pending_interval_s=0.2,
             triage_retry_base_s=0.2,
             triage_retrain_cron="",
-            **settings,
+            **{"triage_embedded_classifier": "thread", **settings},  # the default's child: test_child.py
         )
         bot = await start_bot(config)
         harness = Harness(slack, bot, database_url)
