@@ -23,11 +23,6 @@ from slack_bolt.async_app import AsyncApp
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
 from slack_bolt.request.internals import parse_body
 from slack_bolt.response import BoltResponse
-from slack_sdk.http_retry.builtin_async_handlers import (
-    AsyncConnectionErrorRetryHandler,
-    AsyncRateLimitErrorRetryHandler,
-    AsyncServerErrorRetryHandler,
-)
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
@@ -53,21 +48,6 @@ EVENT_FIELDS: dict[str, dict[str, type]] = {
     "reaction_removed": {"user": str, "reaction": str, "item": dict},
 }
 REQUIRED_EVENT_FIELDS = {"message": ("ts", "channel")}
-
-
-def make_web_client(settings: BotSettings, retry: bool = True) -> AsyncWebClient:
-    """Web API client with Slack's documented retry rules: 429 waits Retry-After, 5xx and resets retry
-    (``retry=False``: none, for a caller with its own retry loop)."""
-    handlers = [
-        AsyncConnectionErrorRetryHandler(max_retry_count=2),
-        AsyncRateLimitErrorRetryHandler(max_retry_count=5),
-        AsyncServerErrorRetryHandler(max_retry_count=2),
-    ]
-    return AsyncWebClient(
-        token=settings.slack_bot_token.get_secret_value(),
-        base_url=settings.slack_api_url,
-        retry_handlers=handlers if retry else [],
-    )
 
 
 class _TokenUnusedFilter(logging.Filter):

@@ -85,10 +85,15 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
     await upgrade_database(database_url)
     started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
 
-    async def make(with_model: bool = True, **settings: Any) -> Harness:
+    async def make(
+        with_model: bool = True, prepare: Callable[[SlackStandIn], None] | None = None, **settings: Any
+    ) -> Harness:
+        """``prepare`` seeds the stand-in (channels, users) before the bot starts."""
         if with_model:
             make_tiny_version(Registry(data_dir / "models"), tiny_bert)
         slack = SlackStandIn()
+        if prepare is not None:
+            prepare(slack)
         await slack.start()
         config = load_settings(
             _env_file=None,
