@@ -26,6 +26,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import cards
 from bot.blocks import DONE_ACTION, FIX_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.settings import BotSettings
@@ -132,7 +133,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             added=added,
         )
         if refresh is not None:
-            later(triage.refresh_reply(refresh), "reply update after a reaction")
+            user, channel = event.get("user", ""), item.get("channel", "")
+            later(triage.after_reaction(refresh, user, channel), "reply update after a reaction")
 
     @app.event("reaction_added")
     async def on_reaction_added(body: dict[str, Any], event: dict[str, Any], context: dict[str, Any]) -> None:
@@ -196,6 +198,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         if refresh is not None:
             later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
+    cards.register(app, triage, commands.agents, later)
+
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
         log.exception(
@@ -235,9 +239,13 @@ def payload_problem(body: Any) -> str | None:
         actions = body.get("actions")
         if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
             return "block_actions without a list of actions"
-        for key in ("user", "team", "container"):
+        for key in ("user", "team", "container", "channel"):
             if body.get(key) is not None and not isinstance(body[key], dict):
                 return f"block_actions: {key} is not an object"
+    if body.get("type") == "view_submission":
+        for key in ("view", "user", "team"):
+            if not isinstance(body.get(key), dict):
+                return f"view_submission: {key} is not an object"
     return None
 
 

@@ -65,6 +65,9 @@ class BotSettings(BaseSettings):
     triage_card_channel: str | None = None  # internal channel: each triaged message becomes a card there
     triage_delivery: Delivery | None = None  # default: card with a card channel, otherwise thread
     triage_channel_delivery: str = ""  # per-channel override, "C0123=thread,C0456=silent"
+    # this many escalations of one topic within this many minutes: one "possible incident" post
+    triage_incident_count: int = Field(3, ge=2)
+    triage_incident_minutes: float = Field(15.0, gt=0)
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
     triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"

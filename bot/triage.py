@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
 from bot.blocks import LabelView
+from bot.cards import CardDesk, is_urgent, unsure_urgent
 from bot.delivery import DeliveryPolicy
 from bot.reactions import ReactionMap
 from bot.settings import BotSettings, Delivery
@@ -64,6 +65,7 @@ class Triage:
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client)
+        self.cards = CardDesk(settings, sessions, output)
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
@@ -111,6 +113,7 @@ class Triage:
     async def run(self, stop: asyncio.Event) -> None:
         """The background work: ``workers`` classify queued messages, one sweep feeds due pending ones."""
         workers = [asyncio.ensure_future(self._worker()) for _ in range(self.workers)]
+        workers.append(asyncio.ensure_future(self.cards.run(stop)))  # posts queued cards, urgent first
         try:
             await self._sweep(stop)
         finally:  # messages still queued or in flight stay pending in the database: nothing is lost
@@ -190,8 +193,12 @@ class Triage:
                 session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
             )
             await repo.mark_classified(session, message.id)
+            if mode == Delivery.CARD:
+                await repo.queue_card(session, message.id, urgent=is_urgent(views, self.settings))
 
         await self._in_transaction(record)
+        if mode == Delivery.CARD:
+            self.cards.wake.set()
         await self._route(message, views, mode)
 
     async def _reply_in_thread(self, message: Message, text: str, reply: list[dict[str, Any]]) -> bool:
@@ -239,27 +246,24 @@ class Triage:
             )
 
     async def _route(self, message: Message, views: Mapping[str, LabelView], mode: Delivery) -> None:
-        """Urgent messages: a post in the escalation channel (and, in thread mode, a reaction on the
-        original); topic routes."""
-        urgency = views.get(self.settings.triage_urgency_head)
-        urgent = urgency is not None and urgency.label in self.settings.triage_urgent_labels
+        """Urgent messages: escalated (a post in the escalation channel, and in thread mode a reaction on
+        the original), except that with a card an unsure urgent prediction is flagged there for a look
+        instead; topic routes."""
+        escalate = is_urgent(views, self.settings) and not (
+            mode == Delivery.CARD and unsure_urgent(views, self.settings)
+        )
+        if escalate and mode == Delivery.THREAD:
+            await self.output.react(message.channel_id, message.ts, "rotating_light")
+        if escalate:
+            await self.cards.escalate(message.id, by=None)
+            await self.cards.refresh(message.id)  # a card posted meanwhile shows it
         topic = views.get("topic")
         route = self.settings.routes.get(topic.label) if topic else None
-        targets = [c for c in (self.settings.triage_escalation_channel if urgent else None, route) if c]
-        if urgent and mode == Delivery.THREAD:
-            await self.output.react(message.channel_id, message.ts, "rotating_light")
-        if not targets:
-            return
+        if not route or (escalate and route == self.settings.triage_escalation_channel):
+            return  # one post even if a route and escalation coincide
         link = await self.output.permalink(message.channel_id, message.ts)
         permalink = link or f"(message {message.ts} in <#{message.channel_id}>)"
-        for channel in dict.fromkeys(targets):  # one post even if a route and escalation coincide
-            await self.output.post_text(
-                channel,
-                blocks.escalation_text(views, permalink, message.channel_id)
-                if urgent
-                else f"{blocks.summary_text(views)}\n{permalink}",
-                None,
-            )
+        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{permalink}", None)
 
     # ---- corrections -------------------------------------------------------------------------------
     async def find_message(
@@ -347,6 +351,29 @@ class Triage:
             )
         return message_id if changed else None
 
+    async def on_labels_submitted(
+        self, team_id: str, user_id: str, message_id: int, labels: Mapping[str, str]
+    ) -> bool:
+        """Store the labels an agent chose in the Fix labels modal (those that differ from the current
+        ones); returns whether anything changed."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if message is None or message.team_id != team_id:
+                return False
+            prediction = await repo.latest_prediction(session, message_id)
+            if prediction is None:
+                return False
+            predicted = prediction.by_head()
+            current = await repo.current_labels(session, message_id)
+            changed = False
+            for head, label in labels.items():
+                shown = current.get(head) or (predicted[head].label if head in predicted else None)
+                if label != shown:
+                    changed |= await self._correct(
+                        session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
+                    )
+        return changed
+
     async def _correct(
         self,
         session: AsyncSession,
@@ -399,8 +426,27 @@ class Triage:
             )
         return True
 
+    async def after_reaction(self, message_id: int, user_id: str, channel_id: str) -> None:
+        """Show the agent their correction: the reply and card are rewritten, and where no reply shows it
+        (card or silent mode) an ephemeral note in the channel they reacted in tells them what it did."""
+        await self.refresh_reply(message_id)
+        async with self.sessions() as session:
+            message = await session.get(Message, message_id)
+            prediction = await repo.latest_prediction(session, message_id)
+            human = await repo.latest_corrections(session, message_id)
+        if message is None or prediction is None or message.reply_ts:
+            return
+        views, _ = blocks.current_views(prediction.by_head(), human)
+        note = f"Triage updated: {blocks.summary_text(views)}"
+        if self.cards.channel:
+            note += f" (card in <#{self.cards.channel}>)"
+        await self.output.ephemeral(channel_id, user_id, note)
+
     async def refresh_reply(self, message_id: int, menus_open: bool = False) -> None:
-        """Rewrite the bot's reply to show the current labels and who set them."""
+        """Rewrite the bot's reply and card to show the current labels and who set them; escalation
+        follows the labels."""
+        await self.cards.follow_labels(message_id)
+        await self.cards.refresh(message_id)
         async with self.sessions() as session:
             message = await session.get(Message, message_id)
             prediction = await repo.latest_prediction(session, message_id)
