@@ -317,13 +317,13 @@ class CardDesk:
     async def run(self, stop: asyncio.Event) -> None:
         """Post due cards one at a time until ``stop``; woken by new cards, else looks every interval."""
         while not stop.is_set():
+            self.wake.clear()  # before looking: a card queued from now on wakes the wait below
             try:
                 posted = await self.post_next()
             except Exception:  # a database hiccup must not end the loop; the card stays queued
                 log.exception("posting a card failed")
                 posted = False
             if not posted:
-                self.wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(
                         _first(stop.wait(), self.wake.wait()), self.settings.triage_pending_interval_s

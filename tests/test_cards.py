@@ -127,12 +127,16 @@ async def test_fix_labels_modal_stores_the_corrections_and_updates_the_card(
     )
     current_topic = selects["label:topic"]["initial_option"]["value"]
     new_topic = "outage" if current_topic != "outage" else "billing"
+    h.slack.add_user(PARTNER, "joe", team_id="T0ACME")
+    forged = await h.slack.send_view_submission({"label:topic": new_topic}, user_id=PARTNER)
+    assert forged.status == 200  # a customer's submission (however they got the view) changes nothing
     response = await h.slack.send_view_submission(
         {"label:topic": new_topic, "label:urgency": "critical"}, user_id=AGENT
     )
     assert response.status == 200
     await card_update(h, card, f"corrected by <@{AGENT}>")
     stored = {c.head: (c.new_label, c.user_id) for c in await h.rows(Correction)}
+    assert all(c.user_id == AGENT for c in await h.rows(Correction))
     assert stored["topic"] == (new_topic, AGENT)
     assert "urgency" not in stored or stored["urgency"] == ("critical", AGENT)
 
