@@ -27,7 +27,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import cards
-from bot.blocks import DONE_ACTION, FIX_ACTION, SET_ACTION_PREFIX
+from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
@@ -161,13 +161,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     ) -> None:
         await commands.triage(ack, respond, command, later)
 
-    @app.action(FIX_ACTION)
-    async def fix(ack: Callable[..., Awaitable[None]], body: dict[str, Any], action: dict[str, Any]) -> None:
-        await ack()
-        message_id = _int(action.get("value"))
-        if message_id is not None:
-            later(triage.refresh_reply(message_id, menus_open=True), "open label menus")
-
+    # FIX_ACTION (the reply's Fix labels) opens the modal: see bot/cards.py. Replies whose menus an
+    # earlier version opened in the channel still work:
     @app.action(DONE_ACTION)
     async def done(ack: Callable[..., Awaitable[None]], action: dict[str, Any]) -> None:
         await ack()

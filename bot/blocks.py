@@ -9,7 +9,7 @@ from typing import Any
 from bot.reactions import ReactionMap
 from classifier.schema import DEFAULT_HEADS
 
-FIX_ACTION = "triage_fix"  # button: open the per-head menus
+FIX_ACTION = "triage_fix"  # button: open the Fix labels modal (bot/cards.py)
 DONE_ACTION = "triage_fix_done"  # button: close them
 SET_ACTION_PREFIX = "triage_set:"  # static_select per head: "triage_set:<head>"
 MAX_OPTIONS = 100  # Slack's limit for a static_select

@@ -368,9 +368,10 @@ class CardDesk:
     async def content(self, message_id: int) -> CardContent | None:
         async with self.sessions() as session:
             message = await session.get(Message, message_id)
-            card = await repo.get_card(session, message_id)
+            # a message without a card row (thread or silent mode, not escalated) shows as a fresh one
+            card = await repo.get_card(session, message_id) or Card(message_id=message_id)
             prediction = await repo.latest_prediction(session, message_id)
-            if message is None or card is None or prediction is None:
+            if message is None or prediction is None:
                 return None
             human = await repo.latest_corrections(session, message_id)
             views, labels = blocks.current_views(prediction.by_head(), human)
@@ -573,6 +574,7 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
             return None
 
     @app.action(FIX_ACTION)
+    @app.action(blocks.FIX_ACTION)  # the thread reply's button: the same modal, no menus in the channel
     async def fix(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         message_id, trigger_id = message_id_of(action), body.get("trigger_id")
