@@ -9,7 +9,7 @@ from typing import Any
 from bot.reactions import ReactionMap
 from classifier.schema import DEFAULT_HEADS
 
-FIX_ACTION = "triage_fix"  # button: open the per-head menus
+FIX_ACTION = "triage_fix"  # button: open the Fix labels modal (bot/cards.py)
 DONE_ACTION = "triage_fix_done"  # button: close them
 SET_ACTION_PREFIX = "triage_set:"  # static_select per head: "triage_set:<head>"
 MAX_OPTIONS = 100  # Slack's limit for a static_select
@@ -157,6 +157,31 @@ def reply_blocks(
             }
         )
     return blocks
+
+
+def current_views(
+    predicted: Mapping[str, Any], human: Mapping[str, Any]
+) -> tuple[dict[str, LabelView], dict[str, list[str]]]:
+    """Each head's label as shown now (a person's correction over the model's prediction), and each head's
+    labels in menu order. ``predicted``: head → PredictionHead; ``human``: head → latest Correction."""
+    views: dict[str, LabelView] = {}
+    labels: dict[str, list[str]] = {}
+    for head in ordered_heads(list(predicted)):
+        p = predicted[head]
+        labels[head] = ordered_labels(head, list(p.scores))
+        c = human.get(head)
+        if c is None:
+            views[head] = LabelView(label=p.label, confidence=p.confidence)
+        else:
+            views[head] = LabelView(
+                label=c.new_label, predicted=p.label, by=c.user_id, confirmed=c.kind == "confirmation"
+            )
+    return views, labels
+
+
+def label_lines(views: Mapping[str, LabelView], unsure_below: float) -> str:
+    """One line per head: label, confidence or who set it, unsure ones marked."""
+    return "\n".join(_label_line(h, v, unsure_below) for h, v in views.items())
 
 
 def classify_blocks(

@@ -15,18 +15,19 @@ import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.agents import Agents
-from bot.app import build_app, health_app, http_app, make_web_client
+from bot.app import build_app, health_app, http_app
 from bot.commands import Commands
+from bot.delivery import missing_invites
 from bot.reactions import ReactionMap
 from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
+from bot.slack_output import SlackOutput, make_web_client
 from bot.socket_mode import SocketModeLink
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
-from bot.triage import ChannelPacer, Triage
+from bot.triage import Triage
 from classifier.child import ClassifierStartError, spare_core_threads
 from classifier.client import ChildClassifier, Classifier, make_classifier
 from classifier.engine import EngineConfig
@@ -114,21 +115,22 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         await engine.dispose()
         raise
     cleanup.append(classifier.close)
-    pacer = ChannelPacer()
+    for line in await missing_invites(settings, client):
+        log.error("the bot cannot post to a channel it needs: %s", line)
+    output = SlackOutput(client)
     triage = Triage(
         settings,
         sessions,
         classifier,
-        client,
+        output,
         reactions or ReactionMap.load(settings.triage_reactions_file),
-        pacer,
         bot_user_id=str(auth.get("user_id") or ""),
     )
     retrainer = Retrainer(
         sessions,
         engine,
-        post=_poster(client, pacer),
-        upload=_uploader(client),
+        post=output.post_text,
+        upload=output.upload,
         summary_channel=settings.triage_summary_channel or settings.triage_escalation_channel,
         epochs=settings.triage_retrain_epochs,
         gate=Gate(
@@ -259,29 +261,6 @@ async def _log_missing_heads(settings: BotSettings, registry: Registry) -> None:
 
 def _secret(value: SecretStr | None) -> str | None:
     return value.get_secret_value() if value else None
-
-
-def _poster(client: AsyncWebClient, pacer: ChannelPacer) -> Any:
-    async def post(channel: str, text: str, thread_ts: str | None) -> str | None:
-        await pacer.wait(channel)
-        try:
-            response = await client.chat_postMessage(channel=channel, text=text, thread_ts=thread_ts)
-        except SlackApiError as exc:
-            log.warning("posting to %s failed: %s", channel, exc.response.get("error"))
-            return None
-        return str(response.get("ts"))
-
-    return post
-
-
-def _uploader(client: AsyncWebClient) -> Any:
-    async def upload(channel: str, path: str, title: str) -> None:
-        try:
-            await client.files_upload_v2(channel=channel, file=path, title=title)
-        except (SlackApiError, OSError) as exc:
-            log.warning("uploading %s to %s failed: %s", path, channel, exc)
-
-    return upload
 
 
 async def run_bot(settings: BotSettings) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +23,14 @@ CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
 
 CommaList = Annotated[list[str], NoDecode]
+
+
+class Delivery(StrEnum):
+    """Where triage shows up for a message (``TRIAGE_DELIVERY``, ``TRIAGE_CHANNEL_DELIVERY``)."""
+
+    CARD = "card"  # a card in TRIAGE_CARD_CHANNEL; nothing in the source channel
+    THREAD = "thread"  # a reply in the message's thread (and a reaction on urgent ones)
+    SILENT = "silent"  # nothing posted anywhere but escalations and routes
 
 
 class SettingsError(ValueError):
@@ -61,6 +70,12 @@ class BotSettings(BaseSettings):
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
     triage_escalation_channel: str | None = None
+    triage_card_channel: str | None = None  # internal channel: each triaged message becomes a card there
+    triage_delivery: Delivery | None = None  # default: card with a card channel, otherwise thread
+    triage_channel_delivery: str = ""  # per-channel override, "C0123=thread,C0456=silent"
+    # this many escalations of one topic within this many minutes: one "possible incident" post
+    triage_incident_count: int = Field(3, ge=2)
+    triage_incident_minutes: float = Field(15.0, gt=0)
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
     triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"
@@ -139,7 +154,7 @@ class BotSettings(BaseSettings):
             CronTrigger.from_crontab(v.strip(), timezone="UTC")
         return v.strip()
 
-    @field_validator("triage_escalation_channel", "triage_summary_channel")
+    @field_validator("triage_escalation_channel", "triage_summary_channel", "triage_card_channel")
     @classmethod
     def _channel(cls, v: str | None) -> str | None:
         if v and not CHANNEL_ID.match(v):
@@ -160,6 +175,12 @@ class BotSettings(BaseSettings):
         parse_routes(v)
         return v
 
+    @field_validator("triage_channel_delivery")
+    @classmethod
+    def _channel_delivery(cls, v: str) -> str:
+        parse_channel_delivery(v)
+        return v
+
     @model_validator(mode="after")
     def _mode(self) -> BotSettings:
         if self.slack_app_token is None and self.slack_signing_secret is None:
@@ -178,6 +199,12 @@ class BotSettings(BaseSettings):
             raise ValueError(  # both would be the one Authorization header: the HTTP client refuses the pair
                 "CLASSIFIER_URL carries a user and password, and CLASSIFIER_TOKEN is set: use one of them"
             )
+        cards = [c for c, d in self.channel_delivery.items() if d == Delivery.CARD]
+        if self.triage_card_channel is None and (self.triage_delivery == Delivery.CARD or cards):
+            where = (
+                "TRIAGE_DELIVERY=card" if self.triage_delivery == Delivery.CARD else "TRIAGE_CHANNEL_DELIVERY"
+            )
+            raise ValueError(f"{where} needs TRIAGE_CARD_CHANNEL (the internal channel cards go to)")
         if self.triage_socket_dead_after_s < 2 * self.triage_socket_ping_interval_s:
             raise ValueError(
                 "TRIAGE_SOCKET_DEAD_AFTER_S must be at least twice TRIAGE_SOCKET_PING_INTERVAL_S "
@@ -188,6 +215,29 @@ class BotSettings(BaseSettings):
     @property
     def routes(self) -> dict[str, str]:
         return parse_routes(self.triage_routes)
+
+    @property
+    def channel_delivery(self) -> dict[str, Delivery]:
+        return parse_channel_delivery(self.triage_channel_delivery)
+
+    def delivery_for(self, channel_id: str) -> Delivery:
+        """How triage shows up for ``channel_id`` by the settings (a shared channel is stricter still)."""
+        default = self.triage_delivery or (Delivery.CARD if self.triage_card_channel else Delivery.THREAD)
+        return self.channel_delivery.get(channel_id, default)
+
+    @property
+    def own_channels(self) -> dict[str, list[str]]:
+        """The channels the bot posts its own work to, each with the settings that name it."""
+        named: dict[str, list[str]] = {}
+        singles = {
+            "TRIAGE_CARD_CHANNEL": self.triage_card_channel,
+            "TRIAGE_ESCALATION_CHANNEL": self.triage_escalation_channel,
+            "TRIAGE_SUMMARY_CHANNEL": self.triage_summary_channel,
+        }
+        for name, channel in [*singles.items(), *(("TRIAGE_ROUTES", c) for c in self.routes.values())]:
+            if channel and name not in named.setdefault(channel, []):
+                named[channel].append(name)
+        return named
 
     @property
     def socket_mode(self) -> bool:
@@ -203,6 +253,10 @@ class BotSettings(BaseSettings):
         return user_id in self.triage_admins
 
     def watches(self, channel_id: str) -> bool:
+        """Whether messages in ``channel_id`` are triaged; never the bot's own channels (cards, escalations,
+        routes, summaries): triaging its own posts would loop."""
+        if channel_id in self.own_channels:
+            return False
         return not self.triage_channels or channel_id in self.triage_channels
 
 
@@ -215,6 +269,18 @@ def parse_routes(value: str) -> dict[str, str]:
             raise ValueError(f"route {part!r} must look like topic=C0123ABCD")
         routes[topic.strip()] = channel.strip()
     return routes
+
+
+def parse_channel_delivery(value: str) -> dict[str, Delivery]:
+    """``"C0123=thread,C0456=silent"`` → ``{"C0123": Delivery.THREAD, "C0456": Delivery.SILENT}``."""
+    overrides: dict[str, Delivery] = {}
+    choices = "|".join(Delivery)
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        channel, _, mode = (x.strip() for x in part.partition("="))
+        if not CHANNEL_ID.match(channel) or mode not in set(Delivery):
+            raise ValueError(f"{part!r} must look like C0123ABCD={choices}")
+        overrides[channel] = Delivery(mode)
+    return overrides
 
 
 def load_settings(**overrides: Any) -> BotSettings:

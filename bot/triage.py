@@ -17,51 +17,23 @@ from datetime import timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
 from bot.blocks import LabelView
+from bot.cards import CardDesk, is_urgent, unsure_urgent
+from bot.delivery import DeliveryPolicy
 from bot.reactions import ReactionMap
-from bot.settings import BotSettings
+from bot.settings import BotSettings, Delivery
+from bot.slack_output import SlackOutput, is_permanent
 from bot.storage import repository as repo
+from bot.storage.database import in_transaction
 from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
 from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
-
-# chat.postMessage errors that no retry can cure: the message is skipped (and says why) instead
-UNPOSTABLE = frozenset(
-    {
-        "channel_not_found",
-        "not_in_channel",
-        "is_archived",
-        "restricted_action",
-        "invalid_blocks",
-        "msg_too_long",
-    }
-)
-
-
-class ChannelPacer:
-    """Slack allows about one message per second per channel: space our posts out per channel."""
-
-    def __init__(self, interval_s: float = 1.0):
-        self.interval_s = interval_s
-        self._next: dict[str, float] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
-
-    async def wait(self, channel: str) -> None:
-        lock = self._locks.setdefault(channel, asyncio.Lock())
-        async with lock:
-            now = time.monotonic()
-            delay = self._next.get(channel, 0.0) - now
-            if delay > 0:
-                await asyncio.sleep(delay)
-            self._next[channel] = max(now, self._next.get(channel, 0.0)) + self.interval_s
 
 
 @dataclass(frozen=True)
@@ -81,18 +53,19 @@ class Triage:
         settings: BotSettings,
         sessions: async_sessionmaker[AsyncSession],
         classifier: Classifier,
-        client: AsyncWebClient,
+        output: SlackOutput,
         reactions: ReactionMap,
-        pacer: ChannelPacer | None = None,
         bot_user_id: str | None = None,
     ):
         self.settings = settings
         self.bot_user_id = bot_user_id  # our own reactions are not corrections
         self.sessions = sessions
         self.classifier = classifier
-        self.client = client
+        self.output = output  # every Web API write
+        self.client = output.client  # reads (look-ups)
         self.reactions = reactions
-        self.pacer = pacer or ChannelPacer()
+        self.delivery = DeliveryPolicy(settings, output.client)
+        self.cards = CardDesk(settings, sessions, output)
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
@@ -140,6 +113,7 @@ class Triage:
     async def run(self, stop: asyncio.Event) -> None:
         """The background work: ``workers`` classify queued messages, one sweep feeds due pending ones."""
         workers = [asyncio.ensure_future(self._worker()) for _ in range(self.workers)]
+        workers.append(asyncio.ensure_future(self.cards.run(stop)))  # posts queued cards, urgent first
         try:
             await self._sweep(stop)
         finally:  # messages still queued or in flight stay pending in the database: nothing is lost
@@ -210,62 +184,54 @@ class Triage:
             truncated=text_result.truncated,
         )
         text = blocks.summary_text(views)
-        if message.reply_ts and message.reply_channel_id:
-            # an earlier attempt replied but could not record the rest: update that reply, never post twice
-            await self._call(
-                "chat.update",
-                self.client.chat_update,
-                channel=message.reply_channel_id,
-                ts=message.reply_ts,
-                text=text,
-                blocks=reply,
-            )
-        else:
-            try:
-                await self.pacer.wait(message.channel_id)
-                posted = await self.client.chat_postMessage(
-                    channel=message.channel_id,
-                    thread_ts=message.ts,
-                    text=text,
-                    blocks=reply,
-                    unfurl_links=False,
-                    unfurl_media=False,
-                )
-            except SlackApiError as exc:
-                error = f"chat.postMessage: {exc.response.get('error')}"
-                if exc.response.get("error") in UNPOSTABLE:
-                    log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
-                    async with self.sessions.begin() as session:
-                        await repo.mark_skipped(session, message.id, reason=error)
-                else:
-                    await self._retry_later(message, error)
-                return
-            channel, ts = str(posted["channel"]), str(posted["ts"])
-            # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
-            await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
+        mode = await self.delivery.mode_for(message.channel_id)
+        if mode == Delivery.THREAD and not await self._reply_in_thread(message, text, reply):
+            return
 
         async def record(session: AsyncSession) -> None:
             await repo.add_prediction(
                 session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
             )
             await repo.mark_classified(session, message.id)
+            if mode == Delivery.CARD:
+                await repo.queue_card(session, message.id, urgent=is_urgent(views, self.settings))
 
         await self._in_transaction(record)
-        await self._route(message, views)
+        if mode == Delivery.CARD:
+            self.cards.wake.set()
+        await self._route(message, views, mode)
+
+    async def _reply_in_thread(self, message: Message, text: str, reply: list[dict[str, Any]]) -> bool:
+        """The triage reply in the message's thread; ``False`` when it could not be posted (the message is
+        then skipped or scheduled for a retry)."""
+        if message.reply_ts and message.reply_channel_id:
+            # an earlier attempt replied but could not record the rest: update that reply, never post twice
+            await self.output.update(message.reply_channel_id, message.reply_ts, text, blocks=reply)
+        else:
+            try:
+                posted = await self.output.post_or_raise(
+                    message.channel_id, text, blocks=reply, thread_ts=message.ts
+                )
+            except SlackApiError as exc:
+                error = f"chat.postMessage: {exc.response.get('error')}"
+                if is_permanent(exc):
+                    log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
+                    async with self.sessions.begin() as session:
+                        await repo.mark_skipped(session, message.id, reason=error)
+                else:
+                    await self._retry_later(message, error)
+                return False
+            channel, ts = str(posted["channel"]), str(posted["ts"])
+            # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
+            await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
+
+        return True
 
     async def _in_transaction(
         self, work: Callable[[AsyncSession], Awaitable[Any]], attempts: int = 5
     ) -> None:
         """Bookkeeping after a reply went out: retried, since giving up would mean answering twice later."""
-        for attempt in range(attempts):
-            try:
-                async with self.sessions.begin() as session:
-                    await work(session)
-                return
-            except (SQLAlchemyError, TimeoutError):
-                if attempt == attempts - 1:
-                    raise
-                await asyncio.sleep(0.2 * 2**attempt)
+        await in_transaction(self.sessions, work, attempts)
 
     async def _retry_later(self, message: Message, error: str) -> None:
         where = f"{escape_controls(message.ts)} in {escape_controls(message.channel_id)}"
@@ -279,53 +245,25 @@ class Triage:
                 max_delay=timedelta(seconds=self.settings.triage_retry_max_s),
             )
 
-    async def _route(self, message: Message, views: Mapping[str, LabelView]) -> None:
-        """Urgent messages: a reaction on the original and a post in the escalation channel; topic routes."""
-        urgency = views.get(self.settings.triage_urgency_head)
-        urgent = urgency is not None and urgency.label in self.settings.triage_urgent_labels
+    async def _route(self, message: Message, views: Mapping[str, LabelView], mode: Delivery) -> None:
+        """Urgent messages: escalated (a post in the escalation channel, and in thread mode a reaction on
+        the original), except that with a card an unsure urgent prediction is flagged there for a look
+        instead; topic routes."""
+        escalate = is_urgent(views, self.settings) and not (
+            mode == Delivery.CARD and unsure_urgent(views, self.settings)
+        )
+        if escalate and mode == Delivery.THREAD:
+            await self.output.react(message.channel_id, message.ts, "rotating_light")
+        if escalate:
+            await self.cards.escalate(message.id, by=None)
+            await self.cards.refresh(message.id)  # a card posted meanwhile shows it
         topic = views.get("topic")
         route = self.settings.routes.get(topic.label) if topic else None
-        targets = [c for c in (self.settings.triage_escalation_channel if urgent else None, route) if c]
-        if urgent:
-            await self._call(
-                "reactions.add",
-                self.client.reactions_add,
-                channel=message.channel_id,
-                timestamp=message.ts,
-                name="rotating_light",
-            )
-        if not targets:
-            return
-        link = await self._call(
-            "chat.getPermalink",
-            self.client.chat_getPermalink,
-            channel=message.channel_id,
-            message_ts=message.ts,
-        )
-        permalink = str(link["permalink"]) if link else f"(message {message.ts} in <#{message.channel_id}>)"
-        for channel in dict.fromkeys(targets):  # one post even if a route and escalation coincide
-            await self.pacer.wait(channel)
-            await self._call(
-                "chat.postMessage",
-                self.client.chat_postMessage,
-                channel=channel,
-                text=blocks.escalation_text(views, permalink, message.channel_id)
-                if urgent
-                else f"{blocks.summary_text(views)}\n{permalink}",
-            )
-
-    async def _call(self, what: str, method: Any, /, **kwargs: Any) -> Any:
-        """A Web API call whose failure is logged with context and does not stop the caller."""
-        try:
-            return await method(**kwargs)
-        except SlackApiError as exc:
-            log.warning(
-                "%s failed (%s) for %s",
-                what,
-                exc.response.get("error"),
-                {k: v for k, v in kwargs.items() if k in ("channel", "timestamp", "ts", "name")},
-            )
-            return None
+        if not route or (escalate and route == self.settings.triage_escalation_channel):
+            return  # one post even if a route and escalation coincide
+        link = await self.output.permalink(message.channel_id, message.ts)
+        permalink = link or f"(message {message.ts} in <#{message.channel_id}>)"
+        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{permalink}", None)
 
     # ---- corrections -------------------------------------------------------------------------------
     async def find_message(
@@ -413,6 +351,29 @@ class Triage:
             )
         return message_id if changed else None
 
+    async def on_labels_submitted(
+        self, team_id: str, user_id: str, message_id: int, labels: Mapping[str, str]
+    ) -> bool:
+        """Store the labels an agent chose in the Fix labels modal (those that differ from the current
+        ones); returns whether anything changed."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if message is None or message.team_id != team_id:
+                return False
+            prediction = await repo.latest_prediction(session, message_id)
+            if prediction is None:
+                return False
+            predicted = prediction.by_head()
+            current = await repo.current_labels(session, message_id)
+            changed = False
+            for head, label in labels.items():
+                shown = current.get(head) or (predicted[head].label if head in predicted else None)
+                if label != shown:
+                    changed |= await self._correct(
+                        session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
+                    )
+        return changed
+
     async def _correct(
         self,
         session: AsyncSession,
@@ -465,30 +426,34 @@ class Triage:
             )
         return True
 
+    async def after_reaction(self, message_id: int, user_id: str, channel_id: str) -> None:
+        """Show the agent their correction: the reply and card are rewritten, and where no reply shows it
+        (card or silent mode) an ephemeral note in the channel they reacted in tells them what it did."""
+        await self.refresh_reply(message_id)
+        async with self.sessions() as session:
+            message = await session.get(Message, message_id)
+            prediction = await repo.latest_prediction(session, message_id)
+            human = await repo.latest_corrections(session, message_id)
+        if message is None or prediction is None or message.reply_ts:
+            return
+        views, _ = blocks.current_views(prediction.by_head(), human)
+        note = f"Triage updated: {blocks.summary_text(views)}"
+        if self.cards.channel:
+            note += f" (card in <#{self.cards.channel}>)"
+        await self.output.ephemeral(channel_id, user_id, note)
+
     async def refresh_reply(self, message_id: int, menus_open: bool = False) -> None:
-        """Rewrite the bot's reply to show the current labels and who set them."""
+        """Rewrite the bot's reply and card to show the current labels and who set them; escalation
+        follows the labels."""
+        await self.cards.follow_labels(message_id)
+        await self.cards.refresh(message_id)
         async with self.sessions() as session:
             message = await session.get(Message, message_id)
             prediction = await repo.latest_prediction(session, message_id)
             if message is None or prediction is None or not message.reply_ts or not message.reply_channel_id:
                 return
             human = await repo.latest_corrections(session, message_id)
-        views: dict[str, LabelView] = {}
-        labels: dict[str, list[str]] = {}
-        by_head = prediction.by_head()
-        for head in blocks.ordered_heads(list(by_head)):
-            p = by_head[head]
-            labels[head] = blocks.ordered_labels(head, list(p.scores))
-            c = human.get(head)
-            if c is None:
-                views[head] = LabelView(label=p.label, confidence=p.confidence)
-            else:
-                views[head] = LabelView(
-                    label=c.new_label,
-                    predicted=p.label,
-                    by=c.user_id,
-                    confirmed=c.kind == CorrectionKind.CONFIRMATION,
-                )
+        views, labels = blocks.current_views(prediction.by_head(), human)
         reply = blocks.reply_blocks(
             message_id,
             views,
@@ -498,11 +463,6 @@ class Triage:
             self.settings.triage_unsure_below,
             menus_open=menus_open,
         )
-        await self._call(
-            "chat.update",
-            self.client.chat_update,
-            channel=message.reply_channel_id,
-            ts=message.reply_ts,
-            text=blocks.summary_text(views),
-            blocks=reply,
+        await self.output.update(
+            message.reply_channel_id, message.reply_ts, blocks.summary_text(views), blocks=reply
         )

@@ -441,6 +441,7 @@ class SlackStandIn:
         self.home_views: dict[str, JSON] = {}  # user id -> published App Home view
         self.files: dict[str, UploadedFile] = {}
         self.faults: list[Fault] = []
+        self.teams: dict[str, JSON] = {}  # team id -> team as team.info reports it
 
         self._port = port
         self._clock = _TsClock()
@@ -461,6 +462,7 @@ class SlackStandIn:
         self.port = 0
         self.api_url = ""
         self.response_url_base = ""
+        self.add_team(team_id, team_name, team_domain)
         self.add_user(bot_user_id, bot_name, is_bot=True)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
@@ -594,6 +596,29 @@ class SlackStandIn:
         self.users[user_id] = user
         return user
 
+    def add_team(self, team_id: str, name: str, domain: str | None = None) -> JSON:
+        """Register a workspace as team.info reports it: the bot's own, or another organization whose
+        people are in a shared channel (team.info answers for those too)."""
+        domain = domain or name.lower().replace(" ", "-")
+        team: JSON = {
+            "id": team_id,
+            "name": name,
+            "url": f"https://{domain}.slack.com/",
+            "domain": domain,
+            "email_domain": f"{domain}.example",
+            "icon": {
+                **{
+                    f"image_{size}": f"https://avatars.example/{team_id}_{size}.png"
+                    for size in (34, 44, 68, 88, 102, 132)
+                },
+                "image_default": True,
+            },
+            "avatar_base_url": "https://ca.slack-edge.com/",
+            "is_verified": False,
+        }
+        self.teams[team_id] = team
+        return team
+
     def add_channel(
         self,
         channel_id: str,
@@ -602,8 +627,12 @@ class SlackStandIn:
         is_private: bool | None = None,
         is_member: bool = True,
         user: str | None = None,
+        shared_with: Iterable[str] = (),
     ) -> JSON:
         """Register a conversation as conversations.info reports it (unknown ones are made up on first use).
+
+        ``shared_with``: team ids of other organizations in the channel (Slack Connect): it is then
+        ``is_shared`` and ``is_ext_shared``, and ``shared_team_ids`` lists every team in it.
 
         IDs decide the kind, as in Slack: ``D…`` is a DM (``user`` is the other side), ``G…`` a legacy
         private channel, ``C…`` a channel (private when ``is_private``). A bot that is not a member gets
@@ -613,6 +642,7 @@ class SlackStandIn:
         is_group = channel_id.startswith("G")
         private = is_group if is_private is None else is_private
         name = name or channel_id.lower()
+        others = [t for t in shared_with if t != self.team_id]
         channel: JSON = {
             "id": channel_id,
             "name": name,
@@ -626,16 +656,19 @@ class SlackStandIn:
             "is_general": False,
             "unlinked": 0,
             "name_normalized": name,
-            "is_shared": False,
+            "is_shared": bool(others),
             "is_org_shared": False,
-            "is_ext_shared": False,
+            "is_ext_shared": bool(others),
             "is_pending_ext_shared": False,
             "pending_shared": [],
             "context_team_id": self.team_id,
+            "shared_team_ids": [self.team_id, *others],
+            "pending_connected_team_ids": [],
             "updated": int(time.time() * 1000),
             "parent_conversation": None,
             "creator": "U0ADMIN",
             "is_member": is_member or is_im,
+            **({"conversation_host_id": self.team_id} if others else {}),
             "topic": {"value": "", "creator": "", "last_set": 0},
             "purpose": {"value": "", "creator": "", "last_set": 0},
             "previous_names": [],
@@ -1634,6 +1667,7 @@ class SlackStandIn:
             "reactions.add": self._reactions_add,
             "reactions.remove": self._reactions_remove,
             "users.info": self._users_info,
+            "team.info": self._team_info,
             "conversations.info": self._conversations_info,
             "conversations.join": self._conversations_join,
             "conversations.open": self._conversations_open,
@@ -1806,6 +1840,12 @@ class SlackStandIn:
         if not user_id:
             raise ApiError("user_not_found")
         return {"user": copy.deepcopy(self.user(str(user_id)))}
+
+    def _team_info(self, call: ApiCall) -> JSON:
+        team = self.teams.get(str(call.args.get("team") or self.team_id))
+        if team is None:
+            raise ApiError("team_not_found")
+        return {"team": copy.deepcopy(team)}
 
     def _conversations_info(self, call: ApiCall) -> JSON:
         channel_id = call.args.get("channel")

@@ -88,10 +88,15 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
     await upgrade_database(database_url)
     started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
 
-    async def make(with_model: bool = True, **settings: Any) -> Harness:
+    async def make(
+        with_model: bool = True, prepare: Callable[[SlackStandIn], None] | None = None, **settings: Any
+    ) -> Harness:
+        """``prepare`` seeds the stand-in (channels, users) before the bot starts."""
         if with_model:
             make_tiny_version(Registry(data_dir / "models"), tiny_bert)
         slack = SlackStandIn()
+        if prepare is not None:
+            prepare(slack)
         await slack.start()
         config = load_settings(
             _env_file=None,
@@ -232,7 +237,7 @@ async def test_reaction_corrects_and_removal_retracts(harness_factory: Any) -> N
     assert await h.count(Correction) == 2
 
 
-async def test_fix_labels_button_and_menu(harness_factory: Any) -> None:
+async def test_fix_labels_button_opens_a_modal_not_menus_in_the_channel(harness_factory: Any) -> None:
     h = await harness_factory()
     event, _ = await h.post_customer_message("How do I add a teammate to my workspace?")
     reply = await h.reply_to(event["ts"])
@@ -240,34 +245,37 @@ async def test_fix_labels_button_and_menu(harness_factory: Any) -> None:
     fix = reply.args["blocks"][-1]["elements"][0]
     assert fix["action_id"] == "triage_fix"
     response = await h.slack.send_block_actions(
-        [
-            {
-                "type": "button",
-                "action_id": fix["action_id"],
-                "block_id": reply.args["blocks"][-1]["block_id"],
-                "value": fix["value"],
-                "text": fix["text"],
-            }
-        ],
-        user_id=AGENT,
-        channel_id=CHANNEL,
-        message_ts=reply.response["ts"],
+        [{"action_id": fix["action_id"]}], user_id=AGENT, channel_id=CHANNEL, message_ts=reply.response["ts"]
     )
     assert response.status == 200
-    [opened] = await h.slack.wait_for("chat.update", timeout=5)
-    selects = [e for e in opened.args["blocks"][-1]["elements"] if e["type"] == "static_select"]
-    assert [s["action_id"] for s in selects] == [
-        "triage_set:topic",
-        "triage_set:urgency",
-        "triage_set:sentiment",
-    ]
-    option = next(o for o in selects[0]["options"] if o["value"] == "how_to")
+    [opened] = await h.slack.wait_for("views.open", timeout=5)
+    assert not h.slack.calls_to("chat.update")  # nothing opened in the channel for everyone to see
+    selects = [b["element"] for b in opened.args["view"]["blocks"] if b["type"] == "input"]
+    assert [s["action_id"] for s in selects] == ["label:topic", "label:urgency", "label:sentiment"]
+    topic = "how_to" if selects[0]["initial_option"]["value"] != "how_to" else "account"
+    await h.slack.send_view_submission({"label:topic": topic}, user_id=AGENT)
+    assert await h.eventually(lambda: h.count(Correction))
+    [correction] = await h.rows(Correction)
+    assert (correction.head, correction.new_label, str(correction.source)) == ("topic", topic, "button")
+    [update] = await h.slack.wait_for("chat.update", timeout=5)
+    assert update.args["ts"] == reply.response["ts"] and f"corrected by <@{AGENT}>" in str(
+        update.args["blocks"]
+    )
+
+
+async def test_a_menu_choice_on_a_reply_with_menus_still_stores(harness_factory: Any) -> None:
+    """Replies whose menus an earlier version opened in the channel keep working."""
+    h = await harness_factory()
+    event, _ = await h.post_customer_message("How do I add a teammate to my workspace?")
+    reply = await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.reply_ts.is_not(None)))
+    option = {"text": {"type": "plain_text", "text": "how_to"}, "value": "how_to"}
     await h.slack.send_block_actions(
         [
             {
                 "type": "static_select",
                 "action_id": "triage_set:topic",
-                "block_id": opened.args["blocks"][-1]["block_id"],
+                "block_id": reply.args["blocks"][-1]["block_id"],
                 "selected_option": option,
                 "action_ts": str(time.time()),
             }

@@ -115,3 +115,5 @@ def test_manifest_matches_what_the_bot_handles() -> None:
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"chat:write", "reactions:read", "reactions:write", "commands", "channels:history"} <= scopes
     assert "users:read" in scopes  # users.info tells agents from guests and other organizations
+    # conversations.info (shared channels, membership) for public and private channels; team.info
+    assert {"channels:read", "groups:read", "team:read"} <= scopes

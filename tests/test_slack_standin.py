@@ -567,6 +567,23 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert joined["channel"]["is_member"] is True and "warning" not in joined.data
     assert (await client.chat_postMessage(channel="C0QUIET", text="hi"))["ok"]
 
+    slack.add_channel("C0CONNECT", "acme-support", shared_with=["T0ACME"])
+    shared = (await client.conversations_info(channel="C0CONNECT"))["channel"]
+    assert (shared["is_shared"], shared["is_ext_shared"], shared["shared_team_ids"]) == (
+        True,
+        True,
+        [slack.team_id, "T0ACME"],
+    )
+    assert channel["is_ext_shared"] is False and channel["shared_team_ids"] == [slack.team_id]
+
+    slack.add_team("T0ACME", "Acme Corp")
+    acme = (await client.team_info(team="T0ACME"))["team"]
+    assert (acme["id"], acme["name"], acme["domain"]) == ("T0ACME", "Acme Corp", "acme-corp")
+    assert (await client.team_info())["team"]["id"] == slack.team_id  # omitted: the bot's own team
+    with pytest.raises(SlackApiError) as no_team:
+        await client.team_info(team="T0NOBODY")
+    assert no_team.value.response["error"] == "team_not_found"
+
     history = await client.conversations_history(channel="C0SUPPORT")
     assert [m["text"] for m in history["messages"]] == ["hello", "one (edited)"]  # newest first, no replies
     replies = await client.conversations_replies(channel="C0SUPPORT", ts=first["ts"])

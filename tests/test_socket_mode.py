@@ -121,7 +121,7 @@ async def test_classify_command_is_answered_in_the_ack(socket_bot: SocketBot) ->
     assert slack.protocol_errors == []
 
 
-async def test_fix_labels_button_opens_the_menus(socket_bot: SocketBot) -> None:
+async def test_fix_labels_button_opens_the_modal(socket_bot: SocketBot) -> None:
     h = await socket_bot()
     slack = standin(h)
     event = slack.message_event(CHANNEL, CUSTOMER, "How do I add a teammate to my workspace?")
@@ -133,9 +133,9 @@ async def test_fix_labels_button_opens_the_menus(socket_bot: SocketBot) -> None:
     )
     assert envelope.type == "interactive" and not envelope.accepts_response_payload
     assert envelope.ack.payload is None
-    [opened] = await slack.wait_for("chat.update", timeout=5)
-    selects = [e["action_id"] for e in opened.args["blocks"][-1]["elements"] if e["type"] == "static_select"]
-    assert selects == ["triage_set:topic", "triage_set:urgency", "triage_set:sentiment"]
+    [opened] = await slack.wait_for("views.open", timeout=5)  # the trigger_id works over Socket Mode too
+    selects = [b["element"]["action_id"] for b in opened.args["view"]["blocks"] if b["type"] == "input"]
+    assert selects == ["label:topic", "label:urgency", "label:sentiment"]
     assert slack.protocol_errors == []
 
 

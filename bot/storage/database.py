@@ -6,7 +6,9 @@ SQLite (the embedded default, under the data directory) and PostgreSQL (producti
 
 from __future__ import annotations
 
+import asyncio
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,7 @@ from alembic.script.revision import RevisionError
 from alembic.util import CommandError
 from sqlalchemy import event, pool, text
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 
 DATABASE_URL_ENV = "DATABASE_URL"
@@ -188,6 +190,24 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 
 
 # --- schema version ----------------------------------------------------------------------------------
+
+
+async def in_transaction(
+    sessions: async_sessionmaker[AsyncSession],
+    work: Callable[[AsyncSession], Awaitable[Any]],
+    attempts: int = 5,
+) -> None:
+    """Run ``work`` in a transaction, retried with a short back-off on database errors: for bookkeeping
+    after something went out to Slack, where giving up would mean posting it twice later."""
+    for attempt in range(attempts):
+        try:
+            async with sessions.begin() as session:
+                await work(session)
+            return
+        except (SQLAlchemyError, TimeoutError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(0.2 * 2**attempt)
 
 
 def migrations_dir() -> Path:

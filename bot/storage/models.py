@@ -324,3 +324,66 @@ class AuditEntry(Base):
     allowed: Mapped[bool] = mapped_column(Boolean)
     reason: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(index=True, default=utcnow)
+
+
+class EscalationState(enum.StrEnum):
+    ESCALATED = "escalated"  # announced in the escalation channel
+    ACKNOWLEDGED = "acknowledged"  # an agent said they are on it
+    DEESCALATED = "deescalated"  # no longer urgent: the post says so
+
+
+class Card(Base):
+    """A triaged message's internal surfaces: its card in the card channel, who claimed it, its escalation.
+
+    A card waits here (``due_at`` set) until it is posted, so a burst never loses one; urgent ones first.
+    """
+
+    __tablename__ = "cards"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))  # where the card was posted
+    ts: Mapped[str | None] = mapped_column(String(SLACK_TS))
+    due_at: Mapped[datetime | None]  # waiting to be posted (or retried) from then; NULL once posted
+    urgent: Mapped[bool] = mapped_column(Boolean, default=False)  # posted before the others
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str | None] = mapped_column(String(SLACK_ID))
+    claimed_at: Mapped[datetime | None]
+    not_request_by: Mapped[str | None] = mapped_column(String(SLACK_ID))
+    escalation_state: Mapped[EscalationState | None] = mapped_column(
+        _enum(EscalationState, "escalation_state")
+    )
+    escalation_channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))
+    escalation_ts: Mapped[str | None] = mapped_column(String(SLACK_TS))
+    escalated_by: Mapped[str | None] = mapped_column(String(SLACK_ID))  # NULL: the model's labels did
+    escalated_at: Mapped[datetime | None]
+    escalation_topic: Mapped[str | None] = mapped_column(String(128))  # the topic when it was escalated
+    acknowledged_by: Mapped[str | None] = mapped_column(String(SLACK_ID))
+    deescalated_by: Mapped[str | None] = mapped_column(String(SLACK_ID))
+
+    __table_args__ = (
+        # the card queue: urgent first, then oldest
+        Index("ix_cards_due", "due_at", "urgent"),
+        # a button on a card must find its message
+        Index("ix_cards_posted", "channel_id", "ts"),
+        # incidents: recent escalations of one topic
+        Index("ix_cards_escalations", "escalation_topic", "escalated_at"),
+    )
+
+
+class Incident(Base):
+    """A "possible incident": a burst of urgent messages of one topic; later escalations of the topic are
+    threaded under its post while they keep coming (each within the incident window of the last)."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    topic: Mapped[str] = mapped_column(String(128))
+    channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))  # the post, in the escalation channel
+    ts: Mapped[str | None] = mapped_column(String(SLACK_TS))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_escalation_at: Mapped[datetime] = mapped_column(default=utcnow)
+    escalations: Mapped[int] = mapped_column(Integer, default=0)
+
+    __table_args__ = (Index("ix_incidents_recent", "topic", "last_escalation_at"),)

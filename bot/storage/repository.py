@@ -35,10 +35,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.storage.models import (
     AuditEntry,
+    Card,
     Correction,
     CorrectionKind,
     CorrectionSource,
     ForgottenUser,
+    Incident,
     Message,
     MessageState,
     ModelStatus,
@@ -997,4 +999,106 @@ async def stats_since(session: AsyncSession, since: datetime) -> Stats:
         corrections=feedback.corrections,
         confirmations=feedback.confirmations,
         pending=await count_pending(session),
+    )
+
+
+# ---- cards ---------------------------------------------------------------------------------------------
+CARD_LEASE = timedelta(seconds=60)  # a replica that took a card and died: another posts it after this
+
+
+async def queue_card(
+    session: AsyncSession, message_id: int, *, urgent: bool, now: datetime | None = None
+) -> Card:
+    """The message's card, queued to be posted now (once: a card posted or queued already is kept)."""
+    card = await ensure_card(session, message_id)
+    if card.ts is None and card.due_at is None:
+        card.urgent, card.due_at = urgent, now or utcnow()
+    return card
+
+
+async def ensure_card(session: AsyncSession, message_id: int) -> Card:
+    """The message's card row, made (not queued: no card to post) when it has none yet: escalation state
+    lives there in every delivery mode."""
+    card = await get_card(session, message_id)
+    if card is None:
+        card = Card(message_id=message_id, urgent=False, due_at=None, attempts=0)
+        session.add(card)
+        await session.flush()
+    return card
+
+
+async def set_escalation_post(session: AsyncSession, message_id: int, channel_id: str, ts: str) -> None:
+    await session.execute(
+        update(Card)
+        .where(Card.message_id == message_id)
+        .values(escalation_channel_id=channel_id, escalation_ts=ts)
+    )
+
+
+async def get_card(session: AsyncSession, message_id: int) -> Card | None:
+    return await session.scalar(select(Card).where(Card.message_id == message_id))
+
+
+async def claim_due_card(
+    session: AsyncSession, *, lease: timedelta = CARD_LEASE, now: datetime | None = None
+) -> Card | None:
+    """Take the card to post next (urgent first, then oldest), hidden from other replicas for ``lease``."""
+    now = now or utcnow()
+    due = (
+        select(Card.id).where(Card.due_at <= now).order_by(Card.urgent.desc(), Card.due_at, Card.id).limit(1)
+    )
+    if _dialect(session) == "postgresql":
+        due = due.with_for_update(skip_locked=True)
+    stmt = (
+        update(Card)
+        .where(Card.id.in_(due.scalar_subquery()))
+        .values(attempts=Card.attempts + 1, due_at=now + lease)
+        .returning(Card)
+    )
+    return cast(
+        Card | None,
+        await session.scalar(
+            stmt, execution_options={"synchronize_session": False, "populate_existing": True}
+        ),
+    )
+
+
+async def card_posted(session: AsyncSession, card_id: int, *, channel_id: str, ts: str) -> None:
+    await session.execute(
+        update(Card).where(Card.id == card_id).values(channel_id=channel_id, ts=ts, due_at=None)
+    )
+
+
+async def retry_card(session: AsyncSession, card_id: int, *, at: datetime) -> None:
+    await session.execute(update(Card).where(Card.id == card_id).values(due_at=at))
+
+
+# ---- incidents -----------------------------------------------------------------------------------------
+async def count_escalations(session: AsyncSession, topic: str, *, since: datetime) -> int:
+    """Escalations of ``topic`` since ``since``."""
+    return await _count(
+        session,
+        select(func.count(Card.id)).where(Card.escalation_topic == topic, Card.escalated_at >= since),
+    )
+
+
+async def mark_escalated(session: AsyncSession, message_id: int, *, topic: str | None, at: datetime) -> None:
+    await session.execute(
+        update(Card).where(Card.message_id == message_id).values(escalation_topic=topic, escalated_at=at)
+    )
+
+
+async def set_incident_post(session: AsyncSession, incident_id: int, channel_id: str, ts: str) -> None:
+    await session.execute(
+        update(Incident).where(Incident.id == incident_id).values(channel_id=channel_id, ts=ts)
+    )
+
+
+async def open_incident(session: AsyncSession, topic: str, *, since: datetime) -> Incident | None:
+    """The incident of ``topic`` still going: its last escalation came after ``since``."""
+    return await session.scalar(
+        select(Incident)
+        .where(Incident.topic == topic, Incident.last_escalation_at >= since)
+        .order_by(Incident.last_escalation_at.desc())
+        .limit(1)
     )

@@ -1,0 +1,309 @@
+"""Triage cards in TRIAGE_CARD_CHANNEL, end to end over HTTP against the Slack stand-in, on both databases."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from bot import cards
+from bot.blocks import LabelView
+from bot.settings import load_settings
+from bot.storage import repository as repo
+from bot.storage.models import Card, Correction, EscalationState, Incident, Message, utcnow
+from tests.slack_standin import ApiCall, SlackStandIn
+from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
+from tests.test_delivery import visible_in
+
+CARDS = "C0CARDS"
+PARTNER = "U0ACMEJOE"  # a customer from another organization
+NONE_URGENT = "no_such_label"  # the model escalates nothing by itself: only people do
+
+
+async def card_for(h: Any, text: str, within_s: float = 8) -> ApiCall:
+    [card] = await h.slack.wait_for(
+        "chat.postMessage",
+        predicate=lambda c: c.ok and c.args["channel"] == CARDS and text[:40] in str(c.args),
+        timeout=within_s,
+    )
+    return card
+
+
+async def card_update(h: Any, card: ApiCall, needle: str) -> ApiCall:
+    [update] = await h.slack.wait_for(
+        "chat.update",
+        predicate=lambda c: c.args["ts"] == card.response["ts"] and needle in str(c.args["blocks"]),
+        timeout=8,
+    )
+    return update
+
+
+def button_ids(card: ApiCall) -> list[str]:
+    return [e["action_id"] for b in card.args["blocks"] if b["type"] == "actions" for e in b["elements"]]
+
+
+async def test_card_mode_posts_one_card_per_message_and_nothing_in_the_channel(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS, triage_urgent_labels=NONE_URGENT)
+    texts = [f"Message {n}: the export to CSV fails with error {n}" for n in range(3)]
+    events = [(await h.post_customer_message(text))[0] for text in texts]
+    posted = [await card_for(h, text) for text in texts]
+    assert len(h.slack.calls_to("chat.postMessage")) == 3 and visible_in(h.slack, CHANNEL) == []
+    card = posted[0]
+    shown = str(card.args["blocks"])
+    assert f"in <#{CHANNEL}>" in shown and f"> {texts[0]}" in shown
+    assert f"/archives/{CHANNEL}/p{events[0]['ts'].replace('.', '')}" in shown  # chat.getPermalink's link
+    assert "*Topic:*" in shown and "%" in shown
+    assert button_ids(card) == [
+        cards.FIX_ACTION,
+        cards.CLAIM_ACTION,
+        cards.NOT_REQUEST_ACTION,
+        cards.ESCALATE_ACTION,
+    ]
+
+    async def all_recorded() -> list[Card]:
+        rows = await h.rows(Card)
+        return rows if all(r.ts for r in rows) else []
+
+    rows = await h.eventually(all_recorded)
+    assert sorted(r.ts for r in rows) == sorted(c.response["ts"] for c in posted)
+    assert all(r.channel_id == CARDS and r.due_at is None for r in rows)
+
+
+async def test_claim_is_recorded_and_shown_and_customers_cannot(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory(triage_card_channel=CARDS)
+    await h.post_customer_message("Can someone look at invoice 4471?")
+    card = await card_for(h, "Can someone look at invoice 4471?")
+    h.slack.add_user(PARTNER, "joe", team_id="T0ACME")
+    ts = card.response["ts"]
+    refused = await h.slack.send_block_actions(
+        [{"action_id": cards.CLAIM_ACTION}], user_id=PARTNER, channel_id=CARDS, message_ts=ts
+    )
+    assert refused.status == 200
+    await h.slack.wait_for("chat.postEphemeral", predicate=lambda c: c.args["user"] == PARTNER, timeout=5)
+    assert [r.claimed_by for r in await h.rows(Card)] == [None]
+    response = await h.slack.send_block_actions(
+        [{"action_id": cards.CLAIM_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=ts
+    )
+    assert response.status == 200
+    await card_update(h, card, f"claimed by <@{AGENT}>")
+    [row] = await h.rows(Card)
+    assert row.claimed_by == AGENT and row.claimed_at is not None
+
+
+async def test_an_agents_reaction_updates_the_card(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory(triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("Export to CSV crashes the app every time")
+    card = await card_for(h, "Export to CSV crashes the app every time")
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "moneybag", CHANNEL, event["ts"]))
+    update = await card_update(h, card, f"corrected by <@{AGENT}>")
+    assert "billing" in str(update.args["blocks"])
+    # the card is not in that channel: the agent (only) gets a note there
+    [note] = await h.slack.wait_for("chat.postEphemeral", timeout=5)
+    assert (note.args["channel"], note.args["user"]) == (CHANNEL, AGENT) and "Topic: billing" in note.args[
+        "text"
+    ]
+    assert visible_in(h.slack, CHANNEL) == ["chat.postEphemeral"]
+
+
+async def test_fix_labels_modal_stores_the_corrections_and_updates_the_card(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    await h.post_customer_message("We were charged twice this month")
+    card = await card_for(h, "We were charged twice this month")
+    await h.slack.send_block_actions(
+        [{"action_id": cards.FIX_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=card.response["ts"]
+    )
+    [opened] = await h.slack.wait_for("views.open", timeout=5)
+    view = opened.args["view"]
+    selects = {e["action_id"]: e for _, e in _elements(view["blocks"]) if e["type"] == "static_select"}
+    assert set(selects) == {"label:topic", "label:urgency", "label:sentiment"}
+    [message] = await h.rows(Message)
+    assert all("initial_option" in s for s in selects.values()) and view["private_metadata"] == str(
+        message.id
+    )
+    current_topic = selects["label:topic"]["initial_option"]["value"]
+    new_topic = "outage" if current_topic != "outage" else "billing"
+    h.slack.add_user(PARTNER, "joe", team_id="T0ACME")
+    forged = await h.slack.send_view_submission({"label:topic": new_topic}, user_id=PARTNER)
+    assert forged.status == 200  # a customer's submission (however they got the view) changes nothing
+    response = await h.slack.send_view_submission(
+        {"label:topic": new_topic, "label:urgency": "critical"}, user_id=AGENT
+    )
+    assert response.status == 200
+    await card_update(h, card, f"corrected by <@{AGENT}>")
+    stored = {c.head: (c.new_label, c.user_id) for c in await h.rows(Correction)}
+    assert all(c.user_id == AGENT for c in await h.rows(Correction))
+    assert stored["topic"] == (new_topic, AGENT)
+    assert "urgency" not in stored or stored["urgency"] == ("critical", AGENT)
+
+
+async def test_a_customer_from_another_organization_is_named_with_it(harness_factory: Any) -> None:  # noqa: F811
+    def shared(slack: SlackStandIn) -> None:
+        slack.add_team("T0ACME", "Acme Corp")
+        slack.add_user(PARTNER, "joe", real_name="Joe Partner", display_name="Joe", team_id="T0ACME")
+        slack.add_channel(CHANNEL, "acme-support", shared_with=["T0ACME"])
+
+    h = await harness_factory(
+        prepare=shared, triage_card_channel=CARDS, triage_channel_delivery=f"{CHANNEL}=thread"
+    )
+    await h.slack.send_event(h.slack.message_event(CHANNEL, PARTNER, "Our SSO login is broken"))
+    card = await card_for(h, "Our SSO login is broken")  # thread asked for; shared: a card instead
+    assert "*Joe* (Acme Corp)" in str(card.args["blocks"])
+    assert visible_in(h.slack, CHANNEL) == []
+
+
+async def test_cards_wait_in_the_database_when_slack_refuses_and_are_never_dropped(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    # the first try fails with its two retries (the client's 5xx policy); the card waits, then goes out
+    h.slack.fail_next("chat.postMessage", status=500, count=3, predicate=lambda a: a.get("channel") == CARDS)
+    await h.post_customer_message("Nothing loads in the dashboard")
+    card = await card_for(h, "Nothing loads in the dashboard", within_s=20)
+
+    async def recorded() -> list[Card]:
+        return await h.rows(Card, Card.ts == card.response["ts"])
+
+    [row] = await h.eventually(recorded)
+    assert row.attempts == 2 and row.due_at is None
+    assert len([c for c in h.slack.calls_to("chat.postMessage") if c.ok]) == 1
+
+
+async def test_the_card_queue_takes_urgent_cards_first(
+    session_factory: async_sessionmaker[AsyncSession],
+) -> None:
+    now = utcnow()
+    async with session_factory.begin() as session:
+        ids = []
+        for n, urgent in enumerate([False, False, True, False]):
+            message, _ = await repo.store_message(
+                session, team_id="T1", channel_id="C1", ts=f"1.{n}", user_id=CUSTOMER, text=f"m{n}"
+            )
+            await repo.queue_card(session, message.id, urgent=urgent, now=now + timedelta(seconds=n))
+            ids.append(message.id)
+    order = []
+    while True:
+        async with session_factory.begin() as session:
+            card = await repo.claim_due_card(session, now=now + timedelta(seconds=10))
+        if card is None:
+            break
+        order.append(card.message_id)
+    assert order == [ids[2], ids[0], ids[1], ids[3]]  # leased: each taken once
+
+
+async def test_raising_urgency_escalates_and_lowering_edits_the_escalation_post(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS, triage_urgent_labels="critical")
+    event, _ = await h.post_customer_message("The checkout page shows a blank screen")
+    card = await card_for(h, "The checkout page shows a blank screen")
+    ts = event["ts"]
+
+    async def react(emoji: str, added: bool = True) -> None:
+        make = h.slack.reaction_added_event if added else h.slack.reaction_removed_event
+        assert (await h.slack.send_event(make(AGENT, emoji, CHANNEL, ts))).status == 200
+
+    await react("large_green_circle")  # urgency low: whatever the model said, not urgent now
+    await h.slack.wait_for("chat.postEphemeral", timeout=8)  # the agent's feedback comes last
+    await react("rotating_light")  # urgency critical: escalated, by the agent
+    [post] = await h.slack.wait_for(
+        "chat.postMessage",
+        predicate=lambda c: (
+            c.args["channel"] == ESCALATION and f"escalated by <@{AGENT}>" in str(c.args["blocks"])
+        ),
+        timeout=8,
+    )
+    assert button_ids(post) == [cards.ACKNOWLEDGE_ACTION, cards.ESCALATION_CLAIM_ACTION]
+    await card_update(h, card, f"escalated by <@{AGENT}>")
+
+    acked = await h.slack.send_block_actions(
+        [{"action_id": cards.ACKNOWLEDGE_ACTION}],
+        user_id=AGENT,
+        channel_id=ESCALATION,
+        message_ts=post.response["ts"],
+    )
+    assert acked.status == 200
+    await card_update(h, post, f"acknowledged by <@{AGENT}>")
+
+    await react("rotating_light", added=False)  # back to the agent's "low": de-escalated, the post edited
+    edited = await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    assert button_ids(edited) == []
+    await card_update(h, card, f"de-escalated by <@{AGENT}>")
+    [row] = await h.rows(Card)
+    assert (row.escalation_state, row.escalation_ts) == (EscalationState.DEESCALATED, post.response["ts"])
+
+
+async def test_card_buttons_escalate_and_de_escalate(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory(triage_card_channel=CARDS, triage_urgent_labels=NONE_URGENT)
+    await h.post_customer_message("Please call me back about the contract")
+    card = await card_for(h, "Please call me back about the contract")
+    ts = card.response["ts"]
+    await h.slack.send_block_actions(
+        [{"action_id": cards.ESCALATE_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=ts
+    )
+    [post] = await h.slack.wait_for(
+        "chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=8
+    )
+    shown = await card_update(h, card, f"escalated by <@{AGENT}>")
+    assert cards.DEESCALATE_ACTION in button_ids(shown)
+    await h.slack.send_block_actions(
+        [{"action_id": cards.DEESCALATE_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=ts
+    )
+    await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    assert len([c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]) == 1
+
+
+async def test_a_burst_of_one_topic_becomes_one_possible_incident(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory(
+        triage_card_channel=CARDS, triage_urgent_labels=NONE_URGENT, triage_incident_count=2
+    )
+    texts = ["Site down for us", "Cannot reach the dashboard", "Everything times out"]
+    for n, text in enumerate(texts, 1):
+        event, _ = await h.post_customer_message(text)
+        card = await card_for(h, text)
+        await h.slack.send_event(h.slack.reaction_added_event(AGENT, "fire", CHANNEL, event["ts"]))  # outage
+        await h.slack.wait_for("chat.postEphemeral", count=n, timeout=8)
+        await h.slack.send_block_actions(
+            [{"action_id": cards.ESCALATE_ACTION}],
+            user_id=AGENT,
+            channel_id=CARDS,
+            message_ts=card.response["ts"],
+        )
+        await h.slack.wait_for(
+            "chat.postMessage",
+            predicate=lambda c, t=text: c.args["channel"] == ESCALATION and t in str(c.args),
+            timeout=8,
+        )
+    posts = [c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]
+    [incident] = [c for c in posts if "Possible incident" in c.args["text"]]
+    assert "2 urgent messages about *outage*" in incident.args["text"]
+    threads = {
+        texts[i]: next(c for c in posts if texts[i] in str(c.args)).args.get("thread_ts") for i in range(3)
+    }
+    assert threads == {texts[0]: None, texts[1]: incident.response["ts"], texts[2]: incident.response["ts"]}
+    [row] = await h.rows(Incident)
+    assert (row.topic, row.escalations, row.ts) == ("outage", 3, incident.response["ts"])
+
+
+def test_an_unsure_urgent_prediction_is_flagged_not_escalated() -> None:
+    settings = load_settings(_env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s")
+    unsure = {"urgency": LabelView("critical", confidence=0.3)}
+    sure = {"urgency": LabelView("critical", confidence=0.9)}
+    set_by_agent = {"urgency": LabelView("critical", predicted="low", by=AGENT)}
+    assert cards.unsure_urgent(unsure, settings) and not cards.unsure_urgent(sure, settings)
+    assert not cards.unsure_urgent(set_by_agent, settings)
+    assert ":eyes: possibly urgent" in cards.status_line(Card(), unsure_urgent=True)
+
+
+def _elements(blocks: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for block in blocks:
+        if "element" in block:
+            found.append((block.get("block_id", ""), block["element"]))
+        for element in block.get("elements", []) if block["type"] == "actions" else []:
+            found.append((block.get("block_id", ""), element))
+    return found
