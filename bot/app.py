@@ -183,7 +183,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     async def fix(ack: Callable[..., Awaitable[None]], body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
         message_id = _int(action.get("value"))
-        if message_id is not None:
+        if message_id is not None and await triage.is_agent((body.get("user") or {}).get("id")):
             later(triage.refresh_reply(message_id, menus_open=True), "open label menus")
 
     @app.action(DONE_ACTION)

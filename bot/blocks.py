@@ -71,12 +71,17 @@ def summary_text(views: Mapping[str, LabelView]) -> str:
     return " · ".join(parts)
 
 
+HINT_FIRST = "urgency"  # what people most need to fix fast is named first in the reaction hint
+MAX_HINTS = 8
+
+
 def _reaction_hint(views: Mapping[str, LabelView], reactions: ReactionMap) -> str:
     hints = []
-    for head in views:
-        for emoji, action in reactions.actions.items():
-            if action.head == head and len(hints) < 6:
-                hints.append(f":{emoji}: {action.label}")
+    for head in sorted(views, key=lambda h: h != HINT_FIRST):
+        emoji_of = {a.label: e for e, a in reactions.actions.items() if a.head == head and a.label}
+        for label in ordered_labels(head, list(emoji_of)):
+            if len(hints) < MAX_HINTS:
+                hints.append(f":{emoji_of[label]}: {label}")
     confirm = reactions.confirm_emoji()
     if confirm:
         hints.append(f":{confirm}: all right")

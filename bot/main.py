@@ -109,6 +109,13 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     )
     cleanup.append(classifier.close)
     pacer = ChannelPacer()
+    agents = Agents(
+        client,
+        team_id=str(auth.get("team_id") or ""),
+        admins=settings.triage_admins,
+        configured=settings.triage_agents,
+    )
+    await agents.group_members()  # TRIAGE_AGENTS' user groups, looked up once before the first event
     triage = Triage(
         settings,
         sessions,
@@ -117,6 +124,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         reactions or ReactionMap.load(settings.triage_reactions_file),
         pacer,
         bot_user_id=str(auth.get("user_id") or ""),
+        agents=agents,
     )
     retrainer = Retrainer(
         sessions,
@@ -135,7 +143,6 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             max_rows=settings.triage_retrain_max_accepted,
         ),
     )
-    agents = Agents(client, team_id=str(auth.get("team_id") or ""), admins=settings.triage_admins)
     commands = Commands(settings, sessions, classifier, agents, retrainer)
     app = build_app(settings, triage, commands, client)
 

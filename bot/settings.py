@@ -19,6 +19,7 @@ from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
+AGENT_ID = re.compile(r"^[UWS][A-Z0-9]{2,}$")  # a user, or a user group (S…)
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -52,6 +53,8 @@ class BotSettings(BaseSettings):
     classifier_admin_token: SecretStr | None = None  # lets /triage models|status|rollback use `triage serve`
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
+    triage_agents: CommaList = Field(default_factory=list)  # user and user-group ids; empty: workspace rule
+    triage_triage_agents: bool = False  # also triage messages agents write
     triage_escalation_channel: str | None = None
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
@@ -82,9 +85,9 @@ class BotSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
 
-    _split_lists = field_validator("triage_channels", "triage_admins", "triage_urgent_labels", mode="before")(
-        _split
-    )
+    _split_lists = field_validator(
+        "triage_channels", "triage_admins", "triage_agents", "triage_urgent_labels", mode="before"
+    )(_split)
 
     @field_validator("slack_bot_token")
     @classmethod
@@ -144,6 +147,17 @@ class BotSettings(BaseSettings):
         bad = [u for u in v if not USER_ID.match(u)]
         if bad:
             raise ValueError(f"not Slack user ids: {', '.join(bad)} (expected ids like U0123ABCD)")
+        return v
+
+    @field_validator("triage_agents")
+    @classmethod
+    def _agents(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if not AGENT_ID.match(u)]
+        if bad:
+            raise ValueError(
+                f"not Slack user or user-group ids: {', '.join(bad)} "
+                "(expected ids like U0123ABCD or S0123ABCD)"
+            )
         return v
 
     @field_validator("triage_routes")

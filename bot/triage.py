@@ -22,8 +22,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
+from bot.agents import Agents
 from bot.blocks import LabelView
-from bot.reactions import ReactionMap
+from bot.reactions import URGENT_MARKER, ReactionMap
 from bot.settings import BotSettings
 from bot.storage import repository as repo
 from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
@@ -85,8 +86,10 @@ class Triage:
         reactions: ReactionMap,
         pacer: ChannelPacer | None = None,
         bot_user_id: str | None = None,
+        agents: Agents | None = None,
     ):
         self.settings = settings
+        self.agents = agents  # None: nobody is told apart (everyone's messages and labels count)
         self.bot_user_id = bot_user_id  # our own reactions are not corrections
         self.sessions = sessions
         self.classifier = classifier
@@ -179,10 +182,26 @@ class Triage:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.triage_pending_interval_s)
 
+    async def is_agent(self, user_id: str | None) -> bool:
+        """Whether someone is on the support team (``bot/agents.py``): only agents change labels."""
+        return bool(user_id) and (self.agents is None or await self.agents.is_agent(str(user_id)))
+
+    async def _written_by_agent(self, message: Message) -> bool:
+        return (
+            self.agents is not None
+            and not self.settings.triage_triage_agents
+            and await self.agents.is_agent(message.user_id or "")
+        )
+
     async def classify_and_reply(self, message: Message) -> None:
         if message.text is None:  # forgotten user: stored without text, nothing to classify
             async with self.sessions.begin() as session:
                 await repo.mark_skipped(session, message.id, reason="no text")
+            return
+        if await self._written_by_agent(message):  # kept (without its text) only so it is not taken again
+            async with self.sessions.begin() as session:
+                await repo.remove_text(session, message.id)
+                await repo.mark_skipped(session, message.id, reason="written by an agent")
             return
         started = time.perf_counter()
         try:
@@ -292,7 +311,7 @@ class Triage:
                 self.client.reactions_add,
                 channel=message.channel_id,
                 timestamp=message.ts,
-                name="rotating_light",
+                name=URGENT_MARKER,
             )
         if not targets:
             return
@@ -351,8 +370,8 @@ class Triage:
         Returns the id of the message whose reply should be refreshed (``refresh_reply``), or ``None``.
         """
         action = self.reactions.get(reaction)
-        if action is None or user_id == self.bot_user_id:
-            return None
+        if action is None or user_id == self.bot_user_id or not await self.is_agent(user_id):
+            return None  # a customer's :bug: means nothing here, and nothing of it is stored
         async with self.sessions.begin() as session:
             if event_id and not await repo.record_event(session, event_id):
                 return None
@@ -396,6 +415,8 @@ class Triage:
         reply_ts: str,
     ) -> int | None:
         """Store a label picked in the reply's menus; returns the message id to refresh, or ``None``."""
+        if not await self.is_agent(user_id):
+            return None
         async with self.sessions.begin() as session:
             message = await session.get(Message, message_id)
             if (

@@ -47,7 +47,8 @@ from multidict import CIMultiDict
 
 JSON = dict[str, Any]
 
-DEFAULT_USER_ID = "U0CUSTOMER"
+DEFAULT_USER_ID = "U0CUSTOMER"  # a customer: a user of another organization (Slack Connect)
+CUSTOMER_TEAM_ID = "T0CUSTOMER"
 DEFAULT_CHANNEL_ID = "C0SUPPORT"
 SLACK_USER_AGENT = "Slackbot 1.0 (+https://api.slack.com/robots)"
 SLACK_ACK_TIMEOUT_S = 3.0  # Slack gives up on (and later retries) a request not acked within 3 seconds
@@ -461,7 +462,10 @@ class SlackStandIn:
         self.port = 0
         self.api_url = ""
         self.response_url_base = ""
+        self.usergroups: dict[str, list[str]] = {}  # user group id (S…) -> member user ids
         self.add_user(bot_user_id, bot_name, is_bot=True)
+        # Made-up users are members of this workspace; the default user is a customer from elsewhere.
+        self.add_user(DEFAULT_USER_ID, "customer", team_id=CUSTOMER_TEAM_ID)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -644,6 +648,11 @@ class SlackStandIn:
             channel["user"] = user
         self.channels[channel_id] = channel
         return channel
+
+    def add_usergroup(self, group_id: str, users: Iterable[str]) -> list[str]:
+        """Register a user group (``S…``) as usergroups.users.list reports it; set it again to change it."""
+        self.usergroups[group_id] = list(users)
+        return self.usergroups[group_id]
 
     def user(self, user_id: str) -> JSON:
         return self.users.get(user_id) or self.add_user(user_id)
@@ -1634,6 +1643,7 @@ class SlackStandIn:
             "reactions.add": self._reactions_add,
             "reactions.remove": self._reactions_remove,
             "users.info": self._users_info,
+            "usergroups.users.list": self._usergroups_users_list,
             "conversations.info": self._conversations_info,
             "conversations.join": self._conversations_join,
             "conversations.open": self._conversations_open,
@@ -1806,6 +1816,14 @@ class SlackStandIn:
         if not user_id:
             raise ApiError("user_not_found")
         return {"user": copy.deepcopy(self.user(str(user_id)))}
+
+    def _usergroups_users_list(self, call: ApiCall) -> JSON:
+        group_id = call.args.get("usergroup")
+        if not group_id:
+            raise ApiError("invalid_arguments")
+        if group_id not in self.usergroups:
+            raise ApiError("no_such_subteam")
+        return {"users": list(self.usergroups[str(group_id)])}
 
     def _conversations_info(self, call: ApiCall) -> JSON:
         channel_id = call.args.get("channel")

@@ -85,11 +85,15 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
     await upgrade_database(database_url)
     started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
 
-    async def make(with_model: bool = True, **settings: Any) -> Harness:
+    async def make(
+        with_model: bool = True, prepare: Callable[[SlackStandIn], Any] | None = None, **settings: Any
+    ) -> Harness:
         if with_model:
             make_tiny_version(Registry(data_dir / "models"), tiny_bert)
         slack = SlackStandIn()
         await slack.start()
+        if prepare is not None:  # Slack as it is before the bot starts (user groups, history)
+            prepare(slack)
         config = load_settings(
             _env_file=None,
             slack_bot_token=slack.bot_token,

@@ -551,6 +551,13 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert (guest["team_id"], guest["is_restricted"], guest["is_ultra_restricted"]) == ("T0001", True, True)
     partner = (await client.users_info(user="U0PARTNER"))["user"]
     assert (partner["team_id"], partner["profile"]["team"], partner["deleted"]) == ("T0OTHER",) * 2 + (True,)
+    customer = (await client.users_info(user=DEFAULT_USER_ID))["user"]  # the default user: a customer
+    assert customer["team_id"] == "T0CUSTOMER" != slack.team_id
+    slack.add_usergroup("S0SUPPORT", ["U0ANNA", "W0GRID"])
+    assert (await client.usergroups_users_list(usergroup="S0SUPPORT"))["users"] == ["U0ANNA", "W0GRID"]
+    with pytest.raises(SlackApiError) as unknown:
+        await client.usergroups_users_list(usergroup="S0NOSUCH")
+    assert unknown.value.response["error"] == "no_such_subteam"
 
     slack.add_channel("C0QUIET", "quiet", is_member=False)
     channel = (await client.conversations_info(channel="C0QUIET"))["channel"]

@@ -720,10 +720,17 @@ async def forget_user(
         .values(user_id=user_id, forgotten_at=now, requested_by=requested_by)
         .on_conflict_do_nothing(index_elements=["user_id"])
     )
+    return await _remove_texts(session, Message.user_id == user_id, now=now)
+
+
+async def remove_text(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> int:
+    """Remove one message's text as ``forget_user`` removes a person's (its labels stay); returns 0 or 1."""
+    return await _remove_texts(session, Message.id == message_id, now=now or utcnow())
+
+
+async def _remove_texts(session: AsyncSession, *where: ColumnElement[bool], now: datetime) -> int:
     result = await session.execute(
-        update(Message)
-        .where(Message.user_id == user_id, Message.text.is_not(None))
-        .values(text=None, text_removed_at=now)
+        update(Message).where(*where, Message.text.is_not(None)).values(text=None, text_removed_at=now)
     )
     return _rowcount(result)
 
