@@ -24,6 +24,7 @@ class LabelView:
     predicted: str | None = None  # the model's label when a person changed it
     by: str | None = None  # user id of the person who corrected or confirmed it
     confirmed: bool = False
+    before_edit: bool = False  # a person's label for the text as it was before its author edited it
 
 
 def _default_first(known: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -48,6 +49,11 @@ def head_title(head: str) -> str:
 
 
 def _label_line(head: str, view: LabelView, unsure_below: float) -> str:
+    line = _label_text(head, view, unsure_below)
+    return f"{line}  _(given before the message was edited)_" if view.before_edit else line
+
+
+def _label_text(head: str, view: LabelView, unsure_below: float) -> str:
     title = f"*{head_title(head)}:*"
     if view.by and view.predicted and view.predicted != view.label:
         return f"{title} ~{view.predicted}~ → *{view.label}*  _corrected by <@{view.by}>_"

@@ -19,6 +19,7 @@ from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
+BOT_ID = re.compile(r"^B[A-Z0-9]{2,}$")
 AGENT_ID = re.compile(r"^[UWS][A-Z0-9]{2,}$")  # a user, or a user group (S…)
 
 CommaList = Annotated[list[str], NoDecode]
@@ -55,6 +56,7 @@ class BotSettings(BaseSettings):
     triage_admins: CommaList = Field(default_factory=list)
     triage_agents: CommaList = Field(default_factory=list)  # user and user-group ids; empty: workspace rule
     triage_triage_agents: bool = False  # also triage messages agents write
+    triage_allowed_bots: CommaList = Field(default_factory=list)  # bot ids (B…) whose posts are triaged
     triage_escalation_channel: str | None = None
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
@@ -86,7 +88,12 @@ class BotSettings(BaseSettings):
     port: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
 
     _split_lists = field_validator(
-        "triage_channels", "triage_admins", "triage_agents", "triage_urgent_labels", mode="before"
+        "triage_channels",
+        "triage_admins",
+        "triage_agents",
+        "triage_allowed_bots",
+        "triage_urgent_labels",
+        mode="before",
     )(_split)
 
     @field_validator("slack_bot_token")
@@ -158,6 +165,14 @@ class BotSettings(BaseSettings):
                 f"not Slack user or user-group ids: {', '.join(bad)} "
                 "(expected ids like U0123ABCD or S0123ABCD)"
             )
+        return v
+
+    @field_validator("triage_allowed_bots")
+    @classmethod
+    def _bots(cls, v: list[str]) -> list[str]:
+        bad = [b for b in v if not BOT_ID.match(b)]
+        if bad:
+            raise ValueError(f"not Slack bot ids: {', '.join(bad)} (expected ids like B0123ABCD)")
         return v
 
     @field_validator("triage_routes")

@@ -21,7 +21,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import blocks
+from bot import blocks, lifecycle
 from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.reactions import URGENT_MARKER, ReactionMap
@@ -132,6 +132,10 @@ class Triage:
             )
         if not created or empty:
             return False
+        return await self.enqueue(message)
+
+    async def enqueue(self, message: Message) -> bool:
+        """Queue a pending message the caller holds the lease of; under overload it waits in the database."""
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
@@ -190,7 +194,8 @@ class Triage:
         return (
             self.agents is not None
             and not self.settings.triage_triage_agents
-            and await self.agents.is_agent(message.user_id or "")
+            and message.user_id is not None  # a Workflow Builder post has no author
+            and await self.agents.is_agent(message.user_id)
         )
 
     async def classify_and_reply(self, message: Message) -> None:
@@ -218,6 +223,16 @@ class Triage:
         latency_ms = (time.perf_counter() - started) * 1000
         text_result = result.results[0]
         views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in text_result.heads.items()}
+
+        async def record(session: AsyncSession) -> None:
+            await repo.add_prediction(
+                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
+            )
+            await repo.mark_classified(session, message.id)
+
+        if lifecycle.is_thread_reply(message) or (message.edited_at and message.reply_ts):
+            await lifecycle.reclassified(self, message, views, record)  # bot/lifecycle.py
+            return
         labels = {h: list(p.scores) for h, p in text_result.heads.items()}
         reply = blocks.reply_blocks(
             message.id,
@@ -262,12 +277,6 @@ class Triage:
             channel, ts = str(posted["channel"]), str(posted["ts"])
             # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
             await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
-
-        async def record(session: AsyncSession) -> None:
-            await repo.add_prediction(
-                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
-            )
-            await repo.mark_classified(session, message.id)
 
         await self._in_transaction(record)
         await self._route(message, views)
@@ -509,6 +518,7 @@ class Triage:
                     predicted=p.label,
                     by=c.user_id,
                     confirmed=c.kind == CorrectionKind.CONFIRMATION,
+                    before_edit=message.edited_at is not None and c.created_at < message.edited_at,
                 )
         reply = blocks.reply_blocks(
             message_id,

@@ -172,13 +172,12 @@ async def test_ignored_events_are_acknowledged(harness_factory: Any) -> None:
     h = await harness_factory()
     original, _ = await h.post_customer_message("first message")
     await h.reply_to(original["ts"])
+    # edits, deletions, thread replies and Workflow Builder posts: tests/test_bot_lifecycle.py
     events = [
-        h.slack.message_changed_event(CHANNEL, original["ts"], "edited text"),
-        h.slack.message_deleted_event(CHANNEL, original["ts"]),
         h.slack.channel_join_event(CHANNEL, "U0NEWBIE"),
-        h.slack.bot_message_event(CHANNEL, "an integration posting"),
-        h.slack.message_event(CHANNEL, CUSTOMER, "a reply in the thread", thread_ts=original["ts"]),
+        h.slack.message_event(CHANNEL, "U0OTHERBOT", "another app's bot user posting", bot_id="B0OTHER"),
         h.slack.message_event("C0ELSEWHERE", CUSTOMER, "not a triage channel"),
+        h.slack.message_event(CHANNEL, CUSTOMER, "a reply in an untriaged thread", thread_ts="1.000001"),
         h.slack.member_joined_channel_event(CHANNEL, "U0NEWBIE"),
         h.slack.message_event(CHANNEL, CUSTOMER, "   "),
     ]

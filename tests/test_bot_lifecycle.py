@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from bot.storage.models import Correction, Message, MessageState, Prediction, SlackEvent
-from tests.test_bot import AGENT, CHANNEL, CUSTOMER, harness_factory  # noqa: F401
+from bot.storage import repository as repo
+from bot.storage.models import Correction, Message, MessageState, Prediction, SlackEvent, utcnow
+from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 
 
 async def test_a_customers_reaction_stores_nothing_and_an_agents_stores_a_correction(
@@ -66,3 +67,147 @@ async def test_triage_agents_names_users_and_user_groups(harness_factory: Any) -
         await h.slack.send_event(h.slack.reaction_added_event(user, "bug", CHANNEL, asked["ts"]))
     assert sorted(c.user_id for c in await h.rows(Correction)) == [groupie, lead]
     assert len(h.slack.calls_to("usergroups.users.list")) == 1  # cached
+
+
+async def _triaged(h: Any, text: str) -> tuple[dict[str, Any], Any]:
+    event, _ = await h.post_customer_message(text)
+    reply = await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    return event, reply
+
+
+async def test_an_edit_is_classified_again_and_the_reply_updated(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory()
+    event, reply = await _triaged(h, "Export to CSV crashes the app every time")
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, event["ts"]))
+    await h.slack.wait_for("chat.update", timeout=5)
+    # an unfurl: Slack sends message_changed with the same text; nothing happens
+    unfurl = h.slack.message_changed_event(CHANNEL, event["ts"], event["text"])
+    unfurl["message"]["attachments"] = [{"id": 1, "title": "example.com", "from_url": "https://example.com"}]
+    assert (await h.slack.send_event(unfurl)).status == 200
+    [message] = await h.rows(Message)
+    assert message.edited_at is None and message.state == MessageState.CLASSIFIED
+    new_text = "Actually the whole site is down for all our users, nobody can log in"
+    edit = h.slack.message_changed_event(CHANNEL, event["ts"], new_text)
+    assert (await h.slack.send_event(edit)).status == 200
+    [message] = await h.rows(Message)
+    assert message.text == new_text and message.edited_at is not None  # replaced before the ack
+    assert await h.eventually(lambda: h.count(Prediction)) and await h.eventually(
+        lambda: h.count(Message, Message.state == MessageState.CLASSIFIED)
+    )
+    assert await h.count(Prediction) == 2
+    updates = await h.slack.wait_for("chat.update", count=2, timeout=5)
+    assert updates[-1].args["ts"] == reply.response["ts"]
+    assert "_(given before the message was edited)_" in str(updates[-1].args["blocks"])
+    posted = [c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]
+    assert len(posted) == 1  # updated, never answered twice
+    [correction] = await h.rows(Correction)  # kept, shown as given to the earlier text, not trained on
+    assert correction.new_label == "bug"
+    async with h.sessions() as session:
+        assert await repo.export_training_set(session, until=utcnow()) == []
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "fire", CHANNEL, event["ts"]))
+    async with h.sessions() as session:  # a label given to the new text is
+        [example] = await repo.export_training_set(session, until=utcnow())
+    assert (example.text, example.labels) == (new_text, {"topic": "outage"})
+
+
+async def test_a_deleted_message_loses_its_text_and_its_reply(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory()
+    event, reply = await _triaged(h, "Please refund invoice 4471, we were charged twice")
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "moneybag", CHANNEL, event["ts"]))
+    assert await h.eventually(lambda: h.count(Correction))
+    response = await h.slack.send_event(h.slack.message_deleted_event(CHANNEL, event["ts"]))
+    assert response.status == 200
+    [message] = await h.rows(Message)
+    assert message.text is None and message.text_removed_at and message.deleted_at  # gone before the ack
+    [deleted] = await h.slack.wait_for("chat.delete", timeout=5)
+    assert (deleted.args["channel"], deleted.args["ts"], deleted.status) == (
+        CHANNEL,
+        reply.response["ts"],
+        200,
+    )
+    assert h.slack.message(CHANNEL, reply.response["ts"]) is None
+    async with h.sessions() as session:  # its labels are not trained on
+        assert await repo.export_training_set(session, until=utcnow()) == []
+    # Slack then tells of the reply's deletion too: nothing more happens
+    assert (
+        await h.slack.send_event(h.slack.message_deleted_event(CHANNEL, reply.response["ts"]))
+    ).status == 200
+    assert len(h.slack.calls_to("chat.delete")) == 1
+
+
+async def test_a_deleted_thread_parent_leaves_a_tombstone_and_is_deleted(harness_factory: Any) -> None:  # noqa: F811
+    """A message with replies (the bot's, at least) is replaced by a tombstone when deleted: Slack sends
+    message_changed whose message has subtype tombstone."""
+    h = await harness_factory()
+    event, reply = await _triaged(h, "Our exports have been failing since Monday")
+    tombstone = h.slack.message_changed_event(CHANNEL, event["ts"], "This message was deleted.")
+    tombstone["message"].update({"subtype": "tombstone", "hidden": True, "user": "USLACKBOT"})
+    tombstone["message"].pop("edited", None)
+    assert (await h.slack.send_event(tombstone)).status == 200
+    [message] = await h.rows(Message)
+    assert message.text is None and message.deleted_at is not None
+    [deleted] = await h.slack.wait_for("chat.delete", timeout=5)
+    assert deleted.args["ts"] == reply.response["ts"]
+
+
+async def test_a_customer_reply_that_raises_the_threads_urgency_escalates(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_urgent_labels="low,medium,high,critical")
+    event, _ = await _triaged(h, "Where can I find the invoices page?")
+    await h.slack.wait_for("chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=5)
+    # an agent says the thread is not urgent at all; the customer's reply then says it is
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "large_green_circle", CHANNEL, event["ts"]))
+    follow_up = await _text_predicted_above(h, "low")
+    agent_reply = h.slack.message_event(CHANNEL, AGENT, "Checking, one moment", thread_ts=event["ts"])
+    await h.slack.send_event(agent_reply)
+    customer_reply = h.slack.message_event(CHANNEL, CUSTOMER, follow_up, thread_ts=event["ts"])
+    assert (await h.slack.send_event(customer_reply)).status == 200
+    escalations = await h.slack.wait_for(
+        "chat.postMessage", count=2, predicate=lambda c: c.args["channel"] == ESCALATION, timeout=8
+    )
+    assert "a reply raised the thread's urgency" in escalations[-1].args["text"]
+    assert customer_reply["ts"].replace(".", "") in escalations[-1].args["text"]  # links the reply
+    by_ts = {m.ts: m for m in await h.rows(Message)}
+    assert by_ts[agent_reply["ts"]].last_error == "written by an agent"
+    assert by_ts[customer_reply["ts"]].thread_ts == event["ts"]
+    assert await h.eventually(lambda: h.count(Prediction)) and await h.count(Prediction) == 2
+    # no reply of its own in the thread: the bot answered the thread once
+    assert [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")].count(event["ts"]) == 1
+
+
+async def _text_predicted_above(h: Any, label: str) -> str:
+    """A follow-up whose predicted urgency (tiny random model, deterministic) is above ``label``."""
+    candidates = [
+        "This is now blocking our whole team, please help",
+        "Production is down, all customers affected",
+        "Still broken, any update?",
+        "We are losing money every minute",
+        "Urgent: nobody can log in",
+    ]
+    result = await h.bot.triage.classifier.classify(candidates)
+    for text, prediction in zip(candidates, result.results, strict=True):
+        if prediction.heads["urgency"].label != label:
+            return text
+    raise AssertionError(f"the tiny model calls every candidate {label}")
+
+
+async def test_workflow_builder_posts_are_triaged_and_other_bots_are_not(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_allowed_bots="B0FORMS")
+    h.slack.add_user("U0FORMSBOT", "forms", is_bot=True)
+    form = h.slack.bot_message_event(CHANNEL, "", username="Support request form")
+    form["attachments"] = [{"fallback": "New request", "text": "Our SSO login fails for every user"}]
+    allowed = h.slack.message_event(CHANNEL, "U0FORMSBOT", "Request: refund invoice 88", bot_id="B0FORMS")
+    other = h.slack.message_event(CHANNEL, "U0OTHERBOT", "Deploy finished", bot_id="B0OTHER")
+    for event in (form, allowed, other):
+        assert (await h.slack.send_event(event)).status == 200
+    await h.reply_to(form["ts"])
+    await h.reply_to(allowed["ts"])
+    texts = {m.ts: m.text for m in await h.rows(Message)}
+    assert texts == {
+        form["ts"]: "Our SSO login fails for every user",
+        allowed["ts"]: "Request: refund invoice 88",
+    }

@@ -67,6 +67,9 @@ def test_triage_agents_take_user_and_group_ids_only() -> None:
     s = load_settings(**BASE, triage_agents="U0LEAD, S0SUPPORT,W0GRID", triage_triage_agents="true")
     assert s.triage_agents == ["U0LEAD", "S0SUPPORT", "W0GRID"] and s.triage_triage_agents
     assert load_settings(**BASE).triage_agents == [] and not load_settings(**BASE).triage_triage_agents
+    assert load_settings(**BASE, triage_allowed_bots="B0FORMS").triage_allowed_bots == ["B0FORMS"]
+    with pytest.raises(SettingsError, match="TRIAGE_ALLOWED_BOTS: not Slack bot ids: U0BOT"):
+        load_settings(**BASE, triage_allowed_bots="U0BOT")
     with pytest.raises(SettingsError) as err:
         load_settings(**BASE, triage_agents="U0LEAD,@support,C0CHAN")
     assert str(err.value) == (
