@@ -20,6 +20,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.agents import Agents
 from bot.app import build_app, health_app, http_app, make_web_client
+from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.reactions import ReactionMap
 from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
@@ -62,6 +63,7 @@ class RunningBot:
     stop_event: asyncio.Event
     _cleanup: list[Any]
     link: SocketModeLink | None = None  # Socket Mode only
+    backfill: Backfill | None = None
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -182,13 +184,48 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else settings.port
     cleanup.append(runner.cleanup)
+    backfill = start_backfill(client, triage, auth, link, cleanup)
     log.info(
         "triage bot up (%s on port %s), bot user %s",
         "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
         port,
         auth.get("user_id"),
     )
-    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link)
+    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link, backfill)
+
+
+def start_backfill(
+    client: AsyncWebClient,
+    triage: Triage,
+    auth: dict[str, Any],
+    link: SocketModeLink | None,
+    cleanup: list[Any],
+) -> Backfill:
+    """Read what was posted while the bot was away: now, and after every Socket Mode reconnect."""
+    backfill = Backfill(
+        triage,
+        client,
+        team_id=str(auth.get("team_id") or ""),
+        bot_user_id=str(auth.get("user_id") or ""),
+        bot_id=str(auth.get("bot_id") or ""),
+    )
+    tasks: set[asyncio.Task[None]] = set()
+
+    def start() -> None:
+        task = asyncio.ensure_future(backfill.run_logged())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def stop() -> None:
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    cleanup.append(stop)
+    if link is not None:
+        link.on_reconnect = start
+    start()
+    return backfill
 
 
 async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:

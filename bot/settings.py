@@ -56,6 +56,7 @@ class BotSettings(BaseSettings):
     triage_admins: CommaList = Field(default_factory=list)
     triage_agents: CommaList = Field(default_factory=list)  # user and user-group ids; empty: workspace rule
     triage_triage_agents: bool = False  # also triage messages agents write
+    triage_backfill_hours: float = Field(24.0, ge=0)  # how far back a backfill reads history (0: never)
     triage_allowed_bots: CommaList = Field(default_factory=list)  # bot ids (B…) whose posts are triaged
     triage_escalation_channel: str | None = None
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])

@@ -197,6 +197,18 @@ def state_value(element: JSON, value: Any) -> JSON:
     return {"type": kind, "value": value}
 
 
+def _encode_cursor(position: str) -> str:
+    """An opaque page cursor in Slack's style (base64 of where the next page starts)."""
+    return base64.b64encode(f"next_ts:{position}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.b64decode(cursor, validate=True).decode().removeprefix("next_ts:")
+    except ValueError:
+        raise ApiError("invalid_cursor") from None
+
+
 def _truthy(value: Any) -> bool:
     return value in (True, 1, "1", "true", "True")
 
@@ -1648,6 +1660,7 @@ class SlackStandIn:
             "conversations.join": self._conversations_join,
             "conversations.open": self._conversations_open,
             "conversations.history": self._conversations_history,
+            "users.conversations": self._users_conversations,
             "conversations.replies": self._conversations_replies,
             "views.open": self._views_open,
             "views.push": self._views_push,
@@ -1863,17 +1876,63 @@ class SlackStandIn:
         return str(channel_id)
 
     def _conversations_history(self, call: ApiCall) -> JSON:
-        channel = self._readable_channel(call.args)
-        limit = int(call.args.get("limit") or 100)
-        top_level = [m for m in self.messages_in(channel) if m.get("thread_ts") in (None, m["ts"])]
-        newest_first = list(reversed(top_level))
+        """Top-level messages (and thread broadcasts), newest first, between ``oldest`` and ``latest``
+        (exclusive unless ``inclusive``), ``limit`` a page (default 100, at most 999), paged by
+        ``cursor`` / ``response_metadata.next_cursor`` as Slack documents."""
+        args = call.args
+        channel = self._readable_channel(args)
+        limit = min(int(args.get("limit") or 100), 999)
+        inclusive = _truthy(args.get("inclusive"))
+        oldest = float(args.get("oldest") or 0)
+        latest = float(args["latest"]) if args.get("latest") else float("inf")
+        if args.get("cursor"):  # our cursor: the ts to continue below, as Slack's opaque base64
+            latest, inclusive = float(_decode_cursor(str(args["cursor"]))), False
+
+        def in_range(ts: float) -> bool:
+            return (oldest <= ts <= latest) if inclusive else (oldest < ts < latest)
+
+        top_level = [
+            m
+            for m in self.messages_in(channel)
+            if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
+        ]
+        newest_first = [m for m in reversed(top_level) if in_range(float(m["ts"]))]
+        page, more = newest_first[:limit], len(newest_first) > limit
         return {
-            "messages": copy.deepcopy(newest_first[:limit]),
-            "has_more": len(newest_first) > limit,
+            "messages": copy.deepcopy(page),
+            "has_more": more,
             "pin_count": 0,
             "channel_actions_ts": None,
             "channel_actions_count": 0,
-            "response_metadata": {"next_cursor": ""},
+            "response_metadata": {"next_cursor": _encode_cursor(page[-1]["ts"]) if more else ""},
+        }
+
+    def _users_conversations(self, call: ApiCall) -> JSON:
+        """The conversations the bot is a member of, of ``types`` (default public_channel), paged."""
+        args = call.args
+        types = set(str(args.get("types") or "public_channel").split(","))
+        limit = min(int(args.get("limit") or 100), 1000)
+        start = int(_decode_cursor(str(args["cursor"])).removeprefix("offset:")) if args.get("cursor") else 0
+
+        def kind(info: JSON) -> str:
+            if info["is_im"]:
+                return "im"
+            if info["is_mpim"]:
+                return "mpim"
+            return "private_channel" if info["is_private"] else "public_channel"
+
+        found = [
+            info
+            for info in self.channels.values()
+            if info["is_member"]
+            and kind(info) in types
+            and not (_truthy(args.get("exclude_archived")) and info["is_archived"])
+        ]
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        return {
+            "channels": copy.deepcopy(page),
+            "response_metadata": {"next_cursor": _encode_cursor(f"offset:{start + limit}") if more else ""},
         }
 
     def _conversations_replies(self, call: ApiCall) -> JSON:

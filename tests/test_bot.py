@@ -80,6 +80,10 @@ class Harness:
         return calls[0]
 
 
+async def caught_up(bot: RunningBot) -> bool:
+    return bot.backfill is not None and bot.backfill.runs > 0
+
+
 @pytest.fixture
 async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) -> AsyncIterator[Any]:
     await upgrade_database(database_url)
@@ -114,6 +118,7 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
         slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"
         harness = Harness(slack, bot, database_url)
         started.append((slack, bot, harness))
+        await harness.eventually(lambda: caught_up(bot))  # the start-up backfill read the channel
         return harness
 
     yield make

@@ -6,11 +6,17 @@ up on first use (``U0AGENT``) are full members of the bot's workspace: agents.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
+import pytest
+
+from bot import backfill as backfill_module
+from bot.main import start_bot
 from bot.storage import repository as repo
 from bot.storage.models import Correction, Message, MessageState, Prediction, SlackEvent, utcnow
-from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
+from tests.slack_standin import SlackStandIn
+from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, caught_up, harness_factory  # noqa: F401
 
 
 async def test_a_customers_reaction_stores_nothing_and_an_agents_stores_a_correction(
@@ -211,3 +217,41 @@ async def test_workflow_builder_posts_are_triaged_and_other_bots_are_not(
         form["ts"]: "Our SSO login fails for every user",
         allowed["ts"]: "Request: refund invoice 88",
     }
+
+
+async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_once(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(backfill_module, "PAGE_SIZE", 2)  # several pages of conversations.history
+    before: list[dict[str, Any]] = []
+
+    def while_down(slack: SlackStandIn) -> None:
+        slack.message_event(CHANNEL, CUSTOMER, "Posted two days ago", ts=f"{time.time() - 2 * 86400:.6f}")
+        for text in ("Invoices page is blank", "Cannot add a teammate", "Refund for invoice 12 please"):
+            before.append(slack.message_event(CHANNEL, CUSTOMER, text))
+        before.append(slack.message_event(CHANNEL, AGENT, "We are on it"))
+        slack.message_event(CHANNEL, CUSTOMER, "Any news?", thread_ts=before[0]["ts"])
+
+    h = await harness_factory(prepare=while_down)
+    *customers, agent = before
+    for event in customers:
+        await h.reply_to(event["ts"])
+    assert (await h.slack.send_event(before[0])).status == 200  # Slack's late redelivery: no second reply
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED)) == 3
+    await h.bot.stop()
+
+    after = [h.slack.message_event(CHANNEL, CUSTOMER, t) for t in ("SSO is broken", "Export fails")]
+    bot = await start_bot(h.bot.settings)  # the same database and Slack: a restart
+    try:
+        for event in after:
+            await h.reply_to(event["ts"])
+        assert await h.eventually(lambda: caught_up(bot))
+        history = h.slack.calls_to("conversations.history")
+        assert history[-1].args["oldest"] == agent["ts"]  # since the newest message stored
+    finally:
+        await bot.stop()
+    replied = [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")]
+    assert sorted(replied) == sorted(e["ts"] for e in customers + after)  # each exactly once
+    texts = {m.text for m in await h.rows(Message, Message.thread_ts.is_(None))}
+    assert "Posted two days ago" not in texts and len(texts) == 6  # five customers' and the agent's (no text)

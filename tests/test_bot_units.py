@@ -78,6 +78,15 @@ def test_triage_agents_take_user_and_group_ids_only() -> None:
     )
 
 
+def test_backfill_hours_are_validated() -> None:
+    assert load_settings(**BASE).triage_backfill_hours == 24
+    assert load_settings(**BASE, triage_backfill_hours="0").triage_backfill_hours == 0  # no backfill
+    with pytest.raises(
+        SettingsError, match="TRIAGE_BACKFILL_HOURS: Input should be greater than or equal to 0"
+    ):
+        load_settings(**BASE, triage_backfill_hours="-1")
+
+
 def test_default_reaction_map_covers_every_default_label() -> None:
     reactions = ReactionMap(DEFAULT_REACTIONS)
     for head, labels in DEFAULT_HEADS.items():

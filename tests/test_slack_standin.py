@@ -579,6 +579,26 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     replies = await client.conversations_replies(channel="C0SUPPORT", ts=first["ts"])
     assert [m["text"] for m in replies["messages"]] == ["one (edited)", "two"]
 
+    # paging as Slack documents it: newest first, `limit` a page, `cursor` from response_metadata
+    for i in range(5):
+        slack.message_event("C0PAGED", DEFAULT_USER_ID, f"m{i}")
+    pages, cursor = [], None
+    while True:
+        page = await client.conversations_history(channel="C0PAGED", limit=2, cursor=cursor)
+        pages.append([m["text"] for m in page["messages"]])
+        cursor = page["response_metadata"]["next_cursor"]
+        assert page["has_more"] == bool(cursor)
+        if not cursor:
+            break
+    assert pages == [["m4", "m3"], ["m2", "m1"], ["m0"]]
+    ts = [m["ts"] for m in slack.messages_in("C0PAGED")]
+    between = await client.conversations_history(channel="C0PAGED", oldest=ts[1], latest=ts[3])
+    assert [m["text"] for m in between["messages"]] == ["m2"]  # exclusive ...
+    both = await client.conversations_history(channel="C0PAGED", oldest=ts[1], latest=ts[3], inclusive=True)
+    assert [m["text"] for m in both["messages"]] == ["m3", "m2", "m1"]  # ... unless inclusive
+    member_of = await client.users_conversations(types="public_channel,private_channel", limit=1)
+    assert len(member_of["channels"]) == 1 and member_of["response_metadata"]["next_cursor"]
+
     with pytest.raises(SlackApiError) as unknown:
         await client.api_call("nonexistent.method")
     assert unknown.value.response["error"] == "unknown_method"

@@ -316,6 +316,19 @@ async def thread_messages(
     return list((await session.scalars(query)).all())
 
 
+async def newest_top_level_ts(session: AsyncSession, team_id: str, channel_id: str) -> str | None:
+    """The ts of the newest top-level message stored from a channel (where a backfill starts).
+
+    Slack's ts ("1700000000.000100") have ten-digit seconds until 2286, so they sort as strings."""
+    return await session.scalar(
+        select(func.max(Message.ts)).where(
+            Message.team_id == team_id,
+            Message.channel_id == channel_id,
+            or_(Message.thread_ts.is_(None), Message.thread_ts == Message.ts),
+        )
+    )
+
+
 # --- pending work --------------------------------------------------------------------------------------
 
 
