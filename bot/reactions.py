@@ -44,6 +44,7 @@ DEFAULT_REACTIONS: dict[str, str] = {
     "question": "topic=how_to",
     "fire": "topic=outage",
     "shrug": "topic=other",
+    "mute": "topic=not_a_request",
 }
 
 

@@ -61,6 +61,8 @@ class BotSettings(BaseSettings):
     triage_escalation_channel: str | None = None
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
+    # a message the model calls not_a_request (topic) at least this sure gets no reply and no escalation
+    triage_not_a_request_above: float = Field(0.8, ge=0.0, le=1.0)
     triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"
     triage_routes: str = ""  # topic → channel routing, "outage=C123,billing=C456"
     triage_reactions_file: Path | None = None  # YAML emoji map replacing the default

@@ -34,6 +34,8 @@ from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
 
+NOT_A_REQUEST = "not_a_request"  # the topic label of messages that ask for nothing (classifier/schema.py)
+
 # chat.postMessage errors that no retry can cure: the message is skipped (and says why) instead
 UNPOSTABLE = frozenset(
     {
@@ -233,6 +235,9 @@ class Triage:
         if lifecycle.is_thread_reply(message) or (message.edited_at and message.reply_ts):
             await lifecycle.reclassified(self, message, views, record)  # bot/lifecycle.py
             return
+        if self.is_not_a_request(views):  # thanks, greetings: stored and classified, nothing posted
+            await self._in_transaction(record)  # (card delivery: no card either)
+            return
         labels = {h: list(p.scores) for h, p in text_result.heads.items()}
         reply = blocks.reply_blocks(
             message.id,
@@ -280,6 +285,16 @@ class Triage:
 
         await self._in_transaction(record)
         await self._route(message, views)
+
+    def is_not_a_request(self, views: Mapping[str, LabelView]) -> bool:
+        """The model is sure the message asks for nothing ("thanks!", "hi all", "works now")."""
+        topic = views.get("topic")
+        return (
+            topic is not None
+            and topic.label == NOT_A_REQUEST
+            and topic.confidence is not None
+            and topic.confidence >= self.settings.triage_not_a_request_above
+        )
 
     async def _in_transaction(
         self, work: Callable[[AsyncSession], Awaitable[Any]], attempts: int = 5

@@ -7,16 +7,34 @@ up on first use (``U0AGENT``) are full members of the bot's workspace: agents.
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
 from bot import backfill as backfill_module
+from bot.blocks import LabelView
 from bot.main import start_bot
+from bot.settings import load_settings
 from bot.storage import repository as repo
 from bot.storage.models import Correction, Message, MessageState, Prediction, SlackEvent, utcnow
+from bot.triage import Triage
+from classifier.registry import Registry
+from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, caught_up, harness_factory  # noqa: F401
+from tests.tiny_model import make_tiny_version
+
+# Web API calls a bot makes whatever it is told (start-up, agents, backfill)
+SETUP_CALLS = {
+    "auth.test",
+    "users.info",
+    "usergroups.users.list",
+    "conversations.history",
+    "users.conversations",
+}
+UNIT_SETTINGS = {"_env_file": None, "slack_bot_token": "xoxb-1-2", "slack_signing_secret": "s3cret"}
 
 
 async def test_a_customers_reaction_stores_nothing_and_an_agents_stores_a_correction(
@@ -255,3 +273,34 @@ async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_onc
     assert sorted(replied) == sorted(e["ts"] for e in customers + after)  # each exactly once
     texts = {m.text for m in await h.rows(Message, Message.thread_ts.is_(None))}
     assert "Posted two days ago" not in texts and len(texts) == 6  # five customers' and the agent's (no text)
+
+
+async def test_a_message_the_model_calls_not_a_request_is_stored_and_not_answered(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    """A model whose topic head knows only not_a_request calls every message that, surely (the tiny
+    model is untrained): classified and stored, and nothing is posted or reacted for it."""
+    heads = {**DEFAULT_HEADS, "topic": ["not_a_request"]}
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
+    h = await harness_factory(with_model=False, triage_urgent_labels="low,medium,high,critical")
+    await h.post_customer_message("thanks, works now!")
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    [stored] = await h.rows(Message)
+    [prediction] = await h.rows(Prediction)
+    assert stored.text == "thanks, works now!" and stored.reply_ts is None
+    assert {h.head: h.label for h in prediction.heads}["topic"] == "not_a_request"
+    assert [c.method for c in h.slack.calls if c.method not in SETUP_CALLS] == []  # no reply, marker, post
+
+
+def test_not_a_request_needs_the_models_confidence() -> None:
+    settings = load_settings(**UNIT_SETTINGS, triage_not_a_request_above=0.8)
+    triage = SimpleNamespace(settings=settings)
+
+    def noise(label: str, confidence: float | None) -> bool:
+        return Triage.is_not_a_request(triage, {"topic": LabelView(label, confidence=confidence)})  # type: ignore[arg-type]
+
+    assert noise("not_a_request", 0.8) and noise("not_a_request", 0.97)
+    assert not noise("not_a_request", 0.79) and not noise("billing", 0.99)
+    assert not noise("not_a_request", None)  # a person's label is not the model's call

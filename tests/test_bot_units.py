@@ -78,6 +78,14 @@ def test_triage_agents_take_user_and_group_ids_only() -> None:
     )
 
 
+def test_not_a_request_threshold_is_a_confidence() -> None:
+    assert load_settings(**BASE).triage_not_a_request_above == 0.8
+    with pytest.raises(
+        SettingsError, match="TRIAGE_NOT_A_REQUEST_ABOVE: Input should be less than or equal to 1"
+    ):
+        load_settings(**BASE, triage_not_a_request_above="1.5")
+
+
 def test_backfill_hours_are_validated() -> None:
     assert load_settings(**BASE).triage_backfill_hours == 24
     assert load_settings(**BASE, triage_backfill_hours="0").triage_backfill_hours == 0  # no backfill
