@@ -27,7 +27,7 @@ from bot import blocks
 from bot.blocks import LabelView
 from bot.reactions import URGENT_MARKER
 from bot.storage import repository as repo
-from bot.storage.models import Message
+from bot.storage.models import Message, MessageState
 
 if TYPE_CHECKING:
     from bot.triage import IncomingMessage, Triage
@@ -118,9 +118,13 @@ class MessageLife:
             message = await repo.get_message(session, team_id, channel, current["ts"])
             if message is None or message.deleted_at is not None or message.text == text or not text.strip():
                 return
+            waiting = message.state == MessageState.PENDING  # queued or being classified already
             message = await repo.replace_text(session, message.id, text)
         log.info("message %s in %s was edited: classified again", message.ts, message.channel_id)
-        await self.triage.enqueue(message)
+        if not waiting:  # queued twice, it could be answered twice
+            await self.triage.enqueue(message)
+        # A message still waiting is classified once: on the new text if the sweep claims it from now on,
+        # on the old one if a worker holds it already (an edit within seconds of posting).
 
     async def deleted(self, team_id: str, channel: str, ts: str) -> None:
         async with self.triage.sessions.begin() as session:

@@ -23,7 +23,7 @@ from bot.triage import Triage
 from classifier.registry import Registry
 from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import SlackStandIn
-from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, caught_up, harness_factory  # noqa: F401
+from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, ESCALATION, caught_up, harness_factory  # noqa: F401
 from tests.tiny_model import make_tiny_version
 
 # Web API calls a bot makes whatever it is told (start-up, agents, backfill)
@@ -177,44 +177,48 @@ async def test_a_deleted_thread_parent_leaves_a_tombstone_and_is_deleted(harness
 
 async def test_a_customer_reply_that_raises_the_threads_urgency_escalates(
     harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
 ) -> None:
-    h = await harness_factory(triage_urgent_labels="low,medium,high,critical")
+    """Two one-label urgency models make the tiny model's calls certain: v1 says low (the thread is
+    triaged, not escalated), v2 says critical (the customer's reply raises the thread: escalated once)."""
+    registry = Registry(data_dir / "models")
+    make_tiny_version(registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["low"]}))
+    make_tiny_version(
+        registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["critical"]}), activate=False
+    )
+    h = await harness_factory(with_model=False)
     event, _ = await _triaged(h, "Where can I find the invoices page?")
-    await h.slack.wait_for("chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=5)
-    # an agent says the thread is not urgent at all; the customer's reply then says it is
-    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "large_green_circle", CHANNEL, event["ts"]))
-    follow_up = await _text_predicted_above(h, "low")
+    await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
+    await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v2 is now" in str(r.body))
     agent_reply = h.slack.message_event(CHANNEL, AGENT, "Checking, one moment", thread_ts=event["ts"])
     await h.slack.send_event(agent_reply)
-    customer_reply = h.slack.message_event(CHANNEL, CUSTOMER, follow_up, thread_ts=event["ts"])
+    customer_reply = h.slack.message_event(CHANNEL, CUSTOMER, "Now nobody can log in!", thread_ts=event["ts"])
     assert (await h.slack.send_event(customer_reply)).status == 200
-    escalations = await h.slack.wait_for(
-        "chat.postMessage", count=2, predicate=lambda c: c.args["channel"] == ESCALATION, timeout=8
+    [escalation] = await h.slack.wait_for(
+        "chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, timeout=8
     )
-    assert "a reply raised the thread's urgency" in escalations[-1].args["text"]
-    assert customer_reply["ts"].replace(".", "") in escalations[-1].args["text"]  # links the reply
+    assert (
+        "*critical*" in escalation.args["text"]
+        and "a reply raised the thread's urgency" in escalation.args["text"]
+    )
+    assert customer_reply["ts"].replace(".", "") in escalation.args["text"]  # links the reply
+    marker = await h.slack.wait_for("reactions.add", timeout=5)
+    assert (marker[-1].args["timestamp"], marker[-1].args["name"]) == (event["ts"], "rotating_light")
+    # another critical reply does not raise it further: no second escalation
+    again = h.slack.message_event(CHANNEL, CUSTOMER, "Still nobody can log in", thread_ts=event["ts"])
+    await h.slack.send_event(again)
+    assert await h.eventually(lambda: _classified(h, 3))
     by_ts = {m.ts: m for m in await h.rows(Message)}
     assert by_ts[agent_reply["ts"]].last_error == "written by an agent"
     assert by_ts[customer_reply["ts"]].thread_ts == event["ts"]
-    assert await h.eventually(lambda: h.count(Prediction)) and await h.count(Prediction) == 2
+    assert len([c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]) == 1
     # no reply of its own in the thread: the bot answered the thread once
     assert [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")].count(event["ts"]) == 1
 
 
-async def _text_predicted_above(h: Any, label: str) -> str:
-    """A follow-up whose predicted urgency (tiny random model, deterministic) is above ``label``."""
-    candidates = [
-        "This is now blocking our whole team, please help",
-        "Production is down, all customers affected",
-        "Still broken, any update?",
-        "We are losing money every minute",
-        "Urgent: nobody can log in",
-    ]
-    result = await h.bot.triage.classifier.classify(candidates)
-    for text, prediction in zip(candidates, result.results, strict=True):
-        if prediction.heads["urgency"].label != label:
-            return text
-    raise AssertionError(f"the tiny model calls every candidate {label}")
+async def _classified(h: Any, count: int) -> bool:
+    return await h.count(Message, Message.state == MessageState.CLASSIFIED) == count
 
 
 async def test_workflow_builder_posts_are_triaged_and_other_bots_are_not(
