@@ -12,8 +12,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from slack_sdk.web.async_client import AsyncWebClient
 
+from bot import agents as agents_module
 from bot import backfill as backfill_module
+from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.main import start_bot
 from bot.settings import load_settings
@@ -308,3 +311,28 @@ def test_not_a_request_needs_the_models_confidence() -> None:
     assert noise("not_a_request", 0.8) and noise("not_a_request", 0.97)
     assert not noise("not_a_request", 0.79) and not noise("billing", 0.99)
     assert not noise("not_a_request", None)  # a person's label is not the model's call
+
+
+async def test_user_groups_are_looked_up_again_after_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRIAGE_AGENTS' groups change: the new members count within the cache time; a failed lookup keeps
+    the members last known (and is tried again soon, not at every message)."""
+    clock = [1000.0]
+    monkeypatch.setattr(agents_module.time, "monotonic", lambda: clock[0])
+    async with SlackStandIn() as slack:
+        client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+        slack.add_usergroup("S0SUPPORT", ["U0ANNA"])
+        agents = Agents(
+            client, team_id=slack.team_id, admins=[], ttl_s=600, configured=["U0LEAD", "S0SUPPORT"]
+        )
+        assert await agents.is_agent("U0ANNA") and await agents.is_agent("U0LEAD")
+        assert not await agents.is_agent("U0BEN")
+        slack.add_usergroup("S0SUPPORT", ["U0BEN"])  # Anna moved on, Ben joined
+        assert await agents.is_agent("U0ANNA") and not await agents.is_agent("U0BEN")  # cached
+        clock[0] += 601
+        assert await agents.is_agent("U0BEN") and not await agents.is_agent("U0ANNA")
+        slack.fail_next("usergroups.users.list", error="ratelimited", status=200)
+        clock[0] += 601
+        assert await agents.is_agent("U0BEN")  # the lookup failed: Ben still counts
+        lookups = slack.calls_to("usergroups.users.list")
+        assert len(lookups) == 3 and lookups[-1].error == "ratelimited"  # not again at every question
+        assert not slack.calls_to("users.info")  # TRIAGE_AGENTS set: the workspace rule is not used
