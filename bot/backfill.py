@@ -52,7 +52,16 @@ class Backfill:
             return 0
         async with self._lock:
             stored = 0
-            for channel in await self.channels():
+            try:
+                channels = await self.channels()
+            except SlackApiError as exc:  # e.g. an install from before the channels:read scope
+                log.warning(
+                    "backfill: cannot list the bot's channels (users.conversations: %s); set TRIAGE_CHANNELS "
+                    "or add the channels:read and groups:read scopes",
+                    exc.response.get("error"),
+                )
+                channels = []
+            for channel in channels:
                 try:
                     stored += await self.channel(channel)
                 except SlackApiError as exc:  # one channel the bot cannot read must not stop the others

@@ -106,13 +106,12 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
             database_url=str(database_url.render_as_string(hide_password=False)),
             host="127.0.0.1",
             port=0,
-            triage_channels=CHANNEL,
             triage_admins=ADMIN,
             triage_escalation_channel=ESCALATION,
             triage_pending_interval_s=0.2,
             triage_retry_base_s=0.2,
             triage_retrain_cron="",
-            **settings,
+            **{"triage_channels": CHANNEL, **settings},  # a test may watch every channel instead
         )
         bot = await start_bot(config)
         slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"

@@ -336,3 +336,17 @@ async def test_user_groups_are_looked_up_again_after_a_while(monkeypatch: pytest
         lookups = slack.calls_to("usergroups.users.list")
         assert len(lookups) == 3 and lookups[-1].error == "ratelimited"  # not again at every question
         assert not slack.calls_to("users.info")  # TRIAGE_AGENTS set: the workspace rule is not used
+
+
+async def test_a_backfill_that_cannot_list_channels_says_why_and_the_bot_works_on(
+    harness_factory: Any,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def no_scope(slack: SlackStandIn) -> None:
+        slack.fail_next("users.conversations", error="missing_scope")
+
+    h = await harness_factory(prepare=no_scope, triage_channels="")  # every channel: they must be listed
+    assert await h.eventually(lambda: caught_up(h.bot))
+    assert "users.conversations: missing_scope); set TRIAGE_CHANNELS or add the channels:read" in caplog.text
+    event, _ = await h.post_customer_message("Is the API down?")
+    await h.reply_to(event["ts"])
