@@ -66,7 +66,7 @@ from sqlalchemy import func, select  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 from bot.storage.database import create_engine, resolve_database_url, upgrade_database  # noqa: E402
 from bot.storage.models import Message, Prediction, SlackEvent  # noqa: E402
-from tests.slack_standin import SLACK_USER_AGENT, SlackStandIn  # noqa: E402
+from tests.slack_standin import CUSTOMER_TEAM_ID, SLACK_USER_AGENT, SlackStandIn  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 STARTER = ROOT / "classifier" / "starter_data" / "starter.csv"
@@ -645,6 +645,8 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         slack = SlackStandIn()
         await slack.start()
         stack.push_async_callback(slack.close)
+        for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:  # customers: only they are triaged
+            slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
         bot: BotHandle = InProcessBot() if args.in_process else BotProcess()
         settings = {
             "slack_bot_token": slack.bot_token,

@@ -1,9 +1,12 @@
-"""Who counts as an agent: the people who may see the bot's internals (``/triage status``, ``models``).
+"""Who counts as an agent (the support team) and who as a customer.
 
-Until agents are configured explicitly, an agent is a member of the bot's own workspace who is not a
-guest: ``users.info`` names the person's home team (someone from another organization in a shared
-channel has theirs) and marks guests ``is_restricted`` / ``is_ultra_restricted``. Triage admins always
-are. Lookups are cached, so a command answers within Slack's three seconds.
+Agents may see the bot's internals (``/triage status``, ``models``) and change labels; by default only
+customers' messages are triaged. ``TRIAGE_AGENTS`` names agents explicitly: user ids, and user groups
+(``S…``) whose members ``usergroups.users.list`` gives, looked up again every ``ttl_s``. Unset, an agent
+is a member of the bot's own workspace who is not a guest: ``users.info`` names the person's home team
+(someone from another organization in a shared channel has theirs) and marks guests ``is_restricted`` /
+``is_ultra_restricted``. Triage admins always are. Lookups are cached, so a listener answers within
+Slack's three seconds.
 """
 
 from __future__ import annotations
@@ -20,20 +23,37 @@ log = logging.getLogger(__name__)
 
 CACHE_TTL_S = 600.0  # a guest promoted to member (or a member demoted) is seen within ten minutes
 LOOKUP_BUDGET_S = 2.0  # leave room in Slack's 3 s for the answer itself
+GROUP_RETRY_S = 30.0  # a user group whose lookup failed is asked again after this
 
 
 class Agents:
-    def __init__(self, client: AsyncWebClient, team_id: str, admins: list[str], ttl_s: float = CACHE_TTL_S):
+    def __init__(
+        self,
+        client: AsyncWebClient,
+        team_id: str,
+        admins: list[str],
+        ttl_s: float = CACHE_TTL_S,
+        configured: list[str] | None = None,
+    ):
         self.client = client
         self.team_id = team_id  # the bot's own workspace (auth.test)
         self.admins = set(admins)
         self.ttl_s = ttl_s
         self._known: dict[str, tuple[bool, float]] = {}  # user id -> (agent?, when to look again)
+        # TRIAGE_AGENTS: None (unset) means the workspace rule above
+        self.configured = configured or None
+        self._users = {i for i in configured or () if not i.startswith("S")}
+        self._groups: dict[str, tuple[frozenset[str], float]] = {  # group id -> (members, when to look again)
+            i: (frozenset(), 0.0) for i in configured or () if i.startswith("S")
+        }
+        self._refreshing = asyncio.Lock()  # one round of group lookups at a time, however many ask
 
     async def is_agent(self, user_id: str) -> bool:
         """Whether ``user_id`` is an agent; a lookup that fails says no (and is not cached)."""
         if user_id in self.admins:
             return True
+        if self.configured is not None:
+            return user_id in self._users or user_id in await self.group_members()
         known = self._known.get(user_id)
         if known is not None and known[1] > time.monotonic():
             return known[0]
@@ -46,6 +66,31 @@ class Agents:
         agent = self._member(response.get("user") or {})
         self._known[user_id] = (agent, time.monotonic() + self.ttl_s)
         return agent
+
+    async def group_members(self) -> frozenset[str]:
+        """Everyone in the configured user groups; a group whose lookup fails keeps its last known members."""
+        async with self._refreshing:
+            now = time.monotonic()
+            stale = [g for g, (_, due) in self._groups.items() if due <= now]
+            found = await asyncio.gather(*(self._lookup_group(g) for g in stale))
+            for group, members in zip(stale, found, strict=True):
+                if members is None:  # try again soon, not at every message
+                    self._groups[group] = (self._groups[group][0], now + min(self.ttl_s, GROUP_RETRY_S))
+                else:
+                    self._groups[group] = (members, now + self.ttl_s)
+        return frozenset().union(*(members for members, _ in self._groups.values()))
+
+    async def _lookup_group(self, group_id: str) -> frozenset[str] | None:
+        try:
+            response = await asyncio.wait_for(
+                self.client.usergroups_users_list(usergroup=group_id), LOOKUP_BUDGET_S
+            )
+        except (SlackApiError, TimeoutError, OSError) as exc:
+            detail = exc.response.get("error") if isinstance(exc, SlackApiError) else type(exc).__name__
+            log.warning("usergroups.users.list for %s failed (%s): members stay as known", group_id, detail)
+            return None
+        users = response.get("users")
+        return frozenset(u for u in users if isinstance(u, str)) if isinstance(users, list) else frozenset()
 
     def _member(self, user: dict[str, Any]) -> bool:
         """A full member of the bot's workspace: its team, no guest, no bot, not deactivated."""

@@ -29,6 +29,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import cards
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
+from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
 from bot.triage import IncomingMessage, Triage
@@ -44,7 +45,18 @@ REQUEST_TIMESTAMP = re.compile(r"[0-9]{1,15}")
 # What the listeners read from the events they handle, with the types Slack documents (optional fields
 # are checked when present). Other event types reach only the catch-all listener, which reads nothing.
 EVENT_FIELDS: dict[str, dict[str, type]] = {
-    "message": {"ts": str, "channel": str, "user": str, "text": str, "thread_ts": str, "subtype": str},
+    "message": {
+        "ts": str,
+        "channel": str,
+        "user": str,
+        "text": str,
+        "thread_ts": str,
+        "subtype": str,
+        "bot_id": str,
+        "message": dict,  # message_changed: the message as it is now
+        "previous_message": dict,
+        "deleted_ts": str,  # message_deleted
+    },
     "reaction_added": {"user": str, "reaction": str, "item": dict},
     "reaction_removed": {"user": str, "reaction": str, "item": dict},
 }
@@ -99,9 +111,13 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
 
     app.background_tasks = background  # type: ignore[attr-defined]
 
+    life = MessageLife(triage)
+
     @app.event("message")
     async def on_message(body: dict[str, Any], event: dict[str, Any], context: dict[str, Any]) -> None:
         channel = event.get("channel", "")
+        if settings.watches(channel) and await life.handle(body, event, context):
+            return  # edits, deletions, thread replies, Workflow Builder posts: bot/lifecycle.py
         if not is_new_customer_message(event) or not settings.watches(channel):
             return
         if event.get("user") == context.get("bot_user_id"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from bot.reactions import ReactionMap
@@ -24,6 +25,7 @@ class LabelView:
     predicted: str | None = None  # the model's label when a person changed it
     by: str | None = None  # user id of the person who corrected or confirmed it
     confirmed: bool = False
+    before_edit: bool = False  # a person's label for the text as it was before its author edited it
 
 
 def _default_first(known: Sequence[str], names: Sequence[str]) -> list[str]:
@@ -48,6 +50,11 @@ def head_title(head: str) -> str:
 
 
 def _label_line(head: str, view: LabelView, unsure_below: float) -> str:
+    line = _label_text(head, view, unsure_below)
+    return f"{line}  _(given before the message was edited)_" if view.before_edit else line
+
+
+def _label_text(head: str, view: LabelView, unsure_below: float) -> str:
     title = f"*{head_title(head)}:*"
     if view.by and view.predicted and view.predicted != view.label:
         return f"{title} ~{view.predicted}~ → *{view.label}*  _corrected by <@{view.by}>_"
@@ -71,12 +78,17 @@ def summary_text(views: Mapping[str, LabelView]) -> str:
     return " · ".join(parts)
 
 
+HINT_FIRST = "urgency"  # what people most need to fix fast is named first in the reaction hint
+MAX_HINTS = 8
+
+
 def _reaction_hint(views: Mapping[str, LabelView], reactions: ReactionMap) -> str:
     hints = []
-    for head in views:
-        for emoji, action in reactions.actions.items():
-            if action.head == head and len(hints) < 6:
-                hints.append(f":{emoji}: {action.label}")
+    for head in sorted(views, key=lambda h: h != HINT_FIRST):
+        emoji_of = {a.label: e for e, a in reactions.actions.items() if a.head == head and a.label}
+        for label in ordered_labels(head, list(emoji_of)):
+            if len(hints) < MAX_HINTS:
+                hints.append(f":{emoji_of[label]}: {label}")
     confirm = reactions.confirm_emoji()
     if confirm:
         hints.append(f":{confirm}: all right")
@@ -160,10 +172,11 @@ def reply_blocks(
 
 
 def current_views(
-    predicted: Mapping[str, Any], human: Mapping[str, Any]
+    predicted: Mapping[str, Any], human: Mapping[str, Any], edited_at: datetime | None = None
 ) -> tuple[dict[str, LabelView], dict[str, list[str]]]:
     """Each head's label as shown now (a person's correction over the model's prediction), and each head's
-    labels in menu order. ``predicted``: head → PredictionHead; ``human``: head → latest Correction."""
+    labels in menu order. ``predicted``: head → PredictionHead; ``human``: head → latest Correction;
+    ``edited_at``: when the message's text last changed (labels given before then are marked)."""
     views: dict[str, LabelView] = {}
     labels: dict[str, list[str]] = {}
     for head in ordered_heads(list(predicted)):
@@ -174,7 +187,11 @@ def current_views(
             views[head] = LabelView(label=p.label, confidence=p.confidence)
         else:
             views[head] = LabelView(
-                label=c.new_label, predicted=p.label, by=c.user_id, confirmed=c.kind == "confirmation"
+                label=c.new_label,
+                predicted=p.label,
+                by=c.user_id,
+                confirmed=c.kind == "confirmation",
+                before_edit=edited_at is not None and c.created_at < edited_at,
             )
     return views, labels
 

@@ -15,9 +15,11 @@ import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
 from slack_sdk.errors import SlackApiError
+from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.agents import Agents
 from bot.app import build_app, health_app, http_app
+from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
 from bot.reactions import ReactionMap
@@ -64,6 +66,7 @@ class RunningBot:
     stop_event: asyncio.Event
     _cleanup: list[Any]
     link: SocketModeLink | None = None  # Socket Mode only
+    backfill: Backfill | None = None
 
     async def stop(self) -> None:
         self.stop_event.set()
@@ -118,6 +121,13 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     for line in await missing_invites(settings, client):
         log.error("the bot cannot post to a channel it needs: %s", line)
     output = SlackOutput(client)
+    agents = Agents(
+        client,
+        team_id=str(auth.get("team_id") or ""),
+        admins=settings.triage_admins,
+        configured=settings.triage_agents,
+    )
+    await agents.group_members()  # TRIAGE_AGENTS' user groups, looked up once before the first event
     triage = Triage(
         settings,
         sessions,
@@ -125,6 +135,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         output,
         reactions or ReactionMap.load(settings.triage_reactions_file),
         bot_user_id=str(auth.get("user_id") or ""),
+        agents=agents,
     )
     retrainer = Retrainer(
         sessions,
@@ -145,7 +156,6 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             max_rows=settings.triage_retrain_max_accepted,
         ),
     )
-    agents = Agents(client, team_id=str(auth.get("team_id") or ""), admins=settings.triage_admins)
     commands = Commands(settings, sessions, classifier, agents, retrainer)
     app = build_app(settings, triage, commands, client)
 
@@ -185,13 +195,48 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else settings.port
     cleanup.append(runner.cleanup)
+    backfill = start_backfill(client, triage, auth, link, cleanup)
     log.info(
         "triage bot up (%s on port %s), bot user %s",
         "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
         port,
         auth.get("user_id"),
     )
-    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link)
+    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link, backfill)
+
+
+def start_backfill(
+    client: AsyncWebClient,
+    triage: Triage,
+    auth: dict[str, Any],
+    link: SocketModeLink | None,
+    cleanup: list[Any],
+) -> Backfill:
+    """Read what was posted while the bot was away: now, and after every Socket Mode reconnect."""
+    backfill = Backfill(
+        triage,
+        client,
+        team_id=str(auth.get("team_id") or ""),
+        bot_user_id=str(auth.get("user_id") or ""),
+        bot_id=str(auth.get("bot_id") or ""),
+    )
+    tasks: set[asyncio.Task[None]] = set()
+
+    def start() -> None:
+        task = asyncio.ensure_future(backfill.run_logged())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    async def stop() -> None:
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    cleanup.append(stop)
+    if link is not None:
+        link.on_reconnect = start
+    start()
+    return backfill
 
 
 async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:

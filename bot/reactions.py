@@ -1,11 +1,15 @@
 """Which emoji reaction means which correction.
 
-One emoji sets one head to one label (``bug`` → topic=bug); ``white_check_mark`` confirms every predicted
-label. The map can be replaced by a YAML file (``TRIAGE_REACTIONS_FILE``)::
+One emoji sets one head to one label (``bug`` → topic=bug); ``dart`` confirms every predicted label. The
+map can be replaced by a YAML file (``TRIAGE_REACTIONS_FILE``)::
 
-    rotating_light: urgency=critical
+    red_circle: urgency=critical
     moneybag: topic=billing
-    white_check_mark: confirm
+    dart: confirm
+
+No emoji collides with what people or the bot already mean by it: ``rotating_light`` is the bot's own
+marker on urgent messages (its reaction must not read as a correction), and ``white_check_mark`` is what
+support teams put on a resolved request; a map that gives either a meaning is refused.
 """
 
 from __future__ import annotations
@@ -16,16 +20,22 @@ from pathlib import Path
 import yaml
 
 CONFIRM = "confirm"
+URGENT_MARKER = "rotating_light"  # the bot's reaction on an urgent message
+# emoji that already mean something else in a support channel: never a correction
+RESERVED: dict[str, str] = {
+    URGENT_MARKER: "the bot's own marker on urgent messages",
+    "white_check_mark": "what support teams use for 'resolved'",
+}
 
 DEFAULT_REACTIONS: dict[str, str] = {
-    # the issue's four, then one per remaining default label
-    "rotating_light": "urgency=critical",
+    # urgency first, as the reply's hint lists it; then one per remaining default label
+    "red_circle": "urgency=critical",
+    "large_orange_circle": "urgency=high",
+    "large_yellow_circle": "urgency=medium",
+    "large_green_circle": "urgency=low",
     "bug": "topic=bug",
     "rage": "sentiment=negative",
-    "white_check_mark": CONFIRM,
-    "large_green_circle": "urgency=low",
-    "large_yellow_circle": "urgency=medium",
-    "large_orange_circle": "urgency=high",
+    "dart": CONFIRM,
     "neutral_face": "sentiment=neutral",
     "smile": "sentiment=positive",
     "bust_in_silhouette": "topic=account",
@@ -34,6 +44,7 @@ DEFAULT_REACTIONS: dict[str, str] = {
     "question": "topic=how_to",
     "fire": "topic=outage",
     "shrug": "topic=other",
+    "mute": "topic=not_a_request",
 }
 
 
@@ -54,6 +65,8 @@ class ReactionMap:
         self.actions: dict[str, ReactionAction] = {}
         for emoji, meaning in mapping.items():
             name = str(emoji).strip(":")
+            if name in RESERVED:
+                raise ValueError(f"reaction {name!r} cannot be a correction: it is {RESERVED[name]}")
             if str(meaning).strip() == CONFIRM:
                 self.actions[name] = ReactionAction()
                 continue

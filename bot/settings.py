@@ -21,6 +21,8 @@ from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
 USER_ID = re.compile(r"^[UW][A-Z0-9]{2,}$")
+BOT_ID = re.compile(r"^B[A-Z0-9]{2,}$")
+AGENT_ID = re.compile(r"^[UWS][A-Z0-9]{2,}$")  # a user, or a user group (S…)
 
 CommaList = Annotated[list[str], NoDecode]
 
@@ -69,6 +71,10 @@ class BotSettings(BaseSettings):
     triage_embedded_classifier: Literal["process", "thread"] = "process"
     triage_channels: CommaList = Field(default_factory=list)  # empty: every channel the bot is in
     triage_admins: CommaList = Field(default_factory=list)
+    triage_agents: CommaList = Field(default_factory=list)  # user and user-group ids; empty: workspace rule
+    triage_triage_agents: bool = False  # also triage messages agents write
+    triage_backfill_hours: float = Field(24.0, ge=0)  # how far back a backfill reads history (0: never)
+    triage_allowed_bots: CommaList = Field(default_factory=list)  # bot ids (B…) whose posts are triaged
     triage_escalation_channel: str | None = None
     triage_card_channel: str | None = None  # internal channel: each triaged message becomes a card there
     triage_delivery: Delivery | None = None  # default: card with a card channel, otherwise thread
@@ -78,6 +84,8 @@ class BotSettings(BaseSettings):
     triage_incident_minutes: float = Field(15.0, gt=0)
     triage_urgent_labels: CommaList = Field(default_factory=lambda: ["high", "critical"])
     triage_urgency_head: str = "urgency"
+    # a message the model calls not_a_request (topic) at least this sure gets no reply and no escalation
+    triage_not_a_request_above: float = Field(0.8, ge=0.0, le=1.0)
     triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"
     triage_routes: str = ""  # topic → channel routing, "outage=C123,billing=C456"
     triage_reactions_file: Path | None = None  # YAML emoji map replacing the default
@@ -105,9 +113,14 @@ class BotSettings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(3000, ge=0, le=65535)  # 0: any free port (tests)
 
-    _split_lists = field_validator("triage_channels", "triage_admins", "triage_urgent_labels", mode="before")(
-        _split
-    )
+    _split_lists = field_validator(
+        "triage_channels",
+        "triage_admins",
+        "triage_agents",
+        "triage_allowed_bots",
+        "triage_urgent_labels",
+        mode="before",
+    )(_split)
 
     @field_validator("slack_bot_token")
     @classmethod
@@ -167,6 +180,25 @@ class BotSettings(BaseSettings):
         bad = [u for u in v if not USER_ID.match(u)]
         if bad:
             raise ValueError(f"not Slack user ids: {', '.join(bad)} (expected ids like U0123ABCD)")
+        return v
+
+    @field_validator("triage_agents")
+    @classmethod
+    def _agents(cls, v: list[str]) -> list[str]:
+        bad = [u for u in v if not AGENT_ID.match(u)]
+        if bad:
+            raise ValueError(
+                f"not Slack user or user-group ids: {', '.join(bad)} "
+                "(expected ids like U0123ABCD or S0123ABCD)"
+            )
+        return v
+
+    @field_validator("triage_allowed_bots")
+    @classmethod
+    def _bots(cls, v: list[str]) -> list[str]:
+        bad = [b for b in v if not BOT_ID.match(b)]
+        if bad:
+            raise ValueError(f"not Slack bot ids: {', '.join(bad)} (expected ids like B0123ABCD)")
         return v
 
     @field_validator("triage_routes")

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
@@ -59,6 +60,8 @@ class SocketModeLink:
         self._watchdog: asyncio.Task[None] | None = None
         self._connecting: asyncio.Future[Any] | None = None
         self._retired: set[asyncio.Task[None]] = set()
+        # called on every hello after the first: events sent while the link was down are not redelivered
+        self.on_reconnect: Callable[[], None] | None = None
 
     async def start(self) -> None:
         """Connect (returns once the WebSocket is open; the hello may follow) and start watching."""
@@ -186,6 +189,8 @@ class SocketModeLink:
                 self._waiting_since = None
                 self.connections += 1
                 self._set(LinkState.CONNECTED, None)
+                if self.connections > 1 and self.on_reconnect is not None:
+                    self.on_reconnect()
             elif kind == "disconnect":
                 self._waiting_since = self._waiting_since or time.monotonic()
                 self._set(LinkState.RECONNECTING, f"Slack sent disconnect ({frame.get('reason')})")

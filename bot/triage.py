@@ -19,11 +19,12 @@ from typing import Any
 from slack_sdk.errors import SlackApiError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import blocks
+from bot import blocks, lifecycle
+from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.cards import CardDesk, is_urgent, unsure_urgent
 from bot.delivery import DeliveryPolicy
-from bot.reactions import ReactionMap
+from bot.reactions import URGENT_MARKER, ReactionMap
 from bot.settings import BotSettings, Delivery
 from bot.slack_output import SlackOutput, is_permanent
 from bot.storage import repository as repo
@@ -34,6 +35,8 @@ from classifier.logsafe import escape_controls
 from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 
 log = logging.getLogger(__name__)
+
+NOT_A_REQUEST = "not_a_request"  # the topic label of messages that ask for nothing (classifier/schema.py)
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,10 @@ class Triage:
         output: SlackOutput,
         reactions: ReactionMap,
         bot_user_id: str | None = None,
+        agents: Agents | None = None,
     ):
         self.settings = settings
+        self.agents = agents  # None: nobody is told apart (everyone's messages and labels count)
         self.bot_user_id = bot_user_id  # our own reactions are not corrections
         self.sessions = sessions
         self.classifier = classifier
@@ -102,6 +107,10 @@ class Triage:
             )
         if not created or empty:
             return False
+        return await self.enqueue(message)
+
+    async def enqueue(self, message: Message) -> bool:
+        """Queue a pending message the caller holds the lease of; under overload it waits in the database."""
         try:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
@@ -153,10 +162,27 @@ class Triage:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.triage_pending_interval_s)
 
+    async def is_agent(self, user_id: str | None) -> bool:
+        """Whether someone is on the support team (``bot/agents.py``): only agents change labels."""
+        return bool(user_id) and (self.agents is None or await self.agents.is_agent(str(user_id)))
+
+    async def _written_by_agent(self, message: Message) -> bool:
+        return (
+            self.agents is not None
+            and not self.settings.triage_triage_agents
+            and message.user_id is not None  # a Workflow Builder post has no author
+            and await self.agents.is_agent(message.user_id)
+        )
+
     async def classify_and_reply(self, message: Message) -> None:
         if message.text is None:  # forgotten user: stored without text, nothing to classify
             async with self.sessions.begin() as session:
                 await repo.mark_skipped(session, message.id, reason="no text")
+            return
+        if await self._written_by_agent(message):  # kept (without its text) only so it is not taken again
+            async with self.sessions.begin() as session:
+                await repo.remove_text(session, message.id)
+                await repo.mark_skipped(session, message.id, reason="written by an agent")
             return
         started = time.perf_counter()
         try:
@@ -173,6 +199,21 @@ class Triage:
         latency_ms = (time.perf_counter() - started) * 1000
         text_result = result.results[0]
         views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in text_result.heads.items()}
+
+        async def record(session: AsyncSession, card: bool = False) -> None:
+            await repo.add_prediction(
+                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
+            )
+            await repo.mark_classified(session, message.id)
+            if card:  # queued in the same transaction: a classified message never lacks its card
+                await repo.queue_card(session, message.id, urgent=is_urgent(views, self.settings))
+
+        if lifecycle.is_thread_reply(message) or (message.edited_at and message.reply_ts):
+            await lifecycle.reclassified(self, message, views, record)  # bot/lifecycle.py
+            return
+        if self.is_not_a_request(views):  # thanks, greetings: stored and classified, nothing posted
+            await self._in_transaction(record)  # (card delivery: no card either)
+            return
         labels = {h: list(p.scores) for h, p in text_result.heads.items()}
         reply = blocks.reply_blocks(
             message.id,
@@ -188,15 +229,7 @@ class Triage:
         if mode == Delivery.THREAD and not await self._reply_in_thread(message, text, reply):
             return
 
-        async def record(session: AsyncSession) -> None:
-            await repo.add_prediction(
-                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
-            )
-            await repo.mark_classified(session, message.id)
-            if mode == Delivery.CARD:
-                await repo.queue_card(session, message.id, urgent=is_urgent(views, self.settings))
-
-        await self._in_transaction(record)
+        await self._in_transaction(lambda session: record(session, card=mode == Delivery.CARD))
         if mode == Delivery.CARD:
             self.cards.wake.set()
         await self._route(message, views, mode)
@@ -227,6 +260,16 @@ class Triage:
 
         return True
 
+    def is_not_a_request(self, views: Mapping[str, LabelView]) -> bool:
+        """The model is sure the message asks for nothing ("thanks!", "hi all", "works now")."""
+        topic = views.get("topic")
+        return (
+            topic is not None
+            and topic.label == NOT_A_REQUEST
+            and topic.confidence is not None
+            and topic.confidence >= self.settings.triage_not_a_request_above
+        )
+
     async def _in_transaction(
         self, work: Callable[[AsyncSession], Awaitable[Any]], attempts: int = 5
     ) -> None:
@@ -253,7 +296,7 @@ class Triage:
             mode == Delivery.CARD and unsure_urgent(views, self.settings)
         )
         if escalate and mode == Delivery.THREAD:
-            await self.output.react(message.channel_id, message.ts, "rotating_light")
+            await self.output.react(message.channel_id, message.ts, URGENT_MARKER)
         if escalate:
             await self.cards.escalate(message.id, by=None)
             await self.cards.refresh(message.id)  # a card posted meanwhile shows it
@@ -289,8 +332,8 @@ class Triage:
         Returns the id of the message whose reply should be refreshed (``refresh_reply``), or ``None``.
         """
         action = self.reactions.get(reaction)
-        if action is None or user_id == self.bot_user_id:
-            return None
+        if action is None or user_id == self.bot_user_id or not await self.is_agent(user_id):
+            return None  # a customer's :bug: means nothing here, and nothing of it is stored
         async with self.sessions.begin() as session:
             if event_id and not await repo.record_event(session, event_id):
                 return None
@@ -334,6 +377,8 @@ class Triage:
         reply_ts: str,
     ) -> int | None:
         """Store a label picked in the reply's menus; returns the message id to refresh, or ``None``."""
+        if not await self.is_agent(user_id):
+            return None
         async with self.sessions.begin() as session:
             message = await session.get(Message, message_id)
             if (
@@ -453,7 +498,7 @@ class Triage:
             if message is None or prediction is None or not message.reply_ts or not message.reply_channel_id:
                 return
             human = await repo.latest_corrections(session, message_id)
-        views, labels = blocks.current_views(prediction.by_head(), human)
+        views, labels = blocks.current_views(prediction.by_head(), human, message.edited_at)
         reply = blocks.reply_blocks(
             message_id,
             views,

@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 DEFAULT_HEADS: dict[str, list[str]] = {
-    "topic": ["account", "billing", "bug", "feature_request", "how_to", "outage", "other"],
+    # not_a_request: thanks, greetings, "works now": stored and classified, never answered or escalated
+    "topic": ["account", "billing", "bug", "feature_request", "how_to", "outage", "other", "not_a_request"],
     "urgency": ["low", "medium", "high", "critical"],
     "sentiment": ["negative", "neutral", "positive"],
 }

@@ -47,7 +47,8 @@ from multidict import CIMultiDict
 
 JSON = dict[str, Any]
 
-DEFAULT_USER_ID = "U0CUSTOMER"
+DEFAULT_USER_ID = "U0CUSTOMER"  # a customer: a user of another organization (Slack Connect)
+CUSTOMER_TEAM_ID = "T0CUSTOMER"
 DEFAULT_CHANNEL_ID = "C0SUPPORT"
 SLACK_USER_AGENT = "Slackbot 1.0 (+https://api.slack.com/robots)"
 SLACK_ACK_TIMEOUT_S = 3.0  # Slack gives up on (and later retries) a request not acked within 3 seconds
@@ -194,6 +195,18 @@ def state_value(element: JSON, value: Any) -> JSON:
     if kind in multis:
         return {"type": kind, multis[kind]: list(value)}
     return {"type": kind, "value": value}
+
+
+def _encode_cursor(position: str) -> str:
+    """An opaque page cursor in Slack's style (base64 of where the next page starts)."""
+    return base64.b64encode(f"next_ts:{position}".encode()).decode()
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.b64decode(cursor, validate=True).decode().removeprefix("next_ts:")
+    except ValueError:
+        raise ApiError("invalid_cursor") from None
 
 
 def _truthy(value: Any) -> bool:
@@ -463,7 +476,10 @@ class SlackStandIn:
         self.api_url = ""
         self.response_url_base = ""
         self.add_team(team_id, team_name, team_domain)
+        self.usergroups: dict[str, list[str]] = {}  # user group id (S…) -> member user ids
         self.add_user(bot_user_id, bot_name, is_bot=True)
+        # Made-up users are members of this workspace; the default user is a customer from elsewhere.
+        self.add_user(DEFAULT_USER_ID, "customer", team_id=CUSTOMER_TEAM_ID)
 
     # ---- lifecycle ----------------------------------------------------------------------------------
 
@@ -677,6 +693,11 @@ class SlackStandIn:
             channel["user"] = user
         self.channels[channel_id] = channel
         return channel
+
+    def add_usergroup(self, group_id: str, users: Iterable[str]) -> list[str]:
+        """Register a user group (``S…``) as usergroups.users.list reports it; set it again to change it."""
+        self.usergroups[group_id] = list(users)
+        return self.usergroups[group_id]
 
     def user(self, user_id: str) -> JSON:
         return self.users.get(user_id) or self.add_user(user_id)
@@ -1668,10 +1689,12 @@ class SlackStandIn:
             "reactions.remove": self._reactions_remove,
             "users.info": self._users_info,
             "team.info": self._team_info,
+            "usergroups.users.list": self._usergroups_users_list,
             "conversations.info": self._conversations_info,
             "conversations.join": self._conversations_join,
             "conversations.open": self._conversations_open,
             "conversations.history": self._conversations_history,
+            "users.conversations": self._users_conversations,
             "conversations.replies": self._conversations_replies,
             "views.open": self._views_open,
             "views.push": self._views_push,
@@ -1847,6 +1870,14 @@ class SlackStandIn:
             raise ApiError("team_not_found")
         return {"team": copy.deepcopy(team)}
 
+    def _usergroups_users_list(self, call: ApiCall) -> JSON:
+        group_id = call.args.get("usergroup")
+        if not group_id:
+            raise ApiError("invalid_arguments")
+        if group_id not in self.usergroups:
+            raise ApiError("no_such_subteam")
+        return {"users": list(self.usergroups[str(group_id)])}
+
     def _conversations_info(self, call: ApiCall) -> JSON:
         channel_id = call.args.get("channel")
         if not channel_id:
@@ -1885,17 +1916,63 @@ class SlackStandIn:
         return str(channel_id)
 
     def _conversations_history(self, call: ApiCall) -> JSON:
-        channel = self._readable_channel(call.args)
-        limit = int(call.args.get("limit") or 100)
-        top_level = [m for m in self.messages_in(channel) if m.get("thread_ts") in (None, m["ts"])]
-        newest_first = list(reversed(top_level))
+        """Top-level messages (and thread broadcasts), newest first, between ``oldest`` and ``latest``
+        (exclusive unless ``inclusive``), ``limit`` a page (default 100, at most 999), paged by
+        ``cursor`` / ``response_metadata.next_cursor`` as Slack documents."""
+        args = call.args
+        channel = self._readable_channel(args)
+        limit = min(int(args.get("limit") or 100), 999)
+        inclusive = _truthy(args.get("inclusive"))
+        oldest = float(args.get("oldest") or 0)
+        latest = float(args["latest"]) if args.get("latest") else float("inf")
+        if args.get("cursor"):  # our cursor: the ts to continue below, as Slack's opaque base64
+            latest, inclusive = float(_decode_cursor(str(args["cursor"]))), False
+
+        def in_range(ts: float) -> bool:
+            return (oldest <= ts <= latest) if inclusive else (oldest < ts < latest)
+
+        top_level = [
+            m
+            for m in self.messages_in(channel)
+            if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
+        ]
+        newest_first = [m for m in reversed(top_level) if in_range(float(m["ts"]))]
+        page, more = newest_first[:limit], len(newest_first) > limit
         return {
-            "messages": copy.deepcopy(newest_first[:limit]),
-            "has_more": len(newest_first) > limit,
+            "messages": copy.deepcopy(page),
+            "has_more": more,
             "pin_count": 0,
             "channel_actions_ts": None,
             "channel_actions_count": 0,
-            "response_metadata": {"next_cursor": ""},
+            "response_metadata": {"next_cursor": _encode_cursor(page[-1]["ts"]) if more else ""},
+        }
+
+    def _users_conversations(self, call: ApiCall) -> JSON:
+        """The conversations the bot is a member of, of ``types`` (default public_channel), paged."""
+        args = call.args
+        types = set(str(args.get("types") or "public_channel").split(","))
+        limit = min(int(args.get("limit") or 100), 1000)
+        start = int(_decode_cursor(str(args["cursor"])).removeprefix("offset:")) if args.get("cursor") else 0
+
+        def kind(info: JSON) -> str:
+            if info["is_im"]:
+                return "im"
+            if info["is_mpim"]:
+                return "mpim"
+            return "private_channel" if info["is_private"] else "public_channel"
+
+        found = [
+            info
+            for info in self.channels.values()
+            if info["is_member"]
+            and kind(info) in types
+            and not (_truthy(args.get("exclude_archived")) and info["is_archived"])
+        ]
+        page = found[start : start + limit]
+        more = start + limit < len(found)
+        return {
+            "channels": copy.deepcopy(page),
+            "response_metadata": {"next_cursor": _encode_cursor(f"offset:{start + limit}") if more else ""},
         }
 
     def _conversations_replies(self, call: ApiCall) -> JSON:

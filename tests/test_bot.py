@@ -83,21 +83,25 @@ class Harness:
         return calls[0]
 
 
+async def caught_up(bot: RunningBot) -> bool:
+    return bot.backfill is not None and bot.backfill.runs > 0
+
+
 @pytest.fixture
 async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) -> AsyncIterator[Any]:
     await upgrade_database(database_url)
     started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
 
     async def make(
-        with_model: bool = True, prepare: Callable[[SlackStandIn], None] | None = None, **settings: Any
+        with_model: bool = True, prepare: Callable[[SlackStandIn], Any] | None = None, **settings: Any
     ) -> Harness:
-        """``prepare`` seeds the stand-in (channels, users) before the bot starts."""
+        """``prepare`` seeds the stand-in (channels, users, user groups, history) before the bot starts."""
         if with_model:
             make_tiny_version(Registry(data_dir / "models"), tiny_bert)
         slack = SlackStandIn()
-        if prepare is not None:
-            prepare(slack)
         await slack.start()
+        if prepare is not None:  # Slack as it is before the bot starts (channels, users, history)
+            prepare(slack)
         config = load_settings(
             _env_file=None,
             slack_bot_token=slack.bot_token,
@@ -106,18 +110,19 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
             database_url=str(database_url.render_as_string(hide_password=False)),
             host="127.0.0.1",
             port=0,
-            triage_channels=CHANNEL,
             triage_admins=ADMIN,
             triage_escalation_channel=ESCALATION,
             triage_pending_interval_s=0.2,
             triage_retry_base_s=0.2,
             triage_retrain_cron="",
-            **{"triage_embedded_classifier": "thread", **settings},  # the default's child: test_child.py
+            # the default's child process: test_child.py; a test may watch every channel instead
+            **{"triage_embedded_classifier": "thread", "triage_channels": CHANNEL, **settings},
         )
         bot = await start_bot(config)
         slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"
         harness = Harness(slack, bot, database_url)
         started.append((slack, bot, harness))
+        await harness.eventually(lambda: caught_up(bot))  # the start-up backfill read the channel
         return harness
 
     yield make
@@ -194,13 +199,12 @@ async def test_ignored_events_are_acknowledged(harness_factory: Any) -> None:
     h = await harness_factory()
     original, _ = await h.post_customer_message("first message")
     await h.reply_to(original["ts"])
+    # edits, deletions, thread replies and Workflow Builder posts: tests/test_bot_lifecycle.py
     events = [
-        h.slack.message_changed_event(CHANNEL, original["ts"], "edited text"),
-        h.slack.message_deleted_event(CHANNEL, original["ts"]),
         h.slack.channel_join_event(CHANNEL, "U0NEWBIE"),
-        h.slack.bot_message_event(CHANNEL, "an integration posting"),
-        h.slack.message_event(CHANNEL, CUSTOMER, "a reply in the thread", thread_ts=original["ts"]),
+        h.slack.message_event(CHANNEL, "U0OTHERBOT", "another app's bot user posting", bot_id="B0OTHER"),
         h.slack.message_event("C0ELSEWHERE", CUSTOMER, "not a triage channel"),
+        h.slack.message_event(CHANNEL, CUSTOMER, "a reply in an untriaged thread", thread_ts="1.000001"),
         h.slack.member_joined_channel_event(CHANNEL, "U0NEWBIE"),
         h.slack.message_event(CHANNEL, CUSTOMER, "   "),
     ]

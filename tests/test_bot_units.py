@@ -63,15 +63,77 @@ def test_settings_parse_lists_routes_and_socket_mode() -> None:
     assert "xoxb-1-2" not in repr(s)
 
 
+def test_triage_agents_take_user_and_group_ids_only() -> None:
+    s = load_settings(**BASE, triage_agents="U0LEAD, S0SUPPORT,W0GRID", triage_triage_agents="true")
+    assert s.triage_agents == ["U0LEAD", "S0SUPPORT", "W0GRID"] and s.triage_triage_agents
+    assert load_settings(**BASE).triage_agents == [] and not load_settings(**BASE).triage_triage_agents
+    assert load_settings(**BASE, triage_allowed_bots="B0FORMS").triage_allowed_bots == ["B0FORMS"]
+    with pytest.raises(SettingsError, match="TRIAGE_ALLOWED_BOTS: not Slack bot ids: U0BOT"):
+        load_settings(**BASE, triage_allowed_bots="U0BOT")
+    with pytest.raises(SettingsError) as err:
+        load_settings(**BASE, triage_agents="U0LEAD,@support,C0CHAN")
+    assert str(err.value) == (
+        "TRIAGE_AGENTS: not Slack user or user-group ids: @support, C0CHAN "
+        "(expected ids like U0123ABCD or S0123ABCD)"
+    )
+
+
+def test_not_a_request_threshold_is_a_confidence() -> None:
+    assert load_settings(**BASE).triage_not_a_request_above == 0.8
+    with pytest.raises(
+        SettingsError, match="TRIAGE_NOT_A_REQUEST_ABOVE: Input should be less than or equal to 1"
+    ):
+        load_settings(**BASE, triage_not_a_request_above="1.5")
+
+
+def test_backfill_hours_are_validated() -> None:
+    assert load_settings(**BASE).triage_backfill_hours == 24
+    assert load_settings(**BASE, triage_backfill_hours="0").triage_backfill_hours == 0  # no backfill
+    with pytest.raises(
+        SettingsError, match="TRIAGE_BACKFILL_HOURS: Input should be greater than or equal to 0"
+    ):
+        load_settings(**BASE, triage_backfill_hours="-1")
+
+
 def test_default_reaction_map_covers_every_default_label() -> None:
     reactions = ReactionMap(DEFAULT_REACTIONS)
     for head, labels in DEFAULT_HEADS.items():
         for label in labels:
             assert reactions.emoji_for(head, label), (head, label)
-    assert reactions.get("white_check_mark").confirms  # type: ignore[union-attr]
+    assert reactions.get("dart").confirms  # type: ignore[union-attr]
+    assert reactions.get("white_check_mark") is None and reactions.get("rotating_light") is None
     assert reactions.get("bug::skin-tone-2") == reactions.get("bug")
     with pytest.raises(ValueError, match="must be 'head=label' or 'confirm'"):
         ReactionMap({"tada": "party"})
+
+
+def test_emoji_that_mean_something_else_are_no_corrections(tmp_path: Path) -> None:
+    """:rotating_light: is the bot's own urgency marker and :white_check_mark: means "resolved" to support
+    teams: a reactions file that maps either is refused at start-up, naming why."""
+    for emoji, why in (("rotating_light", "the bot's own marker"), ("white_check_mark", "'resolved'")):
+        path = tmp_path / f"{emoji}.yaml"
+        path.write_text(f"{emoji}: urgency=critical\nbug: topic=bug\n")
+        with pytest.raises(ValueError, match=f"reaction '{emoji}' cannot be a correction: it is .*{why}"):
+            ReactionMap.load(path)
+    path = tmp_path / "ok.yaml"
+    path.write_text("red_circle: urgency=critical\nheavy_check_mark: confirm\n")
+    assert ReactionMap.load(path).confirm_emoji() == "heavy_check_mark"
+
+
+def test_the_reaction_hint_names_urgency_first() -> None:
+    views = {
+        "topic": LabelView("bug", confidence=0.9),
+        "urgency": LabelView("high", confidence=0.9),
+        "sentiment": LabelView("neutral", confidence=0.9),
+    }
+    blocks = reply_blocks(7, views, "v3", ReactionMap(DEFAULT_REACTIONS), {}, unsure_below=0.5)
+    notes = blocks[1]["elements"][0]["text"]
+    hint = notes[notes.index("React to correct") :]
+    assert hint.startswith(
+        "React to correct: :large_green_circle: low · :large_yellow_circle: medium · "
+        ":large_orange_circle: high · :red_circle: critical · "
+    )
+    assert hint.endswith(":dart: all right") and "rotating_light" not in hint
 
 
 def test_reply_blocks_mark_unsure_and_corrections() -> None:

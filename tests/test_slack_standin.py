@@ -551,6 +551,13 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert (guest["team_id"], guest["is_restricted"], guest["is_ultra_restricted"]) == ("T0001", True, True)
     partner = (await client.users_info(user="U0PARTNER"))["user"]
     assert (partner["team_id"], partner["profile"]["team"], partner["deleted"]) == ("T0OTHER",) * 2 + (True,)
+    customer = (await client.users_info(user=DEFAULT_USER_ID))["user"]  # the default user: a customer
+    assert customer["team_id"] == "T0CUSTOMER" != slack.team_id
+    slack.add_usergroup("S0SUPPORT", ["U0ANNA", "W0GRID"])
+    assert (await client.usergroups_users_list(usergroup="S0SUPPORT"))["users"] == ["U0ANNA", "W0GRID"]
+    with pytest.raises(SlackApiError) as unknown:
+        await client.usergroups_users_list(usergroup="S0NOSUCH")
+    assert unknown.value.response["error"] == "no_such_subteam"
 
     slack.add_channel("C0QUIET", "quiet", is_member=False)
     channel = (await client.conversations_info(channel="C0QUIET"))["channel"]
@@ -588,6 +595,26 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert [m["text"] for m in history["messages"]] == ["hello", "one (edited)"]  # newest first, no replies
     replies = await client.conversations_replies(channel="C0SUPPORT", ts=first["ts"])
     assert [m["text"] for m in replies["messages"]] == ["one (edited)", "two"]
+
+    # paging as Slack documents it: newest first, `limit` a page, `cursor` from response_metadata
+    for i in range(5):
+        slack.message_event("C0PAGED", DEFAULT_USER_ID, f"m{i}")
+    pages, cursor = [], None
+    while True:
+        page = await client.conversations_history(channel="C0PAGED", limit=2, cursor=cursor)
+        pages.append([m["text"] for m in page["messages"]])
+        cursor = page["response_metadata"]["next_cursor"]
+        assert page["has_more"] == bool(cursor)
+        if not cursor:
+            break
+    assert pages == [["m4", "m3"], ["m2", "m1"], ["m0"]]
+    ts = [m["ts"] for m in slack.messages_in("C0PAGED")]
+    between = await client.conversations_history(channel="C0PAGED", oldest=ts[1], latest=ts[3])
+    assert [m["text"] for m in between["messages"]] == ["m2"]  # exclusive ...
+    both = await client.conversations_history(channel="C0PAGED", oldest=ts[1], latest=ts[3], inclusive=True)
+    assert [m["text"] for m in both["messages"]] == ["m3", "m2", "m1"]  # ... unless inclusive
+    member_of = await client.users_conversations(types="public_channel,private_channel", limit=1)
+    assert len(member_of["channels"]) == 1 and member_of["response_metadata"]["next_cursor"]
 
     with pytest.raises(SlackApiError) as unknown:
         await client.api_call("nonexistent.method")

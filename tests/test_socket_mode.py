@@ -18,7 +18,7 @@ from bot.storage.database import upgrade_database
 from bot.storage.models import Correction, Message, MessageState, Prediction
 from classifier.registry import Registry
 from tests.socket_mode_standin import Link, SocketModeStandIn
-from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, ESCALATION, Harness
+from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, ESCALATION, Harness, caught_up
 from tests.tiny_model import make_tiny_version
 
 SocketBot = Callable[..., Awaitable[Harness]]
@@ -59,6 +59,7 @@ async def socket_bot(tiny_bert: Path, data_dir: Path, database_url: URL) -> Asyn
         harness = Harness(slack, bot, database_url)
         started.append((slack, bot, harness))
         await slack.wait_for_link(1)
+        await harness.eventually(lambda: caught_up(bot))  # the start-up backfill read the channel
         return harness
 
     yield make
@@ -170,6 +171,25 @@ async def test_refresh_requested_reconnects_and_nothing_is_lost_or_answered_twic
     assert await h.count(Message) == 3
     assert [len(replies_to(slack, e["ts"])) for e in (before, during, after)] == [1, 1, 1]
     assert slack.protocol_errors == [] and slack.unanswered() == []
+
+
+async def test_a_message_lost_while_the_link_was_down_is_backfilled_after_the_reconnect(
+    socket_bot: SocketBot,
+) -> None:
+    """Slack does not redeliver what it could not send while no link was open: the bot reads the
+    channel's history after every new hello (bot/backfill.py)."""
+    h = await socket_bot()
+    slack = standin(h)
+    await slack.disconnect("refresh_requested")
+    lost = slack.message_event(CHANNEL, CUSTOMER, "Our SSO login broke an hour ago")  # never delivered
+    await slack.wait_for_link(2)
+    await h.reply_to(lost["ts"])
+    assert await h.eventually(lambda: _backfills(h, 2))
+    assert len(replies_to(slack, lost["ts"])) == 1 and await h.count(Message) == 1
+
+
+async def _backfills(h: Harness, runs: int) -> bool:
+    return h.bot.backfill is not None and h.bot.backfill.runs >= runs
 
 
 async def _closed(link: Link) -> bool:

@@ -145,6 +145,9 @@ class Message(Base):
     # NULL once removed by retention or because the author asked to be forgotten.
     text: Mapped[str | None] = mapped_column(Text)
     text_removed_at: Mapped[datetime | None]
+    # The author's last edit (labels given before it were given to an earlier text) and their deletion.
+    edited_at: Mapped[datetime | None]
+    deleted_at: Mapped[datetime | None]
     received_at: Mapped[datetime] = mapped_column(index=True, default=utcnow)
     reply_channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))
     reply_ts: Mapped[str | None] = mapped_column(String(SLACK_TS))

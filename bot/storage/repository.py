@@ -260,6 +260,79 @@ async def set_reply(session: AsyncSession, message_id: int, *, channel_id: str, 
     _require_one(result, f"no message with id {message_id}")
 
 
+async def replace_text(
+    session: AsyncSession,
+    message_id: int,
+    text: str,
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> Message:
+    """The author edited the message: store the new text and make it pending again, owned by the caller
+    for ``lease`` like a new message. Its labels stay; those older than ``edited_at`` were given to the
+    earlier text. A forgotten user's edit is not stored either."""
+    now = now or utcnow()
+    message = await session.get(Message, message_id, populate_existing=True)
+    if message is None:
+        raise LookupError(f"no message with id {message_id}")
+    if message.user_id is not None and await is_forgotten(session, message.user_id):
+        message.text, message.text_removed_at = None, now
+    else:
+        message.text, message.text_removed_at = text, None
+    message.edited_at = now
+    message.state = MessageState.PENDING
+    message.attempts = 0
+    message.next_attempt_at = now + lease
+    message.last_error = None
+    await session.flush()
+    return message
+
+
+async def mark_deleted(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> Message:
+    """The author deleted the message: its text goes as ``forget_user`` removes texts, it is never
+    classified again, and its labels are not trained on (no text)."""
+    now = now or utcnow()
+    await remove_text(session, message_id, now=now)
+    message = await session.get(Message, message_id, populate_existing=True)
+    if message is None:
+        raise LookupError(f"no message with id {message_id}")
+    message.deleted_at = message.deleted_at or now
+    if message.state == MessageState.PENDING:
+        message.state, message.next_attempt_at, message.last_error = MessageState.SKIPPED, None, "deleted"
+    await session.flush()
+    return message
+
+
+async def thread_messages(
+    session: AsyncSession, team_id: str, channel_id: str, thread_ts: str
+) -> list[Message]:
+    """A thread's messages the bot stored: the parent (at ``thread_ts``) and the replies, oldest first."""
+    query = (
+        select(Message)
+        .where(
+            Message.team_id == team_id,
+            Message.channel_id == channel_id,
+            or_(Message.ts == thread_ts, Message.thread_ts == thread_ts),
+        )
+        .order_by(Message.id)
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def newest_top_level_ts(session: AsyncSession, team_id: str, channel_id: str) -> str | None:
+    """The ts of the newest top-level message stored from a channel (where a backfill starts).
+
+    Slack's ts ("1700000000.000100") have ten-digit seconds until 2286, so they sort as strings."""
+    return await session.scalar(
+        select(func.max(Message.ts)).where(
+            Message.team_id == team_id,
+            Message.channel_id == channel_id,
+            or_(Message.thread_ts.is_(None), Message.thread_ts == Message.ts),
+        )
+    )
+
+
 # --- pending work --------------------------------------------------------------------------------------
 
 
@@ -535,8 +608,12 @@ def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None 
         .label("rank")
     )
     label = Correction.new_label.label("label")
-    sub = select(Correction.message_id, Correction.head, label, rank).where(*conditions).subquery("ranked")
-    return select(sub.c.message_id, sub.c.head, sub.c.label).where(sub.c.rank == 1)
+    sub = (
+        select(Correction.message_id, Correction.head, label, Correction.created_at, rank)
+        .where(*conditions)
+        .subquery("ranked")
+    )
+    return select(sub.c.message_id, sub.c.head, sub.c.label, sub.c.created_at).where(sub.c.rank == 1)
 
 
 async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
@@ -598,13 +675,18 @@ async def export_training_set(
 ) -> list[TrainingExample]:
     """Labelled messages as of ``until``: text plus the latest non-retracted label per head.
 
-    Leaves out messages without text (purged by retention) and messages by forgotten users.
+    Leaves out messages without text (purged by retention, deleted by their author) and messages by
+    forgotten users, and labels given before the message's last edit (they describe an earlier text).
     """
     latest = _latest_labels(as_of=until, heads=heads).subquery("latest")
     query = (
         select(Message.id, Message.text, latest.c.head, latest.c.label)
         .join(latest, latest.c.message_id == Message.id)
-        .where(Message.text.is_not(None), _not_forgotten())
+        .where(
+            Message.text.is_not(None),
+            _not_forgotten(),
+            or_(Message.edited_at.is_(None), latest.c.created_at >= Message.edited_at),
+        )
         .order_by(Message.id, latest.c.head)
     )
     return _group_by_message((await session.execute(query)).all())
@@ -736,10 +818,17 @@ async def forget_user(
         .values(user_id=user_id, forgotten_at=now, requested_by=requested_by)
         .on_conflict_do_nothing(index_elements=["user_id"])
     )
+    return await _remove_texts(session, Message.user_id == user_id, now=now)
+
+
+async def remove_text(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> int:
+    """Remove one message's text as ``forget_user`` removes a person's (its labels stay); returns 0 or 1."""
+    return await _remove_texts(session, Message.id == message_id, now=now or utcnow())
+
+
+async def _remove_texts(session: AsyncSession, *where: ColumnElement[bool], now: datetime) -> int:
     result = await session.execute(
-        update(Message)
-        .where(Message.user_id == user_id, Message.text.is_not(None))
-        .values(text=None, text_removed_at=now)
+        update(Message).where(*where, Message.text.is_not(None)).values(text=None, text_removed_at=now)
     )
     return _rowcount(result)
 
