@@ -209,7 +209,7 @@ async def test_raising_urgency_escalates_and_lowering_edits_the_escalation_post(
 
     await react("large_green_circle")  # urgency low: whatever the model said, not urgent now
     await h.slack.wait_for("chat.postEphemeral", timeout=8)  # the agent's feedback comes last
-    await react("rotating_light")  # urgency critical: escalated, by the agent
+    await react("red_circle")  # urgency critical: escalated, by the agent
     [post] = await h.slack.wait_for(
         "chat.postMessage",
         predicate=lambda c: (
@@ -229,7 +229,7 @@ async def test_raising_urgency_escalates_and_lowering_edits_the_escalation_post(
     assert acked.status == 200
     await card_update(h, post, f"acknowledged by <@{AGENT}>")
 
-    await react("rotating_light", added=False)  # back to the agent's "low": de-escalated, the post edited
+    await react("red_circle", added=False)  # back to the agent's "low": de-escalated, the post edited
     edited = await card_update(h, post, f"de-escalated by <@{AGENT}>")
     assert button_ids(edited) == []
     await card_update(h, card, f"de-escalated by <@{AGENT}>")

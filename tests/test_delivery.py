@@ -46,6 +46,7 @@ async def test_a_shared_channel_gets_no_triage_at_all(harness_factory: Any) -> N
     assert visible_in(h.slack, CHANNEL) == []
     assert {c.method for c in h.slack.calls if c.args.get("channel") == CHANNEL} <= {
         "conversations.info",
+        "conversations.history",  # the start-up backfill reads; it posts nothing
         "chat.getPermalink",
     }
     # the look-up is cached: a second message asks Slack nothing new about the channel
