@@ -114,7 +114,11 @@ class CardContent:
     permalink: str | None
 
 
-def quote(text: str | None) -> str:
+def quote(message: Message) -> str:
+    """The message's first ~300 characters, quoted; what became of it once its text is gone."""
+    if message.deleted_at is not None:
+        return "_(deleted by its author)_"
+    text = message.text
     if text is None:
         return "_(text removed)_"
     short = text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1] + "…"
@@ -178,7 +182,7 @@ def card_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, A
             "block_id": "who",
             "text": {"type": "mrkdwn", "text": f"{who} in <#{message.channel_id}>{link}"},
         },
-        {"type": "section", "block_id": "quote", "text": {"type": "mrkdwn", "text": quote(message.text)}},
+        {"type": "section", "block_id": "quote", "text": {"type": "mrkdwn", "text": quote(message)}},
         {
             "type": "section",
             "block_id": "labels",
@@ -211,7 +215,7 @@ def escalation_blocks(content: CardContent, settings: BotSettings) -> list[dict[
             "block_id": "escalation",
             "text": {"type": "mrkdwn", "text": f"{headline}\n{who}"},
         },
-        {"type": "section", "block_id": "quote", "text": {"type": "mrkdwn", "text": quote(message.text)}},
+        {"type": "section", "block_id": "quote", "text": {"type": "mrkdwn", "text": quote(message)}},
         {
             "type": "context",
             "block_id": "status",
@@ -275,7 +279,7 @@ def fix_labels_view(content: CardContent) -> dict[str, Any]:
         "submit": _plain("Save"),
         "close": _plain("Cancel"),
         "blocks": [
-            {"type": "section", "text": {"type": "mrkdwn", "text": quote(content.message.text)}},
+            {"type": "section", "text": {"type": "mrkdwn", "text": quote(content.message)}},
             *inputs,
         ],
     }

@@ -108,6 +108,15 @@ async def test_an_agents_reaction_updates_the_card(harness_factory: Any) -> None
     assert visible_in(h.slack, CHANNEL) == ["chat.postEphemeral"]
 
 
+async def test_a_deleted_message_is_marked_on_its_card(harness_factory: Any) -> None:  # noqa: F811
+    h = await harness_factory(triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("Please cancel my subscription today")
+    card = await card_for(h, "Please cancel my subscription today")
+    await h.slack.send_event(h.slack.message_deleted_event(CHANNEL, event["ts"]))
+    update = await card_update(h, card, "deleted by its author")
+    assert "cancel my subscription" not in str(update.args)
+
+
 async def test_fix_labels_modal_stores_the_corrections_and_updates_the_card(
     harness_factory: Any,  # noqa: F811
 ) -> None:
