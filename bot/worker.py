@@ -79,6 +79,9 @@ async def run_next(
     sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, registry: Registry, worker: str
 ) -> RunOutcome | None:
     """Claim the oldest queued run and run it; ``None`` when none waits or another run holds the lock."""
+    async with sessions() as session:
+        if await repo.latest_training_run(session, status=TrainingStatus.QUEUED) is None:
+            return None  # the run lock is not taken for nothing: a busy check would see a run that is not
     try:
         async with run_lock(engine):
             async with sessions.begin() as session:

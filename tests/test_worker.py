@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import Acceptance, Gate, Retrainer
+from bot.retrain import Acceptance, Gate, Retrainer, run_in_progress
 from bot.run_queue import RunOptions, worker_present
 from bot.settings import SettingsError, load_worker_settings
 from bot.storage import repository as repo
@@ -177,7 +177,8 @@ async def test_a_run_being_claimed_is_skipped_not_claimed_twice(db: Db) -> None:
     async with sessions.begin() as one:
         got_one = await repo.claim_training_run(one, worker="a")
         async with sessions.begin() as two:  # while the first claim's transaction is open
-            got_two = await repo.claim_training_run(two, worker="b")
+            # a claim that waited for the first one's row lock would wait here for ever
+            got_two = await asyncio.wait_for(repo.claim_training_run(two, worker="b"), timeout=10)
     assert got_one is not None and got_two is not None
     assert (got_one.id, got_two.id) == (first.id, second.id)
 
@@ -196,6 +197,9 @@ async def test_worker_runs_a_queued_run_and_the_bot_posts_its_progress(
     worker = await _start_worker(data_dir, database_url)
     try:
         assert await worker_present(engine)
+        for _ in range(100):  # an idle worker (polling every 0.1 s) never holds the run lock: no false "busy"
+            assert not await run_in_progress(engine)
+            await asyncio.sleep(0.01)
         slack = Slack()
         bot = Retrainer(sessions, engine, post=slack.post, summary_channel="C0SUMMARY", epochs=4, poll_s=0.05)
         answer = await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK")
