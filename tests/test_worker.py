@@ -16,7 +16,9 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from typer.testing import CliRunner
 
+from bot.cli import app
 from bot.retrain import Acceptance, Gate, Retrainer, run_in_progress
 from bot.run_queue import RunOptions, worker_present
 from bot.settings import SettingsError, load_worker_settings
@@ -24,6 +26,7 @@ from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, TrainingTrigger
 from classifier.registry import Registry
+from classifier.train import pick_device
 from tests.model_fixtures import learnable_rows
 from tests.test_retrain import _base_version, _store_feedback
 
@@ -31,6 +34,7 @@ POSTGRES_ONLY = pytest.mark.parametrize("backend", [pytest.param("postgresql", m
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
 
 T = TypeVar("T")
+WORKER = f"test-worker ({pick_device('auto').type})"  # the name the tests give it, and its device
 Db = tuple[AsyncEngine, async_sessionmaker[AsyncSession]]
 
 
@@ -138,6 +142,13 @@ def test_worker_settings_need_postgresql(monkeypatch: pytest.MonkeyPatch) -> Non
         load_worker_settings(database_url="postgresql://triage@db/triage", triage_worker_poll_s=0)
 
 
+def test_triage_worker_refuses_sqlite_at_start_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", "sqlite+aiosqlite:////tmp/triage.db")
+    result = CliRunner().invoke(app, ["worker"])
+    assert result.exit_code == 2
+    assert "error: DATABASE_URL: must be a postgresql:// URL" in result.output
+
+
 def test_run_options_travel_as_json_and_bad_ones_are_refused() -> None:
     options = RunOptions(
         gate=Gate(tolerance=0.02), acceptance=Acceptance(after_hours=1, max_rows=5), epochs=3
@@ -222,7 +233,7 @@ async def test_worker_runs_a_queued_run_and_the_bot_posts_its_progress(
     (run,) = await _runs(sessions)
     assert run.status == TrainingStatus.PROMOTED and run.candidate_version == "v2"
     assert run.requested_by == "U0ADMIN" and run.notify_channel == "C0ASK"
-    assert run.worker == "test-worker (cpu)" and run.options is not None and run.options["epochs"] == 4
+    assert run.worker == WORKER and run.options is not None and run.options["epochs"] == 4
     async with sessions() as session:
         events = [e.event["event"] for e in await repo.training_run_events(session, run.id)]
         mirror = await repo.active_model_version(session)
@@ -280,7 +291,7 @@ async def test_killed_worker_fails_its_run_and_the_next_run_proceeds(
     assert "epoch 1/1: validation macro-F1" in out.decode()
     killed, proceeded = await _runs(sessions)
     assert proceeded.status in (TrainingStatus.PROMOTED, TrainingStatus.REJECTED), proceeded.error
-    assert proceeded.trigger == TrainingTrigger.CLI and proceeded.worker == "test-worker (cpu)"
+    assert proceeded.trigger == TrainingTrigger.CLI and proceeded.worker == WORKER
     assert proceeded.candidate_version == "v2" and registry.get("v2").status in ("active", "rejected")
     assert not list(registry.root.glob(".staging-*"))  # the killed run's leftovers are gone
     async with sessions() as session:
