@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from filelock import FileLock, Timeout
 from sqlalchemy import text
@@ -50,6 +50,9 @@ from classifier.data import (
 )
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
+
+if TYPE_CHECKING:  # bot.run_queue builds on this module
+    from bot.run_queue import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -843,7 +846,7 @@ async def _run_on_worker(
     sessions: async_sessionmaker[AsyncSession],
     engine: AsyncEngine,
     args: argparse.Namespace,
-    options: Any,
+    options: RunOptions,
     emit: ProgressSink,
 ) -> TrainingStatus:
     """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
