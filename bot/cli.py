@@ -102,6 +102,18 @@ def bot_command(
         raise typer.Exit(2) from None
 
 
+@app.command("worker")
+def worker_command() -> None:
+    """Claim queued retraining runs from PostgreSQL and run them on this machine's GPU (or CPU).
+
+    Needs DATABASE_URL (postgresql://) and the model registry in TRIAGE_DATA_DIR; no Slack tokens. While a
+    worker is up, the bot, its schedule and `triage retrain` queue their runs for it.
+    """
+    from bot.worker import main
+
+    raise typer.Exit(main())
+
+
 @app.command("retrain")
 def retrain_command(
     dry_run: Annotated[

@@ -30,7 +30,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from filelock import FileLock, Timeout
 from sqlalchemy import text
@@ -49,6 +49,9 @@ from classifier.data import (
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
 from classifier.results import Backend, Quantize
+
+if TYPE_CHECKING:  # bot.run_queue builds on this module
+    from bot.run_queue import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -194,11 +197,26 @@ def busy_text(running: TrainingRun | None, slack: bool = True) -> str:
     who = str(running.trigger)
     if running.requested_by:
         who = f"<@{running.requested_by}>" if slack else running.requested_by
-    return f"Retraining is already running, started by {who} at {running.started_at:%Y-%m-%d %H:%M} UTC."
+    when = f"{running.started_at:%Y-%m-%d %H:%M} UTC"
+    if running.status == TrainingStatus.QUEUED:
+        return f"Retraining is already queued for the worker, asked by {who} at {when}."
+    return f"Retraining is already running, started by {who} at {when}."
 
 
 def _run_file_lock() -> FileLock:
     return FileLock(str(data_dir() / "retrain.lock"), timeout=0)
+
+
+async def advisory_lock_held(engine: AsyncEngine, key: int) -> bool:
+    """Whether any session of this PostgreSQL database holds the advisory lock ``key`` (read from
+    ``pg_locks``; takes nothing). A killed process's locks are gone the moment its connection drops."""
+    held = text(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
+        " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+        " AND classid = :high AND objid = :low AND objsubid = 1)"
+    )
+    async with engine.connect() as conn:
+        return bool((await conn.execute(held, {"high": key >> 32, "low": key & 0xFFFF_FFFF})).scalar())
 
 
 async def run_in_progress(engine: AsyncEngine) -> bool:
@@ -208,14 +226,7 @@ async def run_in_progress(engine: AsyncEngine) -> bool:
     once, so a run starting in that instant may find it busy (it then says so, and nothing is lost).
     """
     if engine.dialect.name == "postgresql":
-        held = text(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted"
-            " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-            " AND classid = :high AND objid = :low AND objsubid = 1)"
-        )
-        async with engine.connect() as conn:
-            key = {"high": ADVISORY_LOCK_KEY >> 32, "low": ADVISORY_LOCK_KEY & 0xFFFF_FFFF}
-            return bool((await conn.execute(held, key)).scalar())
+        return await advisory_lock_held(engine, ADVISORY_LOCK_KEY)
     lock = _run_file_lock()
     try:
         lock.acquire()
@@ -402,60 +413,97 @@ async def run_once(
     acceptance: Acceptance | None = None,
 ) -> RunOutcome:
     """One complete run under the lock; raises ``RunBusy`` if another run holds it."""
-    gate = gate or Gate()
-    emit = on_progress or (lambda _: None)
     async with run_lock(engine):
         started = utcnow()
         async with sessions.begin() as session:
-            # holding the lock proves no run is alive: any 'running' record is from a killed process
-            await repo.fail_abandoned_training_runs(session, started_before=started)
+            await fail_dead_runs(session, started)
             run = await repo.start_training_run(
                 session, trigger=trigger, requested_by=requested_by, now=started
             )
-        registry.clean_staging()
-        try:
-            active, examples, _ = await dataset_for_run(sessions, registry, started, acceptance)
-            outcome = await asyncio.to_thread(
-                _train_and_judge_sync, registry, active, examples, gate, epochs, emit
-            )
-        except Exception as exc:  # recorded, never fatal to the caller
-            log.exception("retraining run %s failed", run.id)
-            outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
-        # a person forgotten (or texts purged) while the run trained: the new version copied their rows
-        try:
-            await erase_from_versions(sessions, registry)
-        except Exception:  # the run's record comes first; `triage data purge` erases them later
-            log.exception("retraining run %s could not erase removed texts from the model versions", run.id)
-        async with sessions.begin() as session:
-            await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
-            await repo.finish_training_run(
-                session,
-                run.id,
-                status=outcome.status,
-                train_examples=outcome.counts.get("train"),
-                eval_examples=outcome.counts.get("heldout"),
-                candidate_metrics={
-                    h: {"macro_f1": d["candidate"], "accuracy": d["candidate_accuracy"]}
-                    for h, d in outcome.deltas.items()
-                }
-                or None,
-                incumbent_metrics={
-                    h: {"macro_f1": d["incumbent"], "accuracy": d["incumbent_accuracy"]}
-                    for h, d in outcome.deltas.items()
-                }
-                or None,
-                candidate_version=outcome.candidate,
-                error=outcome.error or ("; ".join(outcome.reasons) or None),
-            )
-        emit(
-            {
-                "event": "done",
-                "status": str(outcome.status),
-                "summary": outcome.summary(),
-                "confusion_png": outcome.confusion_png,
-            }
+        return await execute_run(
+            sessions,
+            registry,
+            run.id,
+            started,
+            gate=gate,
+            epochs=epochs,
+            emit=on_progress,
+            acceptance=acceptance,
         )
-        return outcome
+
+
+ABANDONED = "abandoned: its process stopped before the run finished; the active model is unchanged"
+
+
+async def fail_dead_runs(session: AsyncSession, now: datetime) -> int:
+    """Under the run lock: a run still 'running' is a killed process's (a live one would hold the lock).
+    Each is failed, with a last progress event for whoever follows it (the bot, for a worker's run)."""
+    done = {"event": "done", "status": str(TrainingStatus.FAILED), "confusion_png": None}
+    summary = RunOutcome(status=TrainingStatus.FAILED, error=ABANDONED).summary()
+    return await repo.fail_abandoned_training_runs(
+        session, started_before=now, now=now, error=ABANDONED, event={**done, "summary": summary}
+    )
+
+
+async def execute_run(
+    sessions: async_sessionmaker[AsyncSession],
+    registry: Registry,
+    run_id: int,
+    started: datetime,
+    *,
+    gate: Gate | None = None,
+    epochs: int | None = None,
+    emit: ProgressSink | None = None,
+    acceptance: Acceptance | None = None,
+) -> RunOutcome:
+    """The steps of a run whose 'running' record exists, by a caller that holds the run lock: dataset (cut
+    off at ``started``), train and judge, record the outcome, and a last ``done`` event."""
+    gate = gate or Gate()
+    emit = emit or (lambda _: None)
+    registry.clean_staging()
+    try:
+        active, examples, _ = await dataset_for_run(sessions, registry, started, acceptance)
+        outcome = await asyncio.to_thread(
+            _train_and_judge_sync, registry, active, examples, gate, epochs, emit
+        )
+    except Exception as exc:  # recorded, never fatal to the caller
+        log.exception("retraining run %s failed", run_id)
+        outcome = RunOutcome(status=TrainingStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+    # a person forgotten (or texts purged) while the run trained: the new version copied their rows
+    try:
+        await erase_from_versions(sessions, registry)
+    except Exception:  # the run's record comes first; `triage data purge` erases them later
+        log.exception("retraining run %s could not erase removed texts from the model versions", run_id)
+    async with sessions.begin() as session:
+        await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
+        await repo.finish_training_run(
+            session,
+            run_id,
+            status=outcome.status,
+            train_examples=outcome.counts.get("train"),
+            eval_examples=outcome.counts.get("heldout"),
+            candidate_metrics={
+                h: {"macro_f1": d["candidate"], "accuracy": d["candidate_accuracy"]}
+                for h, d in outcome.deltas.items()
+            }
+            or None,
+            incumbent_metrics={
+                h: {"macro_f1": d["incumbent"], "accuracy": d["incumbent_accuracy"]}
+                for h, d in outcome.deltas.items()
+            }
+            or None,
+            candidate_version=outcome.candidate,
+            error=outcome.error or ("; ".join(outcome.reasons) or None),
+        )
+    emit(
+        {
+            "event": "done",
+            "status": str(outcome.status),
+            "summary": outcome.summary(),
+            "confusion_png": outcome.confusion_png,
+        }
+    )
+    return outcome
 
 
 async def mirror_versions(session: AsyncSession, registry: Registry, names: list[str] | None = None) -> None:
@@ -582,6 +630,7 @@ class Retrainer:
         epochs: int | None = None,
         gate: Gate | None = None,
         acceptance: Acceptance | None = None,
+        poll_s: float = 1.0,
     ):
         self.sessions = sessions
         self.gate = gate or Gate()
@@ -592,19 +641,29 @@ class Retrainer:
         self.summary_channel = summary_channel
         self.epochs = epochs
         self.process: asyncio.subprocess.Process | None = None
-        self.relay: asyncio.Future[None] | None = None  # relays the running process's progress
+        self.relay: asyncio.Future[None] | None = None  # relays the running run's progress
+        self.poll_s = poll_s  # how often a queued run's progress rows are read
 
     async def dry_run(self) -> str:
         return await describe_dry_run(self.sessions, Registry(registry_dir()), self.acceptance)
 
     async def busy_message(self) -> str | None:
-        """What to answer while a run holds the lock (or this bot's is starting); ``None`` when free."""
+        """What to answer while a run holds the lock (or this bot's is starting, or one waits for the
+        worker); ``None`` when free."""
         if self.process is not None and self.process.returncode is None:
             return "Retraining is already running (started from this bot)."
-        if not await run_in_progress(self.engine):
-            return None  # a 'running' row now is a killed run's: the next run marks it failed
-        async with self.sessions() as session:
-            return busy_text(await repo.latest_training_run(session, status=TrainingStatus.RUNNING))
+        if await run_in_progress(self.engine):
+            async with self.sessions() as session:
+                return busy_text(await repo.latest_training_run(session, status=TrainingStatus.RUNNING))
+        # a 'running' row now is a killed run's: the next run marks it failed
+        from bot.run_queue import worker_present  # bot.run_queue builds on this module
+
+        if await worker_present(self.engine):
+            async with self.sessions() as session:
+                queued = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+            if queued is not None:
+                return busy_text(queued)
+        return None
 
     async def request(
         self,
@@ -614,11 +673,17 @@ class Retrainer:
     ) -> str:
         """Start a run unless one is going; returns what to tell the person who asked.
 
-        The check is a courtesy: the run itself takes the lock, and reports back if another got it first.
+        With a `triage worker` up, the run is queued for it and its progress rows are relayed; otherwise
+        it runs in a child process of the bot. The check is a courtesy: the run itself takes the lock, and
+        reports back if another got it first.
         """
+        from bot.run_queue import worker_present
+
         busy = await self.busy_message()
         if busy:
             return busy
+        if await worker_present(self.engine):
+            return await self._enqueue(requested_by, notify_channel, trigger)
         args = [sys.executable, "-m", "bot.retrain", "--trigger", str(trigger), "--progress-json"]
         if requested_by:
             args += ["--requested-by", requested_by]
@@ -648,59 +713,92 @@ class Retrainer:
         self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
         return "Retraining started; progress follows in this channel."
 
+    async def _enqueue(self, requested_by: str | None, channel: str | None, trigger: TrainingTrigger) -> str:
+        from bot.run_queue import RunOptions, enqueue, follow_run
+
+        options = RunOptions(gate=self.gate, acceptance=self.acceptance, epochs=self.epochs)
+        run_id = await enqueue(
+            self.sessions, trigger=trigger, options=options, requested_by=requested_by, notify_channel=channel
+        )
+        events = follow_run(self.sessions, self.engine, run_id, poll_s=self.poll_s)
+        self.relay = asyncio.ensure_future(self._relay_queued(events, channel))
+        return "Retraining queued for the worker; progress follows in this channel."
+
+    async def _relay_queued(self, events: AsyncIterator[dict[str, Any]], channel: str | None) -> None:
+        final, _ = await self._post_progress(events, channel)
+        if final is not None:
+            await self._post_summary(final, channel)
+
     async def _relay(self, process: asyncio.subprocess.Process, channel: str | None) -> None:
-        thread: str | None = None
-        channels = [c for c in dict.fromkeys([channel, self.summary_channel]) if c]
         started = time.monotonic()
         assert process.stdout is not None and process.stderr is not None
         stderr_task = asyncio.ensure_future(process.stderr.read())
-        final: dict[str, Any] | None = None
-        async for raw in process.stdout:
-            try:
-                event = json.loads(raw)
-            except ValueError:
-                continue
-            kind = event.get("event")
-            text = None
-            if kind == "busy":
-                text = event.get("message") or "Retraining is already running."
-            elif kind == "dataset":
-                text = (
-                    f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} "
-                    f"training "
-                    f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
-                )
-            elif kind == "epoch":
-                text = (
-                    f"epoch {event['epoch']}/{event['epochs']}: "
-                    f"validation macro-F1 {event['val_macro_f1']:.3f}, "
-                    f"about {event['eta_s'] / 60:.0f} min left"
-                )
-            elif kind == "done":
-                final = event
-                continue
+        final, thread = await self._post_progress(_json_lines(process.stdout), channel)
+        await process.wait()
+        stderr = (await stderr_task).decode(errors="replace")
+        if final is not None:
+            await self._post_summary(final, channel)
+            return
+        if process.returncode and stderr.strip():
+            log.error("retrain process exited %s: %s", process.returncode, stderr[-2000:])
+        if process.returncode not in (0, None) and channel:
+            await self.post(
+                channel,
+                f":x: Retraining process exited with code {process.returncode} after "
+                f"{time.monotonic() - started:.0f} s; see the bot's log.",
+                thread,
+            )
+
+    async def _post_progress(
+        self, events: AsyncIterator[dict[str, Any]], channel: str | None
+    ) -> tuple[dict[str, Any] | None, str | None]:
+        """Post each progress event in one thread of ``channel``; the ``done`` event (if one came) and the
+        thread's ts."""
+        thread: str | None = None
+        async for event in events:
+            if event.get("event") == "done":
+                return event, thread
+            text = progress_text(event)
             if text and channel:
                 ts = await self.post(channel, text, thread)
                 thread = thread or ts
-        await process.wait()
-        stderr = (await stderr_task).decode(errors="replace")
-        if final is None:
-            if process.returncode and stderr.strip():
-                log.error("retrain process exited %s: %s", process.returncode, stderr[-2000:])
-            if process.returncode not in (0, None) and channel:
-                await self.post(
-                    channel,
-                    f":x: Retraining process exited with code {process.returncode} after "
-                    f"{time.monotonic() - started:.0f} s; see the bot's log.",
-                    thread,
-                )
-            return
-        for target in channels:
+        return None, thread
+
+    async def _post_summary(self, final: dict[str, Any], channel: str | None) -> None:
+        for target in [c for c in dict.fromkeys([channel, self.summary_channel]) if c]:
             await self.post(target, final["summary"], None)
             if self.upload and final.get("confusion_png"):
                 await self.upload(
                     target, final["confusion_png"], "Held-out confusion matrix of the candidate"
                 )
+
+
+async def _json_lines(stream: asyncio.StreamReader) -> AsyncIterator[dict[str, Any]]:
+    async for raw in stream:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            yield event
+
+
+def progress_text(event: dict[str, Any]) -> str | None:
+    """One progress event as a line for Slack (``None``: nothing to say)."""
+    kind = event.get("event")
+    if kind == "busy":
+        return str(event.get("message") or "Retraining is already running.")
+    if kind == "dataset":
+        return (
+            f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} training "
+            f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
+        )
+    if kind == "epoch":
+        return (
+            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.3f}, "
+            f"about {event['eta_s'] / 60:.0f} min left"
+        )
+    return None
 
 
 async def _main(argv: list[str] | None = None) -> int:
@@ -745,31 +843,40 @@ async def _main(argv: list[str] | None = None) -> int:
         elif event.get("event") == "done":
             print(event["summary"], flush=True)
 
+    gate = Gate(
+        tolerance=args.gate_tolerance,
+        max_recall_drop=args.gate_max_recall_drop,
+        recall_drop_alpha=args.gate_recall_drop_alpha,
+        backend=args.gate_backend,
+        quantize=args.gate_quantize,
+    )
+    from bot.run_queue import RunOptions, worker_present
+
     try:
         if args.dry_run:
             print(await describe_dry_run(sessions, registry, acceptance))
             return 0
-        outcome = await run_once(
-            sessions,
-            engine,
-            registry,
-            trigger=TrainingTrigger(args.trigger),
-            requested_by=args.requested_by,
-            epochs=args.epochs,
-            on_progress=emit,
-            gate=Gate(
-                tolerance=args.gate_tolerance,
-                max_recall_drop=args.gate_max_recall_drop,
-                recall_drop_alpha=args.gate_recall_drop_alpha,
-                backend=args.gate_backend,
-                quantize=args.gate_quantize,
-            ),
-            acceptance=acceptance,
-        )
-        return 1 if outcome.status == TrainingStatus.FAILED else 0
+        if await worker_present(engine):
+            options = RunOptions(gate=gate, acceptance=acceptance, epochs=args.epochs)
+            status = await _run_on_worker(sessions, engine, args, options, emit)
+        else:
+            outcome = await run_once(
+                sessions,
+                engine,
+                registry,
+                trigger=TrainingTrigger(args.trigger),
+                requested_by=args.requested_by,
+                epochs=args.epochs,
+                on_progress=emit,
+                gate=gate,
+                acceptance=acceptance,
+            )
+            status = outcome.status
+        return 1 if status == TrainingStatus.FAILED else 0
     except RunBusy:
         async with sessions() as session:
             running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+            running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
         message = busy_text(running, slack=args.progress_json)  # JSON progress is relayed to Slack
         if args.progress_json:
             print(json.dumps({"event": "busy", "message": message}), flush=True)
@@ -778,6 +885,34 @@ async def _main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         await engine.dispose()
+
+
+async def _run_on_worker(
+    sessions: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
+    args: argparse.Namespace,
+    options: RunOptions,
+    emit: ProgressSink,
+) -> TrainingStatus:
+    """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
+    ``RunBusy`` while another run runs or waits (as a run here would)."""
+    from bot.run_queue import enqueue, follow_run
+
+    async with sessions() as session:
+        waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+    if waiting is not None or await run_in_progress(engine):
+        raise RunBusy("a retraining run is in progress or queued")
+    run_id = await enqueue(
+        sessions, trigger=TrainingTrigger(args.trigger), options=options, requested_by=args.requested_by
+    )
+    if not args.progress_json:
+        print(f"Queued as run {run_id} for the worker; waiting for it.", file=sys.stderr, flush=True)
+    status = TrainingStatus.FAILED
+    async for event in follow_run(sessions, engine, run_id):
+        emit(event)
+        if event.get("event") == "done":
+            status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
+    return status
 
 
 if __name__ == "__main__":

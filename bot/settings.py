@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -25,6 +26,7 @@ BOT_ID = re.compile(r"^B[A-Z0-9]{2,}$")
 AGENT_ID = re.compile(r"^[UWS][A-Z0-9]{2,}$")  # a user, or a user group (S…)
 
 CommaList = Annotated[list[str], NoDecode]
+S = TypeVar("S", bound=BaseSettings)
 
 
 class Delivery(StrEnum):
@@ -315,10 +317,35 @@ def parse_channel_delivery(value: str) -> dict[str, Delivery]:
     return overrides
 
 
-def load_settings(**overrides: Any) -> BotSettings:
-    """Read the settings, or raise ``SettingsError`` with one line per bad or missing variable."""
+class WorkerSettings(BaseSettings):
+    """`triage worker`: the database to take training runs from, and nothing of Slack's."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=False,
+        env_ignore_empty=True,
+    )
+
+    database_url: str = Field(description="postgresql://...: the queue of training runs")
+    triage_worker_poll_s: float = Field(2.0, gt=0, le=3600)  # how often an idle worker looks for queued runs
+    triage_worker_name: str | None = Field(None, max_length=100)  # recorded on the runs it claims
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgresql(cls, v: str) -> str:
+        if not v.startswith(("postgresql:", "postgresql+asyncpg:", "postgres:")):
+            raise ValueError(
+                "must be a postgresql:// URL: the worker takes its runs from PostgreSQL (with SQLite, "
+                "the bot runs retraining itself)"
+            )
+        return v
+
+
+def _validated(cls: type[S], overrides: dict[str, Any]) -> S:
     try:
-        return BotSettings(**overrides)
+        return cls(**overrides)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
@@ -330,11 +357,28 @@ def load_settings(**overrides: Any) -> BotSettings:
         raise SettingsError("\n".join(lines)) from None
 
 
-def settings_or_exit() -> BotSettings:
-    """For command-line entry points: the settings, or each problem on stderr and exit status 2."""
+def load_settings(**overrides: Any) -> BotSettings:
+    """Read the settings, or raise ``SettingsError`` with one line per bad or missing variable."""
+    return _validated(BotSettings, overrides)
+
+
+def load_worker_settings(**overrides: Any) -> WorkerSettings:
+    return _validated(WorkerSettings, overrides)
+
+
+def _or_exit(load: Callable[[], S]) -> S:
     try:
-        return load_settings()
+        return load()
     except SettingsError as exc:
         for line in str(exc).splitlines():
             print(f"error: {line}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def settings_or_exit() -> BotSettings:
+    """For command-line entry points: the settings, or each problem on stderr and exit status 2."""
+    return _or_exit(load_settings)
+
+
+def worker_settings_or_exit() -> WorkerSettings:
+    return _or_exit(load_worker_settings)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from bot.settings import BotSettings
+from bot.settings import BotSettings, WorkerSettings
 from classifier.server import ServerSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,7 +354,7 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     """The services, dependencies, volumes and GPU reservation: of the file itself (``raw``) or of
     `docker compose config`'s rendering (long forms; a missing optional env_file merged away)."""
     services = data["services"]
-    assert {"postgres", "migrate", "starter-model", "classifier", "bot"} <= set(services)
+    assert {"postgres", "migrate", "starter-model", "classifier", "worker", "bot"} <= set(services)
 
     postgres = services["postgres"]
     assert postgres["image"] == "postgres:16"
@@ -395,6 +395,22 @@ def check_compose_model(data: dict[str, Any], *, raw: bool) -> None:
     assert any("3000" in str(p if not isinstance(p, dict) else p.get("target")) for p in bot["ports"])
     if raw:  # the secrets come from docker/.env
         assert [_env_file_path(f) for f in bot["env_file"]] == [".env"]
+
+    # Retraining where the GPU is: `triage worker` in the CUDA image, with the database and the registry
+    # and none of the tokens (no env_file: docker/.env holds the Slack and classifier secrets).
+    worker = services["worker"]
+    assert dockerfile(worker) == dockerfile(classifier) == "docker/classifier.Dockerfile"
+    assert worker["command"] == ["triage", "worker"]
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert [_volume(v) for v in worker["volumes"]] == [("registry", "/data")]
+    assert set(worker["environment"]) == {"DATABASE_URL"}
+    assert worker["environment"]["DATABASE_URL"] == bot["environment"]["DATABASE_URL"]
+    assert "env_file" not in worker
+    assert worker["healthcheck"]["disable"] is True  # the image's HTTP check is the classifier's
+    assert worker["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
+    assert worker["depends_on"]["starter-model"]["condition"] == "service_completed_successfully"
+    assert "ports" not in worker
 
     # `triage serve` needs a model: the one-shot starter-model service trains one into the registry first.
     starter = services["starter-model"]
@@ -469,8 +485,11 @@ def test_compose_config_is_valid() -> None:
     password = COMPOSE_ENV["POSTGRES_PASSWORD"]
     assert bot["environment"]["DATABASE_URL"] == f"postgresql://triage:{password}@postgres:5432/triage"
     assert rendered["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"] == password
+    worker = rendered["services"]["worker"]
+    assert worker["environment"] == {"DATABASE_URL": bot["environment"]["DATABASE_URL"]}
+    assert not any(k.startswith(("SLACK_", "CLASSIFIER_")) for k in worker["environment"])
     # Both build contexts are the repository root (where .dockerignore is).
-    for name in ("bot", "classifier", "migrate"):
+    for name in ("bot", "classifier", "migrate", "worker"):
         assert Path(rendered["services"][name]["build"]["context"]).resolve() == REPO
 
 
@@ -501,7 +520,8 @@ def env_example() -> tuple[set[str], set[str]]:
 
 def names_the_code_reads() -> set[str]:
     """Settings fields (bot: plain names; server: CLASSIFIER_ prefix) plus variables read directly."""
-    names = {name.upper() for name in BotSettings.model_fields} | server_variables()
+    names = {name.upper() for name in [*BotSettings.model_fields, *WorkerSettings.model_fields]}
+    names |= server_variables()
     direct = re.compile(r"""(?:environ(?:\.get)?\(|environ\[|_ENV\s*=\s*)["']([A-Z][A-Z0-9_]+)["']""")
     for folder in ("bot", "classifier"):
         for path in (REPO / folder).rglob("*.py"):

@@ -120,6 +120,7 @@ class TrainingTrigger(enum.StrEnum):
 
 
 class TrainingStatus(enum.StrEnum):
+    QUEUED = "queued"  # waiting for a `triage worker` to claim it
     RUNNING = "running"
     PROMOTED = "promoted"
     REJECTED = "rejected"
@@ -297,7 +298,11 @@ class ModelVersion(Base):
 
 
 class TrainingRun(Base):
-    """One retraining attempt: train a candidate, compare it with the incumbent, promote or reject."""
+    """One retraining attempt: train a candidate, compare it with the incumbent, promote or reject.
+
+    A run for a `triage worker` starts 'queued' with its ``options`` (epochs, gate, acceptance); the worker
+    claims it ('running', ``worker`` set) and writes its progress as ``TrainingRunEvent`` rows.
+    """
 
     __tablename__ = "training_runs"
 
@@ -313,6 +318,28 @@ class TrainingRun(Base):
     incumbent_metrics: Mapped[dict[str, Any] | None]
     candidate_version: Mapped[str | None] = mapped_column(String(128))
     error: Mapped[str | None] = mapped_column(Text)
+    queued_at: Mapped[datetime | None]
+    options: Mapped[dict[str, Any] | None]
+    notify_channel: Mapped[str | None] = mapped_column(String(SLACK_ID))  # where the bot posts progress
+    worker: Mapped[str | None] = mapped_column(String(128))  # who claimed it: "host:pid (device)"
+
+    __table_args__ = (
+        # the worker's claim: the oldest queued run
+        Index("ix_training_runs_queue", "status", "queued_at"),
+    )
+
+
+class TrainingRunEvent(Base):
+    """One progress event of a run (the JSON lines ``python -m bot.retrain --progress-json`` prints)."""
+
+    __tablename__ = "training_run_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("training_runs.id", ondelete="CASCADE"))
+    event: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (Index("ix_training_run_events_run", "run_id", "id"),)
 
 
 class AuditEntry(Base):

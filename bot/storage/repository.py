@@ -49,6 +49,7 @@ from bot.storage.models import (
     PredictionHead,
     SlackEvent,
     TrainingRun,
+    TrainingRunEvent,
     TrainingStatus,
     TrainingTrigger,
     utcnow,
@@ -1012,15 +1013,106 @@ async def list_training_runs(session: AsyncSession, *, limit: int = 20) -> list[
 
 
 async def fail_abandoned_training_runs(
-    session: AsyncSession, *, started_before: datetime, now: datetime | None = None
+    session: AsyncSession,
+    *,
+    started_before: datetime,
+    now: datetime | None = None,
+    error: str = "abandoned: never finished",
+    event: Mapping[str, Any] | None = None,
 ) -> int:
-    """Mark runs still 'running' since before ``started_before`` as failed (their process died)."""
-    result = await session.execute(
-        update(TrainingRun)
-        .where(TrainingRun.status == TrainingStatus.RUNNING, TrainingRun.started_at < started_before)
-        .values(status=TrainingStatus.FAILED, finished_at=now or utcnow(), error="abandoned: never finished")
+    """Mark runs still 'running' since before ``started_before`` as failed (their process died); with
+    ``event``, record it as each one's last progress event, so whoever follows the run learns how it ended."""
+    ids = list(
+        (
+            await session.scalars(
+                select(TrainingRun.id).where(
+                    TrainingRun.status == TrainingStatus.RUNNING, TrainingRun.started_at < started_before
+                )
+            )
+        ).all()
     )
-    return _rowcount(result)
+    if not ids:
+        return 0
+    await session.execute(
+        update(TrainingRun)
+        .where(TrainingRun.id.in_(ids), TrainingRun.status == TrainingStatus.RUNNING)
+        .values(status=TrainingStatus.FAILED, finished_at=now or utcnow(), error=error)
+    )
+    if event is not None:
+        for run_id in ids:
+            await add_training_run_event(session, run_id, event)
+    return len(ids)
+
+
+async def enqueue_training_run(
+    session: AsyncSession,
+    *,
+    trigger: TrainingTrigger,
+    options: Mapping[str, Any],
+    requested_by: str | None = None,
+    notify_channel: str | None = None,
+    now: datetime | None = None,
+) -> TrainingRun:
+    """A run for a `triage worker` to claim; ``started_at`` becomes the claim time."""
+    now = now or utcnow()
+    run = TrainingRun(
+        trigger=trigger,
+        requested_by=requested_by,
+        status=TrainingStatus.QUEUED,
+        started_at=now,
+        queued_at=now,
+        options=dict(options),
+        notify_channel=notify_channel,
+    )
+    session.add(run)
+    await session.flush()
+    return run
+
+
+async def claim_training_run(
+    session: AsyncSession, *, worker: str, now: datetime | None = None
+) -> TrainingRun | None:
+    """The oldest queued run, now 'running' for ``worker``; ``None`` when none waits.
+
+    ``FOR UPDATE SKIP LOCKED`` on PostgreSQL: a run another transaction is claiming is passed over, never
+    claimed twice (SQLite has one writer at a time and no row locks; the clause is left out there).
+    """
+    query = (
+        select(TrainingRun)
+        .where(TrainingRun.status == TrainingStatus.QUEUED)
+        .order_by(TrainingRun.queued_at, TrainingRun.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    run = await session.scalar(query)
+    if run is None:
+        return None
+    run.status = TrainingStatus.RUNNING
+    run.started_at = now or utcnow()
+    run.worker = worker
+    await session.flush()
+    return run
+
+
+async def get_training_run(session: AsyncSession, run_id: int) -> TrainingRun | None:
+    return await session.get(TrainingRun, run_id, populate_existing=True)
+
+
+async def add_training_run_event(session: AsyncSession, run_id: int, event: Mapping[str, Any]) -> None:
+    session.add(TrainingRunEvent(run_id=run_id, event=dict(event)))
+    await session.flush()
+
+
+async def training_run_events(
+    session: AsyncSession, run_id: int, *, after: int = 0
+) -> list[TrainingRunEvent]:
+    """A run's progress events with an id above ``after``, oldest first."""
+    query = (
+        select(TrainingRunEvent)
+        .where(TrainingRunEvent.run_id == run_id, TrainingRunEvent.id > after)
+        .order_by(TrainingRunEvent.id)
+    )
+    return list((await session.scalars(query)).all())
 
 
 # --- audit log -----------------------------------------------------------------------------------------
