@@ -1850,13 +1850,22 @@ class SlackStandIn:
         top_level = [m for m in self.messages_in(channel) if m.get("thread_ts") in (None, m["ts"])]
         newest_first = list(reversed(top_level))
         return {
-            "messages": copy.deepcopy(newest_first[:limit]),
+            "messages": self._with_metadata_if_asked(newest_first[:limit], call.args),
             "has_more": len(newest_first) > limit,
             "pin_count": 0,
             "channel_actions_ts": None,
             "channel_actions_count": 0,
             "response_metadata": {"next_cursor": ""},
         }
+
+    @staticmethod
+    def _with_metadata_if_asked(messages: list[JSON], args: JSON) -> list[JSON]:
+        """Copies of ``messages``; as Slack does, with their ``metadata`` only given include_all_metadata."""
+        copies = copy.deepcopy(messages)
+        if not _truthy(args.get("include_all_metadata")):
+            for message in copies:
+                message.pop("metadata", None)
+        return copies
 
     def _conversations_replies(self, call: ApiCall) -> JSON:
         channel = self._readable_channel(call.args)
@@ -1865,7 +1874,7 @@ class SlackStandIn:
         if not ts or not thread:
             raise ApiError("thread_not_found")
         return {
-            "messages": copy.deepcopy(thread),
+            "messages": self._with_metadata_if_asked(thread, call.args),
             "has_more": False,
             "response_metadata": {"next_cursor": ""},
         }

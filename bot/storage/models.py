@@ -146,6 +146,7 @@ class Message(Base):
     text: Mapped[str | None] = mapped_column(Text)
     text_removed_at: Mapped[datetime | None]
     received_at: Mapped[datetime] = mapped_column(index=True, default=utcnow)
+    # Set before the reply is posted; without reply_ts it means "a reply may be in Slack" (bot.triage).
     reply_channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))
     reply_ts: Mapped[str | None] = mapped_column(String(SLACK_TS))
     state: Mapped[MessageState] = mapped_column(
