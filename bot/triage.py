@@ -69,10 +69,10 @@ class OutageLog:
     def failed(self, what: str, exc: BaseException) -> None:
         if not self.down:
             self.down = True
-            log.error("%s: database unavailable (traceback once per outage)", what, exc_info=exc)
+            log.error("%s: database unavailable or too slow (traceback once per outage)", what, exc_info=exc)
         else:
             reason = escape_controls(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
-            log.warning("%s: database unavailable (%s)", what, reason)
+            log.warning("%s: database unavailable or too slow (%s)", what, reason)
 
     def recovered(self) -> None:
         if self.down:
