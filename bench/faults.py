@@ -73,6 +73,7 @@ from bench.bot_load import (  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 from bot.storage.database import resolve_database_url  # noqa: E402
 from tests.slack_standin import SlackStandIn  # noqa: E402
+from tests.tcp_proxy import TcpProxy  # noqa: E402
 
 CASES = ("kill", "database", "classifier", "slack429", "diskfull")
 SLACK_ACK_TIMEOUT_S = 3.0
@@ -115,61 +116,6 @@ def active_fingerprint(data_dir: Path) -> str:
 
 def tree_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-# ---- a TCP hop this script can cut -------------------------------------------------------------------
-
-
-class TcpProxy:
-    """127.0.0.1:``port`` → ``target``. ``cut()`` drops every connection and stops listening (new ones are
-    refused, as from a host that is down) until ``restore()``."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.target = (host, port)
-        self.port = free_port()
-        self._server: asyncio.Server | None = None
-        self._links: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-        except OSError:
-            writer.transport.abort()
-            return
-        link = (writer, up_writer)
-        self._links.add(link)
-        try:
-            await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
-        finally:
-            self._links.discard(link)
-            writer.transport.abort()
-            up_writer.transport.abort()
-
-    async def cut(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
-        for client, upstream in list(self._links):
-            client.transport.abort()
-            upstream.transport.abort()
-
-    async def restore(self) -> None:
-        await self.start()
-
-    async def close(self) -> None:
-        await self.cut()
-
-
-async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.transport.abort()
 
 
 # ---- the classifier server (for the classifier case) ---------------------------------------------------

@@ -32,7 +32,7 @@ from bot.commands import Commands
 from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
-from bot.triage import IncomingMessage, Triage
+from bot.triage import IncomingMessage, StorageUnavailable, Triage
 from classifier.logsafe import escape_controls
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
+        if isinstance(error, StorageUnavailable):  # logged by Triage, once per outage with its traceback
+            return BoltResponse(status=503, body="")  # Slack delivers the event again
         log.exception(
             "unhandled error in a Slack listener (%s)", escape_controls(body.get("type")), exc_info=error
         )

@@ -96,9 +96,14 @@ class SlackOutput:
         *,
         blocks: list[dict[str, Any]] | None = None,
         thread_ts: str | None = None,
+        metadata: dict[str, Any] | None = None,
+        paced: bool = True,
     ) -> dict[str, Any]:
-        """A paced ``chat.postMessage`` without link previews; a refusal raises ``SlackApiError``."""
-        await self.pacer.wait(channel)
+        """A paced ``chat.postMessage`` without link previews; a refusal raises ``SlackApiError``.
+        ``metadata``: Slack message metadata (``event_type``, ``event_payload``); ``paced=False`` when the
+        caller waited for the channel's turn itself."""
+        if paced:
+            await self.pacer.wait(channel)
         posted = await self.client.chat_postMessage(
             channel=channel,
             thread_ts=thread_ts,
@@ -106,6 +111,7 @@ class SlackOutput:
             blocks=blocks,
             unfurl_links=False,
             unfurl_media=False,
+            **({"metadata": metadata} if metadata else {}),
         )
         return dict(posted.data)  # type: ignore[arg-type]
 

@@ -17,6 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks, lifecycle
@@ -37,6 +38,40 @@ from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
 log = logging.getLogger(__name__)
 
 NOT_A_REQUEST = "not_a_request"  # the topic label of messages that ask for nothing (classifier/schema.py)
+# Slack's message metadata on every reply: how a later attempt recognises a reply already in the thread
+REPLY_EVENT_TYPE = "triage_reply"
+# Slack waits 3 s for an event's acknowledgement: storing must finish well within it, or Slack gets a 503
+# (and delivers the event again) instead of a late 200 that it would count as a failure anyway
+ACK_STORE_TIMEOUT_S = 2.5
+# How long the bookkeeping after a reply retries through a database outage (bounded: the message's lease
+# is 2 minutes; past it, the next attempt finds the reply in the thread instead)
+RECORD_WITHIN_S = 60.0
+# The database failing (or its pool not lending a connection in time), as opposed to a bug
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
+
+
+class StorageUnavailable(RuntimeError):
+    """A Slack event could not be stored in time: answered 503 (not 200), so Slack delivers it again."""
+
+
+class OutageLog:
+    """Database failures, logged without flooding: the traceback once per outage, then one line each."""
+
+    def __init__(self) -> None:
+        self.down = False
+
+    def failed(self, what: str, exc: BaseException) -> None:
+        if not self.down:
+            self.down = True
+            log.error("%s: database unavailable or too slow (traceback once per outage)", what, exc_info=exc)
+        else:
+            reason = escape_controls(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
+            log.warning("%s: database unavailable or too slow (%s)", what, reason)
+
+    def recovered(self) -> None:
+        if self.down:
+            self.down = False
+            log.warning("database reachable again")
 
 
 @dataclass(frozen=True)
@@ -48,6 +83,13 @@ class IncomingMessage:
     text: str
     thread_ts: str | None = None
     event_id: str | None = None
+
+
+def _settle_store(store: asyncio.Future[bool]) -> None:
+    """A store's failure was logged when its acknowledgement failed (or it finished after it): retrieved
+    here so asyncio does not report it again."""
+    if not store.cancelled():
+        store.exception()
 
 
 class Triage:
@@ -75,6 +117,9 @@ class Triage:
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
         self.backlog: repo.Backlog | None = None  # as of the last sweep: for /healthz and /metrics
+        self.outage = OutageLog()
+        self._storing: set[asyncio.Future[bool]] = set()  # stores that outlived their acknowledgement
+        self.record_within_s = RECORD_WITHIN_S
 
     # ---- new messages ------------------------------------------------------------------------------
     async def on_message(self, incoming: IncomingMessage) -> bool:
@@ -82,7 +127,9 @@ class Triage:
 
         Retries and racing replicas stop at the event id or the (team, channel, ts) key. A failure here
         propagates, so Slack gets an error and delivers the event again: an acknowledged message is
-        always stored. Classification happens later in the bounded work queue.
+        always stored. A database that cannot store it within ``ACK_STORE_TIMEOUT_S`` raises
+        ``StorageUnavailable`` (answered 503) rather than holding the acknowledgement past Slack's 3 s.
+        Classification happens later in the bounded work queue.
         """
         text = repo.storable_text(incoming.text)
         if text != incoming.text:  # stored cleaned: a failure here would only make Slack send it again
@@ -91,10 +138,39 @@ class Triage:
                 escape_controls(incoming.ts),
                 escape_controls(incoming.channel_id),
             )
-        empty = not text.strip()
+        # Awaited through a shield: a cancelled database call still waits for the driver (SQLite's busy
+        # wait, a connection attempt), so the store goes on in the background and the 503 goes out now.
+        # If it completes late, the message is stored and queued, and Slack's redelivery is a duplicate.
+        store = asyncio.ensure_future(self._store_and_queue(incoming, text, not text.strip()))
+        self._storing.add(store)
+        store.add_done_callback(self._storing.discard)
+        store.add_done_callback(_settle_store)
+        try:
+            queued = await asyncio.wait_for(asyncio.shield(store), ACK_STORE_TIMEOUT_S)
+        except DATABASE_ERRORS as exc:
+            where = f"{escape_controls(incoming.ts)} in {escape_controls(incoming.channel_id)}"
+            self.outage.failed(f"message {where} not stored, Slack will deliver it again", exc)
+            raise StorageUnavailable(f"message {where} not stored") from exc
+        self.outage.recovered()
+        return queued
+
+    async def _store_and_queue(self, incoming: IncomingMessage, text: str, empty: bool) -> bool:
+        message = await self._store(incoming, text, empty)
+        if message is None or empty:
+            return False
+        try:
+            self.queue.put_nowait(message)
+        except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
+            async with self.sessions.begin() as session:
+                await repo.release_message(session, message.id)
+            return False
+        return True
+
+    async def _store(self, incoming: IncomingMessage, text: str, empty: bool) -> Message | None:
+        """The new message as stored, or ``None`` when this event or message was stored before."""
         async with self.sessions.begin() as session:
             if incoming.event_id and not await repo.record_event(session, incoming.event_id):
-                return False
+                return None
             message, created = await repo.store_message(
                 session,
                 team_id=incoming.team_id,
@@ -105,9 +181,7 @@ class Triage:
                 thread_ts=incoming.thread_ts,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
             )
-        if not created or empty:
-            return False
-        return await self.enqueue(message)
+        return message if created else None
 
     async def enqueue(self, message: Message) -> bool:
         """Queue a pending message the caller holds the lease of; under overload it waits in the database."""
@@ -135,6 +209,8 @@ class Triage:
             message = await self.queue.get()
             try:
                 await self.classify_and_reply(message)
+            except SQLAlchemyError as exc:  # stays pending: its lease expires and the sweep queues it again
+                self.outage.failed(f"answering message {message.id}", exc)
             except Exception:  # stays pending: its lease expires and the sweep queues it again
                 log.exception("classifying message %s failed", message.id)
             finally:
@@ -157,7 +233,10 @@ class Triage:
                 await self.run_pending()
                 async with self.sessions() as session:
                     self.backlog = await repo.backlog(session)
-            except Exception:  # a database hiccup must not end the loop
+                self.outage.recovered()
+            except DATABASE_ERRORS as exc:  # a database outage must not end the loop, nor flood the log
+                self.outage.failed("pending-message sweep", exc)
+            except Exception:  # nor anything else
                 log.exception("pending-message sweep failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.settings.triage_pending_interval_s)
@@ -237,27 +316,13 @@ class Triage:
     async def _reply_in_thread(self, message: Message, text: str, reply: list[dict[str, Any]]) -> bool:
         """The triage reply in the message's thread; ``False`` when it could not be posted (the message is
         then skipped or scheduled for a retry)."""
+        if message.reply_channel_id and not message.reply_ts and not await self._adopt_posted_reply(message):
+            return False
         if message.reply_ts and message.reply_channel_id:
             # an earlier attempt replied but could not record the rest: update that reply, never post twice
             await self.output.update(message.reply_channel_id, message.reply_ts, text, blocks=reply)
-        else:
-            try:
-                posted = await self.output.post_or_raise(
-                    message.channel_id, text, blocks=reply, thread_ts=message.ts
-                )
-            except SlackApiError as exc:
-                error = f"chat.postMessage: {exc.response.get('error')}"
-                if is_permanent(exc):
-                    log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
-                    async with self.sessions.begin() as session:
-                        await repo.mark_skipped(session, message.id, reason=error)
-                else:
-                    await self._retry_later(message, error)
-                return False
-            channel, ts = str(posted["channel"]), str(posted["ts"])
-            # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
-            await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
-
+        elif not await self._post_reply(message, text, reply):
+            return False
         return True
 
     def is_not_a_request(self, views: Mapping[str, LabelView]) -> bool:
@@ -270,11 +335,93 @@ class Triage:
             and topic.confidence >= self.settings.triage_not_a_request_above
         )
 
-    async def _in_transaction(
-        self, work: Callable[[AsyncSession], Awaitable[Any]], attempts: int = 5
-    ) -> None:
-        """Bookkeeping after a reply went out: retried, since giving up would mean answering twice later."""
-        await in_transaction(self.sessions, work, attempts)
+    async def _post_reply(self, message: Message, text: str, reply: list[dict[str, Any]]) -> bool:
+        """Post the threaded reply and record it; returns whether it is in Slack.
+
+        At most one reply, wherever this process dies (``kill -9``, a database outage): (1) the intent
+        (``reply_channel_id`` without ``reply_ts``) is committed before chat.postMessage is called, so a
+        death before it leaves nothing in Slack, and a failure to commit it posts nothing; (2) the reply
+        carries metadata naming the message; (3) a later attempt that finds the intent without a ts looks
+        for that reply in the thread first and adopts it (``_adopt_posted_reply``), posting only if it is
+        not there, and if it cannot look it waits for the next attempt. The message's lease keeps two
+        attempts from overlapping.
+        """
+        await self.output.pacer.wait(message.channel_id)  # first, so the post follows the intent at once
+        await self._in_transaction(
+            lambda s: repo.record_reply_intent(s, message.id, channel_id=message.channel_id)
+        )
+        message.reply_channel_id = message.channel_id
+        try:
+            posted = await self.output.post_or_raise(
+                message.channel_id,
+                text,
+                blocks=reply,
+                thread_ts=message.ts,
+                metadata={
+                    "event_type": REPLY_EVENT_TYPE,
+                    "event_payload": {"message_id": message.id, "attempt": message.attempts},
+                },
+                paced=False,
+            )
+        except SlackApiError as exc:
+            await self._reply_failed(message, "chat.postMessage", exc)
+            return False
+        await self._record_reply(message, str(posted["channel"]), str(posted["ts"]))
+        return True
+
+    async def _adopt_posted_reply(self, message: Message) -> bool:
+        """An earlier attempt may have posted the reply and died before recording it: look in the thread.
+
+        Returns ``False`` when the thread could not be read (the message waits for a later attempt; posting
+        blind could answer twice); ``True`` otherwise, with ``message.reply_ts`` set if the reply was found.
+        """
+        cursor: str | None = None
+        try:
+            while True:
+                page = await self.client.conversations_replies(
+                    channel=message.channel_id,
+                    ts=message.ts,
+                    include_all_metadata=True,
+                    limit=200,
+                    cursor=cursor,
+                )
+                for candidate in page.get("messages") or []:
+                    if self._is_reply_to(candidate, message):
+                        log.info("message %s: adopted the reply an earlier attempt posted", message.id)
+                        await self._record_reply(message, message.channel_id, str(candidate["ts"]))
+                        return True
+                cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
+                if cursor is None:
+                    return True
+        except SlackApiError as exc:
+            await self._reply_failed(message, "conversations.replies", exc)
+            return False
+
+    def _is_reply_to(self, candidate: Mapping[str, Any], message: Message) -> bool:
+        metadata = candidate.get("metadata") or {}
+        payload = metadata.get("event_payload") or {}
+        ours = self.bot_user_id is None or candidate.get("user") == self.bot_user_id
+        named = metadata.get("event_type") == REPLY_EVENT_TYPE and payload.get("message_id") == message.id
+        return ours and named
+
+    async def _record_reply(self, message: Message, channel: str, ts: str) -> None:
+        # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
+        await self._in_transaction(lambda s: repo.set_reply(s, message.id, channel_id=channel, ts=ts))
+        message.reply_channel_id, message.reply_ts = channel, ts
+
+    async def _reply_failed(self, message: Message, method: str, exc: SlackApiError) -> None:
+        error = f"{method}: {exc.response.get('error')}"
+        if is_permanent(exc):
+            log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
+            async with self.sessions.begin() as session:
+                await repo.mark_skipped(session, message.id, reason=error)
+        else:
+            await self._retry_later(message, error)
+
+    async def _in_transaction(self, work: Callable[[AsyncSession], Awaitable[Any]]) -> None:
+        """Bookkeeping after a reply went out: retried with back-off for up to ``RECORD_WITHIN_S``, so a
+        short database outage does not leave it for the next attempt to find in the thread."""
+        await in_transaction(self.sessions, work, within_s=self.record_within_s)
 
     async def _retry_later(self, message: Message, error: str) -> None:
         where = f"{escape_controls(message.ts)} in {escape_controls(message.channel_id)}"

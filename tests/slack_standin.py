@@ -1939,7 +1939,7 @@ class SlackStandIn:
         newest_first = [m for m in reversed(top_level) if in_range(float(m["ts"]))]
         page, more = newest_first[:limit], len(newest_first) > limit
         return {
-            "messages": copy.deepcopy(page),
+            "messages": self._with_metadata_if_asked(page, call.args),
             "has_more": more,
             "pin_count": 0,
             "channel_actions_ts": None,
@@ -1975,6 +1975,15 @@ class SlackStandIn:
             "response_metadata": {"next_cursor": _encode_cursor(f"offset:{start + limit}") if more else ""},
         }
 
+    @staticmethod
+    def _with_metadata_if_asked(messages: list[JSON], args: JSON) -> list[JSON]:
+        """Copies of ``messages``; as Slack does, with their ``metadata`` only given include_all_metadata."""
+        copies = copy.deepcopy(messages)
+        if not _truthy(args.get("include_all_metadata")):
+            for message in copies:
+                message.pop("metadata", None)
+        return copies
+
     def _conversations_replies(self, call: ApiCall) -> JSON:
         channel = self._readable_channel(call.args)
         ts = call.args.get("ts")
@@ -1982,7 +1991,7 @@ class SlackStandIn:
         if not ts or not thread:
             raise ApiError("thread_not_found")
         return {
-            "messages": copy.deepcopy(thread),
+            "messages": self._with_metadata_if_asked(thread, call.args),
             "has_more": False,
             "response_metadata": {"next_cursor": ""},
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ from classifier.client import ChildClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from tests.slack_standin import SlackStandIn
+from tests.tcp_proxy import TcpProxy
 from tests.test_child import forward_passes_here
 from tests.tiny_model import make_tiny_version
 
@@ -48,11 +50,21 @@ ADMIN = "U0ADMIN"
 
 
 class Harness:
-    def __init__(self, slack: SlackStandIn, bot: RunningBot, database_url: URL):
+    def __init__(
+        self, slack: SlackStandIn, bot: RunningBot, database_url: URL, config: BotSettings | None = None
+    ):
         self.slack = slack
         self.bot = bot
+        self.config = config
         self.engine = create_engine(database_url)
         self.sessions = create_session_factory(self.engine)
+
+    async def restart(self) -> None:
+        """Stop the bot and start a new one on the same database and Slack (a restart after a crash)."""
+        assert self.config is not None
+        await self.bot.stop()
+        self.bot = await start_bot(self.config)
+        self.slack.bot_url = f"http://127.0.0.1:{self.bot.port}/slack/events"
 
     async def count(self, model: Any, *where: Any) -> int:
         async with self.sessions() as session:
@@ -90,7 +102,7 @@ async def caught_up(bot: RunningBot) -> bool:
 @pytest.fixture
 async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) -> AsyncIterator[Any]:
     await upgrade_database(database_url)
-    started: list[tuple[SlackStandIn, RunningBot, Harness]] = []
+    started: list[tuple[SlackStandIn, Harness]] = []
 
     async def make(
         with_model: bool = True, prepare: Callable[[SlackStandIn], Any] | None = None, **settings: Any
@@ -107,7 +119,6 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
             slack_bot_token=slack.bot_token,
             slack_signing_secret=slack.signing_secret,
             slack_api_url=slack.api_url,
-            database_url=str(database_url.render_as_string(hide_password=False)),
             host="127.0.0.1",
             port=0,
             triage_admins=ADMIN,
@@ -115,19 +126,23 @@ async def harness_factory(tiny_bert: Path, data_dir: Path, database_url: URL) ->
             triage_pending_interval_s=0.2,
             triage_retry_base_s=0.2,
             triage_retrain_cron="",
-            # the default's child process: test_child.py; a test may watch every channel instead
-            **{"triage_embedded_classifier": "thread", "triage_channels": CHANNEL, **settings},
+            **{
+                "triage_embedded_classifier": "thread",  # the default's child: test_child.py
+                "triage_channels": CHANNEL,  # a test may watch every channel instead
+                "database_url": database_url.render_as_string(hide_password=False),
+                **settings,
+            },
         )
         bot = await start_bot(config)
         slack.bot_url = f"http://127.0.0.1:{bot.port}/slack/events"
-        harness = Harness(slack, bot, database_url)
-        started.append((slack, bot, harness))
+        harness = Harness(slack, bot, database_url, config)
+        started.append((slack, harness))
         await harness.eventually(lambda: caught_up(bot))  # the start-up backfill read the channel
         return harness
 
     yield make
-    for slack, bot, harness in started:
-        await bot.stop()
+    for slack, harness in started:
+        await harness.bot.stop()
         await harness.engine.dispose()
         await slack.close()
 
@@ -633,3 +648,147 @@ async def test_a_model_without_urgency_is_reported_at_start_and_in_status(
     await h.slack.send_command("/triage", "rollback v1", user_id=ADMIN, channel_id=CHANNEL)
     [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v1 is now" in str(r.body))
     assert ":warning: without urgency: escalation" in str(posted.body)
+
+
+# ---- faults: exactly one reply whenever the bot dies or the database drops (issue 16) -----------------
+
+
+def _replies_per_thread(slack: SlackStandIn) -> dict[str, int]:
+    """How many replies each customer message got (the escalation posts have no thread_ts)."""
+    counts: dict[str, int] = {}
+    for call in slack.calls_to("chat.postMessage"):
+        if call.ok and call.args.get("thread_ts"):
+            counts[call.args["thread_ts"]] = counts.get(call.args["thread_ts"], 0) + 1
+    return counts
+
+
+async def test_a_reply_posted_just_before_the_bot_died_is_adopted_not_posted_again(
+    harness_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = await harness_factory()
+    died = asyncio.Event()
+    recorded = repo.set_reply
+
+    async def dies_before_recording(session: Any, message_id: int, **where: str) -> None:
+        if not died.is_set():  # the instant after chat.postMessage succeeded, before its ts is stored
+            died.set()
+            raise asyncio.CancelledError  # the worker stops here, as a killed process would
+        await recorded(session, message_id, **where)
+
+    monkeypatch.setattr(repo, "set_reply", dies_before_recording)
+    event, _ = await h.post_customer_message("Exports to CSV have been timing out all week")
+    posted = await h.reply_to(event["ts"])
+    await asyncio.wait_for(died.wait(), timeout=8)
+    await h.restart()
+    [message] = await h.rows(Message)
+    assert message.reply_ts is None and message.state == MessageState.PENDING
+    async with h.sessions.begin() as session:  # no need to wait 2 minutes for the dead worker's lease
+        await repo.release_message(session, message.id)
+
+    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
+    [message] = await h.rows(Message)
+    assert message.reply_ts == posted.response["ts"]  # the reply already in Slack, adopted
+    assert _replies_per_thread(h.slack) == {event["ts"]: 1}
+    [lookup] = h.slack.calls_to("conversations.replies")
+    assert lookup.args["include_all_metadata"] in (True, "1", "true")
+    assert posted.args["metadata"] == {
+        "event_type": "triage_reply",
+        "event_payload": {"message_id": message.id, "attempt": 0},
+    }
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_database_outage_under_load_loses_and_duplicates_nothing(
+    harness_factory: Any, database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy = TcpProxy(database_url.host or "127.0.0.1", database_url.port or 5432)
+    await proxy.start()
+    try:
+        proxied = database_url.set(host="127.0.0.1", port=proxy.port)
+        h = await harness_factory(database_url=proxied.render_as_string(hide_password=False))
+        caplog.set_level("WARNING", logger="bot")
+        events = [
+            h.slack.message_event(CHANNEL, CUSTOMER, f"Invoice {i} shows the wrong VAT") for i in range(40)
+        ]
+
+        async def deliver(event: dict[str, Any]) -> None:
+            """As Slack: delivered again (X-Slack-Retry-Num) until some delivery is answered 200."""
+            envelope = h.slack.event_envelope(event)  # Slack's retries: the same envelope
+            for attempt in range(60):
+                response = await h.slack.send_envelope(
+                    envelope, **({"retry_num": attempt} if attempt else {})
+                )
+                if response.status == 200:
+                    return
+                assert response.status == 503 and response.elapsed < 3.0  # never held past Slack's 3 s
+                await asyncio.sleep(0.25)
+            raise AssertionError(f"{event['ts']} never acknowledged")
+
+        async def load() -> None:
+            deliveries = []
+            for event in events:
+                deliveries.append(asyncio.ensure_future(deliver(event)))
+                await asyncio.sleep(0.05)  # 20 messages/s
+            await asyncio.gather(*deliveries)
+
+        async def outage() -> None:
+            await h.slack.wait_for("chat.postMessage", count=3, timeout=20)  # in the middle of the load
+            await proxy.cut()
+            await asyncio.sleep(3)
+            await proxy.restore()
+
+        await asyncio.gather(load(), outage())
+        await h.slack.wait_for(
+            "chat.postMessage",
+            count=len(events),
+            timeout=60,
+            predicate=lambda c: bool(c.args.get("thread_ts")),
+        )
+
+        async def all_classified() -> bool:
+            return await h.count(Message, Message.state == MessageState.CLASSIFIED) == len(events)
+
+        assert await h.eventually(all_classified, within_s=30)
+    finally:
+        await proxy.close()
+    assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}  # 0 lost, 0 duplicated
+    assert await h.count(Message) == len(events)
+    tracebacks = [r for r in caplog.records if r.exc_info and r.name.startswith("bot")]
+    assert len(tracebacks) <= 1, [r.getMessage() for r in tracebacks]
+
+
+async def test_acknowledgement_never_waits_past_slacks_3_seconds(
+    harness_factory: Any, database_url: URL, caplog: pytest.LogCaptureFixture
+) -> None:
+    h = await harness_factory()
+    caplog.set_level("WARNING", logger="bot")
+    events = [h.slack.message_event(CHANNEL, CUSTOMER, f"Refund {i} is still missing") for i in range(3)]
+    envelopes = [h.slack.event_envelope(e) for e in events]
+    async with _database_locked(h):  # another writer holds the database: storing would wait 15 s
+        responses = await asyncio.gather(*(h.slack.send_envelope(e) for e in envelopes))
+        assert [r.status for r in responses] == [503] * 3
+        assert all(r.elapsed < 3.0 for r in responses)
+    retried = await asyncio.gather(*(h.slack.send_envelope(e, retry_num=1) for e in envelopes))
+    assert [r.status for r in retried] == [200] * 3
+    await h.slack.wait_for(
+        "chat.postMessage", count=3, timeout=20, predicate=lambda c: bool(c.args.get("thread_ts"))
+    )
+    assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}
+    failures = [r for r in caplog.records if r.name == "bot.triage" and "not stored" in r.getMessage()]
+    assert len(failures) == 3 and sum(1 for r in failures if r.exc_info) == 1  # one traceback per outage
+
+
+@contextlib.asynccontextmanager
+async def _database_locked(h: Harness) -> AsyncIterator[None]:
+    """A write lock held by another connection, as a long migration or a backup on SQLite, or a lock on
+    PostgreSQL's tables, would hold it."""
+    async with h.engine.connect() as connection:
+        if h.engine.dialect.name == "sqlite":
+            await connection.exec_driver_sql("BEGIN EXCLUSIVE")
+        else:
+            await connection.exec_driver_sql("BEGIN")
+            await connection.exec_driver_sql("LOCK TABLE messages, slack_events IN ACCESS EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            await connection.exec_driver_sql("ROLLBACK")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -195,19 +196,23 @@ def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSessi
 async def in_transaction(
     sessions: async_sessionmaker[AsyncSession],
     work: Callable[[AsyncSession], Awaitable[Any]],
-    attempts: int = 5,
+    within_s: float = 60.0,
 ) -> None:
-    """Run ``work`` in a transaction, retried with a short back-off on database errors: for bookkeeping
-    after something went out to Slack, where giving up would mean posting it twice later."""
-    for attempt in range(attempts):
+    """Run ``work`` in a transaction, retried with back-off (0.2 s doubling to 5 s) on database errors for
+    up to ``within_s``: for bookkeeping after something went out to Slack, where giving up would mean
+    posting it twice later."""
+    deadline = time.monotonic() + within_s
+    delay = 0.2
+    while True:
         try:
             async with sessions.begin() as session:
                 await work(session)
             return
-        except (SQLAlchemyError, TimeoutError):
-            if attempt == attempts - 1:
+        except (SQLAlchemyError, OSError, TimeoutError):
+            if time.monotonic() + delay > deadline:
                 raise
-            await asyncio.sleep(0.2 * 2**attempt)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
 
 def migrations_dir() -> Path:

@@ -150,6 +150,7 @@ class Message(Base):
     edited_at: Mapped[datetime | None]
     deleted_at: Mapped[datetime | None]
     received_at: Mapped[datetime] = mapped_column(index=True, default=utcnow)
+    # Set before the reply is posted; without reply_ts it means "a reply may be in Slack" (bot.triage).
     reply_channel_id: Mapped[str | None] = mapped_column(String(SLACK_ID))
     reply_ts: Mapped[str | None] = mapped_column(String(SLACK_TS))
     state: Mapped[MessageState] = mapped_column(

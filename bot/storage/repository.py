@@ -253,6 +253,15 @@ async def get_message_by_reply(
     )
 
 
+async def record_reply_intent(session: AsyncSession, message_id: int, *, channel_id: str) -> None:
+    """Before a reply is posted: ``reply_channel_id`` set and ``reply_ts`` not yet means "a reply may be
+    in Slack already", so a later attempt looks for it in the thread before it posts (``bot.triage``)."""
+    result = await session.execute(
+        update(Message).where(Message.id == message_id).values(reply_channel_id=channel_id)
+    )
+    _require_one(result, f"no message with id {message_id}")
+
+
 async def set_reply(session: AsyncSession, message_id: int, *, channel_id: str, ts: str) -> None:
     """Record where the bot's reply to a message lives."""
     result = await session.execute(
