@@ -63,6 +63,9 @@ class Requester:
     organization: str | None = None  # another organization's name (Slack Connect); None: ours
 
 
+TEAM_RETRY_S = 60.0  # a team.info look-up that failed is tried again after this long
+
+
 class People:
     """Who wrote a message, for the card: ``users.info`` and, for another organization, ``team.info``;
     cached, and a failed look-up shows the bare mention instead of failing the card."""
@@ -72,6 +75,7 @@ class People:
         self.ttl_s = ttl_s
         self._known: dict[str, tuple[Requester, float]] = {}
         self._teams: dict[str, str] = {}
+        self._unnamed: dict[str, float] = {}  # team id -> when to ask team.info again after a failure
 
     async def requester(self, user_id: str | None, own_team: str) -> Requester:
         if not user_id:
@@ -93,13 +97,17 @@ class People:
         return found
 
     async def _organization(self, team_id: str) -> str:
-        if team_id not in self._teams:
-            try:
-                team = (await self.client.team_info(team=team_id)).get("team") or {}
-            except (SlackApiError, OSError, TimeoutError) as exc:
-                log.warning("team.info for %s failed (%s)", team_id, exc)
-                return team_id  # not cached: named next time
-            self._teams[team_id] = str(team.get("name") or team_id)
+        if team_id in self._teams:
+            return self._teams[team_id]
+        if self._unnamed.get(team_id, 0.0) > time.monotonic():
+            return team_id  # failed a moment ago: one look-up (and one warning) per team a minute
+        try:
+            team = (await self.client.team_info(team=team_id)).get("team") or {}
+        except (SlackApiError, OSError, TimeoutError) as exc:
+            log.warning("team.info for %s failed (%s): cards show the team id for a minute", team_id, exc)
+            self._unnamed[team_id] = time.monotonic() + TEAM_RETRY_S
+            return team_id
+        self._teams[team_id] = str(team.get("name") or team_id)
         return self._teams[team_id]
 
 

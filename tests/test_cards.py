@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
@@ -316,3 +317,15 @@ def _elements(blocks: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         for element in block.get("elements", []) if block["type"] == "actions" else []:
             found.append((block.get("block_id", ""), element))
     return found
+
+
+async def test_an_organization_slack_cannot_name_is_looked_up_once_a_minute() -> None:
+    """``team.info`` failing (an organization the app may not read) must not cost a look-up and a warning
+    for every message of that organization's people."""
+    async with SlackStandIn() as slack:
+        for n in range(3):
+            slack.add_user(f"U0GUEST{n}", f"guest{n}", team_id="T0UNKNOWN")  # no such team in the stand-in
+        people = cards.People(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+        found = [await people.requester(f"U0GUEST{n}", own_team=slack.team_id) for n in range(3)]
+    assert [r.organization for r in found] == ["T0UNKNOWN"] * 3
+    assert len(slack.calls_to("team.info")) == 1
