@@ -47,14 +47,18 @@ def _split(value: Any) -> Any:
     return value
 
 
+# Every process reads the environment and a .env file the same way; an empty variable counts as unset.
+ENV_CONFIG = SettingsConfigDict(
+    env_file=".env",
+    env_file_encoding="utf-8",
+    extra="ignore",
+    case_sensitive=False,
+    env_ignore_empty=True,
+)
+
+
 class BotSettings(BaseSettings):
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        env_ignore_empty=True,
-    )
+    model_config = ENV_CONFIG
 
     slack_bot_token: SecretStr = Field(description="Bot token (xoxb-...)")
     slack_signing_secret: SecretStr | None = Field(None, description="Signing secret; required in HTTP mode")
@@ -320,13 +324,7 @@ def parse_channel_delivery(value: str) -> dict[str, Delivery]:
 class WorkerSettings(BaseSettings):
     """`triage worker`: the database to take training runs from, and nothing of Slack's."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        case_sensitive=False,
-        env_ignore_empty=True,
-    )
+    model_config = ENV_CONFIG
 
     database_url: str = Field(description="postgresql://...: the queue of training runs")
     triage_worker_poll_s: float = Field(2.0, gt=0, le=3600)  # how often an idle worker looks for queued runs
