@@ -9,8 +9,6 @@ import logging
 import os
 import signal
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     tiny_base_fixture,
 )
 from tests.tiny_model import make_tiny_version
+from tests.waiting import eventually
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 REPO = Path(__file__).resolve().parents[1]
@@ -36,15 +35,6 @@ REPO = Path(__file__).resolve().parents[1]
 def forward_passes_here() -> float:
     """Forward passes run in this process so far (the engine's process-wide histogram)."""
     return sum(s.value for m in FORWARD_SECONDS.collect() for s in m.samples if s.name.endswith("_count"))
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 30.0) -> bool:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.05)
-    return True
 
 
 def gone(pid: int) -> bool:

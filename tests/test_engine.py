@@ -33,6 +33,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     registry_template_fixture,
     tiny_base_fixture,
 )
+from tests.waiting import eventually
 
 
 def _as_json(result: Any) -> list[dict[str, Any]]:
@@ -178,9 +179,12 @@ async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
             await engine.swap_to("v9")
         assert engine.version == "v1"
         await asyncio.to_thread(registry.activate, "v2")
-        await asyncio.sleep(0.3)
+
+        async def refused() -> bool:
+            return "cannot be served" in caplog.text
+
+        assert await eventually(refused, within_s=10)
         assert engine.version == "v1"
-        assert "cannot be served" in caplog.text
         assert (await engine.classify(["still here"])).model_version == "v1"
 
 

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,32 @@ class DevTools:
             await self._reader
 
 
+CHROMIUM_START_S = 120.0  # a cold first start on a busy 2-core CI machine took over 15 s
+
+
+def written_port(port_file: Path) -> int | None:
+    text = port_file.read_text() if port_file.is_file() else ""
+    return int(text.split()[0]) if text.strip() else None
+
+
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-2000:]
+
+
+async def devtools_port(port_file: Path, process: asyncio.subprocess.Process, log: Path) -> int:
+    """Wait until Chromium writes its DevTools port, or say why it never did."""
+    deadline = time.monotonic() + CHROMIUM_START_S
+    while (port := await asyncio.to_thread(written_port, port_file)) is None:
+        if process.returncode is not None:
+            tail = await asyncio.to_thread(log_tail, log)
+            pytest.fail(f"chromium exited with {process.returncode}: {tail}")
+        if time.monotonic() > deadline:
+            tail = await asyncio.to_thread(log_tail, log)
+            pytest.fail(f"chromium wrote no DevTools port in {CHROMIUM_START_S:.0f} s: {tail}")
+        await asyncio.sleep(0.05)
+    return port
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[DevTools]:
     executable = chromium_path()
@@ -143,14 +170,7 @@ async def browser(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Dev
         executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank", stdout=log, stderr=log
     )
     try:
-        port_file = profile / "DevToolsActivePort"
-        for _ in range(300):
-            if port_file.is_file() and port_file.read_text().strip():
-                break
-            if process.returncode is not None:
-                pytest.fail(f"chromium exited with {process.returncode}; see {log.name}")
-            await asyncio.sleep(0.05)
-        port = int(port_file.read_text().split()[0])
+        port = await devtools_port(profile / "DevToolsActivePort", process, Path(log.name))
         async with aiohttp.ClientSession() as http:
             async with http.get(f"http://127.0.0.1:{port}/json/list") as r:
                 targets = await r.json()

