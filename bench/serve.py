@@ -74,7 +74,7 @@ from classifier.onnx_backend import (  # noqa: E402
     onnx_folder,
 )
 from classifier.paths import default_base_model  # noqa: E402
-from classifier.registry import Registry, VersionInfo  # noqa: E402
+from classifier.registry import Registry, VersionFiles, VersionInfo  # noqa: E402
 from classifier.schema import LabelSchema  # noqa: E402
 
 TOKEN = "bench-token-" + "0" * 20
@@ -223,7 +223,7 @@ def build_banking77_registry(data_dir: Path, base_model: Path, data: Path, max_l
     registry = Registry(data_dir / "models")
     with registry.staging() as staging:
         model.save(staging, tokenizer, max_length=max_length)
-        write_jsonl(staging / "dataset.jsonl", examples)
+        write_jsonl(VersionFiles(staging).dataset, examples)
         info = VersionInfo(
             name="",
             created="",

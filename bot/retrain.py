@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from filelock import FileLock, Timeout
@@ -358,7 +357,7 @@ async def dataset_for_run(
     acceptance = acceptance or Acceptance()
     active = registry.active()
     heads = active.schema["heads"]
-    base = read_jsonl(Path(active.path) / "dataset.jsonl")
+    base = read_jsonl(active.files.dataset)
     async with sessions() as session:
         feedback = await repo.export_training_set(session, until=until, heads=list(heads))
         accepted = await repo.export_accepted_predictions(
@@ -576,11 +575,7 @@ def _train_and_judge_sync(
     emit({"event": "evaluating", "candidate": candidate.name})
     reports = {}
     for name in (candidate.name, active.name):
-        out = (
-            Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
-            if name != candidate.name
-            else Path(candidate.path) / "eval" / "heldout"
-        )
+        out = candidate.files.heldout_eval(None if name == candidate.name else name).folder
         reports[name] = evaluate_version(
             registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
         )
@@ -601,7 +596,7 @@ def _train_and_judge_sync(
     else:
         registry.set_status(candidate.name, "rejected", "; ".join(reasons))
     first_head = next(iter(reports[candidate.name]["heads"]), None)
-    png = Path(candidate.path) / "eval" / "heldout" / f"confusion_{first_head}.png" if first_head else None
+    png = candidate.files.heldout_eval().confusion_png(first_head) if first_head else None
     return RunOutcome(
         status=TrainingStatus.PROMOTED if promote else TrainingStatus.REJECTED,
         candidate=candidate.name,

@@ -34,13 +34,12 @@ from transformers import PreTrainedTokenizerBase
 
 from classifier.data import Example, read_jsonl
 from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs_with
-from classifier.registry import VersionInfo
+from classifier.registry import VersionFiles, VersionInfo
 from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
 log = logging.getLogger(__name__)
 
-ONNX_DIR = "onnx"
 Precision = Literal["fp32", "int8"]
 MAX_INT8_ACCURACY_DROP = 0.005  # half a point of accuracy, on any head
 OPSET = 17
@@ -75,12 +74,12 @@ def resolve_backend(backend: Backend, quantize: Quantize, device: torch.device) 
 
 
 def onnx_folder(version_dir: Path) -> Path:
-    return Path(version_dir) / ONNX_DIR
+    return VersionFiles(Path(version_dir)).onnx
 
 
 def heldout_examples(info: VersionInfo) -> list[Example]:
     """The held-out rows a version was judged on at training time (the test split of its dataset)."""
-    dataset = Path(info.path) / "dataset.jsonl"
+    dataset = info.files.dataset
     if not dataset.is_file():
         return []
     return info.split(read_jsonl(dataset))[info.data.get("test_split", "test")]

@@ -27,7 +27,7 @@ from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_exa
 from classifier.evaluate import evaluate, mean_macro_f1, summary
 from classifier.model import MultiHeadClassifier, autocast_context
 from classifier.paths import default_base_model, runs_log
-from classifier.registry import DATASET_FILE, Registry, VersionInfo
+from classifier.registry import Registry, VersionFiles, VersionInfo
 from classifier.schema import LabelSchema
 
 IGNORE = -100  # label index of "no label for this head"; skipped by the loss
@@ -382,18 +382,19 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     with registry.staging() as staging:
+        files = VersionFiles(staging)
         report = evaluate(
             model,
             tokenizer,
             test_for_report,
             config.max_length,
-            out_dir=staging / "eval",
+            out_dir=files.eval.folder,
             batch_size=config.eval_batch_size,
             device=device,
             progress=progress,
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
-        write_jsonl(staging / DATASET_FILE, examples)
+        write_jsonl(files.dataset, examples)
         counts = {h: dict(c) for h, c in label_counts(examples).items()}
         info = VersionInfo(
             name="",
