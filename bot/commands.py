@@ -17,7 +17,6 @@ from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.settings import BotSettings
 from bot.storage import repository as repo
-from bot.storage.models import ModelStatus
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
 from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
@@ -231,19 +230,6 @@ class Commands:
             await repo.add_audit_entry(
                 session, user_id=user, action="rollback", args={"version": name}, allowed=True
             )
-            if await repo.get_model_version(session, name) is not None:
-                await repo.set_active_model_version(session, name, reason=f"rollback by {user}")
-            else:
-                info = next((v for v in await self.classifier.models() if v.name == name), None)
-                await repo.upsert_model_version(
-                    session,
-                    name,
-                    path="",
-                    status=ModelStatus.ACTIVE,
-                    base_model=info.base_model if info else None,
-                    metrics=info.metrics if info else None,
-                    reason=f"rollback by {user}",
-                )
         gaps = await self._missing_heads(name)
         done = f"{name} is now the active model. Every classifier picks it up within seconds."
         return "\n".join([done, *(f":warning: {line}" for line in gaps)])

@@ -8,7 +8,7 @@ One run, as plain steps that each leave a record (``TrainingRun`` row, registry 
    test split plus the same share of corrected messages; human labels only), never trained on in the run;
 3. train a candidate warm-started from the active version;
 4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
-5. promote (registry ACTIVE + database mirror; every engine hot-swaps) or keep it as rejected.
+5. promote (registry ACTIVE; every engine hot-swaps) or keep it as rejected.
 
 A run executes in its own process (``python -m bot.retrain``), never on the bot's event loop; one run at a
 time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lock.
@@ -37,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, erase_freed_space
-from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
+from bot.storage.models import TrainingRun, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
     Split,
@@ -474,7 +474,6 @@ async def execute_run(
     except Exception:  # the run's record comes first; `triage data purge` erases them later
         log.exception("retraining run %s could not erase removed texts from the model versions", run_id)
     async with sessions.begin() as session:
-        await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
         await repo.finish_training_run(
             session,
             run_id,
@@ -503,22 +502,6 @@ async def execute_run(
         }
     )
     return outcome
-
-
-async def mirror_versions(session: AsyncSession, registry: Registry, names: list[str] | None = None) -> None:
-    """Keep the database's model-version table in step with the registry (all versions, or ``names``)."""
-    infos = [registry.get(n) for n in names] if names is not None else registry.list()
-    # the active one last: activating retires the previous one in the database too
-    for info in sorted(infos, key=lambda i: i.status == "active"):
-        await repo.upsert_model_version(
-            session,
-            info.name,
-            path=info.path,
-            status=ModelStatus(info.status),
-            base_model=info.base_model,
-            metrics=info.metrics,
-            reason=info.reason or None,
-        )
 
 
 def _train_and_judge_sync(

@@ -236,9 +236,7 @@ async def test_worker_runs_a_queued_run_and_the_bot_posts_its_progress(
     assert run.worker == WORKER and run.options is not None and run.options["epochs"] == 4
     async with sessions() as session:
         events = [e.event["event"] for e in await repo.training_run_events(session, run.id)]
-        mirror = await repo.active_model_version(session)
     assert events[0] == "dataset" and "epoch" in events and events[-1] == "done"
-    assert mirror is not None and mirror.name == "v2"
     assert not await worker_present(engine)  # SIGTERM let go of the presence lock
 
 
