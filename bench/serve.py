@@ -57,12 +57,13 @@ import torch  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
 from classifier.data import DEFAULT_SPLIT_SALT, load_examples, split_examples, write_jsonl  # noqa: E402
-from classifier.engine import Engine, EngineConfig, resolve_device  # noqa: E402
+from classifier.engine import Engine, EngineConfig  # noqa: E402
 from classifier.model import (  # noqa: E402
     MultiHeadClassifier,
     autocast_context,
     pad_batch,
-    predict_probs_with,
+    predict_probs,
+    resolve_device,
     to_predictions,
     torch_runner,
 )
@@ -270,7 +271,7 @@ def heldout_accuracy(registry: Registry, cpu_threads: int | None) -> dict[str, A
     }
     accuracy = {
         name: accuracy_by_head(
-            model.schema, heldout, predict_probs_with(run, model.schema, tokenizer, texts, max_length)
+            model.schema, heldout, predict_probs(run, model.schema, tokenizer, texts, max_length, cpu)
         )
         for name, run in runners.items()
     }

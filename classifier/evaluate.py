@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from classifier import plots
 from classifier.data import Example
-from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.model import MultiHeadClassifier, predict_probs, torch_runner
 from classifier.onnx_backend import OnnxModel, load_onnx, resolve_backend
 from classifier.registry import EvalFiles, VersionInfo
 from classifier.results import Backend, Quantize
@@ -132,7 +132,6 @@ def evaluate(
     max_length: int,
     out_dir: Path | None = None,
     model_version: str = "",
-    batch_size: int = 64,
     device: torch.device | None = None,
     progress: bool = False,
     with_rows: bool = False,
@@ -145,15 +144,7 @@ def evaluate(
     probabilities come from that ONNX Runtime session of the model instead of ``model`` itself."""
     schema: LabelSchema = model.schema
     out = EvalFiles(out_dir) if out_dir is not None else None
-    texts = [ex.text for ex in examples]
-    chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
-    parts: list[dict[str, np.ndarray]] = [
-        onnx.predict_probs(tokenizer, chunk, max_length, batch_size=batch_size)
-        if onnx is not None
-        else predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
-        for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
-    ]
-    probs = {h: np.concatenate([p[h] for p in parts]) for h in schema.heads}
+    probs = probabilities(model, tokenizer, [ex.text for ex in examples], max_length, device, progress, onnx)
     report: dict[str, Any] = {
         "model_version": model_version,
         "rows": len(examples),
@@ -219,6 +210,35 @@ def evaluate(
             writer.writeheader()
             writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
     return report
+
+
+def probabilities(
+    model: MultiHeadClassifier,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    device: torch.device | None = None,
+    progress: bool = False,
+    onnx: OnnxModel | None = None,
+) -> dict[str, np.ndarray]:
+    """Each head's class probabilities for ``texts``, computed as the engine serves them (see
+    ``model.predict_probs``): by ``onnx`` if given, else by ``model`` on ``device`` (default: where it is),
+    in eval mode for the time (training calls this between epochs)."""
+    device = torch.device("cpu") if onnx is not None else device or next(model.parameters()).device
+    runner = onnx if onnx is not None else torch_runner(model, device)
+    chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [
+            predict_probs(runner, model.schema, tokenizer, chunk, max_length, device)
+            for chunk in tqdm(
+                chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2
+            )
+        ]
+    finally:
+        model.train(was_training)
+    return {h: np.concatenate([p[h] for p in parts]) for h in model.schema.heads}
 
 
 def evaluate_version(

@@ -33,7 +33,7 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from classifier.data import Example, read_jsonl
-from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs_with
+from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs
 from classifier.registry import VersionFiles, VersionInfo
 from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
@@ -233,10 +233,10 @@ class OnnxModel:
         return dict(zip(self.schema.heads, outputs, strict=True))
 
     def predict_probs(
-        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, batch_size: int = 64
+        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
     ) -> dict[str, np.ndarray]:
-        """As ``classifier.model.predict_probs``, on this session."""
-        return predict_probs_with(self, self.schema, tokenizer, texts, max_length, batch_size)
+        """``classifier.model.predict_probs`` on this session (as the engine serves it, on the CPU)."""
+        return predict_probs(self, self.schema, tokenizer, texts, max_length, torch.device("cpu"))
 
 
 def load_onnx(info: VersionInfo, quantize: Quantize, threads: int | None = None) -> OnnxModel:

@@ -25,8 +25,8 @@ from bot.settings import SettingsError, load_worker_settings
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, TrainingTrigger
+from classifier.model import resolve_device
 from classifier.registry import Registry
-from classifier.train import pick_device
 from tests.model_fixtures import learnable_rows
 from tests.test_retrain import _base_version, _store_feedback
 
@@ -34,7 +34,7 @@ POSTGRES_ONLY = pytest.mark.parametrize("backend", [pytest.param("postgresql", m
 SQLITE_ONLY = pytest.mark.parametrize("backend", ["sqlite"])
 
 T = TypeVar("T")
-WORKER = f"test-worker ({pick_device('auto').type})"  # the name the tests give it, and its device
+WORKER = f"test-worker ({resolve_device('auto').type})"  # the name the tests give it, and its device
 Db = tuple[AsyncEngine, async_sessionmaker[AsyncSession]]
 
 
