@@ -19,6 +19,7 @@ from bot.settings import BotSettings
 from bot.storage import repository as repo
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
+from classifier.registry import ModelStatus
 from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
 from classifier.schema import schema_heads
 
@@ -169,7 +170,7 @@ class Commands:
 
     async def status(self) -> str:
         versions = await self.classifier.models()
-        active = next((v for v in versions if v.status == "active"), None)
+        active = next((v for v in versions if v.status == ModelStatus.ACTIVE), None)
         lines = []
         since: datetime | None = None
         if active is None:
@@ -215,8 +216,12 @@ class Commands:
         lines = []
         for v in reversed(versions[-15:]):
             scores = ", ".join(f"{h} F1 {m.get('macro_f1', 0):.3f}" for h, m in v.metrics.items())
-            mark = ":white_check_mark: " if v.status == "active" else ""
-            reason = f" ({v.reason})" if v.reason and v.status in ("rejected", "retired") else ""
+            mark = ":white_check_mark: " if v.status == ModelStatus.ACTIVE else ""
+            reason = (
+                f" ({v.reason})"
+                if v.reason and v.status in (ModelStatus.REJECTED, ModelStatus.RETIRED)
+                else ""
+            )
             lines.append(f"{mark}*{v.name}* {v.status}{reason}: {scores}")
         return "\n".join(lines)
 

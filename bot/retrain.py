@@ -46,7 +46,7 @@ from classifier.data import (
     read_jsonl,
 )
 from classifier.paths import data_dir, registry_dir
-from classifier.registry import Registry, VersionInfo
+from classifier.registry import ModelStatus, Registry, VersionInfo
 from classifier.results import Backend, Quantize
 
 if TYPE_CHECKING:  # bot.run_queue builds on this module
@@ -577,7 +577,7 @@ def _train_and_judge_sync(
     if promote:
         registry.activate(candidate.name, reason=f"promoted over {active.name} by the gate")
     else:
-        registry.set_status(candidate.name, "rejected", "; ".join(reasons))
+        registry.set_status(candidate.name, ModelStatus.REJECTED, "; ".join(reasons))
     first_head = next(iter(reports[candidate.name]["heads"]), None)
     png = candidate.files.heldout_eval().confusion_png(first_head) if first_head else None
     return RunOutcome(

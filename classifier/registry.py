@@ -34,15 +34,24 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from filelock import FileLock
 
 from classifier.data import DEFAULT_SPLIT_SALT, Example, Split, read_jsonl, split_examples, to_jsonl
 
-Status = Literal["active", "candidate", "rejected", "retired"]
 _NAME = re.compile(r"^v(\d+)$")
+
+
+class ModelStatus(StrEnum):
+    """Where a version stands; exactly one is active: the one the ACTIVE pointer names."""
+
+    ACTIVE = "active"
+    CANDIDATE = "candidate"  # trained, not (yet) promoted
+    REJECTED = "rejected"  # the retraining gate kept the incumbent
+    RETIRED = "retired"  # was active until another version was
 
 
 class RegistryError(RuntimeError):
@@ -116,7 +125,7 @@ class VersionInfo:
     created: str
     base_model: str
     parent: str | None = None  # the version it was warm-started from
-    status: Status = "candidate"
+    status: ModelStatus = ModelStatus.CANDIDATE
     reason: str = ""  # why it was rejected, retired or promoted
     schema: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -171,11 +180,11 @@ class Registry:
         raw = json.loads(self.files(name).info.read_text(encoding="utf-8"))
         info = VersionInfo(**raw)
         info.path = str(self.root / name)
-        info.status = (
-            "active"
-            if name == self.active_name()
-            else ("retired" if info.status == "active" else info.status)
-        )
+        recorded = ModelStatus(info.status)
+        if name == self.active_name():  # the pointer decides: the first version's record says candidate
+            info.status = ModelStatus.ACTIVE
+        else:
+            info.status = ModelStatus.RETIRED if recorded == ModelStatus.ACTIVE else recorded
         return info
 
     def list(self) -> list[VersionInfo]:
@@ -224,12 +233,12 @@ class Registry:
             self.path(name)
             previous = self.active_name()
             self._write_active(name)
-            self._update(name, status="active", reason=reason or "activated")
+            self._update(name, status=ModelStatus.ACTIVE, reason=reason or "activated")
             if previous and previous != name:
-                self._update(previous, status="retired", reason=f"replaced by {name}")
+                self._update(previous, status=ModelStatus.RETIRED, reason=f"replaced by {name}")
         return self.get(name)
 
-    def set_status(self, name: str, status: Status, reason: str) -> VersionInfo:
+    def set_status(self, name: str, status: ModelStatus, reason: str) -> VersionInfo:
         with self._lock:
             self._update(name, status=status, reason=reason)
         return self.get(name)

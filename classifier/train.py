@@ -27,7 +27,7 @@ from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_exa
 from classifier.evaluate import evaluate, mean_macro_f1, summary
 from classifier.model import MultiHeadClassifier, autocast_context, resolve_device
 from classifier.paths import default_base_model, runs_log
-from classifier.registry import Registry, VersionFiles, VersionInfo
+from classifier.registry import ModelStatus, Registry, VersionFiles, VersionInfo
 from classifier.schema import LabelSchema
 
 IGNORE = -100  # label index of "no label for this head"; skipped by the loss
@@ -392,7 +392,7 @@ def train(
             created="",
             base_model=base_name,
             parent=config.init_from,
-            status="candidate",
+            status=ModelStatus.CANDIDATE,
             schema=schema.to_dict(),
             train_config=asdict(config),
             data={

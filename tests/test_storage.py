@@ -282,8 +282,8 @@ async def test_two_peoples_corrections_are_kept_and_the_later_wins(session_facto
         correct(session_factory, message.id, "topic", "billing", user="U3", when=at(1)),
     )
     async with session_factory() as session:
-        assert await repo.current_label(session, message.id, "topic") == "bug"
-        assert await repo.current_labels(session, message.id) == {"topic": "bug"}
+        assert await repo.standing_label(session, message.id, "topic") == "bug"
+        assert await repo.standing_labels(session, message.id) == {"topic": "bug"}
         rows = (await session.scalars(select(Correction).order_by(Correction.created_at))).all()
         assert [(c.user_id, c.new_label) for c in rows] == [("U3", "billing"), ("U2", "bug")]
 
@@ -302,12 +302,12 @@ async def test_removed_reaction_retracts_its_correction(session_factory: Factory
         )
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="boom") == 0
     async with session_factory() as session:
-        assert await repo.current_labels(session, message.id) == {"urgency": "high", "topic": "outage"}
+        assert await repo.standing_labels(session, message.id) == {"urgency": "high", "topic": "outage"}
     async with session_factory.begin() as session:
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="fire") == 1
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="fire") == 0
     async with session_factory() as session:
-        assert await repo.current_label(session, message.id, "urgency") is None
+        assert await repo.standing_label(session, message.id, "urgency") is None
 
 
 async def test_confirmations_are_labels_and_feedback(session_factory: Factory) -> None:
@@ -320,7 +320,7 @@ async def test_confirmations_are_labels_and_feedback(session_factory: Factory) -
     async with session_factory.begin() as session:
         await repo.retract_correction(session, message.id, user_id="U9", reaction="bust_in_silhouette")
     async with session_factory() as session:
-        assert await repo.current_labels(session, message.id) == {"sentiment": "negative", "topic": "bug"}
+        assert await repo.standing_labels(session, message.id) == {"sentiment": "negative", "topic": "bug"}
         counts = await repo.feedback_counts(session, T0)
         assert (counts.corrections, counts.confirmations, counts.total) == (1, 1, 2)  # retracted not counted
         assert (await repo.feedback_counts(session, at(2))).total == 1
@@ -572,7 +572,7 @@ async def test_retention_removes_texts_but_keeps_labels(session_factory: Factory
         kept = await repo.get_message(session, "T1", "C1", "8.2")
         assert purged is not None and (purged.text, purged.text_removed_at) == (None, T0)
         assert kept is not None and kept.text == "new"
-        assert await repo.current_labels(session, old.id) == {"topic": "bug"}
+        assert await repo.standing_labels(session, old.id) == {"topic": "bug"}
         assert new.id != old.id
     with pytest.raises(ValueError):
         repo.retention_cutoff(0)
@@ -594,7 +594,7 @@ async def test_forget_user(session_factory: Factory) -> None:
         assert forgotten is not None and forgotten.text is None
         other = await repo.get_message(session, "T1", "C1", "9.2")
         assert other is not None and other.text == "unrelated" and other.id == theirs.id
-        assert await repo.current_labels(session, mine.id) == {"topic": "account"}
+        assert await repo.standing_labels(session, mine.id) == {"topic": "account"}
         assert await repo.export_training_set(session, until=at(10)) == []
     # A text that slipped in anyway (e.g. stored concurrently with the forgetting) is caught by purge.
     async with session_factory.begin() as session:

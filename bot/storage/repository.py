@@ -591,11 +591,10 @@ async def retract_correction(
     return _rowcount(result)
 
 
-def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None = None) -> Select[Any]:
-    """(message_id, head, label) of the latest non-retracted correction per message and head.
-
-    With ``as_of``: as things stood then (later corrections ignored, later retractions not yet made),
-    so an export with a cut-off is reproducible.
+def _labels_standing_at(as_of: datetime | None = None, heads: Collection[str] | None = None) -> Select[Any]:
+    """(message_id, head, label) of the correction standing per message and head at ``as_of``: the latest
+    made by then and not retracted by then (later corrections ignored, later retractions not yet made),
+    so an export with a cut-off is reproducible. Without ``as_of``: now, as ``standing_corrections``.
     """
     conditions: list[ColumnElement[bool]] = []
     if as_of is None:
@@ -624,8 +623,9 @@ def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None 
     return select(sub.c.message_id, sub.c.head, sub.c.label, sub.c.created_at).where(sub.c.rank == 1)
 
 
-async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
-    """Head -> the latest non-retracted correction or confirmation (who set the label, and how)."""
+async def standing_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
+    """Head -> the correction or confirmation standing now: the latest not retracted (who set the label,
+    and how). Heads nobody labelled (or whose labels were all retracted) are absent."""
     query = (
         select(Correction)
         .where(Correction.message_id == message_id, Correction.retracted_at.is_(None))
@@ -635,12 +635,13 @@ async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str
     return {c.head: c for c in (await session.scalars(query)).all()}
 
 
-async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
-    """Head -> human label for a message (heads nobody labelled are absent)."""
-    return {head: c.new_label for head, c in (await latest_corrections(session, message_id)).items()}
+async def standing_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
+    """Head -> the human label standing now (of ``standing_corrections``)."""
+    return {head: c.new_label for head, c in (await standing_corrections(session, message_id)).items()}
 
 
-async def current_label(session: AsyncSession, message_id: int, head: str) -> str | None:
+async def standing_label(session: AsyncSession, message_id: int, head: str) -> str | None:
+    """One head's human label standing now (of ``standing_corrections``), or None."""
     return await session.scalar(
         select(Correction.new_label)
         .where(
@@ -686,7 +687,7 @@ async def export_training_set(
     Leaves out messages without text (purged by retention, deleted by their author) and messages by
     forgotten users, and labels given before the message's last edit (they describe an earlier text).
     """
-    latest = _latest_labels(as_of=until, heads=heads).subquery("latest")
+    latest = _labels_standing_at(as_of=until, heads=heads).subquery("latest")
     query = (
         select(Message.id, Message.text, latest.c.head, latest.c.label)
         .join(latest, latest.c.message_id == Message.id)
@@ -737,7 +738,7 @@ async def export_accepted_predictions(
     latest = select(Prediction.id, Prediction.message_id, Prediction.created_at, rank).subquery(
         "latest_prediction"
     )
-    human = _latest_labels(as_of=until, heads=heads).subquery("human")
+    human = _labels_standing_at(as_of=until, heads=heads).subquery("human")
     query = (
         select(Message.id, Message.text, PredictionHead.head, PredictionHead.label)
         .join(latest, and_(latest.c.message_id == Message.id, latest.c.rank == 1))
