@@ -59,7 +59,7 @@ from bench.serve import (  # noqa: E402
     slack_messages,
 )
 from classifier.data import Example  # noqa: E402
-from classifier.model import MultiHeadClassifier  # noqa: E402
+from classifier.model import MultiHeadClassifier, resolve_device  # noqa: E402
 from classifier.registry import Registry  # noqa: E402
 from classifier.schema import LabelSchema  # noqa: E402
 
@@ -599,13 +599,14 @@ def git_commit() -> str | None:
 
 
 def pick_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    """``model.resolve_device``, with a CUDA device that is not there as this benchmark's exit message."""
+    try:
+        return resolve_device(name)
+    except ValueError:
         raise SystemExit(
             f"gpu.py: no CUDA GPU visible to PyTorch {torch.__version__} (CUDA build: "
             f"{torch.version.cuda or 'none, a CPU-only build'}); this benchmark needs one"
-        )
-    return device
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> None:

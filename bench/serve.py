@@ -57,12 +57,13 @@ import torch  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
 from classifier.data import DEFAULT_SPLIT_SALT, load_examples, split_examples, write_jsonl  # noqa: E402
-from classifier.engine import Engine, EngineConfig, resolve_device  # noqa: E402
+from classifier.engine import Engine, EngineConfig  # noqa: E402
 from classifier.model import (  # noqa: E402
     MultiHeadClassifier,
     autocast_context,
     pad_batch,
-    predict_probs_with,
+    predict_probs,
+    resolve_device,
     to_predictions,
     torch_runner,
 )
@@ -74,7 +75,7 @@ from classifier.onnx_backend import (  # noqa: E402
     onnx_folder,
 )
 from classifier.paths import default_base_model  # noqa: E402
-from classifier.registry import Registry, VersionInfo  # noqa: E402
+from classifier.registry import Registry, VersionFiles, VersionInfo  # noqa: E402
 from classifier.schema import LabelSchema  # noqa: E402
 
 TOKEN = "bench-token-" + "0" * 20
@@ -223,7 +224,7 @@ def build_banking77_registry(data_dir: Path, base_model: Path, data: Path, max_l
     registry = Registry(data_dir / "models")
     with registry.staging() as staging:
         model.save(staging, tokenizer, max_length=max_length)
-        write_jsonl(staging / "dataset.jsonl", examples)
+        write_jsonl(VersionFiles(staging).dataset, examples)
         info = VersionInfo(
             name="",
             created="",
@@ -270,7 +271,7 @@ def heldout_accuracy(registry: Registry, cpu_threads: int | None) -> dict[str, A
     }
     accuracy = {
         name: accuracy_by_head(
-            model.schema, heldout, predict_probs_with(run, model.schema, tokenizer, texts, max_length)
+            model.schema, heldout, predict_probs(run, model.schema, tokenizer, texts, max_length, cpu)
         )
         for name, run in runners.items()
     }

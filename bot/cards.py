@@ -385,7 +385,7 @@ class CardDesk:
             prediction = await repo.latest_prediction(session, message_id)
             if message is None or prediction is None:
                 return None
-            human = await repo.latest_corrections(session, message_id)
+            human = await repo.standing_corrections(session, message_id)
             views, labels = blocks.current_views(prediction.by_head(), human, message.edited_at)
             model_version = prediction.model_version
         requester = await self.people.requester(message.user_id, message.team_id)

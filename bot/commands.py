@@ -17,9 +17,9 @@ from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.settings import BotSettings
 from bot.storage import repository as repo
-from bot.storage.models import ModelStatus
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
+from classifier.registry import ModelStatus
 from classifier.results import ClassifierError, ClassifierUnavailable, InvalidInput
 from classifier.schema import schema_heads
 
@@ -170,7 +170,7 @@ class Commands:
 
     async def status(self) -> str:
         versions = await self.classifier.models()
-        active = next((v for v in versions if v.status == "active"), None)
+        active = next((v for v in versions if v.status == ModelStatus.ACTIVE), None)
         lines = []
         since: datetime | None = None
         if active is None:
@@ -216,8 +216,12 @@ class Commands:
         lines = []
         for v in reversed(versions[-15:]):
             scores = ", ".join(f"{h} F1 {m.get('macro_f1', 0):.3f}" for h, m in v.metrics.items())
-            mark = ":white_check_mark: " if v.status == "active" else ""
-            reason = f" ({v.reason})" if v.reason and v.status in ("rejected", "retired") else ""
+            mark = ":white_check_mark: " if v.status == ModelStatus.ACTIVE else ""
+            reason = (
+                f" ({v.reason})"
+                if v.reason and v.status in (ModelStatus.REJECTED, ModelStatus.RETIRED)
+                else ""
+            )
             lines.append(f"{mark}*{v.name}* {v.status}{reason}: {scores}")
         return "\n".join(lines)
 
@@ -231,19 +235,6 @@ class Commands:
             await repo.add_audit_entry(
                 session, user_id=user, action="rollback", args={"version": name}, allowed=True
             )
-            if await repo.get_model_version(session, name) is not None:
-                await repo.set_active_model_version(session, name, reason=f"rollback by {user}")
-            else:
-                info = next((v for v in await self.classifier.models() if v.name == name), None)
-                await repo.upsert_model_version(
-                    session,
-                    name,
-                    path="",
-                    status=ModelStatus.ACTIVE,
-                    base_model=info.base_model if info else None,
-                    metrics=info.metrics if info else None,
-                    reason=f"rollback by {user}",
-                )
         gaps = await self._missing_heads(name)
         done = f"{name} is now the active model. Every classifier picks it up within seconds."
         return "\n".join([done, *(f":warning: {line}" for line in gaps)])

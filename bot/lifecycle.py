@@ -164,7 +164,7 @@ async def thread_urgency(triage: Triage, message: Message) -> str | None:
             session, message.team_id, message.channel_id, message.thread_ts or message.ts
         )
         for m in thread:
-            label = await repo.current_label(session, m.id, head)
+            label = await repo.standing_label(session, m.id, head)
             if label is None:
                 prediction = await repo.latest_prediction(session, m.id)
                 heads = prediction.by_head() if prediction else {}

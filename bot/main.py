@@ -23,7 +23,7 @@ from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
 from bot.reactions import ReactionMap
-from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
+from bot.retrain import Acceptance, Gate, Retrainer
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
 from bot.slack_output import SlackOutput, make_web_client
@@ -95,8 +95,6 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     sessions = create_session_factory(engine)
     registry = Registry(registry_dir())
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
-        async with sessions.begin() as session:
-            await mirror_versions(session, registry)
         await _log_missing_heads(settings, registry)
     client = make_web_client(settings)
     # embedded, the model leaves one core to the event loop, so acknowledgements stay fast under load

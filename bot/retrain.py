@@ -8,7 +8,7 @@ One run, as plain steps that each leave a record (``TrainingRun`` row, registry 
    test split plus the same share of corrected messages; human labels only), never trained on in the run;
 3. train a candidate warm-started from the active version;
 4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
-5. promote (registry ACTIVE + database mirror; every engine hot-swaps) or keep it as rejected.
+5. promote (registry ACTIVE; every engine hot-swaps) or keep it as rejected.
 
 A run executes in its own process (``python -m bot.retrain``), never on the bot's event loop; one run at a
 time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lock.
@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, get_args
 
 from filelock import FileLock, Timeout
@@ -38,7 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, erase_freed_space
-from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
+from bot.storage.models import TrainingRun, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
     Split,
@@ -47,7 +46,7 @@ from classifier.data import (
     read_jsonl,
 )
 from classifier.paths import data_dir, registry_dir
-from classifier.registry import Registry, VersionInfo
+from classifier.registry import ModelStatus, Registry, VersionInfo
 from classifier.results import Backend, Quantize
 
 if TYPE_CHECKING:  # bot.run_queue builds on this module
@@ -358,7 +357,7 @@ async def dataset_for_run(
     acceptance = acceptance or Acceptance()
     active = registry.active()
     heads = active.schema["heads"]
-    base = read_jsonl(Path(active.path) / "dataset.jsonl")
+    base = read_jsonl(active.files.dataset)
     async with sessions() as session:
         feedback = await repo.export_training_set(session, until=until, heads=list(heads))
         accepted = await repo.export_accepted_predictions(
@@ -475,7 +474,6 @@ async def execute_run(
     except Exception:  # the run's record comes first; `triage data purge` erases them later
         log.exception("retraining run %s could not erase removed texts from the model versions", run_id)
     async with sessions.begin() as session:
-        await mirror_versions(session, registry, [n for n in (outcome.incumbent, outcome.candidate) if n])
         await repo.finish_training_run(
             session,
             run_id,
@@ -504,22 +502,6 @@ async def execute_run(
         }
     )
     return outcome
-
-
-async def mirror_versions(session: AsyncSession, registry: Registry, names: list[str] | None = None) -> None:
-    """Keep the database's model-version table in step with the registry (all versions, or ``names``)."""
-    infos = [registry.get(n) for n in names] if names is not None else registry.list()
-    # the active one last: activating retires the previous one in the database too
-    for info in sorted(infos, key=lambda i: i.status == "active"):
-        await repo.upsert_model_version(
-            session,
-            info.name,
-            path=info.path,
-            status=ModelStatus(info.status),
-            base_model=info.base_model,
-            metrics=info.metrics,
-            reason=info.reason or None,
-        )
 
 
 def _train_and_judge_sync(
@@ -576,11 +558,7 @@ def _train_and_judge_sync(
     emit({"event": "evaluating", "candidate": candidate.name})
     reports = {}
     for name in (candidate.name, active.name):
-        out = (
-            Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
-            if name != candidate.name
-            else Path(candidate.path) / "eval" / "heldout"
-        )
+        out = candidate.files.heldout_eval(None if name == candidate.name else name).folder
         reports[name] = evaluate_version(
             registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
         )
@@ -599,9 +577,9 @@ def _train_and_judge_sync(
     if promote:
         registry.activate(candidate.name, reason=f"promoted over {active.name} by the gate")
     else:
-        registry.set_status(candidate.name, "rejected", "; ".join(reasons))
+        registry.set_status(candidate.name, ModelStatus.REJECTED, "; ".join(reasons))
     first_head = next(iter(reports[candidate.name]["heads"]), None)
-    png = Path(candidate.path) / "eval" / "heldout" / f"confusion_{first_head}.png" if first_head else None
+    png = candidate.files.heldout_eval().confusion_png(first_head) if first_head else None
     return RunOutcome(
         status=TrainingStatus.PROMOTED if promote else TrainingStatus.REJECTED,
         candidate=candidate.name,

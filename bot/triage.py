@@ -556,7 +556,7 @@ class Triage:
             if prediction is None:
                 return False
             predicted = prediction.by_head()
-            current = await repo.current_labels(session, message_id)
+            current = await repo.standing_labels(session, message_id)
             changed = False
             for head, label in labels.items():
                 shown = current.get(head) or (predicted[head].label if head in predicted else None)
@@ -580,7 +580,7 @@ class Triage:
         heads = prediction.by_head()
         if head not in heads or label not in heads[head].scores:
             return False  # this model has no such head or label: nothing to learn from it
-        current = await repo.current_label(session, message.id, head) or heads[head].label
+        current = await repo.standing_label(session, message.id, head) or heads[head].label
         kind = (
             CorrectionKind.CONFIRMATION
             if label == heads[head].label and current == label
@@ -602,7 +602,7 @@ class Triage:
     async def _confirm_all(
         self, session: AsyncSession, message: Message, prediction: Prediction, user_id: str, reaction: str
     ) -> bool:
-        labels = await repo.current_labels(session, message.id)
+        labels = await repo.standing_labels(session, message.id)
         for head, p in prediction.by_head().items():
             label = labels.get(head, p.label)
             await repo.add_correction(
@@ -625,7 +625,7 @@ class Triage:
         async with self.sessions() as session:
             message = await session.get(Message, message_id)
             prediction = await repo.latest_prediction(session, message_id)
-            human = await repo.latest_corrections(session, message_id)
+            human = await repo.standing_corrections(session, message_id)
         if message is None or prediction is None or message.reply_ts:
             return
         views, _ = blocks.current_views(prediction.by_head(), human)
@@ -644,7 +644,7 @@ class Triage:
             prediction = await repo.latest_prediction(session, message_id)
             if message is None or prediction is None or not message.reply_ts or not message.reply_channel_id:
                 return
-            human = await repo.latest_corrections(session, message_id)
+            human = await repo.standing_corrections(session, message_id)
         views, labels = blocks.current_views(prediction.by_head(), human, message.edited_at)
         reply = blocks.reply_blocks(
             message_id,

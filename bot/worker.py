@@ -125,10 +125,10 @@ async def _refuse(
 
 def worker_name(settings: WorkerSettings) -> str:
     """``host:pid (device)``: recorded on each run it claims."""
-    from classifier.train import pick_device
+    from classifier.model import resolve_device
 
     name = settings.triage_worker_name or f"{socket.gethostname()}:{os.getpid()}"
-    return f"{name} ({pick_device('auto').type})"
+    return f"{name} ({resolve_device('auto').type})"
 
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:

@@ -13,7 +13,7 @@ import typer
 
 from classifier.data import DataError
 from classifier.model import ModelLoadError
-from classifier.registry import RegistryError
+from classifier.registry import ModelStatus, RegistryError
 from classifier.results import Backend, Quantize
 from classifier.schema import SchemaError
 
@@ -288,7 +288,7 @@ def models_list(
     from classifier.evaluate import too_few_rows
 
     for v in versions:
-        mark = "*" if v.status == "active" else " "
+        mark = "*" if v.status == ModelStatus.ACTIVE else " "
         scores = "  ".join(
             f"{h}: acc {m['accuracy']:.3f} F1 {m['macro_f1']:.3f} (n={m['n']})" for h, m in v.metrics.items()
         )
@@ -296,7 +296,7 @@ def models_list(
         for head, m in v.metrics.items():
             if warning := too_few_rows(m):
                 typer.echo(f"        {head}: {warning}")
-        if v.reason and v.status != "active":
+        if v.reason and v.status != ModelStatus.ACTIVE:
             typer.echo(f"        {v.reason}")
 
 

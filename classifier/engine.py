@@ -12,6 +12,7 @@ is run again on its own: one call that breaks inference fails alone, not everyon
 
 A forward pass runs on PyTorch or, by default on the CPU, on ONNX Runtime (``onnx_backend.py``: the
 version's ONNX files are made once, in the loader thread, and int8 is used where it keeps accuracy).
+Tokenization, micro-batching and padding are ``model.py``'s inference path, which evaluation runs too.
 
 The event loop only appends to the queue and awaits a future; tokenization and forward passes never run
 on it. A call is bound to the model version that is current when it is queued, so a hot swap never mixes
@@ -38,7 +39,19 @@ from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
 from classifier.logsafe import escape_controls
-from classifier.model import MultiHeadClassifier, Runner, pad_batch, to_predictions, torch_runner
+from classifier.model import (
+    MultiHeadClassifier,
+    Runner,
+    batch_limits,
+    micro_batches,
+    pad_token_id,
+    resolve_device,
+    run_padded,
+    to_predictions,
+    tokenize,
+    torch_runner,
+    use_bf16,
+)
 from classifier.onnx_backend import load_onnx, resolve_backend
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
@@ -102,8 +115,7 @@ class EngineConfig:
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
     cpu_threads: int | None = None  # torch intra-op threads (process-wide); None: torch's default
     compile: bool = False  # torch.compile the model at load time (warm-up compiles it)
-    # bf16 autocast. None: on for CUDA (as evaluation runs there), off on the CPU, where it pays only with
-    # AVX512-BF16/AMX and moves probabilities by ~1e-3 from the float32 evaluation.
+    # bf16 autocast. None: as evaluation computes (model.use_bf16: on for CUDA, off on the CPU)
     bf16: bool | None = None
     # "onnx": ONNX Runtime (CPU only; the ONNX files are made once per version, see onnx_backend.py);
     # "auto": onnx on the CPU, torch on CUDA
@@ -111,7 +123,9 @@ class EngineConfig:
     # onnx precision: "int8" (dynamic quantization), "none" (fp32), or "auto": int8 when the version's
     # held-out check found it costs at most half a point of accuracy, else fp32
     quantize: Quantize = "auto"
-    max_batch_tokens: int | None = None  # padded tokens per forward pass; None: 2048 on CPU, 16384 on CUDA
+    # padded tokens per forward pass. None: as evaluation batches (model.batch_limits: 2048 on CPU, 16384
+    # on CUDA)
+    max_batch_tokens: int | None = None
     max_wait_ms: float = 5.0  # how long the first queued text waits for company
     queue_size: int = 2048  # texts waiting (not yet in a forward pass) before callers get EngineOverloaded
     poll_interval_s: float | None = 5.0
@@ -131,15 +145,6 @@ class EngineConfig:
             raise ValueError(
                 f"quantize must be one of {', '.join(get_args(Quantize))}, got {self.quantize!r}"
             )
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
-    return device
 
 
 @dataclass
@@ -204,14 +209,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.device = resolve_device(self.config.device)
         self.backend = resolve_backend(self.config.backend, self.config.quantize, self.device)
-        # Measured with MiniLM on a 2-core CPU: 1-2k-token batches beat larger ones (they stay in
-        # cache); a GPU wants large batches.
-        self.max_batch_tokens = self.config.max_batch_tokens or (
-            16384 if self.device.type == "cuda" else 2048
-        )
-        # What one more forward pass costs, in padding tokens: cutting a batch where lengths jump pays
-        # when it saves more padding than this (more on a GPU, where a pass has a larger fixed cost).
-        self.batch_cost = self.max_batch_tokens // 32
+        # Cutting a batch where lengths jump pays when it saves more padding than ``batch_cost`` tokens.
+        self.max_batch_tokens, self.batch_cost = batch_limits(self.device, self.config.max_batch_tokens)
         self.stats = EngineStats()
         self._pinned = version
         self._current: LoadedModel | None = None
@@ -381,11 +380,10 @@ class Engine:
             model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
             model.to(self.device)
             schema = model.schema
-            bf16 = self.config.bf16 if self.config.bf16 is not None else self.device.type == "cuda"
+            bf16 = use_bf16(self.device, self.config.bf16)
             runner = torch_runner(model, self.device, bf16, self.config.compile)
             backend = "torch-bf16" if bf16 else "torch"
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        loaded = LoadedModel(info, schema, runner, tokenizer, max_length, int(pad_id), backend)
+        loaded = LoadedModel(info, schema, runner, tokenizer, max_length, pad_token_id(tokenizer), backend)
         try:
             self._warm_up(loaded)
         except Exception as exc:
@@ -399,7 +397,7 @@ class Engine:
     def _warm_up(self, loaded: LoadedModel) -> None:
         """Run two shapes before the switch, so compilation and lazy CUDA set-up don't hit a request."""
         for texts in (["warm up"], ["warm up the model with a longer message " * 4] * 3):
-            ids, _ = _tokenize(loaded.tokenizer, texts, loaded.max_length)
+            ids, _ = tokenize(loaded.tokenizer, texts, loaded.max_length)
             _forward(loaded, ids)
 
     # ---- worker ------------------------------------------------------------------------------------
@@ -480,10 +478,10 @@ class Engine:
     def _infer(self, items: list[_Item]) -> None:
         """Tokenize, cut into micro-batches, run them; a call is settled as soon as its last text is done."""
         loaded = items[0].call.loaded
-        ids, truncated = _tokenize(
+        ids, truncated = tokenize(
             loaded.tokenizer, [it.call.texts[it.index] for it in items], loaded.max_length
         )
-        batches = _micro_batches([len(x) for x in ids], self.max_batch_tokens, self.batch_cost)
+        batches = micro_batches([len(x) for x in ids], self.max_batch_tokens, self.batch_cost)
         # Oldest text first, so a long text sorted into the last batch does not wait longest.
         batches.sort(key=lambda batch: min(items[i].enqueued for i in batch))
         for batch in batches:
@@ -525,54 +523,6 @@ def _settle(call: _Call, outcome: ClassifyResult | BaseException) -> None:
         call.loop.call_soon_threadsafe(settle)
 
 
-def _tokenize(
-    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
-) -> tuple[list[list[int]], list[bool]]:
-    """Input ids per text (cut at ``max_length``) and whether each was cut.
-
-    One pass without truncation gives the true lengths; only the (rare) long texts are tokenized again
-    with truncation, so the result equals ``tokenizer(..., truncation=True, max_length=...)``.
-    """
-    ids: list[list[int]] = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
-    long = [i for i, row in enumerate(ids) if len(row) > max_length]
-    if long:
-        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
-        for i, row in zip(long, cut, strict=True):
-            ids[i] = row
-    truncated = [False] * len(texts)
-    for i in long:
-        truncated[i] = True
-    return ids, truncated
-
-
-def _micro_batches(lengths: list[int], max_tokens: int, batch_cost: int = 0) -> list[list[int]]:
-    """Split texts (by token length) into forward passes of at most ``max_tokens`` padded tokens.
-
-    Texts are sorted by length and cut where the padding saved outweighs the fixed cost of one more
-    forward pass (``batch_cost``, in tokens): an optimal partition of the sorted list by dynamic
-    programming, cost = sum over batches of (batch_cost + rows x longest row). A single text longer than
-    ``max_tokens`` gets a batch of its own.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    sizes = [lengths[i] for i in order]
-    n = len(sizes)
-    best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j texts
-    cut = [0] * (n + 1)
-    for j in range(1, n + 1):
-        longest = sizes[j - 1]  # sorted: the last text of a batch is its longest
-        rows = max(1, max_tokens // max(longest, 1))  # the most texts a batch ending here may hold
-        for i in range(j - 1, max(-1, j - 1 - rows), -1):
-            cost = best[i] + batch_cost + (j - i) * longest
-            if cost < best[j]:
-                best[j], cut[j] = cost, i
-    batches: list[list[int]] = []
-    j = n
-    while j > 0:
-        batches.append(order[cut[j] : j])
-        j = cut[j]
-    return batches[::-1]
-
-
 def _forward(loaded: LoadedModel, rows: list[list[int]]) -> dict[str, np.ndarray]:
     """Class probabilities per head for already tokenized rows (right-padded here)."""
-    return loaded.runner(*pad_batch(rows, loaded.pad_id))
+    return run_padded(loaded.runner, rows, loaded.pad_id)

@@ -1,7 +1,8 @@
 """Evaluation: per-head metrics, confusion matrices, ROC AUC, calibration, and the wrong predictions.
 
-``evaluate`` returns a JSON-ready report; with ``out_dir`` it also writes ``metrics.json``, PNG plots
-(confusion matrix, reliability diagram, ROC curves) and ``wrong_predictions.csv``.
+``evaluate`` returns a JSON-ready report; with ``out_dir`` it also writes the files ``EvalFiles`` names:
+``metrics.json``, PNG plots (confusion matrix, reliability diagram, ROC curves) and
+``wrong_predictions.csv``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ from tqdm import tqdm
 
 from classifier import plots
 from classifier.data import Example
-from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.model import MultiHeadClassifier, predict_probs, torch_runner
 from classifier.onnx_backend import OnnxModel, load_onnx, resolve_backend
-from classifier.registry import VersionInfo
+from classifier.registry import EvalFiles, VersionInfo
 from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
@@ -131,7 +132,6 @@ def evaluate(
     max_length: int,
     out_dir: Path | None = None,
     model_version: str = "",
-    batch_size: int = 64,
     device: torch.device | None = None,
     progress: bool = False,
     with_rows: bool = False,
@@ -143,15 +143,8 @@ def evaluate(
     ``examples``, so two models judged on the same rows can be compared pairwise. With ``onnx``, the
     probabilities come from that ONNX Runtime session of the model instead of ``model`` itself."""
     schema: LabelSchema = model.schema
-    texts = [ex.text for ex in examples]
-    chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
-    parts: list[dict[str, np.ndarray]] = [
-        onnx.predict_probs(tokenizer, chunk, max_length, batch_size=batch_size)
-        if onnx is not None
-        else predict_probs(model, tokenizer, chunk, max_length, batch_size=batch_size, device=device)
-        for chunk in tqdm(chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2)
-    ]
-    probs = {h: np.concatenate([p[h] for p in parts]) for h in schema.heads}
+    out = EvalFiles(out_dir) if out_dir is not None else None
+    probs = probabilities(model, tokenizer, [ex.text for ex in examples], max_length, device, progress, onnx)
     report: dict[str, Any] = {
         "model_version": model_version,
         "rows": len(examples),
@@ -190,35 +183,62 @@ def evaluate(
                         "source": examples[i].source,
                     }
                 )
-        if out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
+        if out is not None:
+            out.folder.mkdir(parents=True, exist_ok=True)
             confidence = head_probs.max(axis=1)
             plots.confusion_matrix_png(
                 np.array(metrics["confusion_matrix"]["matrix"]),
                 labels,
                 f"{head}: confusion matrix (n={len(rows)})",
-                out_dir / f"confusion_{head}.png",
+                out.confusion_png(head),
             )
             plots.reliability_png(
                 calibration_bins(confidence, (y_pred == y_true).astype(float)),
                 f"{head}: reliability (ECE {metrics['ece']:.3f})",
-                out_dir / f"reliability_{head}.png",
+                out.reliability_png(head),
             )
             curves = _roc_curves(y_true, head_probs, labels)
             if curves:
-                plots.roc_png(
-                    curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out_dir / f"roc_{head}.png"
-                )
+                plots.roc_png(curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out.roc_png(head))
     report["macro_f1_mean"] = mean_macro_f1(report)
-    if out_dir is not None:
-        (out_dir / "metrics.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        with open(out_dir / "wrong_predictions.csv", "w", newline="", encoding="utf-8") as fh:
+    if out is not None:
+        out.metrics.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        with open(out.wrong_predictions, "w", newline="", encoding="utf-8") as fh:
             writer = csv.DictWriter(
                 fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"]
             )
             writer.writeheader()
             writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
     return report
+
+
+def probabilities(
+    model: MultiHeadClassifier,
+    tokenizer: Any,
+    texts: Sequence[str],
+    max_length: int,
+    device: torch.device | None = None,
+    progress: bool = False,
+    onnx: OnnxModel | None = None,
+) -> dict[str, np.ndarray]:
+    """Each head's class probabilities for ``texts``, computed as the engine serves them (see
+    ``model.predict_probs``): by ``onnx`` if given, else by ``model`` on ``device`` (default: where it is),
+    in eval mode for the time (training calls this between epochs)."""
+    device = torch.device("cpu") if onnx is not None else device or next(model.parameters()).device
+    runner = onnx if onnx is not None else torch_runner(model, device)
+    chunks = [texts[i : i + 1024] for i in range(0, len(texts), 1024)] or [[]]
+    was_training = model.training
+    model.eval()
+    try:
+        parts = [
+            predict_probs(runner, model.schema, tokenizer, chunk, max_length, device)
+            for chunk in tqdm(
+                chunks, desc="evaluating", unit="chunk", disable=not progress or len(chunks) < 2
+            )
+        ]
+    finally:
+        model.train(was_training)
+    return {h: np.concatenate([p[h] for p in parts]) for h in model.schema.heads}
 
 
 def evaluate_version(

@@ -8,6 +8,7 @@ On disk (a registry version folder): ``encoder/`` and ``tokenizer/`` in Hugging 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -163,11 +164,38 @@ class MultiHeadClassifier(nn.Module):
                         layer.bias[i].copy_(old.bias[j])
 
 
+# ---- the inference path: serving (engine.py) and evaluation (evaluate.py) both run texts through it, so
+# the retraining gate judges exactly what users get --------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    """A device by name: "auto" (CUDA when available, else the CPU), "cpu", "cuda", "cuda:1", ..."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def use_bf16(device: torch.device, configured: bool | None = None) -> bool:
+    """bf16 autocast as configured, else on CUDA only: on the CPU it pays only with AVX512-BF16/AMX and
+    moves probabilities by ~1e-3."""
+    return configured if configured is not None else device.type == "cuda"
+
+
 def autocast_context(device: torch.device) -> Any:
-    """bf16 autocast on CUDA; full precision on the CPU (bf16 matmuls are slow on most CPUs)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
+    """The autocast of a forward pass on ``device`` (``use_bf16``); training uses it too."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16(device))
+
+
+def batch_limits(device: torch.device, max_batch_tokens: int | None = None) -> tuple[int, int]:
+    """(padded tokens per forward pass, the fixed cost of one more pass in padding tokens) on ``device``.
+
+    Measured with MiniLM on a 2-core CPU: 1-2k-token batches beat larger ones (they stay in cache); a GPU
+    wants large batches, and a pass there has a larger fixed cost."""
+    max_tokens = max_batch_tokens or (16384 if device.type == "cuda" else 2048)
+    return max_tokens, max_tokens // 32
 
 
 # ids and attention mask (right-padded int64 arrays) in, each head's class probabilities out
@@ -175,14 +203,16 @@ Runner = Callable[[np.ndarray, np.ndarray], dict[str, np.ndarray]]
 
 
 def torch_runner(
-    model: MultiHeadClassifier, device: torch.device, bf16: bool, compile: bool = False
+    model: MultiHeadClassifier, device: torch.device, bf16: bool | None = None, compile: bool = False
 ) -> Runner:
-    """The model (on ``device``, in eval mode) as a Runner; ``compile``: torch.compile it first."""
+    """The model (on ``device``, in eval mode) as a Runner; ``bf16``: see ``use_bf16``; ``compile``:
+    torch.compile it first."""
     # dynamic=True: one graph for all batch shapes instead of a recompile per shape.
     module = torch.compile(model, dynamic=True) if compile else model
+    autocast = use_bf16(device, bf16)
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> dict[str, np.ndarray]:
-        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             logits = module(
                 input_ids=torch.from_numpy(input_ids).to(device),
                 attention_mask=torch.from_numpy(attention_mask).to(device),
@@ -195,46 +225,82 @@ def torch_runner(
 
 
 def predict_probs(
-    model: MultiHeadClassifier,
-    tokenizer: PreTrainedTokenizerBase,
-    texts: Sequence[str],
-    max_length: int,
-    batch_size: int = 64,
-    device: torch.device | None = None,
-) -> dict[str, np.ndarray]:
-    """Class probabilities per head (arrays of shape [len(texts), n_labels]); batches sorted by length.
-
-    bf16 autocast on CUDA, full precision on the CPU (as ``autocast_context``)."""
-    device = device or next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        runner = torch_runner(model, device, bf16=device.type == "cuda")
-        return predict_probs_with(runner, model.schema, tokenizer, texts, max_length, batch_size)
-    finally:
-        model.train(was_training)
-
-
-def predict_probs_with(
     runner: Runner,
     schema: LabelSchema,
     tokenizer: PreTrainedTokenizerBase,
     texts: Sequence[str],
     max_length: int,
-    batch_size: int = 64,
+    device: torch.device,
 ) -> dict[str, np.ndarray]:
-    """As ``predict_probs``, with any runner that maps a padded batch (ids, mask) to probabilities."""
+    """Class probabilities per head (arrays of shape [len(texts), n_labels]) as the engine computes them
+    with its default batching on ``device`` (where ``runner`` runs): the same tokenization, micro-batches,
+    padding and runner."""
     out = {h: np.zeros((len(texts), len(labels)), dtype=np.float32) for h, labels in schema.heads.items()}
     if not texts:
         return out
-    rows = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    order = sorted(range(len(texts)), key=lambda i: len(rows[i]))
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        for head, value in runner(*pad_batch([rows[i] for i in idx], pad_id)).items():
-            out[head][idx] = value
+    ids, _ = tokenize(tokenizer, list(texts), max_length)
+    pad_id = pad_token_id(tokenizer)
+    for batch in micro_batches([len(row) for row in ids], *batch_limits(device)):
+        for head, value in run_padded(runner, [ids[i] for i in batch], pad_id).items():
+            out[head][batch] = value
     return out
+
+
+def tokenize(
+    tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int
+) -> tuple[list[list[int]], list[bool]]:
+    """Input ids per text (cut at ``max_length``) and whether each was cut.
+
+    One pass without truncation gives the true lengths; only the (rare) long texts are tokenized again
+    with truncation, so the result equals ``tokenizer(..., truncation=True, max_length=...)``.
+    """
+    ids: list[list[int]] = tokenizer(texts, truncation=False, verbose=False)["input_ids"]
+    long = [i for i, row in enumerate(ids) if len(row) > max_length]
+    if long:
+        cut = tokenizer([texts[i] for i in long], truncation=True, max_length=max_length)["input_ids"]
+        for i, row in zip(long, cut, strict=True):
+            ids[i] = row
+    truncated = [False] * len(texts)
+    for i in long:
+        truncated[i] = True
+    return ids, truncated
+
+
+def micro_batches(lengths: list[int], max_tokens: int, batch_cost: int = 0) -> list[list[int]]:
+    """Split texts (by token length) into forward passes of at most ``max_tokens`` padded tokens.
+
+    Texts are sorted by length and cut where the padding saved outweighs the fixed cost of one more
+    forward pass (``batch_cost``, in tokens): an optimal partition of the sorted list by dynamic
+    programming, cost = sum over batches of (batch_cost + rows x longest row). A single text longer than
+    ``max_tokens`` gets a batch of its own.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    sizes = [lengths[i] for i in order]
+    n = len(sizes)
+    best = [0.0] + [math.inf] * n  # best[j]: cheapest split of the first j texts
+    cut = [0] * (n + 1)
+    for j in range(1, n + 1):
+        longest = sizes[j - 1]  # sorted: the last text of a batch is its longest
+        rows = max(1, max_tokens // max(longest, 1))  # the most texts a batch ending here may hold
+        for i in range(j - 1, max(-1, j - 1 - rows), -1):
+            cost = best[i] + batch_cost + (j - i) * longest
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    batches: list[list[int]] = []
+    j = n
+    while j > 0:
+        batches.append(order[cut[j] : j])
+        j = cut[j]
+    return batches[::-1]
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+
+
+def run_padded(runner: Runner, rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
+    """Class probabilities per head for tokenized rows, right-padded to the longest into one batch."""
+    return runner(*pad_batch(rows, pad_id))
 
 
 def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

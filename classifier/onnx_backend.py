@@ -33,14 +33,13 @@ from filelock import FileLock
 from transformers import PreTrainedTokenizerBase
 
 from classifier.data import Example, read_jsonl
-from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs_with
-from classifier.registry import VersionInfo
+from classifier.model import ModelLoadError, MultiHeadClassifier, pad_batch, predict_probs
+from classifier.registry import VersionFiles, VersionInfo
 from classifier.results import Backend, Quantize
 from classifier.schema import LabelSchema
 
 log = logging.getLogger(__name__)
 
-ONNX_DIR = "onnx"
 Precision = Literal["fp32", "int8"]
 MAX_INT8_ACCURACY_DROP = 0.005  # half a point of accuracy, on any head
 OPSET = 17
@@ -75,12 +74,12 @@ def resolve_backend(backend: Backend, quantize: Quantize, device: torch.device) 
 
 
 def onnx_folder(version_dir: Path) -> Path:
-    return Path(version_dir) / ONNX_DIR
+    return VersionFiles(Path(version_dir)).onnx
 
 
 def heldout_examples(info: VersionInfo) -> list[Example]:
     """The held-out rows a version was judged on at training time (the test split of its dataset)."""
-    dataset = Path(info.path) / "dataset.jsonl"
+    dataset = info.files.dataset
     if not dataset.is_file():
         return []
     return info.split(read_jsonl(dataset))[info.data.get("test_split", "test")]
@@ -234,10 +233,10 @@ class OnnxModel:
         return dict(zip(self.schema.heads, outputs, strict=True))
 
     def predict_probs(
-        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int, batch_size: int = 64
+        self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int
     ) -> dict[str, np.ndarray]:
-        """As ``classifier.model.predict_probs``, on this session."""
-        return predict_probs_with(self, self.schema, tokenizer, texts, max_length, batch_size)
+        """``classifier.model.predict_probs`` on this session (as the engine serves it, on the CPU)."""
+        return predict_probs(self, self.schema, tokenizer, texts, max_length, torch.device("cpu"))
 
 
 def load_onnx(info: VersionInfo, quantize: Quantize, threads: int | None = None) -> OnnxModel:

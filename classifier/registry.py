@@ -4,10 +4,16 @@ Layout::
 
     models/
       ACTIVE                  name of the active version (replaced atomically)
-      v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
-                              dataset.jsonl (the base data it was trained on), eval/ (reports, plots,
-                              wrong_predictions.csv); the last two are the only files holding texts;
-                              onnx/ (made on first use: see onnx_backend.py)
+      v1/ v2/ ...             one folder per version (``VersionFiles`` names each file):
+        model files             encoder/, tokenizer/, heads.safetensors, model.json (see model.py)
+        version.json            its ``VersionInfo``
+        dataset.jsonl           the rows it was trained and tested on
+        eval/                   the test-split evaluation (``EvalFiles``: metrics.json, plots,
+                                wrong_predictions.csv); eval/heldout/ and eval/heldout-<incumbent>/: the
+                                retraining gate's evaluation of it and of the incumbent on the same rows.
+                                dataset.jsonl and the wrong_predictions.csv files are the only files
+                                holding texts
+        onnx/                   made on first use (see onnx_backend.py)
       .staging-*/             versions being written; never visible as a version until renamed
 
 A version becomes visible only by an atomic rename of a complete staging folder, so a crash never
@@ -28,20 +34,89 @@ from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar
 
 from filelock import FileLock
 
 from classifier.data import DEFAULT_SPLIT_SALT, Example, Split, read_jsonl, split_examples, to_jsonl
 
-Status = Literal["active", "candidate", "rejected", "retired"]
 _NAME = re.compile(r"^v(\d+)$")
-DATASET_FILE = "dataset.jsonl"  # the rows a version was trained and tested on (see data.write_jsonl)
+
+
+class ModelStatus(StrEnum):
+    """Where a version stands; exactly one is active: the one the ACTIVE pointer names."""
+
+    ACTIVE = "active"
+    CANDIDATE = "candidate"  # trained, not (yet) promoted
+    REJECTED = "rejected"  # the retraining gate kept the incumbent
+    RETIRED = "retired"  # was active until another version was
 
 
 class RegistryError(RuntimeError):
     """A registry operation that cannot be done (unknown version, nothing trained yet)."""
+
+
+@dataclass(frozen=True)
+class EvalFiles:
+    """The files ``evaluate(..., out_dir=folder)`` writes into one evaluation folder."""
+
+    folder: Path
+
+    WRONG_PREDICTIONS: ClassVar[str] = "wrong_predictions.csv"  # the one report file holding texts
+
+    @property
+    def metrics(self) -> Path:
+        return self.folder / "metrics.json"
+
+    @property
+    def wrong_predictions(self) -> Path:
+        return self.folder / self.WRONG_PREDICTIONS
+
+    def confusion_png(self, head: str) -> Path:
+        return self.folder / f"confusion_{head}.png"
+
+    def reliability_png(self, head: str) -> Path:
+        return self.folder / f"reliability_{head}.png"
+
+    def roc_png(self, head: str) -> Path:
+        return self.folder / f"roc_{head}.png"
+
+
+@dataclass(frozen=True)
+class VersionFiles:
+    """Where each file of a version folder (or of a staging folder becoming one) lives."""
+
+    folder: Path
+
+    @property
+    def info(self) -> Path:
+        return self.folder / "version.json"
+
+    @property
+    def dataset(self) -> Path:
+        """The rows the version was trained and tested on (see ``data.write_jsonl``)."""
+        return self.folder / "dataset.jsonl"
+
+    @property
+    def eval(self) -> EvalFiles:
+        """The evaluation of the best checkpoint on the test split, made at training time."""
+        return EvalFiles(self.folder / "eval")
+
+    def heldout_eval(self, incumbent: str | None = None) -> EvalFiles:
+        """The retraining gate's evaluation of this version on its held-out rows, or with ``incumbent``:
+        of that version on the same rows."""
+        return EvalFiles(self.eval.folder / ("heldout" if incumbent is None else f"heldout-{incumbent}"))
+
+    def all_wrong_predictions(self) -> list[Path]:
+        """Every evaluation's ``wrong_predictions.csv`` (the test split's and the gate's)."""
+        return sorted(self.eval.folder.glob(f"**/{EvalFiles.WRONG_PREDICTIONS}"))
+
+    @property
+    def onnx(self) -> Path:
+        """The folder of the version's ONNX files (see onnx_backend.py)."""
+        return self.folder / "onnx"
 
 
 @dataclass
@@ -50,7 +125,7 @@ class VersionInfo:
     created: str
     base_model: str
     parent: str | None = None  # the version it was warm-started from
-    status: Status = "candidate"
+    status: ModelStatus = ModelStatus.CANDIDATE
     reason: str = ""  # why it was rejected, retired or promoted
     schema: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -68,6 +143,10 @@ class VersionInfo:
         by its heads in order): a retraining run's split, and the rows this version was judged on."""
         fractions, salt = self.split_config()
         return split_examples(examples, fractions, salt, heads=list(self.schema.get("heads", {})))
+
+    @property
+    def files(self) -> VersionFiles:
+        return VersionFiles(Path(self.path))
 
     @property
     def number(self) -> int:
@@ -90,19 +169,22 @@ class Registry:
         if not _NAME.match(name):
             raise RegistryError(f"{name!r} is not a version name (expected v1, v2, ...)")
         path = self.root / name
-        if not (path / "version.json").is_file():
+        if not VersionFiles(path).info.is_file():
             raise RegistryError(f"no model version {name!r} (known: {', '.join(self.names()) or 'none'})")
         return path
 
+    def files(self, name: str) -> VersionFiles:
+        return VersionFiles(self.path(name))
+
     def get(self, name: str) -> VersionInfo:
-        raw = json.loads((self.path(name) / "version.json").read_text(encoding="utf-8"))
+        raw = json.loads(self.files(name).info.read_text(encoding="utf-8"))
         info = VersionInfo(**raw)
         info.path = str(self.root / name)
-        info.status = (
-            "active"
-            if name == self.active_name()
-            else ("retired" if info.status == "active" else info.status)
-        )
+        recorded = ModelStatus(info.status)
+        if name == self.active_name():  # the pointer decides: the first version's record says candidate
+            info.status = ModelStatus.ACTIVE
+        else:
+            info.status = ModelStatus.RETIRED if recorded == ModelStatus.ACTIVE else recorded
         return info
 
     def list(self) -> list[VersionInfo]:
@@ -139,7 +221,7 @@ class Registry:
             info.name = f"v{max(numbers, default=0) + 1}"
             info.created = info.created or _now()
             info.path = ""
-            _write_json(staging / "version.json", asdict(info))
+            _write_json(VersionFiles(staging).info, asdict(info))
             os.rename(staging, self.root / info.name)
             if activate_if_first and self.active_name() is None:
                 self._write_active(info.name)
@@ -151,12 +233,12 @@ class Registry:
             self.path(name)
             previous = self.active_name()
             self._write_active(name)
-            self._update(name, status="active", reason=reason or "activated")
+            self._update(name, status=ModelStatus.ACTIVE, reason=reason or "activated")
             if previous and previous != name:
-                self._update(previous, status="retired", reason=f"replaced by {name}")
+                self._update(previous, status=ModelStatus.RETIRED, reason=f"replaced by {name}")
         return self.get(name)
 
-    def set_status(self, name: str, status: Status, reason: str) -> VersionInfo:
+    def set_status(self, name: str, status: ModelStatus, reason: str) -> VersionInfo:
         with self._lock:
             self._update(name, status=status, reason=reason)
         return self.get(name)
@@ -183,7 +265,7 @@ class Registry:
         """The ``source`` of every training row any version keeps (its ``dataset.jsonl``)."""
         found: set[str] = set()
         for name in self.names():
-            found.update(row.source for row in _read_dataset(self.root / name))
+            found.update(row.source for row in _read_dataset(VersionFiles(self.root / name)))
         return found
 
     def erase_rows(self, sources: Collection[str]) -> dict[str, int]:
@@ -199,16 +281,16 @@ class Registry:
             return removed
         with self._lock:
             for name in self.names():
-                version = self.root / name
-                rows = _read_dataset(version)
+                files = VersionFiles(self.root / name)
+                rows = _read_dataset(files)
                 kept = [r for r in rows if r.source not in erase]
-                for report in version.glob("eval/**/wrong_predictions.csv"):
+                for report in files.all_wrong_predictions():
                     _erase_csv_rows(report, erase)
                 if len(kept) == len(rows):
                     continue
-                _write_text(version / DATASET_FILE, to_jsonl(kept))
+                _write_text(files.dataset, to_jsonl(kept))
                 removed[name] = len(rows) - len(kept)
-                data = json.loads((version / "version.json").read_text(encoding="utf-8")).get("data", {})
+                data = json.loads(files.info.read_text(encoding="utf-8")).get("data", {})
                 data["erased_rows"] = data.get("erased_rows", 0) + removed[name]
                 self._update(name, data=data)
         return removed
@@ -221,7 +303,7 @@ class Registry:
                 shutil.rmtree(p, ignore_errors=True)
 
     def _update(self, name: str, **changes: Any) -> None:
-        path = self.path(name) / "version.json"
+        path = self.files(name).info
         raw = json.loads(path.read_text(encoding="utf-8"))
         raw.update(changes)
         _write_json(path, raw)
@@ -230,9 +312,8 @@ class Registry:
         _write_text(self.root / "ACTIVE", name + "\n")
 
 
-def _read_dataset(version: Path) -> list[Example]:
-    path = version / DATASET_FILE
-    return read_jsonl(path) if path.is_file() else []
+def _read_dataset(files: VersionFiles) -> list[Example]:
+    return read_jsonl(files.dataset) if files.dataset.is_file() else []
 
 
 def _erase_csv_rows(path: Path, sources: set[str]) -> None:

@@ -68,7 +68,7 @@ from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError,
 from classifier.logsafe import AccessLogger, escape_controls
 from classifier.model import ModelLoadError
 from classifier.paths import base_model_name, registry_dir
-from classifier.registry import Registry, RegistryError
+from classifier.registry import Registry, RegistryError, VersionFiles
 from classifier.results import (
     MAX_CHARS,
     MAX_TEXTS,
@@ -492,7 +492,7 @@ async def serving_model(request: web.Request) -> web.Response:
 
 
 def _eval_images(version_dir: Path) -> list[str]:
-    folder = version_dir / "eval"
+    folder = VersionFiles(version_dir).eval.folder
     if not folder.is_dir():
         return []
     return sorted(p.name for p in folder.iterdir() if _eval_image_path(folder, p.name) is not None)
@@ -563,10 +563,10 @@ async def activate_model(request: web.Request) -> web.Response:
 async def eval_image(request: web.Request) -> web.StreamResponse:
     """Only existing ``*.png`` files directly inside ``<version>/eval``: no other file, no traversal."""
     try:
-        version_dir = await asyncio.to_thread(request.app[REGISTRY].path, request.match_info["version"])
+        files = await asyncio.to_thread(request.app[REGISTRY].files, request.match_info["version"])
     except RegistryError as exc:
         raise web.HTTPNotFound(text=str(exc)) from None
-    path = await asyncio.to_thread(_eval_image_path, version_dir / "eval", request.match_info["file"])
+    path = await asyncio.to_thread(_eval_image_path, files.eval.folder, request.match_info["file"])
     if path is None:
         raise web.HTTPNotFound(text="no such evaluation image")
     return web.FileResponse(

@@ -25,9 +25,9 @@ from transformers import get_linear_schedule_with_warmup
 
 from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_examples, write_jsonl
 from classifier.evaluate import evaluate, mean_macro_f1, summary
-from classifier.model import MultiHeadClassifier, autocast_context
+from classifier.model import MultiHeadClassifier, autocast_context, resolve_device
 from classifier.paths import default_base_model, runs_log
-from classifier.registry import DATASET_FILE, Registry, VersionInfo
+from classifier.registry import ModelStatus, Registry, VersionFiles, VersionInfo
 from classifier.schema import LabelSchema
 
 IGNORE = -100  # label index of "no label for this head"; skipped by the loss
@@ -58,7 +58,6 @@ class TrainConfig:
     dropout: float = 0.1
     max_steps: int | None = None  # cap on optimizer steps (smoke runs, tests)
     device: str = "auto"
-    eval_batch_size: int = 64
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes recorded with the run
 
     def validate(self) -> None:
@@ -66,7 +65,7 @@ class TrainConfig:
             isinstance(self.max_length, int) and 3 <= self.max_length <= 512
         ):
             raise ValueError(f"max length must be auto or between 3 and 512, got {self.max_length!r}")
-        if self.batch_size < 1 or self.eval_batch_size < 1:
+        if self.batch_size < 1:
             raise ValueError("batch size must be at least 1")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"learning rate must be in (0, 1), got {self.learning_rate}")
@@ -92,12 +91,6 @@ class TrainResult:
     version: VersionInfo
     report: dict[str, Any]  # full evaluation of the best checkpoint on the test split
     history: list[dict[str, Any]]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -203,7 +196,7 @@ def train(
     config.validate()
     schema.validate_trainable()
     seed_everything(config.seed)
-    device = pick_device(config.device)
+    device = resolve_device(config.device)
     run_id = uuid.uuid4().hex[:12]
     started = time.time()
 
@@ -328,7 +321,6 @@ def train(
             tokenizer,
             val_for_selection,
             config.max_length,
-            batch_size=config.eval_batch_size,
             device=device,
         )
         score = mean_macro_f1(val_report)
@@ -382,25 +374,25 @@ def train(
     model.load_state_dict(best_state)
     model.eval()
     with registry.staging() as staging:
+        files = VersionFiles(staging)
         report = evaluate(
             model,
             tokenizer,
             test_for_report,
             config.max_length,
-            out_dir=staging / "eval",
-            batch_size=config.eval_batch_size,
+            out_dir=files.eval.folder,
             device=device,
             progress=progress,
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
-        write_jsonl(staging / DATASET_FILE, examples)
+        write_jsonl(files.dataset, examples)
         counts = {h: dict(c) for h, c in label_counts(examples).items()}
         info = VersionInfo(
             name="",
             created="",
             base_model=base_name,
             parent=config.init_from,
-            status="candidate",
+            status=ModelStatus.CANDIDATE,
             schema=schema.to_dict(),
             train_config=asdict(config),
             data={

@@ -16,11 +16,12 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from aiohttp import web
 
 import classifier.engine as engine_module
 from classifier.engine import Engine, EngineConfig
-from classifier.model import MultiHeadClassifier, predict_probs, to_predictions
+from classifier.model import MultiHeadClassifier, predict_probs, to_predictions, torch_runner
 from classifier.onnx_backend import ensure_onnx
 from classifier.registry import Registry
 from classifier.server import STATE, ServerSettings, create_app
@@ -79,11 +80,13 @@ Expected = dict[str, list[dict[str, Any]]]  # version -> per text: {"heads": {he
 
 
 def reference(registry: Registry, version: str, texts: Sequence[str]) -> list[dict[str, Any]]:
-    """Unbatched inference (one text per forward pass) with the model module's own predict_probs."""
+    """Unbatched inference (one text per forward pass) by PyTorch in float32 on the CPU."""
     model, tokenizer, max_length = MultiHeadClassifier.load(Path(registry.get(version).path))
+    cpu = torch.device("cpu")
+    runner = torch_runner(model, cpu, bf16=False)
     out = []
     for text in texts:
-        probs = predict_probs(model, tokenizer, [text], max_length, batch_size=1)
+        probs = predict_probs(runner, model.schema, tokenizer, [text], max_length, cpu)
         full = len(tokenizer(text, truncation=False, verbose=False)["input_ids"])
         out.append({"heads": to_predictions(model.schema, probs, 0), "truncated": full > max_length})
     return out

@@ -8,19 +8,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 import classifier.engine as engine_module
+from classifier.data import Example
 from classifier.engine import (
     Engine,
     EngineConfig,
     EngineError,
     EngineNotReady,
     EngineOverloaded,
-    _micro_batches,
 )
-from classifier.model import ModelLoadError
+from classifier.evaluate import evaluate, probabilities
+from classifier.model import ModelLoadError, MultiHeadClassifier, micro_batches
+from classifier.onnx_backend import load_onnx
 from classifier.registry import Registry, RegistryError
 from classifier.results import MAX_CHARS, MAX_TEXTS, ClassifierUnavailable, InvalidInput
 from tests.serving import (  # noqa: F401 (fixtures)
@@ -75,9 +78,32 @@ async def test_micro_batches_respect_the_token_budget(registry: Registry) -> Non
         assert engine.stats.max_batch_texts > 1
 
 
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+async def test_evaluation_computes_exactly_what_the_engine_serves(registry: Registry, backend: Any) -> None:
+    """The retraining gate judges what users get: evaluation's probabilities equal the engine's, bit for
+    bit, for the same texts seen together (one tokenization, micro-batching, padding and runner)."""
+    info = registry.get("v1")
+    device = "cpu" if backend == "onnx" else "auto"  # torch: on CUDA (bf16) where there is one
+    async with Engine(registry, engine_config(device=device, backend=backend, quantize="none")) as engine:
+        served = await engine.classify(TEXTS)
+        assert engine.stats.batches > 1, "the texts must span several micro-batches"
+    model, tokenizer, max_length = MultiHeadClassifier.load(info.files.folder)
+    onnx = load_onnx(info, "none") if backend == "onnx" else None
+    evaluated = probabilities(model.to(engine.device), tokenizer, TEXTS, max_length, onnx=onnx)
+    labels = model.schema.heads
+    for row, result in enumerate(served.results):
+        for head, prediction in result.heads.items():
+            assert prediction.scores == dict(zip(labels[head], evaluated[head][row].tolist(), strict=True))
+    # evaluate() itself reports from those probabilities
+    examples = [Example(text, {"topic": labels["topic"][i % 2]}) for i, text in enumerate(TEXTS)]
+    report = evaluate(model, tokenizer, examples, max_length, device=engine.device, onnx=onnx)
+    confidence = np.mean([r.heads["topic"].confidence for r in served.results])
+    assert report["heads"]["topic"]["mean_confidence"] == pytest.approx(confidence, abs=1e-7)
+
+
 def test_micro_batches_sort_by_length_and_split() -> None:
     lengths = [10, 3, 7, 3, 50]
-    batches = _micro_batches(lengths, max_tokens=21)
+    batches = micro_batches(lengths, max_tokens=21)
     assert [i for b in batches for i in b] == [1, 3, 2, 0, 4]
     for batch in batches:
         assert len(batch) * max(lengths[i] for i in batch) <= 21 or len(batch) == 1
@@ -87,7 +113,7 @@ async def test_tokenization_and_forward_never_run_on_the_event_loop(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     threads: list[int] = []
-    tokenize, forward = engine_module._tokenize, engine_module._forward
+    tokenize, forward = engine_module.tokenize, engine_module._forward
 
     def spy_tokenize(*args: Any, **kwargs: Any) -> Any:
         threads.append(threading.get_ident())
@@ -97,7 +123,7 @@ async def test_tokenization_and_forward_never_run_on_the_event_loop(
         threads.append(threading.get_ident())
         return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine_module, "_tokenize", spy_tokenize)
+    monkeypatch.setattr(engine_module, "tokenize", spy_tokenize)
     monkeypatch.setattr(engine_module, "_forward", spy_forward)
     loop_thread = threading.get_ident()
     async with Engine(registry, engine_config()) as engine:
@@ -239,7 +265,7 @@ async def test_a_call_that_breaks_its_batch_fails_alone(
     """Calls queued together share one tokenization; when it fails, each call is run on its own."""
     poison = "a text the tokenizer cannot take"  # as a fast tokenizer fails on a lone surrogate
     tokenized: list[list[str]] = []
-    tokenize = engine_module._tokenize
+    tokenize = engine_module.tokenize
 
     def failing_tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
         if threading.current_thread().name == "triage-engine":
@@ -250,7 +276,7 @@ async def test_a_call_that_breaks_its_batch_fails_alone(
             )
         return tokenize(tokenizer, texts, max_length)
 
-    monkeypatch.setattr(engine_module, "_tokenize", failing_tokenize)
+    monkeypatch.setattr(engine_module, "tokenize", failing_tokenize)
     good = TEXTS[:6]
     expected = reference(registry, "v1", good)
     async with Engine(registry, engine_config()) as engine:
@@ -314,9 +340,9 @@ def test_cuda_without_cuda_is_refused(tmp_path: Path) -> None:
 
 def test_micro_batches_cut_where_lengths_jump() -> None:
     lengths = [5, 6, 5, 6, 60, 61, 62, 200]
-    batches = _micro_batches(lengths, max_tokens=1024, batch_cost=32)
+    batches = micro_batches(lengths, max_tokens=1024, batch_cost=32)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     groups = [sorted(lengths[i] for i in b) for b in batches]
     assert groups == [[5, 5, 6, 6], [60, 61, 62], [200]]  # not one batch padded to 200
-    assert _micro_batches([300, 10], max_tokens=100) == [[1], [0]]  # too long for a batch: alone
-    assert _micro_batches([], max_tokens=100) == []
+    assert micro_batches([300, 10], max_tokens=100) == [[1], [0]]  # too long for a batch: alone
+    assert micro_batches([], max_tokens=100) == []

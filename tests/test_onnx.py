@@ -25,7 +25,7 @@ from bot.settings import load_settings as load_bot_settings
 from classifier.data import Example, read_jsonl
 from classifier.engine import Engine, EngineConfig
 from classifier.evaluate import evaluate_version
-from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.model import MultiHeadClassifier, predict_probs, torch_runner
 from classifier.onnx_backend import (
     OnnxModel,
     ensure_onnx,
@@ -83,7 +83,8 @@ def test_int8_keeps_the_labels_and_the_check_is_recorded_with_the_version(traine
 
     model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
     texts = [ex.text for ex in heldout] + TEXTS
-    torch_probs = predict_probs(model, tokenizer, texts, max_length)
+    cpu = torch.device("cpu")
+    torch_probs = predict_probs(torch_runner(model, cpu), model.schema, tokenizer, texts, max_length, cpu)
     folder = onnx_folder(Path(info.path))
     fp32 = OnnxModel(folder, "fp32", model.schema).predict_probs(tokenizer, texts, max_length)
     int8 = OnnxModel(folder, "int8", model.schema).predict_probs(tokenizer, texts, max_length)

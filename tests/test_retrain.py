@@ -34,7 +34,6 @@ from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     CorrectionSource,
-    ModelStatus,
     TrainingRun,
     TrainingStatus,
     TrainingTrigger,
@@ -128,9 +127,7 @@ async def test_retrain_from_corrections_promotes_a_better_model(
     assert any(e["event"] == "epoch" for e in events)
     async with sessions() as session:
         run = await repo.latest_training_run(session)
-        mirror = await repo.active_model_version(session)
     assert run is not None and run.status == TrainingStatus.PROMOTED and run.candidate_version == "v2"
-    assert mirror is not None and mirror.name == "v2"
     # the held-out feedback is exactly the feedback the active version's split keeps out of training
     # (train() splits the run's rows the same way), so the candidate never trains on it
     recorded = read_jsonl(Path(registry.get("v2").path) / "dataset.jsonl")
@@ -151,9 +148,6 @@ async def test_gate_rejects_a_worse_candidate(tiny_bert: Path, data_dir: Path, d
     assert outcome.status == TrainingStatus.REJECTED, outcome.summary()
     assert registry.active_name() == "v1"
     assert registry.get("v2").status == "rejected" and registry.get("v2").reason
-    async with sessions() as session:
-        mirror = await repo.get_model_version(session, "v2")
-    assert mirror is not None and mirror.status == ModelStatus.REJECTED
 
 
 def _outside_held_out(registry: Registry, rows: list[dict[str, str]]) -> list[dict[str, str]]:

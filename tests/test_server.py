@@ -237,7 +237,7 @@ async def test_requests_batched_with_one_that_breaks_inference_succeed(
 ) -> None:
     http, engine = server
     poison = "a text the tokenizer cannot take"
-    tokenize = engine_module._tokenize
+    tokenize = engine_module.tokenize
 
     def failing_tokenize(tokenizer: Any, texts: list[str], max_length: int) -> Any:
         if poison in texts:  # as a fast tokenizer fails on input it cannot encode
@@ -246,7 +246,7 @@ async def test_requests_batched_with_one_that_breaks_inference_succeed(
             )
         return tokenize(tokenizer, texts, max_length)
 
-    monkeypatch.setattr(engine_module, "_tokenize", failing_tokenize)
+    monkeypatch.setattr(engine_module, "tokenize", failing_tokenize)
 
     async def post(texts: list[str]) -> tuple[int, Any]:
         async with http.post("/v1/classify", json={"texts": texts}, headers=AUTH) as r:

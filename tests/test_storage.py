@@ -9,7 +9,6 @@ import pytest
 import typer
 from sqlalchemy import func, select, text
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
 
@@ -27,8 +26,6 @@ from bot.storage.models import (
     CorrectionSource,
     Message,
     MessageState,
-    ModelStatus,
-    ModelVersion,
     TrainingStatus,
     TrainingTrigger,
 )
@@ -285,8 +282,8 @@ async def test_two_peoples_corrections_are_kept_and_the_later_wins(session_facto
         correct(session_factory, message.id, "topic", "billing", user="U3", when=at(1)),
     )
     async with session_factory() as session:
-        assert await repo.current_label(session, message.id, "topic") == "bug"
-        assert await repo.current_labels(session, message.id) == {"topic": "bug"}
+        assert await repo.standing_label(session, message.id, "topic") == "bug"
+        assert await repo.standing_labels(session, message.id) == {"topic": "bug"}
         rows = (await session.scalars(select(Correction).order_by(Correction.created_at))).all()
         assert [(c.user_id, c.new_label) for c in rows] == [("U3", "billing"), ("U2", "bug")]
 
@@ -305,12 +302,12 @@ async def test_removed_reaction_retracts_its_correction(session_factory: Factory
         )
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="boom") == 0
     async with session_factory() as session:
-        assert await repo.current_labels(session, message.id) == {"urgency": "high", "topic": "outage"}
+        assert await repo.standing_labels(session, message.id) == {"urgency": "high", "topic": "outage"}
     async with session_factory.begin() as session:
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="fire") == 1
         assert await repo.retract_correction(session, message.id, user_id="U2", reaction="fire") == 0
     async with session_factory() as session:
-        assert await repo.current_label(session, message.id, "urgency") is None
+        assert await repo.standing_label(session, message.id, "urgency") is None
 
 
 async def test_confirmations_are_labels_and_feedback(session_factory: Factory) -> None:
@@ -323,7 +320,7 @@ async def test_confirmations_are_labels_and_feedback(session_factory: Factory) -
     async with session_factory.begin() as session:
         await repo.retract_correction(session, message.id, user_id="U9", reaction="bust_in_silhouette")
     async with session_factory() as session:
-        assert await repo.current_labels(session, message.id) == {"sentiment": "negative", "topic": "bug"}
+        assert await repo.standing_labels(session, message.id) == {"sentiment": "negative", "topic": "bug"}
         counts = await repo.feedback_counts(session, T0)
         assert (counts.corrections, counts.confirmations, counts.total) == (1, 1, 2)  # retracted not counted
         assert (await repo.feedback_counts(session, at(2))).total == 1
@@ -466,59 +463,7 @@ async def test_concurrent_workers_claim_disjoint_messages(session_factory: Facto
     assert set(first) | set(second) <= ids
 
 
-# --- model versions, training runs, audit log ----------------------------------------------------------
-
-
-async def test_model_versions_have_one_active(session_factory: Factory) -> None:
-    async with session_factory.begin() as session:
-        v1 = await repo.upsert_model_version(
-            session, "v1", path="/m/v1", status=ModelStatus.ACTIVE, base_model="minilm", promoted_at=at(1)
-        )
-        assert (v1.status, v1.promoted_at) == (ModelStatus.ACTIVE, at(1))
-        await repo.upsert_model_version(
-            session, "v2", path="/m/v2", status=ModelStatus.CANDIDATE, metrics={"topic": {"f1": 0.8}}
-        )
-    async with session_factory.begin() as session:
-        v2 = await repo.set_active_model_version(session, "v2", reason="gate passed", now=at(2))
-        assert (v2.status, v2.promoted_at, v2.reason, v2.metrics) == (
-            ModelStatus.ACTIVE,
-            at(2),
-            "gate passed",
-            {"topic": {"f1": 0.8}},
-        )
-    async with session_factory.begin() as session:
-        # Re-mirroring the registry changes nothing about who is active, and keeps promoted_at.
-        again = await repo.upsert_model_version(
-            session, "v2", path="/m/v2b", status=ModelStatus.ACTIVE, metrics={"topic": {"f1": 0.81}}
-        )
-        assert (again.path, again.metrics, again.promoted_at) == ("/m/v2b", {"topic": {"f1": 0.81}}, at(2))
-        await repo.set_model_version_status(session, "v1", ModelStatus.REJECTED, reason="regressed")
-    async with session_factory() as session:
-        active = await repo.active_model_version(session)
-        assert active is not None and active.name == "v2"
-        listed = {v.name: (v.status, v.reason) for v in await repo.list_model_versions(session)}
-        assert listed == {
-            "v1": (ModelStatus.REJECTED, "regressed"),
-            "v2": (ModelStatus.ACTIVE, "gate passed"),
-        }
-        assert [v.name for v in await repo.list_model_versions(session, status=ModelStatus.REJECTED)] == [
-            "v1"
-        ]
-        with pytest.raises(LookupError):
-            await repo.set_active_model_version(session, "nope")
-    # The database itself refuses a second active version.
-    with pytest.raises(IntegrityError):
-        async with session_factory.begin() as session:
-            session.add(ModelVersion(name="rogue", path="/m/r", status=ModelStatus.ACTIVE))
-
-
-async def test_activation_retires_the_previous_version(session_factory: Factory) -> None:
-    async with session_factory.begin() as session:
-        await repo.upsert_model_version(session, "a", path="/a", status=ModelStatus.ACTIVE)
-        await repo.upsert_model_version(session, "b", path="/b", status=ModelStatus.ACTIVE)
-    async with session_factory() as session:
-        statuses = {v.name: (v.status, v.reason) for v in await repo.list_model_versions(session)}
-        assert statuses == {"a": (ModelStatus.RETIRED, "replaced by b"), "b": (ModelStatus.ACTIVE, None)}
+# --- training runs, audit log ----------------------------------------------------------
 
 
 async def test_training_runs(session_factory: Factory) -> None:
@@ -627,7 +572,7 @@ async def test_retention_removes_texts_but_keeps_labels(session_factory: Factory
         kept = await repo.get_message(session, "T1", "C1", "8.2")
         assert purged is not None and (purged.text, purged.text_removed_at) == (None, T0)
         assert kept is not None and kept.text == "new"
-        assert await repo.current_labels(session, old.id) == {"topic": "bug"}
+        assert await repo.standing_labels(session, old.id) == {"topic": "bug"}
         assert new.id != old.id
     with pytest.raises(ValueError):
         repo.retention_cutoff(0)
@@ -649,7 +594,7 @@ async def test_forget_user(session_factory: Factory) -> None:
         assert forgotten is not None and forgotten.text is None
         other = await repo.get_message(session, "T1", "C1", "9.2")
         assert other is not None and other.text == "unrelated" and other.id == theirs.id
-        assert await repo.current_labels(session, mine.id) == {"topic": "account"}
+        assert await repo.standing_labels(session, mine.id) == {"topic": "account"}
         assert await repo.export_training_set(session, until=at(10)) == []
     # A text that slipped in anyway (e.g. stored concurrently with the forgetting) is caught by purge.
     async with session_factory.begin() as session:

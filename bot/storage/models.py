@@ -1,4 +1,4 @@
-"""Database tables: Slack messages, predictions, corrections, the model registry mirror and the audit log.
+"""Database tables: Slack messages, predictions, corrections, training runs and the audit log.
 
 Label heads are data (a ``head`` column), never columns, so a schema with other heads needs no migration.
 """
@@ -23,7 +23,6 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -104,13 +103,6 @@ class CorrectionSource(enum.StrEnum):
     REACTION = "reaction"
     BUTTON = "button"
     COMMAND = "command"
-
-
-class ModelStatus(enum.StrEnum):
-    ACTIVE = "active"
-    CANDIDATE = "candidate"
-    REJECTED = "rejected"
-    RETIRED = "retired"
 
 
 class TrainingTrigger(enum.StrEnum):
@@ -197,7 +189,7 @@ class Prediction(Base):
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True)
     message_id: Mapped[int] = mapped_column(ForeignKey("messages.id", ondelete="CASCADE"))
-    # A plain name, not a foreign key: the engine may predict before the registry mirror is updated.
+    # The registry version's name: model versions live in the registry (classifier/registry.py), not here.
     model_version: Mapped[str] = mapped_column(String(128), index=True)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -269,33 +261,6 @@ class ForgottenUser(Base):
     user_id: Mapped[str] = mapped_column(String(SLACK_ID), primary_key=True)
     forgotten_at: Mapped[datetime] = mapped_column(default=utcnow)
     requested_by: Mapped[str | None] = mapped_column(String(SLACK_ID))
-
-
-class ModelVersion(Base):
-    """The database mirror of one registry entry."""
-
-    __tablename__ = "model_versions"
-
-    id: Mapped[int] = mapped_column(BigId, primary_key=True)
-    name: Mapped[str] = mapped_column(String(128), unique=True)
-    path: Mapped[str] = mapped_column(Text)
-    base_model: Mapped[str | None] = mapped_column(String(256))
-    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[ModelStatus] = mapped_column(_enum(ModelStatus, "model_status"))
-    reason: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    promoted_at: Mapped[datetime | None]
-
-    __table_args__ = (
-        # At most one active version, enforced by the database.
-        Index(
-            "uq_model_versions_one_active",
-            "status",
-            unique=True,
-            sqlite_where=text("status = 'active'"),
-            postgresql_where=text("status = 'active'"),
-        ),
-    )
 
 
 class TrainingRun(Base):

@@ -43,8 +43,6 @@ from bot.storage.models import (
     Incident,
     Message,
     MessageState,
-    ModelStatus,
-    ModelVersion,
     Prediction,
     PredictionHead,
     SlackEvent,
@@ -593,11 +591,10 @@ async def retract_correction(
     return _rowcount(result)
 
 
-def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None = None) -> Select[Any]:
-    """(message_id, head, label) of the latest non-retracted correction per message and head.
-
-    With ``as_of``: as things stood then (later corrections ignored, later retractions not yet made),
-    so an export with a cut-off is reproducible.
+def _labels_standing_at(as_of: datetime | None = None, heads: Collection[str] | None = None) -> Select[Any]:
+    """(message_id, head, label) of the correction standing per message and head at ``as_of``: the latest
+    made by then and not retracted by then (later corrections ignored, later retractions not yet made),
+    so an export with a cut-off is reproducible. Without ``as_of``: now, as ``standing_corrections``.
     """
     conditions: list[ColumnElement[bool]] = []
     if as_of is None:
@@ -626,8 +623,9 @@ def _latest_labels(as_of: datetime | None = None, heads: Collection[str] | None 
     return select(sub.c.message_id, sub.c.head, sub.c.label, sub.c.created_at).where(sub.c.rank == 1)
 
 
-async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
-    """Head -> the latest non-retracted correction or confirmation (who set the label, and how)."""
+async def standing_corrections(session: AsyncSession, message_id: int) -> dict[str, Correction]:
+    """Head -> the correction or confirmation standing now: the latest not retracted (who set the label,
+    and how). Heads nobody labelled (or whose labels were all retracted) are absent."""
     query = (
         select(Correction)
         .where(Correction.message_id == message_id, Correction.retracted_at.is_(None))
@@ -637,12 +635,13 @@ async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str
     return {c.head: c for c in (await session.scalars(query)).all()}
 
 
-async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
-    """Head -> human label for a message (heads nobody labelled are absent)."""
-    return {head: c.new_label for head, c in (await latest_corrections(session, message_id)).items()}
+async def standing_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
+    """Head -> the human label standing now (of ``standing_corrections``)."""
+    return {head: c.new_label for head, c in (await standing_corrections(session, message_id)).items()}
 
 
-async def current_label(session: AsyncSession, message_id: int, head: str) -> str | None:
+async def standing_label(session: AsyncSession, message_id: int, head: str) -> str | None:
+    """One head's human label standing now (of ``standing_corrections``), or None."""
     return await session.scalar(
         select(Correction.new_label)
         .where(
@@ -688,7 +687,7 @@ async def export_training_set(
     Leaves out messages without text (purged by retention, deleted by their author) and messages by
     forgotten users, and labels given before the message's last edit (they describe an earlier text).
     """
-    latest = _latest_labels(as_of=until, heads=heads).subquery("latest")
+    latest = _labels_standing_at(as_of=until, heads=heads).subquery("latest")
     query = (
         select(Message.id, Message.text, latest.c.head, latest.c.label)
         .join(latest, latest.c.message_id == Message.id)
@@ -739,7 +738,7 @@ async def export_accepted_predictions(
     latest = select(Prediction.id, Prediction.message_id, Prediction.created_at, rank).subquery(
         "latest_prediction"
     )
-    human = _latest_labels(as_of=until, heads=heads).subquery("human")
+    human = _labels_standing_at(as_of=until, heads=heads).subquery("human")
     query = (
         select(Message.id, Message.text, PredictionHead.head, PredictionHead.label)
         .join(latest, and_(latest.c.message_id == Message.id, latest.c.rank == 1))
@@ -841,115 +840,6 @@ async def _remove_texts(session: AsyncSession, *where: ColumnElement[bool], now:
         update(Message).where(*where, Message.text.is_not(None)).values(text=None, text_removed_at=now)
     )
     return _rowcount(result)
-
-
-# --- model versions (registry mirror) ------------------------------------------------------------------
-
-
-async def get_model_version(session: AsyncSession, name: str) -> ModelVersion | None:
-    return await session.scalar(
-        select(ModelVersion).where(ModelVersion.name == name).execution_options(populate_existing=True)
-    )
-
-
-async def active_model_version(session: AsyncSession) -> ModelVersion | None:
-    return await session.scalar(select(ModelVersion).where(ModelVersion.status == ModelStatus.ACTIVE))
-
-
-async def list_model_versions(
-    session: AsyncSession, *, status: ModelStatus | None = None
-) -> list[ModelVersion]:
-    """Model versions, newest first."""
-    query = select(ModelVersion).order_by(ModelVersion.created_at.desc(), ModelVersion.id.desc())
-    if status is not None:
-        query = query.where(ModelVersion.status == status)
-    return list((await session.scalars(query)).all())
-
-
-async def upsert_model_version(
-    session: AsyncSession,
-    name: str,
-    *,
-    path: str,
-    status: ModelStatus,
-    base_model: str | None = None,
-    metrics: Mapping[str, Any] | None = None,
-    reason: str | None = None,
-    created_at: datetime | None = None,
-    promoted_at: datetime | None = None,
-) -> ModelVersion:
-    """Create or update the mirror of a registry entry (matched by ``name``).
-
-    ``status=ACTIVE`` goes through ``set_active_model_version``, so the previous active version retires.
-    """
-    activate = status == ModelStatus.ACTIVE
-    # On update, arguments left as None keep what the row has.
-    updates: dict[str, Any] = {"path": path}
-    if base_model is not None:
-        updates["base_model"] = base_model
-    if metrics is not None:
-        updates["metrics"] = dict(metrics)
-    if reason is not None:
-        updates["reason"] = reason
-    stmt = _insert(session, ModelVersion).values(
-        name=name,
-        path=path,
-        base_model=base_model,
-        metrics=dict(metrics or {}),
-        reason=reason,
-        # A new row cannot start active while another one is: activation happens below.
-        status=ModelStatus.CANDIDATE if activate else status,
-        created_at=created_at or utcnow(),
-    )
-    await session.execute(stmt.on_conflict_do_update(index_elements=["name"], set_=updates))
-    if activate:
-        return await set_active_model_version(session, name, reason=reason, now=promoted_at)
-    version = await get_model_version(session, name)
-    assert version is not None  # just upserted
-    version.status = status
-    if promoted_at is not None:
-        version.promoted_at = promoted_at
-    await session.flush()
-    return version
-
-
-async def set_active_model_version(
-    session: AsyncSession, name: str, *, reason: str | None = None, now: datetime | None = None
-) -> ModelVersion:
-    """Make ``name`` the active version; the previously active one becomes retired."""
-    version = await get_model_version(session, name)
-    if version is None:
-        raise LookupError(f"no model version named {name!r}")
-    if version.status == ModelStatus.ACTIVE:
-        return version
-    # Retire first: the partial unique index allows one active row at any moment.
-    await session.execute(
-        update(ModelVersion)
-        .where(ModelVersion.status == ModelStatus.ACTIVE, ModelVersion.id != version.id)
-        .values(status=ModelStatus.RETIRED, reason=f"replaced by {name}")
-    )
-    version.status = ModelStatus.ACTIVE
-    version.promoted_at = now or utcnow()
-    if reason is not None:
-        version.reason = reason
-    await session.flush()
-    return version
-
-
-async def set_model_version_status(
-    session: AsyncSession, name: str, status: ModelStatus, *, reason: str | None = None
-) -> ModelVersion:
-    """Mark a version candidate, rejected or retired (activation: ``set_active_model_version``)."""
-    if status == ModelStatus.ACTIVE:
-        return await set_active_model_version(session, name, reason=reason)
-    version = await get_model_version(session, name)
-    if version is None:
-        raise LookupError(f"no model version named {name!r}")
-    version.status = status
-    if reason is not None:
-        version.reason = reason
-    await session.flush()
-    return version
 
 
 # --- training runs -------------------------------------------------------------------------------------
