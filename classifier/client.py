@@ -24,23 +24,28 @@ import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from classifier.child import ClassifierProcess, ClassifierStartError
 from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
 from classifier.logsafe import redact_url
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
-from classifier.registry import Registry, RegistryError, VersionInfo
+from classifier.registry import Registry, RegistryError
 from classifier.results import (
+    Activation,
     ClassifierError,
     ClassifierUnavailable,
+    ClassifyResponse,
     ClassifyResult,
     InvalidInput,
+    ModelList,
     ModelSummary,
     check_texts,
+    model_summary,
 )
 
 __all__ = [
@@ -58,6 +63,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 @runtime_checkable
@@ -97,20 +103,6 @@ class RetryPolicy:
         if retry_after_s:
             delay = max(delay, min(retry_after_s, self.max_backoff_s))
         return delay
-
-
-def _summary(info: VersionInfo, serving: str | None) -> ModelSummary:
-    return ModelSummary(
-        name=info.name,
-        status=info.status,
-        created=info.created,
-        base_model=info.base_model,
-        parent=info.parent,
-        reason=info.reason,
-        metrics=info.metrics,
-        schema=info.schema,
-        serving=info.name == serving,
-    )
 
 
 class LocalClassifier:
@@ -168,7 +160,7 @@ class LocalClassifier:
     async def models(self) -> list[ModelSummary]:
         registry = self.engine.registry
         versions = await asyncio.to_thread(registry.list)
-        return [_summary(v, self.engine.version) for v in versions]
+        return [model_summary(v, self.engine.version) for v in versions]
 
     async def activate(self, name: str) -> str:
         """Load and switch first, then record it in the registry (a broken version is refused)."""
@@ -213,20 +205,30 @@ class HttpClassifier:
     async def classify(self, texts: Sequence[str]) -> ClassifyResult:
         texts = check_texts(texts)  # fail fast, without a round trip
         body = await self._request("POST", "/v1/classify", self._token, {"texts": texts})
-        return ClassifyResult.from_dict(body)
+        return self._answer(ClassifyResponse, body).result()
 
     async def models(self) -> list[ModelSummary]:
         body = await self._request("GET", "/v1/models", self._admin_token or self._token)
-        return [ModelSummary.from_dict(v) for v in body["versions"]]
+        return self._answer(ModelList, body).versions
 
     async def activate(self, name: str) -> str:
         body = await self._request("POST", f"/v1/models/{name}/activate", self._admin_token or self._token)
-        return str(body["active"])
+        return self._answer(Activation, body).active
 
     async def close(self) -> None:
         if self._session is not None and self._owns_session:
             await self._session.close()
         self._session = None
+
+    def _answer(self, model: type[Answer], body: Any) -> Answer:
+        """The server's answer as ``model``; a body of another shape (a wrong URL) is a ClassifierError."""
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise ClassifierError(
+                f"the classifier at {self.url} answered an unexpected body: {details}"
+            ) from None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -305,7 +307,7 @@ class ChildClassifier:
 
     async def models(self) -> list[ModelSummary]:
         if self._http is None and await asyncio.to_thread(self.registry.active_name) is None:
-            return [_summary(v, None) for v in await asyncio.to_thread(self.registry.list)]
+            return [model_summary(v, None) for v in await asyncio.to_thread(self.registry.list)]
         return await (await self._running()).models()
 
     async def activate(self, name: str) -> str:

@@ -62,7 +62,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
@@ -71,14 +71,16 @@ from classifier.model import ModelLoadError
 from classifier.paths import base_model_name, registry_dir
 from classifier.registry import Registry, RegistryError
 from classifier.results import (
-    MAX_CHARS,
     MAX_TEXTS,
+    Activation,
     Backend,
     ClassifierUnavailable,
+    ClassifyRequest,
+    ClassifyResponse,
     InvalidInput,
-    ModelSummary,
+    ModelList,
     Quantize,
-    check_texts,
+    model_summary,
 )
 from classifier.schema import describe_lost_heads, lost_heads
 
@@ -241,6 +243,10 @@ def _auth(level: AuthLevel) -> Callable[[Handler], Handler]:
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def _json(body: BaseModel) -> web.Response:
+    return web.json_response(body.model_dump(mode="json"))
 
 
 class _EngineCollector(Collector):
@@ -442,17 +448,8 @@ async def classify(request: web.Request) -> web.Response:
         return _error(400, f"malformed JSON: {exc}")
     except RecursionError:  # the parser recurses once per level: a deeply nested body exhausts the stack
         return _error(400, "malformed JSON: nested too deeply")
-    if not isinstance(body, dict):
-        return _error(422, 'the body must be a JSON object: {"texts": ["..."]}')
-    unknown = sorted(set(body) - {"texts"})
-    if unknown:
-        return _error(422, f"unknown field(s): {', '.join(map(str, unknown))}; expected only 'texts'")
-    if "texts" not in body:
-        return _error(
-            422, f"missing 'texts': a list of 1 to {MAX_TEXTS} strings, each up to {MAX_CHARS} characters"
-        )
     try:
-        texts = check_texts(body["texts"])
+        texts = ClassifyRequest.parse(body).texts
     except InvalidInput as exc:
         return _error(422, str(exc))
     settings = request.app[SETTINGS]
@@ -469,7 +466,7 @@ async def classify(request: web.Request) -> web.Response:
     except EngineError as exc:
         return _error(500, str(exc))
     TEXTS.inc(len(texts))
-    return web.json_response(result.to_dict())
+    return _json(ClassifyResponse.of(result))
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -521,25 +518,8 @@ async def list_models(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     serving = request.app[ENGINE].version
     versions, active = await asyncio.to_thread(lambda: (registry.list(), registry.active_name()))
-    return web.json_response(
-        {
-            "active": active,
-            "serving": serving,
-            "versions": [
-                ModelSummary(
-                    name=v.name,
-                    status=v.status,
-                    created=v.created,
-                    base_model=v.base_model,
-                    parent=v.parent,
-                    reason=v.reason,
-                    metrics=v.metrics,
-                    schema=v.schema,
-                    serving=v.name == serving,
-                ).to_dict()
-                for v in versions
-            ],
-        }
+    return _json(
+        ModelList(active=active, serving=serving, versions=[model_summary(v, serving) for v in versions])
     )
 
 
@@ -566,7 +546,7 @@ async def activate_model(request: web.Request) -> web.Response:
     lost = lost_heads(previous.schema.to_dict(), info.schema) if previous is not None else []
     if lost:
         log.warning("%s has no %s head: %s", name, ", ".join(lost), "; ".join(describe_lost_heads(lost)))
-    return web.json_response({"active": info.name, "serving": engine.version, "lost_heads": lost})
+    return _json(Activation(active=info.name, serving=engine.version, lost_heads=lost))
 
 
 async def eval_image(request: web.Request) -> web.StreamResponse:

@@ -7,6 +7,7 @@ import base64
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 
 
 def _heads_json(result: Any) -> list[dict[str, Any]]:
-    return [{h: p.to_dict() for h, p in r.heads.items()} for r in result.results]
+    return [{h: asdict(p) for h, p in r.heads.items()} for r in result.results]
 
 
 async def test_local_and_http_give_the_same_results(registry: Registry) -> None:
@@ -195,6 +196,20 @@ async def test_http_errors_map_to_the_interface(status: int, error: type[Excepti
     assert calls == 1  # only 502/503/504 and network errors are retried
     if status in (401, 403):
         assert not isinstance(excinfo.value, ClassifierUnavailable)
+
+
+async def test_an_answer_of_another_shape_is_a_classifier_error() -> None:
+    """A CLASSIFIER_URL pointing at some other service: its answer is refused, saying what is wrong."""
+
+    async def other_service(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async with fake_server(other_service) as url:
+        client = HttpClassifier(url, TOKEN, retry=FAST)
+        with pytest.raises(ClassifierError, match="unexpected body: model_version: Field required") as e:
+            await client.classify(["hello"])
+        await client.close()
+    assert not isinstance(e.value, ClassifierUnavailable)
 
 
 async def test_url_credentials_are_sent_but_never_shown() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from tests.waiting import eventually
 
 
 def _as_json(result: Any) -> list[dict[str, Any]]:
-    return [{head: p.to_dict() for head, p in r.heads.items()} for r in result.results]
+    return [{head: asdict(p) for head, p in r.heads.items()} for r in result.results]
 
 
 def _check(result: Any, texts: list[str], expected: list[dict[str, Any]]) -> None:
