@@ -37,13 +37,14 @@ from classifier.engine import EngineConfig
 from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
 from classifier.registry import Registry, RegistryError
+from classifier.retry import RetryPolicy
 from classifier.schema import schema_heads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SLACK_RETRY_BASE_S = 1.0
-SLACK_RETRY_MAX_S = 30.0  # Slack unreachable at start: the longest wait between two tries
+# Slack unreachable at start: tried again after 1 s, doubling up to 30 s, until it answers
+SLACK_RETRY = RetryPolicy(attempts=None, backoff_s=1.0, max_backoff_s=30.0, jitter=False)
 # auth.test errors that mean the token itself is refused: no retry can help
 REJECTED_TOKEN = frozenset(
     {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
@@ -52,6 +53,10 @@ REJECTED_TOKEN = frozenset(
 
 class StartupError(RuntimeError):
     """The bot cannot start; the message says what to fix."""
+
+
+class SlackUnreachable(Exception):
+    """``auth.test`` got no answer (or a failure on Slack's side): a later try may get one."""
 
 
 @dataclass
@@ -266,26 +271,28 @@ async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:
     """``auth.test`` until Slack answers: who the bot is. Unreachable (a network blip, DNS at container
     start, a mistyped SLACK_API_URL) or failing on Slack's side is retried with a capped back-off, one line
     each; a token Slack rejects is a ``StartupError`` naming the variable."""
-    client = make_web_client(settings, retry=False)  # this loop is the retry
-    delay = SLACK_RETRY_BASE_S
-    while True:
+    client = make_web_client(settings, retry=False)  # SLACK_RETRY is the retry
+
+    async def who_am_i() -> dict[str, Any]:
         try:
             return dict((await client.auth_test()).data)  # type: ignore[arg-type]
         except SlackApiError as exc:
             error = exc.response.get("error")
             if error in REJECTED_TOKEN:
                 raise StartupError(f"Slack rejected SLACK_BOT_TOKEN (auth.test: {error})") from None
-            reason = f"auth.test: HTTP {exc.response.status_code} {error}"
+            raise SlackUnreachable(f"auth.test: HTTP {exc.response.status_code} {error}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise SlackUnreachable(" ".join(str(exc).split()) or type(exc).__name__) from exc
+
+    def waiting(reason: Exception, delay: float) -> None:
         log.warning(
             "Slack is not reachable at %s (%s); trying again in %.0f s",
             _without_credentials(settings.slack_api_url),
             reason,
             delay,
         )
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, SLACK_RETRY_MAX_S)
+
+    return await SLACK_RETRY.call(who_am_i, retry_on=SlackUnreachable, before_wait=waiting)
 
 
 async def _start_classifier(classifier: Classifier) -> None:

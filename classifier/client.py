@@ -19,18 +19,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
 from pydantic import BaseModel, ValidationError
 
 from classifier.child import ClassifierProcess, ClassifierStartError
-from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
+from classifier.engine import Engine, EngineConfig, EngineError, EngineOverloaded
 from classifier.logsafe import redact_url
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
@@ -47,6 +45,7 @@ from classifier.results import (
     check_texts,
     model_summary,
 )
+from classifier.retry import RetryPolicy
 
 __all__ = [
     "ChildClassifier",
@@ -89,22 +88,6 @@ class Classifier(Protocol):
     async def close(self) -> None: ...
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter; a server's Retry-After is honoured up to ``max_backoff_s``."""
-
-    attempts: int = 4
-    backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
-
-    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-        delay = base * (0.5 + random.random() / 2)  # jitter: clients that failed together retry apart
-        if retry_after_s:
-            delay = max(delay, min(retry_after_s, self.max_backoff_s))
-        return delay
-
-
 class LocalClassifier:
     """An in-process Engine behind the Classifier interface; the engine starts on the first call.
 
@@ -139,23 +122,20 @@ class LocalClassifier:
     async def classify(self, texts: Sequence[str]) -> ClassifyResult:
         texts = check_texts(texts)
         engine = await self._ready()
-        last: ClassifierUnavailable | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                await asyncio.sleep(self.retry.delay(attempt - 1, last.retry_after_s if last else None))
+
+        async def once() -> ClassifyResult:
             try:
                 return await engine.classify(texts)
-            except EngineOverloaded as exc:
-                last = exc
-            except EngineNotReady:
-                raise  # shutting down: waiting will not help
             except EngineError as exc:
                 raise ClassifierUnavailable(str(exc)) from exc
-        assert last is not None
-        raise ClassifierUnavailable(
-            f"classifier overloaded after {self.retry.attempts} attempts: {last}",
-            retry_after_s=last.retry_after_s,
-        )
+
+        try:  # only overload is waited out: not ready means shutting down, where waiting will not help
+            return await self.retry.call(once, retry_on=EngineOverloaded)
+        except EngineOverloaded as exc:
+            raise ClassifierUnavailable(
+                f"classifier overloaded after {self.retry.attempts} attempts: {exc}",
+                retry_after_s=exc.retry_after_s,
+            ) from None
 
     async def models(self) -> list[ModelSummary]:
         registry = self.engine.registry
@@ -240,29 +220,30 @@ class HttpClassifier:
         self, method: str, path: str, token: str | None, payload: Any = None
     ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        last = "no attempt made"
-        retry_after: float | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                await asyncio.sleep(self.retry.delay(attempt - 1, retry_after))
-            retry_after = None
+
+        async def once() -> Any:
             try:
                 async with self._get_session().request(
                     method, self._url + path, json=payload, headers=headers, timeout=self.timeout
                 ) as response:
                     if response.status in (502, 503, 504):  # overloaded, loading, or a proxy in between
                         retry_after = _retry_after(response.headers.get("Retry-After"))
-                        last = f"HTTP {response.status}: {await _error_text(response)}"
-                        continue
+                        raise _Transient(
+                            f"HTTP {response.status}: {await _error_text(response)}", retry_after
+                        )
                     if response.status >= 400:
                         raise _http_error(response.status, await _error_text(response), path)
                     return await response.json()
             except (aiohttp.ClientError, TimeoutError) as exc:  # connection refused/reset, timeout
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise ClassifierUnavailable(
-            f"classifier at {self.url} unavailable after {self.retry.attempts} attempts ({last})",
-            retry_after_s=retry_after,
-        )
+                raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+
+        try:
+            return await self.retry.call(once, retry_on=_Transient)
+        except _Transient as exc:
+            raise ClassifierUnavailable(
+                f"classifier at {self.url} unavailable after {self.retry.attempts} attempts ({exc})",
+                retry_after_s=exc.retry_after_s,
+            ) from None
 
 
 class ChildClassifier:
@@ -372,6 +353,14 @@ class ChildClassifier:
         if self.process is not None:
             await self.process.stop()
         self._http = self.process = None
+
+
+class _Transient(Exception):
+    """A failed request that a later try may get through: 502/503/504, a timeout, a refused connection."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _retry_after(value: str | None) -> float | None:
