@@ -190,11 +190,16 @@ async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
 
 
 async def test_pinned_version_ignores_the_active_pointer(registry: Registry) -> None:
-    async with Engine(registry, engine_config(poll_interval_s=0.05), version="v2") as engine:
-        assert engine.version == "v2"
-        await asyncio.to_thread(registry.activate, "v1")
-        await asyncio.sleep(0.2)
-        assert engine.version == "v2"
+    config = engine_config(poll_interval_s=0.05)
+    async with Engine(registry, config, version="v1") as pinned, Engine(registry, config) as following:
+        assert pinned.version == following.version == "v1"
+        await asyncio.to_thread(registry.activate, "v2")
+
+        async def followed() -> bool:  # an engine polling as often saw the change and acted on it
+            return following.version == "v2"
+
+        assert await eventually(followed, within_s=10)
+        assert pinned.version == "v1"
 
 
 async def test_close_finishes_queued_calls_then_refuses(
