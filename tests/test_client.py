@@ -24,7 +24,7 @@ from classifier.client import (
     RetryPolicy,
     make_classifier,
 )
-from classifier.engine import Engine
+from classifier.engine import Engine, EngineOverloaded
 from classifier.registry import Registry
 from tests.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
@@ -98,6 +98,32 @@ async def test_local_classifier_waits_for_the_first_model(tmp_path: Path, tiny_b
             await classifier.classify(["before any training"])
         make_tiny_version(registry, tiny_base)  # the first training finishes
         assert (await classifier.classify(["after training"])).model_version == "v1"
+    finally:
+        await classifier.close()
+
+
+async def test_local_classifier_waits_out_overload_then_gives_up(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classifier = LocalClassifier(registry=registry, config=engine_config(), retry=FAST)
+    classify = classifier.engine.classify
+    overloaded = 2  # the next calls refused as overloaded
+
+    async def full_queue(texts: list[str]) -> Any:
+        nonlocal overloaded
+        if overloaded:
+            overloaded -= 1
+            raise EngineOverloaded("queue full", retry_after_s=0.01)
+        return await classify(texts)
+
+    monkeypatch.setattr(classifier.engine, "classify", full_queue)
+    try:
+        assert (await classifier.classify(["hello"])).model_version == "v1"
+        assert overloaded == 0
+        overloaded = FAST.attempts or 0
+        with pytest.raises(ClassifierUnavailable, match="overloaded after 3 attempts: queue full") as e:
+            await classifier.classify(["hello"])
+        assert e.value.retry_after_s == 0.01 and not isinstance(e.value, EngineOverloaded)
     finally:
         await classifier.close()
 
