@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import signal
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -36,13 +37,14 @@ from classifier.engine import EngineConfig
 from classifier.logsafe import AccessLogger
 from classifier.paths import registry_dir
 from classifier.registry import Registry, RegistryError
+from classifier.retry import RetryPolicy
 from classifier.schema import schema_heads
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SLACK_RETRY_BASE_S = 1.0
-SLACK_RETRY_MAX_S = 30.0  # Slack unreachable at start: the longest wait between two tries
+# Slack unreachable at start: tried again after 1 s, doubling up to 30 s, until it answers
+SLACK_RETRY = RetryPolicy(attempts=None, backoff_s=1.0, max_backoff_s=30.0, jitter=False)
 # auth.test errors that mean the token itself is refused: no retry can help
 REJECTED_TOKEN = frozenset(
     {"invalid_auth", "not_authed", "account_inactive", "token_revoked", "token_expired"}
@@ -51,6 +53,10 @@ REJECTED_TOKEN = frozenset(
 
 class StartupError(RuntimeError):
     """The bot cannot start; the message says what to fix."""
+
+
+class SlackUnreachable(Exception):
+    """``auth.test`` got no answer (or a failure on Slack's side): a later try may get one."""
 
 
 @dataclass
@@ -64,21 +70,43 @@ class RunningBot:
     runner: web.AppRunner | None
     port: int | None
     stop_event: asyncio.Event
-    _cleanup: list[Any]
+    _resources: contextlib.AsyncExitStack  # closes what start_bot started, in reverse order
     link: SocketModeLink | None = None  # Socket Mode only
     backfill: Backfill | None = None
 
     async def stop(self) -> None:
         self.stop_event.set()
-        for step in reversed(self._cleanup):
-            with contextlib.suppress(Exception):
-                result = step()
-                if asyncio.iscoroutine(result):
-                    await result
+        await self._resources.aclose()
+
+
+def _on_close(resources: contextlib.AsyncExitStack, what: str, close: Callable[[], object]) -> None:
+    """Close ``what`` when ``resources`` closes; a failure is logged and the other resources still close."""
+
+    async def closing() -> None:
+        try:
+            result = close()
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("stopping the bot: closing %s failed", what)
+
+    resources.push_async_callback(closing)
 
 
 async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None) -> RunningBot:
-    """Start serving (HTTP or Socket Mode) and the background work; returns at once."""
+    """Start serving (HTTP or Socket Mode) and the background work; returns at once.
+
+    Each resource is registered for closing as soon as it exists: when a later step fails (or start-up is
+    cancelled) what had started is closed, in reverse order, before the error propagates."""
+    async with contextlib.AsyncExitStack() as resources:
+        bot = await _start_bot(settings, reactions, resources)
+        bot._resources = resources.pop_all()  # from now on, RunningBot.stop closes them
+        return bot
+
+
+async def _start_bot(
+    settings: BotSettings, reactions: ReactionMap | None, resources: contextlib.AsyncExitStack
+) -> RunningBot:
     url = resolve_database_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         # one connection: SQLite has one writer anyway, and its busy handler sleeps (up to 100 ms a try)
@@ -86,11 +114,10 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
     else:  # room for the workers and the listeners at once; beyond it a request waits, never loses a message
         engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
-    cleanup: list[Any] = [engine.dispose]
+    _on_close(resources, "the database engine", engine.dispose)
     try:
         await check_schema(engine)
     except Exception as exc:
-        await engine.dispose()
         raise StartupError(str(exc)) from exc
     sessions = create_session_factory(engine)
     registry = Registry(registry_dir())
@@ -109,13 +136,9 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
         ),
         embedded=settings.triage_embedded_classifier,
     )
-    try:  # the classifier process loads the model while Slack is asked who we are
-        auth = await _meanwhile(wait_for_slack(settings), _start_classifier(classifier))
-    except BaseException:  # a rejected token, a classifier that cannot start, or stopped while waiting
-        await classifier.close()
-        await engine.dispose()
-        raise
-    cleanup.append(classifier.close)
+    _on_close(resources, "the classifier", classifier.close)
+    # the classifier process loads the model while Slack is asked who we are
+    auth = await _meanwhile(wait_for_slack(settings), _start_classifier(classifier))
     for line in await missing_invites(settings, client):
         log.error("the bot cannot post to a channel it needs: %s", line)
     output = SlackOutput(client)
@@ -159,10 +182,15 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
 
     stop = asyncio.Event()
     worker = asyncio.ensure_future(triage.run(stop))
-    cleanup.append(lambda: asyncio.wait_for(worker, timeout=10))
+
+    async def stop_worker() -> None:
+        stop.set()
+        await asyncio.wait_for(worker, timeout=10)
+
+    _on_close(resources, "the triage worker", stop_worker)
     scheduler = build_scheduler(settings, engine, sessions, retrainer)
     scheduler.start()
-    cleanup.append(lambda: scheduler.shutdown(wait=False))
+    _on_close(resources, "the scheduler", lambda: scheduler.shutdown(wait=False))
 
     async def drain() -> None:  # let acknowledged work finish before the database goes away
         tasks = list(getattr(app, "background_tasks", ()))
@@ -170,7 +198,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             await asyncio.wait(tasks, timeout=20)
 
     link: SocketModeLink | None = None
-    cleanup.append(drain)
+    _on_close(resources, "the acknowledged work", drain)
     if settings.socket_mode:
         assert settings.slack_app_token is not None
         link = SocketModeLink(
@@ -179,28 +207,28 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
             ping_interval_s=settings.triage_socket_ping_interval_s,
             dead_after_s=settings.triage_socket_dead_after_s,
         )
+        _on_close(resources, "the Socket Mode link", link.close)
         await link.start()
-        cleanup.append(link.close)
         web_app = health_app(triage, link.health)  # Slack talks over the link; HTTP: /healthz, /metrics
     else:
         assert settings.slack_signing_secret is not None  # required in HTTP mode (settings)
         web_app = http_app(app, settings.slack_signing_secret.get_secret_value(), triage)
     runner = web.AppRunner(web_app, shutdown_timeout=10, access_log_class=AccessLogger)
+    _on_close(resources, "the HTTP server", runner.cleanup)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     server = getattr(site, "_server", None)
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else settings.port
-    cleanup.append(runner.cleanup)
-    backfill = start_backfill(client, triage, auth, link, cleanup)
+    backfill = start_backfill(client, triage, auth, link, resources)
     log.info(
         "triage bot up (%s on port %s), bot user %s",
         "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
         port,
         auth.get("user_id"),
     )
-    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, cleanup, link, backfill)
+    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, resources, link, backfill)
 
 
 def start_backfill(
@@ -208,7 +236,7 @@ def start_backfill(
     triage: Triage,
     auth: dict[str, Any],
     link: SocketModeLink | None,
-    cleanup: list[Any],
+    resources: contextlib.AsyncExitStack,
 ) -> Backfill:
     """Read what was posted while the bot was away: now, and after every Socket Mode reconnect."""
     backfill = Backfill(
@@ -230,7 +258,7 @@ def start_backfill(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    cleanup.append(stop)
+    _on_close(resources, "the backfill", stop)
     if link is not None:
         link.on_reconnect = start
     start()
@@ -241,26 +269,28 @@ async def wait_for_slack(settings: BotSettings) -> dict[str, Any]:
     """``auth.test`` until Slack answers: who the bot is. Unreachable (a network blip, DNS at container
     start, a mistyped SLACK_API_URL) or failing on Slack's side is retried with a capped back-off, one line
     each; a token Slack rejects is a ``StartupError`` naming the variable."""
-    client = make_web_client(settings, retry=False)  # this loop is the retry
-    delay = SLACK_RETRY_BASE_S
-    while True:
+    client = make_web_client(settings, retry=False)  # SLACK_RETRY is the retry
+
+    async def who_am_i() -> dict[str, Any]:
         try:
             return dict((await client.auth_test()).data)  # type: ignore[arg-type]
         except SlackApiError as exc:
             error = exc.response.get("error")
             if error in REJECTED_TOKEN:
                 raise StartupError(f"Slack rejected SLACK_BOT_TOKEN (auth.test: {error})") from None
-            reason = f"auth.test: HTTP {exc.response.status_code} {error}"
+            raise SlackUnreachable(f"auth.test: HTTP {exc.response.status_code} {error}") from exc
         except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise SlackUnreachable(" ".join(str(exc).split()) or type(exc).__name__) from exc
+
+    def waiting(reason: Exception, delay: float) -> None:
         log.warning(
             "Slack is not reachable at %s (%s); trying again in %.0f s",
             _without_credentials(settings.slack_api_url),
             reason,
             delay,
         )
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, SLACK_RETRY_MAX_S)
+
+    return await SLACK_RETRY.call(who_am_i, retry_on=SlackUnreachable, before_wait=waiting)
 
 
 async def _start_classifier(classifier: Classifier) -> None:

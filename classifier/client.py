@@ -19,29 +19,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, TypeVar, runtime_checkable
 
 import aiohttp
+from pydantic import BaseModel, ValidationError
 
 from classifier.child import ClassifierProcess, ClassifierStartError
-from classifier.engine import Engine, EngineConfig, EngineError, EngineNotReady, EngineOverloaded
+from classifier.engine import Engine, EngineConfig, EngineError, EngineOverloaded
 from classifier.logsafe import redact_url
 from classifier.model import ModelLoadError
 from classifier.paths import registry_dir
-from classifier.registry import Registry, RegistryError, VersionInfo
+from classifier.registry import Registry, RegistryError
 from classifier.results import (
+    Activation,
     ClassifierError,
     ClassifierUnavailable,
+    ClassifyResponse,
     ClassifyResult,
     InvalidInput,
+    ModelList,
     ModelSummary,
     check_texts,
+    model_summary,
 )
+from classifier.retry import RetryPolicy
 
 __all__ = [
     "ChildClassifier",
@@ -58,6 +62,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+Answer = TypeVar("Answer", bound=BaseModel)
 
 
 @runtime_checkable
@@ -81,36 +86,6 @@ class Classifier(Protocol):
         ...
 
     async def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Exponential backoff with jitter; a server's Retry-After is honoured up to ``max_backoff_s``."""
-
-    attempts: int = 4
-    backoff_s: float = 0.2
-    max_backoff_s: float = 5.0
-
-    def delay(self, attempt: int, retry_after_s: float | None = None) -> float:
-        base = min(self.max_backoff_s, self.backoff_s * 2**attempt)
-        delay = base * (0.5 + random.random() / 2)  # jitter: clients that failed together retry apart
-        if retry_after_s:
-            delay = max(delay, min(retry_after_s, self.max_backoff_s))
-        return delay
-
-
-def _summary(info: VersionInfo, serving: str | None) -> ModelSummary:
-    return ModelSummary(
-        name=info.name,
-        status=info.status,
-        created=info.created,
-        base_model=info.base_model,
-        parent=info.parent,
-        reason=info.reason,
-        metrics=info.metrics,
-        schema=info.schema,
-        serving=info.name == serving,
-    )
 
 
 class LocalClassifier:
@@ -147,28 +122,25 @@ class LocalClassifier:
     async def classify(self, texts: Sequence[str]) -> ClassifyResult:
         texts = check_texts(texts)
         engine = await self._ready()
-        last: ClassifierUnavailable | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                await asyncio.sleep(self.retry.delay(attempt - 1, last.retry_after_s if last else None))
+
+        async def once() -> ClassifyResult:
             try:
                 return await engine.classify(texts)
-            except EngineOverloaded as exc:
-                last = exc
-            except EngineNotReady:
-                raise  # shutting down: waiting will not help
             except EngineError as exc:
                 raise ClassifierUnavailable(str(exc)) from exc
-        assert last is not None
-        raise ClassifierUnavailable(
-            f"classifier overloaded after {self.retry.attempts} attempts: {last}",
-            retry_after_s=last.retry_after_s,
-        )
+
+        try:  # only overload is waited out: not ready means shutting down, where waiting will not help
+            return await self.retry.call(once, retry_on=EngineOverloaded)
+        except EngineOverloaded as exc:
+            raise ClassifierUnavailable(
+                f"classifier overloaded after {self.retry.attempts} attempts: {exc}",
+                retry_after_s=exc.retry_after_s,
+            ) from None
 
     async def models(self) -> list[ModelSummary]:
         registry = self.engine.registry
         versions = await asyncio.to_thread(registry.list)
-        return [_summary(v, self.engine.version) for v in versions]
+        return [model_summary(v, self.engine.version) for v in versions]
 
     async def activate(self, name: str) -> str:
         """Load and switch first, then record it in the registry (a broken version is refused)."""
@@ -213,20 +185,30 @@ class HttpClassifier:
     async def classify(self, texts: Sequence[str]) -> ClassifyResult:
         texts = check_texts(texts)  # fail fast, without a round trip
         body = await self._request("POST", "/v1/classify", self._token, {"texts": texts})
-        return ClassifyResult.from_dict(body)
+        return self._answer(ClassifyResponse, body).result()
 
     async def models(self) -> list[ModelSummary]:
         body = await self._request("GET", "/v1/models", self._admin_token or self._token)
-        return [ModelSummary.from_dict(v) for v in body["versions"]]
+        return self._answer(ModelList, body).versions
 
     async def activate(self, name: str) -> str:
         body = await self._request("POST", f"/v1/models/{name}/activate", self._admin_token or self._token)
-        return str(body["active"])
+        return self._answer(Activation, body).active
 
     async def close(self) -> None:
         if self._session is not None and self._owns_session:
             await self._session.close()
         self._session = None
+
+    def _answer(self, model: type[Answer], body: Any) -> Answer:
+        """The server's answer as ``model``; a body of another shape (a wrong URL) is a ClassifierError."""
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()[:3])
+            raise ClassifierError(
+                f"the classifier at {self.url} answered an unexpected body: {details}"
+            ) from None
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -238,29 +220,30 @@ class HttpClassifier:
         self, method: str, path: str, token: str | None, payload: Any = None
     ) -> dict[str, Any]:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        last = "no attempt made"
-        retry_after: float | None = None
-        for attempt in range(self.retry.attempts):
-            if attempt:
-                await asyncio.sleep(self.retry.delay(attempt - 1, retry_after))
-            retry_after = None
+
+        async def once() -> Any:
             try:
                 async with self._get_session().request(
                     method, self._url + path, json=payload, headers=headers, timeout=self.timeout
                 ) as response:
                     if response.status in (502, 503, 504):  # overloaded, loading, or a proxy in between
                         retry_after = _retry_after(response.headers.get("Retry-After"))
-                        last = f"HTTP {response.status}: {await _error_text(response)}"
-                        continue
+                        raise _Transient(
+                            f"HTTP {response.status}: {await _error_text(response)}", retry_after
+                        )
                     if response.status >= 400:
                         raise _http_error(response.status, await _error_text(response), path)
                     return await response.json()
             except (aiohttp.ClientError, TimeoutError) as exc:  # connection refused/reset, timeout
-                last = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        raise ClassifierUnavailable(
-            f"classifier at {self.url} unavailable after {self.retry.attempts} attempts ({last})",
-            retry_after_s=retry_after,
-        )
+                raise _Transient(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__) from exc
+
+        try:
+            return await self.retry.call(once, retry_on=_Transient)
+        except _Transient as exc:
+            raise ClassifierUnavailable(
+                f"classifier at {self.url} unavailable after {self.retry.attempts} attempts ({exc})",
+                retry_after_s=exc.retry_after_s,
+            ) from None
 
 
 class ChildClassifier:
@@ -305,7 +288,7 @@ class ChildClassifier:
 
     async def models(self) -> list[ModelSummary]:
         if self._http is None and await asyncio.to_thread(self.registry.active_name) is None:
-            return [_summary(v, None) for v in await asyncio.to_thread(self.registry.list)]
+            return [model_summary(v, None) for v in await asyncio.to_thread(self.registry.list)]
         return await (await self._running()).models()
 
     async def activate(self, name: str) -> str:
@@ -370,6 +353,14 @@ class ChildClassifier:
         if self.process is not None:
             await self.process.stop()
         self._http = self.process = None
+
+
+class _Transient(Exception):
+    """A failed request that a later try may get through: 502/503/504, a timeout, a refused connection."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -2,14 +2,20 @@
 engine, server, client and the bot's settings (so importing them needs no torch).
 
 The engine (in-process) and the HTTP client return the same types and raise the same errors, so the bot
-does not care which one it talks to.
+does not care which one it talks to. The HTTP API's bodies are pydantic models (``ClassifyRequest``,
+``ClassifyResponse``, ``ModelList``, ``Activation``): the server and the client share one definition.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from classifier.registry import VersionInfo
 
 Backend = Literal["auto", "torch", "onnx"]  # what runs the model (see classifier/onnx_backend.py)
 Quantize = Literal["auto", "none", "int8"]  # onnx precision
@@ -25,9 +31,6 @@ class HeadPrediction:
     label: str
     confidence: float
     scores: dict[str, float]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "confidence": self.confidence, "scores": self.scores}
 
 
 class ClassifierError(Exception):
@@ -63,36 +66,6 @@ class ClassifyResult:
     model_version: str
     results: list[TextResult]
 
-    def to_dict(self) -> dict[str, Any]:
-        """The HTTP response body: heads per result, and a parallel ``truncated`` list."""
-        return {
-            "model_version": self.model_version,
-            "results": [{head: p.to_dict() for head, p in r.heads.items()} for r in self.results],
-            "truncated": [r.truncated for r in self.results],
-        }
-
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ClassifyResult:
-        results = raw["results"]
-        truncated = raw.get("truncated") or [False] * len(results)
-        return cls(
-            model_version=str(raw["model_version"]),
-            results=[
-                TextResult(
-                    heads={
-                        head: HeadPrediction(
-                            label=str(p["label"]),
-                            confidence=float(p["confidence"]),
-                            scores={str(k): float(v) for k, v in p["scores"].items()},
-                        )
-                        for head, p in r.items()
-                    },
-                    truncated=bool(t),
-                )
-                for r, t in zip(results, truncated, strict=True)
-            ],
-        )
-
 
 @dataclass(frozen=True)
 class ModelSummary:
@@ -108,32 +81,20 @@ class ModelSummary:
     schema: dict[str, Any] = field(default_factory=dict)
     serving: bool = False
 
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "status": self.status,
-            "created": self.created,
-            "base_model": self.base_model,
-            "parent": self.parent,
-            "reason": self.reason,
-            "metrics": self.metrics,
-            "schema": self.schema,
-            "serving": self.serving,
-        }
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelSummary:
-        return cls(
-            name=str(raw["name"]),
-            status=str(raw.get("status", "")),
-            created=str(raw.get("created", "")),
-            base_model=str(raw.get("base_model", "")),
-            parent=raw.get("parent"),
-            reason=str(raw.get("reason", "")),
-            metrics=dict(raw.get("metrics") or {}),
-            schema=dict(raw.get("schema") or {}),
-            serving=bool(raw.get("serving", False)),
-        )
+def model_summary(info: VersionInfo, serving: str | None) -> ModelSummary:
+    """A registry version as the API lists it; ``serving``: the version answering now."""
+    return ModelSummary(
+        name=info.name,
+        status=info.status,
+        created=info.created,
+        base_model=info.base_model,
+        parent=info.parent,
+        reason=info.reason,
+        metrics=info.metrics,
+        schema=info.schema,
+        serving=info.name == serving,
+    )
 
 
 def check_texts(texts: Any) -> list[str]:
@@ -157,3 +118,71 @@ def check_texts(texts: Any) -> list[str]:
                 f"at character {exc.start}"
             ) from None
     return list(texts)
+
+
+# ---- the HTTP API's bodies --------------------------------------------------------------------------
+class ClassifyRequest(BaseModel):
+    """``POST /v1/classify``'s body: ``{"texts": [...]}``, nothing else."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    texts: Annotated[list[str], BeforeValidator(check_texts)]
+
+    @classmethod
+    def parse(cls, body: Any) -> ClassifyRequest:
+        """The request in a decoded JSON body; ``InvalidInput`` says what is wrong, naming the text."""
+        try:
+            return cls.model_validate(body)
+        except ValidationError as exc:
+            raise InvalidInput(_request_problem(exc)) from None
+
+
+def _request_problem(exc: ValidationError) -> str:
+    errors = exc.errors()
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown field(s): {', '.join(unknown)}; expected only 'texts'"
+    error = errors[0]
+    if error["type"] == "model_type":
+        return 'the body must be a JSON object: {"texts": ["..."]}'
+    if error["type"] == "missing":
+        return f"missing 'texts': a list of 1 to {MAX_TEXTS} strings, each up to {MAX_CHARS} characters"
+    return str(error.get("ctx", {}).get("error") or error["msg"])  # check_texts' message
+
+
+class ClassifyResponse(BaseModel):
+    """``POST /v1/classify``'s answer: heads per result, and a parallel ``truncated`` list."""
+
+    model_version: str
+    results: list[dict[str, HeadPrediction]]
+    truncated: list[bool] | None = None  # None: a server from before it was reported
+
+    @classmethod
+    def of(cls, result: ClassifyResult) -> ClassifyResponse:
+        return cls(
+            model_version=result.model_version,
+            results=[r.heads for r in result.results],
+            truncated=[r.truncated for r in result.results],
+        )
+
+    def result(self) -> ClassifyResult:
+        truncated = self.truncated or [False] * len(self.results)
+        texts = zip(self.results, truncated, strict=True)
+        return ClassifyResult(self.model_version, [TextResult(heads, cut) for heads, cut in texts])
+
+
+class ModelList(BaseModel):
+    """``GET /v1/models``' answer: every registry version, the active one and the one serving now."""
+
+    active: str | None
+    serving: str | None
+    versions: list[ModelSummary]
+
+
+class Activation(BaseModel):
+    """``POST /v1/models/{version}/activate``'s answer; ``lost_heads``: heads the previous version had and
+    this one lacks."""
+
+    active: str
+    serving: str | None
+    lost_heads: list[str]

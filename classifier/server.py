@@ -51,7 +51,8 @@ import math
 import re
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,7 +62,7 @@ from aiohttp.typedefs import Handler
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from classifier.engine import ENGINE_METRICS, Engine, EngineConfig, EngineError, EngineNotReady
@@ -70,14 +71,16 @@ from classifier.model import ModelLoadError
 from classifier.paths import base_model_name, registry_dir
 from classifier.registry import Registry, RegistryError, VersionFiles
 from classifier.results import (
-    MAX_CHARS,
     MAX_TEXTS,
+    Activation,
     Backend,
     ClassifierUnavailable,
+    ClassifyRequest,
+    ClassifyResponse,
     InvalidInput,
-    ModelSummary,
+    ModelList,
     Quantize,
-    check_texts,
+    model_summary,
 )
 from classifier.schema import describe_lost_heads, lost_heads
 
@@ -192,8 +195,19 @@ ENGINE = web.AppKey("engine", Engine)
 REGISTRY = web.AppKey("registry", Registry)
 SETTINGS = web.AppKey("settings", ServerSettings)
 NO_AUTH = web.AppKey("no_auth", bool)
-STATE = web.AppKey("state", dict)
 METRICS_REGISTRY = web.AppKey("metrics_registry", CollectorRegistry)
+
+
+@dataclass
+class Lifecycle:
+    """Where the server is in its life: loading the model (in the background), serving, or draining."""
+
+    load_task: asyncio.Task[None] | None = None
+    load_error: str | None = None  # the model could not be loaded: /readyz says why
+    draining: bool = False  # shutting down: /readyz turns 503 so balancers stop sending
+
+
+LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 
 AuthLevel = Literal["public", "token", "admin"]
 _PNG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,200}\.png$")
@@ -231,6 +245,10 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+def _json(body: BaseModel) -> web.Response:
+    return web.json_response(body.model_dump(mode="json"))
+
+
 class _EngineCollector(Collector):
     """Per-app gauges read from the engine at scrape time."""
 
@@ -264,7 +282,7 @@ def create_app(engine: Engine, settings: ServerSettings, *, no_auth: bool = Fals
     app[REGISTRY] = engine.registry
     app[SETTINGS] = settings
     app[NO_AUTH] = no_auth
-    app[STATE] = {"draining": False, "load_task": None, "load_error": None}
+    app[LIFECYCLE] = Lifecycle()
     metrics = CollectorRegistry(auto_describe=True)
     for collector in (*HTTP_METRICS, *ENGINE_METRICS, _EngineCollector(engine)):
         metrics.register(collector)
@@ -280,37 +298,34 @@ def create_app(engine: Engine, settings: ServerSettings, *, no_auth: bool = Fals
     app.router.add_get("/v1/models", list_models)
     app.router.add_post("/v1/models/{version}/activate", activate_model)
     app.router.add_get("/v1/models/{version}/eval/{file}", eval_image)
-    app.on_startup.append(_start_engine)
+    app.cleanup_ctx.append(_engine_lifespan)
     app.on_shutdown.append(_mark_draining)
-    app.on_cleanup.append(_close_engine)
     return app
 
 
-async def _start_engine(app: web.Application) -> None:
-    # Load in the background: /healthz answers at once, /readyz turns 200 when the model is loaded.
+async def _engine_lifespan(app: web.Application) -> AsyncIterator[None]:
+    """Load the model in the background (/healthz answers at once, /readyz turns 200 when it is loaded);
+    on cleanup, after aiohttp waited for in-flight handlers, close the engine, draining its queue."""
+    lifecycle, engine = app[LIFECYCLE], app[ENGINE]
+
     async def load() -> None:
         try:
-            await app[ENGINE].start()
+            await engine.start()
         except Exception as exc:
-            app[STATE]["load_error"] = str(exc)
+            lifecycle.load_error = str(exc)
             log.error("cannot load the model: %s", exc)
             raise
 
-    app[STATE]["load_task"] = asyncio.create_task(load())
+    lifecycle.load_task = task = asyncio.create_task(load())
+    yield
+    task.cancel()  # still loading: no use finishing
+    with contextlib.suppress(BaseException):  # a load error was reported when it happened
+        await task
+    await engine.close()
 
 
 async def _mark_draining(app: web.Application) -> None:
-    app[STATE]["draining"] = True
-
-
-async def _close_engine(app: web.Application) -> None:
-    task: asyncio.Task[None] | None = app[STATE]["load_task"]
-    if task is not None and not task.done():
-        task.cancel()
-    if task is not None:
-        with contextlib.suppress(BaseException):
-            await task
-    await app[ENGINE].close()  # after aiohttp waited for in-flight handlers; drains the engine's queue
+    app[LIFECYCLE].draining = True
 
 
 # ---- middlewares -----------------------------------------------------------------------------------
@@ -407,12 +422,12 @@ async def healthz(request: web.Request) -> web.Response:
 
 @_auth("public")
 async def readyz(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+    lifecycle = request.app[LIFECYCLE]
     engine = request.app[ENGINE]
-    if state["draining"]:
+    if lifecycle.draining:
         return web.json_response({"status": "draining"}, status=503)
-    if state["load_error"]:
-        return web.json_response({"status": "error", "error": state["load_error"]}, status=503)
+    if lifecycle.load_error:
+        return web.json_response({"status": "error", "error": lifecycle.load_error}, status=503)
     if not engine.ready:
         return web.json_response({"status": "loading"}, status=503)
     return web.json_response({"status": "ready", "model_version": engine.version})
@@ -433,17 +448,8 @@ async def classify(request: web.Request) -> web.Response:
         return _error(400, f"malformed JSON: {exc}")
     except RecursionError:  # the parser recurses once per level: a deeply nested body exhausts the stack
         return _error(400, "malformed JSON: nested too deeply")
-    if not isinstance(body, dict):
-        return _error(422, 'the body must be a JSON object: {"texts": ["..."]}')
-    unknown = sorted(set(body) - {"texts"})
-    if unknown:
-        return _error(422, f"unknown field(s): {', '.join(map(str, unknown))}; expected only 'texts'")
-    if "texts" not in body:
-        return _error(
-            422, f"missing 'texts': a list of 1 to {MAX_TEXTS} strings, each up to {MAX_CHARS} characters"
-        )
     try:
-        texts = check_texts(body["texts"])
+        texts = ClassifyRequest.parse(body).texts
     except InvalidInput as exc:
         return _error(422, str(exc))
     settings = request.app[SETTINGS]
@@ -460,7 +466,7 @@ async def classify(request: web.Request) -> web.Response:
     except EngineError as exc:
         return _error(500, str(exc))
     TEXTS.inc(len(texts))
-    return web.json_response(result.to_dict())
+    return _json(ClassifyResponse.of(result))
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -512,25 +518,8 @@ async def list_models(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     serving = request.app[ENGINE].version
     versions, active = await asyncio.to_thread(lambda: (registry.list(), registry.active_name()))
-    return web.json_response(
-        {
-            "active": active,
-            "serving": serving,
-            "versions": [
-                ModelSummary(
-                    name=v.name,
-                    status=v.status,
-                    created=v.created,
-                    base_model=v.base_model,
-                    parent=v.parent,
-                    reason=v.reason,
-                    metrics=v.metrics,
-                    schema=v.schema,
-                    serving=v.name == serving,
-                ).to_dict()
-                for v in versions
-            ],
-        }
+    return _json(
+        ModelList(active=active, serving=serving, versions=[model_summary(v, serving) for v in versions])
     )
 
 
@@ -557,7 +546,7 @@ async def activate_model(request: web.Request) -> web.Response:
     lost = lost_heads(previous.schema.to_dict(), info.schema) if previous is not None else []
     if lost:
         log.warning("%s has no %s head: %s", name, ", ".join(lost), "; ".join(describe_lost_heads(lost)))
-    return web.json_response({"active": info.name, "serving": engine.version, "lost_heads": lost})
+    return _json(Activation(active=info.name, serving=engine.version, lost_heads=lost))
 
 
 async def eval_image(request: web.Request) -> web.StreamResponse:
@@ -629,7 +618,8 @@ async def serve(
             maybe = on_listening(port)
             if asyncio.iscoroutine(maybe):
                 await maybe
-        load_task: asyncio.Task[None] = app[STATE]["load_task"]
+        load_task = app[LIFECYCLE].load_task
+        assert load_task is not None  # set when the runner started the app
         stop_task = asyncio.create_task(stop.wait())
         await asyncio.wait({load_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
         if load_task.done() and load_task.exception() is not None:

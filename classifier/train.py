@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
@@ -124,12 +125,14 @@ def length_grouped_batches(
 
 
 def balanced_class_weights(label_ids: torch.Tensor, num_labels: int) -> torch.Tensor:
-    """``n / (k * n_c)`` for each of the ``k`` classes present (as scikit-learn's "balanced"); 1 for absent
-    ones, which have no rows to weigh."""
-    counts = torch.bincount(label_ids[label_ids != IGNORE], minlength=num_labels).float()
-    present = counts > 0
+    """scikit-learn's "balanced" weights, ``n / (k * n_c)``, for each of the ``k`` classes present; 1 for
+    absent ones, which have no rows to weigh."""
+    labeled = label_ids[label_ids != IGNORE].cpu().numpy()
     weights = torch.ones(num_labels)
-    weights[present] = counts.sum() / (present.sum() * counts[present])
+    if labeled.size:
+        present = np.unique(labeled)
+        balanced = compute_class_weight("balanced", classes=present, y=labeled)
+        weights[present] = torch.from_numpy(balanced).float()
     return weights
 
 

@@ -24,7 +24,7 @@ from classifier.engine import Engine, EngineConfig
 from classifier.model import MultiHeadClassifier, predict_probs, to_predictions, torch_runner
 from classifier.onnx_backend import ensure_onnx
 from classifier.registry import Registry
-from classifier.server import STATE, ServerSettings, create_app
+from classifier.server import LIFECYCLE, ServerSettings, create_app
 from tests.tiny_model import make_tiny_bert, make_tiny_version
 
 TOKEN = "test-token-0123456789abcdef"
@@ -133,7 +133,9 @@ async def running_server(
     try:
         site = web.TCPSite(runner, "127.0.0.1", 0)
         await site.start()
-        await app[STATE]["load_task"]
+        load_task = app[LIFECYCLE].load_task
+        assert load_task is not None
+        await load_task
         port = runner.addresses[0][1]
         yield f"http://127.0.0.1:{port}"
     finally:

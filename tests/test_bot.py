@@ -10,16 +10,18 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.engine import URL
 
 from bot.main import RunningBot, start_bot
 from bot.retrain import run_lock
+from bot.scheduler import build_scheduler, scheduled_retrain
 from bot.settings import BotSettings, load_settings
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
@@ -30,7 +32,9 @@ from bot.storage.models import (
     Message,
     MessageState,
     Prediction,
+    SlackEvent,
     TrainingTrigger,
+    utcnow,
 )
 from classifier.client import ChildClassifier
 from classifier.registry import Registry
@@ -39,6 +43,7 @@ from tests.slack_standin import SlackStandIn
 from tests.tcp_proxy import TcpProxy
 from tests.test_child import forward_passes_here
 from tests.tiny_model import make_tiny_version
+from tests.waiting import eventually
 
 CHANNEL = "C0TRIAGE"
 ESCALATION = "C0ESCAL8"
@@ -79,6 +84,13 @@ class Harness:
             if result or time.monotonic() > deadline:
                 return result
             await asyncio.sleep(0.05)
+
+    async def settled(self) -> None:
+        """Every message queued so far was classified and answered: the bot's work queue is drained.
+
+        Each delivery is handled before Slack gets its 200 (what is stored is queued by then), so after the
+        deliveries a test sent, this is the signal that whatever they were going to cause has happened."""
+        await asyncio.wait_for(self.bot.triage.queue.join(), timeout=15)
 
     async def post_customer_message(self, text: str, **kwargs: Any) -> tuple[dict[str, Any], Any]:
         event = self.slack.message_event(CHANNEL, CUSTOMER, text, **kwargs)
@@ -189,7 +201,7 @@ async def test_retried_and_racing_deliveries_give_one_reply(harness_factory: Any
     third = await h.slack.send_envelope(envelope, retry_num=2, retry_reason="http_error")
     assert {first.status, second.status, third.status} == {200}
     await h.reply_to(event["ts"])
-    await asyncio.sleep(0.5)
+    await h.settled()
     replies = [c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]
     assert len(replies) == 1
     assert await h.count(Message) == 1 and await h.count(Prediction) == 1
@@ -202,8 +214,11 @@ async def test_bad_signature_and_stale_timestamp_are_refused(harness_factory: An
         h.slack.message_event(CHANNEL, CUSTOMER, "hello again"), timestamp=int(time.time()) - 6 * 60
     )
     assert forged.status == 401 and stale.status == 401
-    await asyncio.sleep(0.3)
-    assert await h.count(Message) == 0 and not h.slack.calls_to("chat.postMessage")
+    signed, _ = await h.post_customer_message("hello, signed this time")  # handled after the two above
+    await h.reply_to(signed["ts"])
+    await h.settled()
+    [message] = await h.rows(Message)
+    assert message.ts == signed["ts"] and len(h.slack.calls_to("chat.postMessage")) == 1
 
 
 async def test_ignored_events_are_acknowledged(harness_factory: Any) -> None:
@@ -222,9 +237,11 @@ async def test_ignored_events_are_acknowledged(harness_factory: Any) -> None:
     for event in events:
         response = await h.slack.send_event(event)
         assert response.status == 200, (event, response.status)
-    await asyncio.sleep(0.5)
-    assert len(h.slack.calls_to("chat.postMessage")) == 1
-    assert await h.count(Prediction) == 1
+    last, _ = await h.post_customer_message("a message after the ignored events")
+    await h.reply_to(last["ts"])
+    await h.settled()
+    assert len(h.slack.calls_to("chat.postMessage")) == 2  # the first message's reply and the last one's
+    assert await h.count(Prediction) == 2
 
 
 async def test_reaction_corrects_and_removal_retracts(harness_factory: Any) -> None:
@@ -246,10 +263,13 @@ async def test_reaction_corrects_and_removal_retracts(harness_factory: Any) -> N
     # removing the reaction retracts it
     await h.slack.send_event(h.slack.reaction_removed_event(AGENT, "bug", CHANNEL, event["ts"]))
     assert await h.eventually(lambda: h.count(Correction, Correction.retracted_at.is_not(None)))
-    # an emoji that means nothing is ignored
+    # an emoji that means nothing is ignored: the reaction after it counts, it does not
     await h.slack.send_event(h.slack.reaction_added_event(AGENT, "tada", CHANNEL, event["ts"]))
-    await asyncio.sleep(0.3)
-    assert await h.count(Correction) == 2
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, event["ts"]))
+    assert await h.eventually(
+        lambda: h.count(Correction, Correction.head == "topic", Correction.retracted_at.is_(None))
+    )
+    assert await h.count(Correction) == 3
 
 
 async def test_fix_labels_button_opens_a_modal_not_menus_in_the_channel(harness_factory: Any) -> None:
@@ -644,6 +664,110 @@ async def test_a_model_without_urgency_is_reported_at_start_and_in_status(
     await h.slack.send_command("/triage", "rollback v1", user_id=ADMIN, channel_id=CHANNEL)
     [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v1 is now" in str(r.body))
     assert ":warning: without urgency: escalation" in str(posted.body)
+
+
+# ---- /triage models and rollback, the scheduled jobs -------------------------------------------------
+
+
+async def test_models_lists_every_version_newest_first(
+    harness_factory: Any, tiny_bert: Path, data_dir: Path
+) -> None:
+    registry = Registry(data_dir / "models")
+    make_tiny_version(registry, tiny_bert)  # v1, active
+    make_tiny_version(registry, tiny_bert, activate=False)  # v2
+    registry.update_metrics("v1", {"topic": {"macro_f1": 0.8125}, "urgency": {"macro_f1": 0.5}})
+    registry.set_status("v2", "rejected", "no better than v1 on the same rows")
+    h = await harness_factory(with_model=False)
+    response = await h.slack.send_command("/triage", "models", user_id=ADMIN, channel_id=CHANNEL)
+    assert response.json()["text"] == "Listing models…"
+    [posted] = await h.slack.wait_for_response(timeout=10)
+    assert posted.body["text"].splitlines() == [
+        "*v2* rejected (no better than v1 on the same rows): ",
+        ":white_check_mark: *v1* active: topic F1 0.812, urgency F1 0.500",
+    ]
+
+
+async def test_rollback_makes_the_bot_answer_with_that_version(
+    harness_factory: Any, tiny_bert: Path, data_dir: Path
+) -> None:
+    registry = Registry(data_dir / "models")
+    make_tiny_version(registry, tiny_bert)  # v1
+    make_tiny_version(registry, tiny_bert, seed=1, activate=False)
+    registry.activate("v2")
+    h = await harness_factory(with_model=False)
+    response = await h.slack.send_command("/triage", "rollback v1", user_id=ADMIN, channel_id=CHANNEL)
+    assert response.json()["text"] == "Switching to v1…"
+    [posted] = await h.slack.wait_for_response(timeout=20)
+    assert posted.body["text"] == "v1 is now the active model. Every classifier picks it up within seconds."
+    assert registry.active_name() == "v1"
+    [active] = await h.rows(ModelVersion, ModelVersion.status == ModelStatus.ACTIVE)
+    assert active.name == "v1"
+    [entry] = await h.rows(AuditEntry)
+    assert (entry.user_id, entry.action, entry.args, entry.allowed) == (
+        ADMIN,
+        "rollback",
+        {"version": "v1"},
+        True,
+    )
+    event, _ = await h.post_customer_message("Where can I download last month's invoice?")
+    await h.reply_to(event["ts"])
+    assert await h.eventually(lambda: h.count(Prediction))
+    [prediction] = await h.rows(Prediction)
+    assert prediction.model_version == "v1"
+
+
+async def test_scheduled_retraining_waits_for_enough_new_labels(harness_factory: Any) -> None:
+    h = await harness_factory(triage_retrain_min_corrections=2)
+    event, _ = await h.post_customer_message("Export to CSV crashes the app every time")
+    reply = await h.reply_to(event["ts"])
+    await h.settled()  # the prediction is stored: a label is a correction of it
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, event["ts"]))
+    assert await h.eventually(lambda: h.count(Correction))
+    waiting = await scheduled_retrain(h.bot.settings, h.sessions, h.bot.retrainer)
+    assert waiting.startswith("1 new labels since ") and waiting.endswith("; retraining waits for 2")
+    await h.slack.send_event(h.slack.reaction_added_event(ADMIN, "rage", CHANNEL, reply.response["ts"]))
+    assert await h.eventually(lambda: h.count(Correction, Correction.head == "sentiment"))
+    async with h.sessions.begin() as session:
+        await repo.start_training_run(session, trigger=TrainingTrigger.COMMAND)
+    async with run_lock(h.engine):  # the retrainer is asked; a run in progress answers for it
+        asked = await scheduled_retrain(h.bot.settings, h.sessions, h.bot.retrainer)
+    assert asked.startswith("Retraining is already running, started by command at")
+    assert h.bot.retrainer.process is None
+    nightly = h.bot.settings.model_copy(update={"triage_retrain_cron": "30 2 * * 1-5"})
+    job = build_scheduler(nightly, h.engine, h.sessions, h.bot.retrainer).get_job("retrain")
+    assert job is not None and job.func is scheduled_retrain
+    assert str(job.trigger) == "cron[month='*', day='*', day_of_week='1-5', hour='2', minute='30']"
+    assert str(job.trigger.timezone) == "UTC"
+
+
+async def test_the_scheduler_runs_housekeeping(harness_factory: Any, tiny_bert: Path, data_dir: Path) -> None:
+    """Event ids older than a day are forgotten, texts past the retention removed, old versions pruned."""
+    h = await harness_factory(triage_retention_days=1, triage_keep_versions=1)
+    registry = Registry(data_dir / "models")
+    for seed in (1, 2):
+        make_tiny_version(registry, tiny_bert, seed=seed, activate=False)  # v2, v3; v1 stays active
+    event, _ = await h.post_customer_message("Our SSO login loops forever")
+    await h.reply_to(event["ts"])
+    two_days_ago = utcnow() - timedelta(days=2)
+    async with h.sessions.begin() as session:
+        await repo.record_event(session, "Ev0LONGAGO", now=two_days_ago)
+        await session.execute(update(Message).values(received_at=two_days_ago))
+    scheduler = build_scheduler(h.bot.settings, h.engine, h.sessions, h.bot.retrainer)
+    assert [job.id for job in scheduler.get_jobs()] == ["housekeeping"]  # TRIAGE_RETRAIN_CRON is empty
+    scheduler.start()
+    try:
+        scheduler.modify_job("housekeeping", next_run_time=datetime.now(UTC))
+
+        async def pruned() -> bool:  # its last step
+            return await asyncio.to_thread(registry.names) == ["v1", "v3"]
+
+        assert await eventually(pruned)
+    finally:
+        scheduler.shutdown(wait=False)
+    assert await h.count(SlackEvent, SlackEvent.event_id == "Ev0LONGAGO") == 0
+    assert await h.count(SlackEvent) == 1  # the message's own, from today
+    [message] = await h.rows(Message)
+    assert message.text is None
 
 
 # ---- faults: exactly one reply whenever the bot dies or the database drops (issue 16) -----------------

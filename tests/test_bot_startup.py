@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,7 +21,9 @@ from typing import Any
 import aiohttp
 import pytest
 from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from bot import main as bot_main
 from bot.main import RunningBot, StartupError, start_bot
 from bot.settings import BotSettings, load_settings
 from bot.storage.database import upgrade_database
@@ -303,3 +306,50 @@ async def test_a_classifier_process_that_cannot_start_stops_the_bot_with_one_lin
     lines = err.decode().splitlines()  # start-up log lines, then the one that matters
     assert lines[-1].startswith("error: the classifier process did not start: model v1 in "), lines
     assert [line for line in lines if "deserializ" in line or "Traceback" in line] == lines[-1:]
+
+
+async def test_a_start_up_failing_halfway_closes_what_had_started(
+    ready: Any, log_signal: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bot's port is taken: the database, the classifier and the scheduler had started, and are
+    closed in reverse order before the error propagates; a close that fails is logged, not silent, and
+    the rest still close."""
+    settings, _ = ready
+    closed: list[str] = []
+    started: dict[str, Any] = {}
+
+    def make_classifier(*args: Any, **kwargs: Any) -> Any:
+        classifier = bot_main_make_classifier(*args, **kwargs)
+        close = classifier.close
+
+        async def failing_close() -> None:
+            await close()
+            closed.append("classifier")
+            raise RuntimeError("the classifier would not close")
+
+        classifier.close = failing_close
+        return classifier
+
+    def build_scheduler(*args: Any, **kwargs: Any) -> Any:
+        started["scheduler"] = bot_main_build_scheduler(*args, **kwargs)
+        return started["scheduler"]
+
+    async def dispose(engine: AsyncEngine, close: bool = True) -> None:
+        closed.append("database")
+        await async_engine_dispose(engine, close)
+
+    bot_main_make_classifier, bot_main_build_scheduler = bot_main.make_classifier, bot_main.build_scheduler
+    async_engine_dispose = AsyncEngine.dispose
+    monkeypatch.setattr(bot_main, "make_classifier", make_classifier)
+    monkeypatch.setattr(bot_main, "build_scheduler", build_scheduler)
+    monkeypatch.setattr(AsyncEngine, "dispose", dispose)
+    failed_close = log_signal("closing the classifier failed")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        async with SlackStandIn() as slack:
+            with pytest.raises(OSError):
+                await asyncio.wait_for(start_bot(settings(slack, port=taken.getsockname()[1])), timeout=60)
+    assert closed == ["classifier", "database"]
+    assert not started["scheduler"].running
+    assert failed_close.seen.is_set()

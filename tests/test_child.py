@@ -9,6 +9,7 @@ import logging
 import os
 import signal
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ async def test_the_embedded_default_classifies_in_a_child_process_and_follows_ac
         result = await classifier.classify(TEXTS)
         assert result.model_version == "v1"
         for text_result, ref in zip(result.results, expected, strict=True):
-            assert_heads_match({h: p.to_dict() for h, p in text_result.heads.items()}, ref)
+            assert_heads_match({h: asdict(p) for h, p in text_result.heads.items()}, ref)
             assert text_result.truncated == ref["truncated"]
         assert forward_passes_here() == before  # every forward pass ran in the child
         assert [(m.name, m.serving) for m in await classifier.models()] == [("v1", True), ("v2", False)]

@@ -7,6 +7,7 @@ import base64
 import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from classifier.client import (
     RetryPolicy,
     make_classifier,
 )
-from classifier.engine import Engine
+from classifier.engine import Engine, EngineOverloaded
 from classifier.registry import Registry
 from tests.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
@@ -43,7 +44,7 @@ FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 
 
 def _heads_json(result: Any) -> list[dict[str, Any]]:
-    return [{h: p.to_dict() for h, p in r.heads.items()} for r in result.results]
+    return [{h: asdict(p) for h, p in r.heads.items()} for r in result.results]
 
 
 async def test_local_and_http_give_the_same_results(registry: Registry) -> None:
@@ -97,6 +98,32 @@ async def test_local_classifier_waits_for_the_first_model(tmp_path: Path, tiny_b
             await classifier.classify(["before any training"])
         make_tiny_version(registry, tiny_base)  # the first training finishes
         assert (await classifier.classify(["after training"])).model_version == "v1"
+    finally:
+        await classifier.close()
+
+
+async def test_local_classifier_waits_out_overload_then_gives_up(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    classifier = LocalClassifier(registry=registry, config=engine_config(), retry=FAST)
+    classify = classifier.engine.classify
+    overloaded = 2  # the next calls refused as overloaded
+
+    async def full_queue(texts: list[str]) -> Any:
+        nonlocal overloaded
+        if overloaded:
+            overloaded -= 1
+            raise EngineOverloaded("queue full", retry_after_s=0.01)
+        return await classify(texts)
+
+    monkeypatch.setattr(classifier.engine, "classify", full_queue)
+    try:
+        assert (await classifier.classify(["hello"])).model_version == "v1"
+        assert overloaded == 0
+        overloaded = FAST.attempts or 0
+        with pytest.raises(ClassifierUnavailable, match="overloaded after 3 attempts: queue full") as e:
+            await classifier.classify(["hello"])
+        assert e.value.retry_after_s == 0.01 and not isinstance(e.value, EngineOverloaded)
     finally:
         await classifier.close()
 
@@ -195,6 +222,20 @@ async def test_http_errors_map_to_the_interface(status: int, error: type[Excepti
     assert calls == 1  # only 502/503/504 and network errors are retried
     if status in (401, 403):
         assert not isinstance(excinfo.value, ClassifierUnavailable)
+
+
+async def test_an_answer_of_another_shape_is_a_classifier_error() -> None:
+    """A CLASSIFIER_URL pointing at some other service: its answer is refused, saying what is wrong."""
+
+    async def other_service(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async with fake_server(other_service) as url:
+        client = HttpClassifier(url, TOKEN, retry=FAST)
+        with pytest.raises(ClassifierError, match="unexpected body: model_version: Field required") as e:
+            await client.classify(["hello"])
+        await client.close()
+    assert not isinstance(e.value, ClassifierUnavailable)
 
 
 async def test_url_credentials_are_sent_but_never_shown() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from tests.waiting import eventually
 
 
 def _as_json(result: Any) -> list[dict[str, Any]]:
-    return [{head: p.to_dict() for head, p in r.heads.items()} for r in result.results]
+    return [{head: asdict(p) for head, p in r.heads.items()} for r in result.results]
 
 
 def _check(result: Any, texts: list[str], expected: list[dict[str, Any]]) -> None:
@@ -215,11 +216,16 @@ async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
 
 
 async def test_pinned_version_ignores_the_active_pointer(registry: Registry) -> None:
-    async with Engine(registry, engine_config(poll_interval_s=0.05), version="v2") as engine:
-        assert engine.version == "v2"
-        await asyncio.to_thread(registry.activate, "v1")
-        await asyncio.sleep(0.2)
-        assert engine.version == "v2"
+    config = engine_config(poll_interval_s=0.05)
+    async with Engine(registry, config, version="v1") as pinned, Engine(registry, config) as following:
+        assert pinned.version == following.version == "v1"
+        await asyncio.to_thread(registry.activate, "v2")
+
+        async def followed() -> bool:  # an engine polling as often saw the change and acted on it
+            return following.version == "v2"
+
+        assert await eventually(followed, within_s=10)
+        assert pinned.version == "v1"
 
 
 async def test_close_finishes_queued_calls_then_refuses(

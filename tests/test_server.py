@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     tiny_base_fixture,
 )
 from tests.tiny_model import make_tiny_version
+from tests.waiting import eventually
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -316,20 +318,25 @@ async def test_hot_swap_under_load_fails_nothing_and_never_mixes_versions(regist
             for i, result in zip(idx, body["results"], strict=True):
                 assert_heads_match(result, expected[version][i])  # every text from the version named
 
+    def answered_by(version: str, answers: int = 20) -> Callable[[], Awaitable[bool]]:
+        """From now on, ``answers`` answers came from ``version``."""
+        start = len(seen)
+
+        async def check() -> bool:
+            return seen[start:].count(version) >= answers
+
+        return check
+
     async with running_server(engine) as url, aiohttp.ClientSession(url) as http:
         clients = [asyncio.create_task(client(http, seed)) for seed in range(12)]
-        await asyncio.sleep(0.3)
+        assert await eventually(answered_by("v1"))
         async with http.post("/v1/models/v2/activate", headers=ADMIN) as r:  # the admin endpoint
             assert r.status == 200
             assert (await r.json()) == {"active": "v2", "serving": "v2", "lost_heads": []}
         assert registry.active_name() == "v2"
-        await asyncio.sleep(0.3)
+        assert await eventually(answered_by("v2"))
         await asyncio.to_thread(registry.activate, "v1")  # another process flips ACTIVE: the poller follows
-        for _ in range(100):
-            if engine.version == "v1":
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.3)
+        assert await eventually(answered_by("v1"))
         stop.set()
         await asyncio.gather(*clients)
     assert failures == []
@@ -495,7 +502,11 @@ async def test_serve_drains_in_flight_requests_on_shutdown(
             ]
             await asyncio.to_thread(gate.entered.wait, 5)
             stop.set()  # as SIGTERM would
-            await asyncio.sleep(0.2)
+
+            async def draining() -> bool:
+                return "shutting down: draining in-flight requests" in caplog.text
+
+            assert await eventually(draining)
             assert not server.done()  # waiting for the in-flight requests
             gate.release()
             responses = await asyncio.gather(*in_flight)
