@@ -700,8 +700,6 @@ async def test_rollback_makes_the_bot_answer_with_that_version(
     [posted] = await h.slack.wait_for_response(timeout=20)
     assert posted.body["text"] == "v1 is now the active model. Every classifier picks it up within seconds."
     assert registry.active_name() == "v1"
-    [active] = await h.rows(ModelVersion, ModelVersion.status == ModelStatus.ACTIVE)
-    assert active.name == "v1"
     [entry] = await h.rows(AuditEntry)
     assert (entry.user_id, entry.action, entry.args, entry.allowed) == (
         ADMIN,
