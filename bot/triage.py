@@ -17,7 +17,7 @@ from datetime import timedelta
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks, lifecycle
@@ -29,7 +29,7 @@ from bot.reactions import URGENT_MARKER, ReactionMap
 from bot.settings import BotSettings, Delivery
 from bot.slack_output import SlackOutput, is_permanent
 from bot.storage import repository as repo
-from bot.storage.database import in_transaction
+from bot.storage.database import first_in_line, in_transaction
 from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
@@ -48,6 +48,15 @@ ACK_STORE_TIMEOUT_S = 2.5
 RECORD_WITHIN_S = 60.0
 # The database failing (or its pool not lending a connection in time), as opposed to a bug
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
+# The database down, locked or unreachable, as opposed to refusing one statement's values
+DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OperationalError,
+    InterfaceError,
+    OSError,
+    TimeoutError,
+)
+# New messages stored in one transaction at most (11 bound parameters each: well under SQLite's limit)
+STORE_BATCH = 100
 
 
 class StorageUnavailable(RuntimeError):
@@ -92,6 +101,56 @@ def _settle_store(store: asyncio.Future[bool]) -> None:
         store.exception()
 
 
+class StoreBatches:
+    """Group commit of new messages before their acknowledgements: the messages that arrive while one
+    transaction is being written go together in the next one (at most ``STORE_BATCH``), first in line
+    for a database connection. Under load that is one transaction and a few statements for many events,
+    instead of a transaction each waiting its turn behind the background work; alone, a message is
+    written at once. A batch that fails for any reason but the database being unavailable is written
+    again one message a transaction, so a message the database refuses fails only its own event."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+        self.sessions = sessions
+        self._waiting: list[tuple[repo.NewMessage, asyncio.Future[Message | None]]] = []
+        self._writer: asyncio.Future[None] | None = None
+
+    async def store(self, new: repo.NewMessage) -> Message | None:
+        """The new message as stored, or ``None`` when its event or the message was stored before."""
+        stored: asyncio.Future[Message | None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((new, stored))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_waiting())
+        return await stored
+
+    async def _write_waiting(self) -> None:
+        with first_in_line():
+            while self._waiting:
+                batch, self._waiting = self._waiting[:STORE_BATCH], self._waiting[STORE_BATCH:]
+                try:
+                    await self._write(batch)
+                finally:  # cancelled (the bot stopping): nobody waits forever
+                    for _, stored in batch:
+                        if not stored.done():
+                            stored.cancel()
+
+    async def _write(self, batch: list[tuple[repo.NewMessage, asyncio.Future[Message | None]]]) -> None:
+        try:
+            async with self.sessions.begin() as session:
+                messages = await repo.store_new_messages(session, [new for new, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1 or isinstance(exc, DATABASE_UNAVAILABLE):
+                for _, stored in batch:
+                    if not stored.done():
+                        stored.set_exception(exc)
+                return
+            for item in batch:
+                await self._write([item])
+            return
+        for (_, stored), message in zip(batch, messages, strict=True):
+            if not stored.done():
+                stored.set_result(message)
+
+
 class Triage:
     def __init__(
         self,
@@ -119,6 +178,7 @@ class Triage:
         self.backlog: repo.Backlog | None = None  # as of the last sweep: for /healthz and /metrics
         self.outage = OutageLog()
         self._storing: set[asyncio.Future[bool]] = set()  # stores that outlived their acknowledgement
+        self.store_batches = StoreBatches(sessions)
         self.record_within_s = RECORD_WITHIN_S
 
     # ---- new messages ------------------------------------------------------------------------------
@@ -168,20 +228,18 @@ class Triage:
 
     async def _store(self, incoming: IncomingMessage, text: str, empty: bool) -> Message | None:
         """The new message as stored, or ``None`` when this event or message was stored before."""
-        async with self.sessions.begin() as session:
-            if incoming.event_id and not await repo.record_event(session, incoming.event_id):
-                return None
-            message, created = await repo.store_message(
-                session,
+        return await self.store_batches.store(
+            repo.NewMessage(
                 team_id=incoming.team_id,
                 channel_id=incoming.channel_id,
                 ts=incoming.ts,
                 user_id=incoming.user_id,
                 text=text,
                 thread_ts=incoming.thread_ts,
+                event_id=incoming.event_id,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
             )
-        return message if created else None
+        )
 
     async def enqueue(self, message: Message) -> bool:
         """Queue a pending message the caller holds the lease of; under overload it waits in the database."""

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import UTC, datetime, timedelta
 
 import pytest
 import typer
-from sqlalchemy import func, select, text
+from sqlalchemy import event, func, select, text
 from sqlalchemy.engine import URL
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
@@ -17,8 +18,11 @@ from bot.storage.cli import register
 from bot.storage.database import (
     SQLITE_BUSY_TIMEOUT_MS,
     DatabaseConfigError,
+    FirstInLinePool,
     create_engine,
+    first_in_line,
     resolve_database_url,
+    upgrade_database,
 )
 from bot.storage.models import (
     Correction,
@@ -29,7 +33,9 @@ from bot.storage.models import (
     TrainingStatus,
     TrainingTrigger,
 )
+from bot.triage import StoreBatches
 from classifier.results import HeadPrediction
+from tests.waiting import eventually
 
 Factory = async_sessionmaker[AsyncSession]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -225,6 +231,106 @@ async def test_concurrent_inserts_of_one_message_make_one_row(session_factory: F
     assert sorted(created for _, created in results) == [False, True]
     async with session_factory() as session:
         assert await session.scalar(select(func.count()).select_from(Message)) == 1
+
+
+def new(ts: str, event_id: str | None = None, *, user: str = "U1", channel: str = "C1") -> repo.NewMessage:
+    return repo.NewMessage("T1", channel, ts, user, f"message {ts}", event_id=event_id)
+
+
+async def test_a_batch_of_new_messages_stores_each_event_and_message_once(session_factory: Factory) -> None:
+    async with session_factory.begin() as session:
+        await repo.forget_user(session, "U0GONE", now=T0)
+        before, _ = await repo.store_message(
+            session, team_id="T1", channel_id="C1", ts="1.0", user_id="U1", text="stored one by one"
+        )
+        assert await repo.record_event(session, "EvOld")
+    batch = [
+        new("1.1", "Ev1"),
+        new("1.2", "Ev2"),
+        new("1.1", "Ev1"),  # Slack's retry, racing its original into the same batch
+        new("1.3", "EvOld"),  # an event stored before
+        new("1.0", "Ev3"),  # a message stored before, under another event id
+        new("1.4"),  # no event id (a backfilled message)
+        new("1.4"),
+        new("1.5", "Ev5", user="U0GONE"),
+    ]
+    async with session_factory.begin() as session:
+        stored = await repo.store_new_messages(session, batch, now=T0)
+    assert [m.ts if m else None for m in stored] == ["1.1", "1.2", None, None, None, "1.4", None, "1.5"]
+    assert stored[0] is not None
+    assert (stored[0].state, stored[0].text) == (MessageState.PENDING, "message 1.1")
+    assert stored[0].next_attempt_at == T0 + repo.DEFAULT_LEASE
+    assert stored[7] is not None and stored[7].text is None  # a forgotten user's text is never stored
+    async with session_factory.begin() as session:
+        assert await repo.store_new_messages(session, batch) == [None] * len(batch)  # all delivered again
+        assert await session.scalar(select(func.count()).select_from(Message)) == 5
+        assert (await session.get(Message, before.id)) is not None
+
+
+async def test_group_commit_stores_concurrent_events_in_one_transaction(
+    engine: AsyncEngine, session_factory: Factory
+) -> None:
+    commits: list[int] = []
+    event.listen(engine.sync_engine, "commit", lambda _: commits.append(1))
+    batches = StoreBatches(session_factory)
+    stored = await asyncio.gather(*(batches.store(new(f"2.{i}", f"Ev{i}")) for i in range(40)))
+    assert sorted(m.ts for m in stored if m is not None) == sorted(f"2.{i}" for i in range(40))
+    assert len(commits) == 1
+    again = await asyncio.gather(*(batches.store(new(f"2.{i}", f"Ev{i}")) for i in range(3)))
+    assert again == [None, None, None]
+
+
+async def test_a_message_the_database_refuses_fails_only_its_own_event(session_factory: Factory) -> None:
+    batches = StoreBatches(session_factory)
+    refused = dataclasses.replace(new("3.2", "Ev2"), team_id=None)  # type: ignore[arg-type]  # NOT NULL
+    results = await asyncio.gather(
+        batches.store(new("3.1", "Ev1")),
+        batches.store(refused),
+        batches.store(new("3.3", "Ev3")),
+        return_exceptions=True,
+    )
+    assert isinstance(results[1], IntegrityError)
+    assert [m.ts for m in results if isinstance(m, Message)] == ["3.1", "3.3"]
+    async with session_factory() as session:
+        assert await session.scalar(select(func.count()).select_from(Message)) == 2
+        assert await repo.record_event(session, "Ev2")  # its event id was not kept: Slack's retry is stored
+
+
+async def test_first_in_line_sessions_get_the_next_free_connection(database_url: URL) -> None:
+    await upgrade_database(database_url)
+    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, FirstInLinePool)
+    sessions = async_sessionmaker(engine)
+    order: list[str] = []
+
+    async def use(name: str) -> None:
+        async with sessions() as session:
+            await session.connection()
+            order.append(name)
+
+    async def first(name: str) -> None:
+        with first_in_line():
+            await use(name)
+
+    async def waiting(n: int) -> bool:
+        return pool.waiting() == n
+
+    try:
+        async with sessions() as holder:
+            await holder.connection()
+            tasks = [asyncio.ensure_future(use(name)) for name in ("a", "b")]
+            assert await eventually(lambda: waiting(2))
+            gave_up = asyncio.ensure_future(asyncio.wait_for(first("gave up"), 0.01))
+            with pytest.raises(TimeoutError):
+                await gave_up
+            tasks.append(asyncio.ensure_future(first("first")))
+            assert await eventually(lambda: waiting(3))
+        await asyncio.gather(*tasks)
+        assert order == ["first", "a", "b"]
+        await use("after")  # nothing was lost to the waiter that gave up
+    finally:
+        await engine.dispose()
 
 
 async def test_message_lookup_by_ts_and_by_reply(session_factory: Factory) -> None:

@@ -7,9 +7,13 @@ SQLite (the embedded default, under the data directory) and PostgreSQL (producti
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+import functools
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,8 @@ from sqlalchemy import event, pool, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import AsyncAdaptedQueuePool
+from sqlalchemy.util.queue import AsyncAdaptedQueue
 
 DATABASE_URL_ENV = "DATABASE_URL"
 SQLITE_DRIVER = "sqlite+aiosqlite"
@@ -118,6 +124,80 @@ def _normalise(url: URL, source: str) -> URL:
     )
 
 
+# --- connections first in line ------------------------------------------------------------------------
+
+_FIRST_IN_LINE: contextvars.ContextVar[bool] = contextvars.ContextVar("first_in_line", default=False)
+
+
+@contextlib.contextmanager
+def first_in_line() -> Iterator[None]:
+    """Sessions opened in this block (this task and those it starts) get the next free pooled connection
+    before everyone already waiting: for storing Slack events before their acknowledgement, which must not
+    queue behind the background work when every connection is busy (SQLite has only one)."""
+    token = _FIRST_IN_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FIRST_IN_LINE.reset(token)
+
+
+class _WaitLine(asyncio.Queue[Any]):
+    """asyncio's FIFO of free connections, except that a waiter in ``first_in_line`` is handed the next
+    connection returned before the waiters asyncio keeps."""
+
+    def __init__(self, maxsize: int = 0) -> None:
+        super().__init__(maxsize)
+        self._ahead: deque[asyncio.Future[Any]] = deque()
+        self.waiting = 0
+
+    async def get(self) -> Any:
+        self.waiting += 1
+        try:
+            if not _FIRST_IN_LINE.get() or not self.empty():
+                return await super().get()
+            return await self._get_first()
+        finally:
+            self.waiting -= 1
+
+    async def _get_first(self) -> Any:
+        waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._ahead.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():  # handed over as it gave up: pass it on
+                self.put_nowait(waiter.result())
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._ahead.remove(waiter)
+
+    def put_nowait(self, item: Any) -> None:
+        while self._ahead:
+            waiter = self._ahead.popleft()
+            if not waiter.done():
+                waiter.set_result(item)
+                return
+        super().put_nowait(item)
+
+
+class _WaitLineQueue(AsyncAdaptedQueue[Any]):
+    @functools.cached_property
+    def _queue(self) -> asyncio.Queue[Any]:  # type: ignore[override]
+        return _WaitLine(self.maxsize)  # made on first use, in the running loop, as SQLAlchemy does
+
+
+class FirstInLinePool(AsyncAdaptedQueuePool):
+    """SQLAlchemy's asyncio pool, with ``first_in_line`` waiters served before the others."""
+
+    _queue_class = _WaitLineQueue
+
+    def waiting(self) -> int:
+        """Sessions waiting for a connection now."""
+        line = self._pool._queue
+        return line.waiting if isinstance(line, _WaitLine) else 0
+
+
 def create_engine(
     url: str | URL | None = None,
     *,
@@ -128,13 +208,13 @@ def create_engine(
 ) -> AsyncEngine:
     """An ``AsyncEngine`` for ``url`` (resolved as in ``resolve_database_url``).
 
-    SQLite connections get WAL (readers do not block the writer), foreign keys, and a busy timeout.
+    SQLite connections get WAL (readers do not block the writer), foreign keys, and a busy timeout. The
+    pool serves ``first_in_line`` sessions first.
     ``sqlite_foreign_keys=False`` is for migrations: SQLite's batch mode recreates tables, and dropping a
     parent table with foreign keys on would cascade-delete its children.
     """
     resolved = resolve_database_url(url)
-    if poolclass is not None:
-        kwargs["poolclass"] = poolclass
+    kwargs["poolclass"] = poolclass or FirstInLinePool
     if resolved.get_backend_name() == "sqlite":
         if resolved.database and not resolved.database.startswith("file:"):
             Path(resolved.database).expanduser().parent.mkdir(parents=True, exist_ok=True)

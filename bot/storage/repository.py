@@ -140,13 +140,7 @@ async def record_event(session: AsyncSession, event_id: str, *, now: datetime | 
 
     Race-safe: of two concurrent deliveries exactly one gets ``True`` (primary key + ON CONFLICT DO NOTHING).
     """
-    stmt = (
-        _insert(session, SlackEvent)
-        .values(event_id=event_id, received_at=now or utcnow())
-        .on_conflict_do_nothing(index_elements=["event_id"])
-        .returning(SlackEvent.event_id)
-    )
-    return (await session.execute(stmt)).first() is not None
+    return event_id in await _record_events(session, [event_id], now or utcnow())
 
 
 async def delete_events_before(session: AsyncSession, before: datetime) -> int:
@@ -227,6 +221,95 @@ async def store_message(
     if message is None:  # only if the row was deleted between the two statements
         raise LookupError(f"message {team_id}/{channel_id}/{ts} vanished while being stored")
     return message, created
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A message from a Slack event, to store with ``store_new_messages``."""
+
+    team_id: str
+    channel_id: str
+    ts: str
+    user_id: str | None
+    text: str
+    thread_ts: str | None = None
+    event_id: str | None = None  # Slack's event id: a retried delivery of it stores nothing
+    state: MessageState = MessageState.PENDING
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.team_id, self.channel_id, self.ts
+
+
+async def store_new_messages(
+    session: AsyncSession,
+    batch: Sequence[NewMessage],
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> list[Message | None]:
+    """Store messages from Slack events, as ``record_event`` and ``store_message`` would one by one, in
+    four statements whatever the batch's size; for each, its new row, or ``None`` when its event id or
+    its (team, channel, ts) was stored before (or earlier in the batch). Race-safe like those two."""
+    now = now or utcnow()
+    fresh_events = await _record_events(session, {m.event_id for m in batch if m.event_id}, now)
+    forgotten = await _forgotten_among(session, {m.user_id for m in batch if m.user_id and m.text})
+    first: dict[tuple[str, str, str], NewMessage] = {}
+    for m in batch:
+        if m.event_id is not None and m.event_id not in fresh_events:
+            continue
+        fresh_events.discard(m.event_id or "")  # a second delivery of an event within the batch
+        first.setdefault(m.key, m)
+    if not first:
+        return [None] * len(batch)
+    rows = [
+        {
+            "team_id": m.team_id,
+            "channel_id": m.channel_id,
+            "ts": m.ts,
+            "thread_ts": m.thread_ts,
+            "user_id": m.user_id,
+            "text": None if m.user_id in forgotten else m.text,
+            "text_removed_at": now if m.user_id in forgotten else None,
+            "received_at": now,
+            "state": m.state,
+            "attempts": 0,
+            "next_attempt_at": now + lease if m.state == MessageState.PENDING else None,
+        }
+        for m in first.values()
+    ]
+    # Core executemany of one cached statement (sent as one multi-row INSERT): no ORM per row
+    stmt = (
+        _insert(session, Message.__table__)
+        .on_conflict_do_nothing(index_elements=["team_id", "channel_id", "ts"])
+        .returning(Message.id)
+    )
+    inserted = (await session.execute(stmt, rows)).scalars()
+    created = {
+        (m.team_id, m.channel_id, m.ts): m
+        for m in await session.scalars(select(Message).where(Message.id.in_(list(inserted))))
+    }
+    return [created.pop(m.key) if first.get(m.key) is m and m.key in created else None for m in batch]
+
+
+async def _record_events(session: AsyncSession, event_ids: Collection[str], now: datetime) -> set[str]:
+    """The event ids among ``event_ids`` not seen before, now recorded."""
+    if not event_ids:
+        return set()
+    stmt = (
+        _insert(session, SlackEvent.__table__)
+        .on_conflict_do_nothing(index_elements=["event_id"])
+        .returning(SlackEvent.event_id)
+    )
+    rows = [{"event_id": event_id, "received_at": now} for event_id in event_ids]
+    return set((await session.execute(stmt, rows)).scalars())
+
+
+async def _forgotten_among(session: AsyncSession, user_ids: Collection[str]) -> set[str]:
+    if not user_ids:
+        return set()
+    query = select(ForgottenUser.user_id).where(ForgottenUser.user_id.in_(list(user_ids)))
+    return set(await session.scalars(query))
 
 
 async def get_message(session: AsyncSession, team_id: str, channel_id: str, ts: str) -> Message | None:
