@@ -120,25 +120,46 @@ def retrain_command(
         bool, typer.Option("--dry-run", help="Show what would be trained; train nothing.")
     ] = False,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs.", show_default="the active model's")
+        int | None, typer.Option(min=1, help="Epochs.", show_default="TRIAGE_RETRAIN_EPOCHS")
     ] = None,
     accept_after_hours: Annotated[
-        float, typer.Option(min=0, help="Train on predictions nobody corrected for this long.")
-    ] = 24.0,
+        float | None,
+        typer.Option(
+            min=0,
+            help="Train on predictions nobody corrected for this long.",
+            show_default="TRIAGE_RETRAIN_ACCEPT_AFTER_HOURS",
+        ),
+    ] = None,
     max_accepted: Annotated[
-        int, typer.Option(min=0, help="At most this many such messages, newest first (0: none).")
-    ] = 20_000,
+        int | None,
+        typer.Option(
+            min=0,
+            help="At most this many such messages, newest first (0: none).",
+            show_default="TRIAGE_RETRAIN_MAX_ACCEPTED",
+        ),
+    ] = None,
 ) -> None:
-    """Retrain on the corrections in the database; promote the candidate only if the gate passes."""
-    from bot.retrain import _main
+    """Retrain on the corrections in the database; promote the candidate only if the gate passes.
 
-    args = (
-        ["--trigger", "cli"]
-        + (["--dry-run"] if dry_run else [])
-        + (["--epochs", str(epochs)] if epochs else [])
-        + ["--accept-after-hours", str(accept_after_hours), "--max-accepted", str(max_accepted)]
-    )
-    raise typer.Exit(asyncio.run(_main(args)))
+    The gate and the run read the same settings as the bot (TRIAGE_GATE_*, TRIAGE_RETRAIN_*); an option
+    given here wins over its variable.
+    """
+    from bot.retrain import ChildRun, dry_run_text, print_progress, start_run
+    from bot.settings import retrain_settings_or_exit
+    from bot.storage.models import TrainingTrigger
+
+    given = {
+        "triage_retrain_epochs": epochs,
+        "triage_retrain_accept_after_hours": accept_after_hours,
+        "triage_retrain_max_accepted": max_accepted,
+    }
+    settings = retrain_settings_or_exit(**{k: v for k, v in given.items() if v is not None})
+    options = settings.run_options()
+    if dry_run:
+        typer.echo(asyncio.run(dry_run_text(options, settings.database_url)))
+        return
+    run = ChildRun(options, TrainingTrigger.CLI, database_url=settings.database_url)
+    raise typer.Exit(asyncio.run(start_run(run, print_progress, slack=False)))
 
 
 _plain_help(app)

@@ -16,23 +16,22 @@ time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lo
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
 import math
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any
 
 from filelock import FileLock, Timeout
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -49,9 +48,6 @@ from classifier.data import (
 from classifier.paths import data_dir, registry_dir
 from classifier.registry import Registry, VersionInfo
 from classifier.results import Backend, Quantize
-
-if TYPE_CHECKING:  # bot.run_queue builds on this module
-    from bot.run_queue import RunOptions
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +120,27 @@ class Gate:
         if not better:
             reasons.append("not better than the incumbent on any head")
         return not reasons, reasons
+
+
+@dataclass
+class RunOptions:
+    """What a run is asked to do, built from the settings by whoever asks (``RetrainSettings``); it travels
+    with the run to the child process or the worker as JSON."""
+
+    gate: Gate = field(default_factory=Gate)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    epochs: int | None = None  # default: the active model's own setting
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunOptions:
+        """Validated: a row another version (or a person) wrote may not have the shape this one expects."""
+        try:
+            return TypeAdapter(cls).validate_python(data or {})
+        except ValidationError as exc:
+            raise ValueError(f"the run's options are not valid: {exc.error_count()} problem(s)") from None
 
 
 def _paired_flips(
@@ -613,10 +630,144 @@ def _train_and_judge_sync(
     )
 
 
+# ---- starting a run: in a child process of the bot, in `triage retrain`, or queued for a worker ---------
+EXIT_FAILED = 1  # the run ran and failed (the active model is unchanged)
+EXIT_BUSY = 3  # another run holds the lock or waits for the worker
+
+
+@dataclass
+class ChildRun:
+    """A run for the bot's child process (``python -m bot.retrain``), handed over as one JSON object on its
+    stdin: typed on both sides, and the database URL (it may hold a password) never in argv."""
+
+    options: RunOptions
+    trigger: TrainingTrigger = TrainingTrigger.COMMAND
+    requested_by: str | None = None
+    database_url: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> ChildRun:
+        return TypeAdapter(cls).validate_json(data)
+
+
+async def start_child(run: ChildRun) -> asyncio.subprocess.Process:
+    """``python -m bot.retrain`` for ``run``: progress as JSON lines on its stdout (see ``child_main``)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.retrain",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert process.stdin is not None
+    process.stdin.write(run.to_json())
+    await process.stdin.drain()
+    process.stdin.close()
+    return process
+
+
+async def start_run(run: ChildRun, emit: ProgressSink, *, slack: bool) -> int:
+    """One run here (or queued for a worker, if one is up, and followed): its progress to ``emit``, and an
+    exit status: 0, ``EXIT_FAILED`` or ``EXIT_BUSY`` (after a ``busy`` event; ``slack``: mention who)."""
+    from bot.run_queue import worker_present  # bot.run_queue builds on this module
+
+    engine = create_engine(run.database_url)
+    sessions = create_session_factory(engine)
+    try:
+        if await worker_present(engine):
+            status = await _run_on_worker(sessions, engine, run, emit)
+        else:
+            outcome = await run_once(
+                sessions,
+                engine,
+                Registry(registry_dir()),
+                trigger=run.trigger,
+                requested_by=run.requested_by,
+                epochs=run.options.epochs,
+                on_progress=emit,
+                gate=run.options.gate,
+                acceptance=run.options.acceptance,
+            )
+            status = outcome.status
+        return EXIT_FAILED if status == TrainingStatus.FAILED else 0
+    except RunBusy:
+        async with sessions() as session:
+            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+            running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+        emit({"event": "busy", "message": busy_text(running, slack=slack)})
+        return EXIT_BUSY
+    finally:
+        await engine.dispose()
+
+
+async def _run_on_worker(
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run: ChildRun, emit: ProgressSink
+) -> TrainingStatus:
+    """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
+    ``RunBusy`` while another run runs or waits (as a run here would)."""
+    from bot.run_queue import enqueue, follow_run
+
+    async with sessions() as session:
+        waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+    if waiting is not None or await run_in_progress(engine):
+        raise RunBusy("a retraining run is in progress or queued")
+    run_id = await enqueue(sessions, trigger=run.trigger, options=run.options, requested_by=run.requested_by)
+    emit({"event": "queued", "run_id": run_id})
+    status = TrainingStatus.FAILED
+    async for event in follow_run(sessions, engine, run_id):
+        emit(event)
+        if event.get("event") == "done":
+            status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
+    return status
+
+
+async def dry_run_text(options: RunOptions, database_url: str | None) -> str:
+    """`triage retrain --dry-run`: what a run would train on."""
+    engine = create_engine(database_url)
+    try:
+        return await describe_dry_run(
+            create_session_factory(engine), Registry(registry_dir()), options.acceptance
+        )
+    finally:
+        await engine.dispose()
+
+
+def print_progress(event: dict[str, Any]) -> None:
+    """`triage retrain`'s progress, for people: epochs and the summary on stdout, the rest on stderr."""
+    kind = event.get("event")
+    if kind == "epoch":
+        print(
+            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.4f}",
+            flush=True,
+        )
+    elif kind == "done":
+        print(event["summary"], flush=True)
+    elif kind == "queued":
+        print(f"Queued as run {event['run_id']} for the worker; waiting for it.", file=sys.stderr, flush=True)
+    elif kind == "busy":
+        print(event["message"], file=sys.stderr, flush=True)
+
+
+def _print_json(event: dict[str, Any]) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+def child_main() -> int:
+    """``python -m bot.retrain``: the run a ``ChildRun`` on stdin describes, progress as JSON lines."""
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run = ChildRun.from_json(sys.stdin.buffer.read())
+    except ValidationError as exc:
+        print(f"error: the run on stdin is not valid: {exc.error_count()} problem(s)", file=sys.stderr)
+        return 2
+    return asyncio.run(start_run(run, _print_json, slack=True))  # the bot relays it to Slack
+
+
 # ---- the bot's side: start a run in a separate process and relay its progress ---------------------------
-Notify = Callable[[str], Awaitable[None]]
-
-
 class Retrainer:
     """Starts runs as child processes (``python -m bot.retrain``) and relays their progress to Slack."""
 
@@ -627,25 +778,21 @@ class Retrainer:
         post: Callable[[str, str, str | None], Awaitable[str | None]],
         upload: Callable[[str, str, str], Awaitable[None]] | None = None,
         summary_channel: str | None = None,
-        epochs: int | None = None,
-        gate: Gate | None = None,
-        acceptance: Acceptance | None = None,
+        options: RunOptions | None = None,
         poll_s: float = 1.0,
     ):
         self.sessions = sessions
-        self.gate = gate or Gate()
-        self.acceptance = acceptance or Acceptance()
+        self.options = options or RunOptions()
         self.engine = engine
         self.post = post  # (channel, text, thread_ts) -> ts of the posted message
         self.upload = upload  # (channel, path, title)
         self.summary_channel = summary_channel
-        self.epochs = epochs
         self.process: asyncio.subprocess.Process | None = None
         self.relay: asyncio.Future[None] | None = None  # relays the running run's progress
         self.poll_s = poll_s  # how often a queued run's progress rows are read
 
     async def dry_run(self) -> str:
-        return await describe_dry_run(self.sessions, Registry(registry_dir()), self.acceptance)
+        return await describe_dry_run(self.sessions, Registry(registry_dir()), self.options.acceptance)
 
     async def busy_message(self) -> str | None:
         """What to answer while a run holds the lock (or this bot's is starting, or one waits for the
@@ -684,41 +831,20 @@ class Retrainer:
             return busy
         if await worker_present(self.engine):
             return await self._enqueue(requested_by, notify_channel, trigger)
-        args = [sys.executable, "-m", "bot.retrain", "--trigger", str(trigger), "--progress-json"]
-        if requested_by:
-            args += ["--requested-by", requested_by]
-        if self.epochs:
-            args += ["--epochs", str(self.epochs)]
-        args += [
-            "--gate-tolerance",
-            str(self.gate.tolerance),
-            "--gate-max-recall-drop",
-            str(self.gate.max_recall_drop),
-            "--gate-recall-drop-alpha",
-            str(self.gate.recall_drop_alpha),
-            "--gate-backend",
-            self.gate.backend,
-            "--gate-quantize",
-            self.gate.quantize,
-            "--accept-after-hours",
-            str(self.acceptance.after_hours),
-            "--max-accepted",
-            str(self.acceptance.max_rows),
-        ]
         database_url = self.engine.url.render_as_string(hide_password=False)
-        env = {**os.environ, "DATABASE_URL": database_url, "TRIAGE_DATA_DIR": str(data_dir())}
-        self.process = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-        )
+        self.process = await start_child(ChildRun(self.options, trigger, requested_by, database_url))
         self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
         return "Retraining started; progress follows in this channel."
 
     async def _enqueue(self, requested_by: str | None, channel: str | None, trigger: TrainingTrigger) -> str:
-        from bot.run_queue import RunOptions, enqueue, follow_run
+        from bot.run_queue import enqueue, follow_run
 
-        options = RunOptions(gate=self.gate, acceptance=self.acceptance, epochs=self.epochs)
         run_id = await enqueue(
-            self.sessions, trigger=trigger, options=options, requested_by=requested_by, notify_channel=channel
+            self.sessions,
+            trigger=trigger,
+            options=self.options,
+            requested_by=requested_by,
+            notify_channel=channel,
         )
         events = follow_run(self.sessions, self.engine, run_id, poll_s=self.poll_s)
         self.relay = asyncio.ensure_future(self._relay_queued(events, channel))
@@ -801,120 +927,5 @@ def progress_text(event: dict[str, Any]) -> str | None:
     return None
 
 
-async def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot.retrain", description="One retraining run.")
-    parser.add_argument(
-        "--trigger", default=str(TrainingTrigger.CLI), choices=[str(t) for t in TrainingTrigger]
-    )
-    parser.add_argument("--requested-by")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
-    parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
-    parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
-    parser.add_argument("--gate-backend", choices=get_args(Backend), default=Gate.backend)
-    parser.add_argument("--gate-quantize", choices=get_args(Quantize), default=Gate.quantize)
-    parser.add_argument(
-        "--accept-after-hours",
-        type=float,
-        default=Acceptance.after_hours,
-        help="a prediction nobody corrected for this long counts as a label (training only)",
-    )
-    parser.add_argument(
-        "--max-accepted", type=int, default=Acceptance.max_rows, help="newest accepted messages (0: none)"
-    )
-    parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
-    args = parser.parse_args(argv)
-    if args.accept_after_hours < 0 or args.max_accepted < 0:
-        parser.error("--accept-after-hours and --max-accepted must not be negative")
-    acceptance = Acceptance(after_hours=args.accept_after_hours, max_rows=args.max_accepted)
-    engine = create_engine(os.environ.get("DATABASE_URL") or None)
-    sessions = create_session_factory(engine)
-    registry = Registry(registry_dir())
-
-    def emit(event: dict[str, Any]) -> None:
-        if args.progress_json:
-            print(json.dumps(event, default=str), flush=True)
-        elif event.get("event") == "epoch":
-            print(
-                f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.4f}",
-                flush=True,
-            )
-        elif event.get("event") == "done":
-            print(event["summary"], flush=True)
-
-    gate = Gate(
-        tolerance=args.gate_tolerance,
-        max_recall_drop=args.gate_max_recall_drop,
-        recall_drop_alpha=args.gate_recall_drop_alpha,
-        backend=args.gate_backend,
-        quantize=args.gate_quantize,
-    )
-    from bot.run_queue import RunOptions, worker_present
-
-    try:
-        if args.dry_run:
-            print(await describe_dry_run(sessions, registry, acceptance))
-            return 0
-        if await worker_present(engine):
-            options = RunOptions(gate=gate, acceptance=acceptance, epochs=args.epochs)
-            status = await _run_on_worker(sessions, engine, args, options, emit)
-        else:
-            outcome = await run_once(
-                sessions,
-                engine,
-                registry,
-                trigger=TrainingTrigger(args.trigger),
-                requested_by=args.requested_by,
-                epochs=args.epochs,
-                on_progress=emit,
-                gate=gate,
-                acceptance=acceptance,
-            )
-            status = outcome.status
-        return 1 if status == TrainingStatus.FAILED else 0
-    except RunBusy:
-        async with sessions() as session:
-            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
-            running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-        message = busy_text(running, slack=args.progress_json)  # JSON progress is relayed to Slack
-        if args.progress_json:
-            print(json.dumps({"event": "busy", "message": message}), flush=True)
-        else:
-            print(message, file=sys.stderr)
-        return 3
-    finally:
-        await engine.dispose()
-
-
-async def _run_on_worker(
-    sessions: async_sessionmaker[AsyncSession],
-    engine: AsyncEngine,
-    args: argparse.Namespace,
-    options: RunOptions,
-    emit: ProgressSink,
-) -> TrainingStatus:
-    """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
-    ``RunBusy`` while another run runs or waits (as a run here would)."""
-    from bot.run_queue import enqueue, follow_run
-
-    async with sessions() as session:
-        waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-    if waiting is not None or await run_in_progress(engine):
-        raise RunBusy("a retraining run is in progress or queued")
-    run_id = await enqueue(
-        sessions, trigger=TrainingTrigger(args.trigger), options=options, requested_by=args.requested_by
-    )
-    if not args.progress_json:
-        print(f"Queued as run {run_id} for the worker; waiting for it.", file=sys.stderr, flush=True)
-    status = TrainingStatus.FAILED
-    async for event in follow_run(sessions, engine, run_id):
-        emit(event)
-        if event.get("event") == "done":
-            status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
-    return status
-
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(asyncio.run(_main()))
+    sys.exit(child_main())

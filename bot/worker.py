@@ -25,8 +25,16 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import ProgressSink, RunBusy, RunOutcome, execute_run, fail_dead_runs, run_lock
-from bot.run_queue import WORKER_LOCK_KEY, RunOptions
+from bot.retrain import (
+    ProgressSink,
+    RunBusy,
+    RunOptions,
+    RunOutcome,
+    execute_run,
+    fail_dead_runs,
+    run_lock,
+)
+from bot.run_queue import WORKER_LOCK_KEY
 from bot.settings import WorkerSettings
 from bot.storage import repository as repo
 from bot.storage.database import check_schema, create_engine, create_session_factory
