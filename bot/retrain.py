@@ -10,6 +10,10 @@ One run, as plain steps that each leave a record (``TrainingRun`` row, registry 
 4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
 5. promote (registry ACTIVE + database mirror; every engine hot-swaps) or keep it as rejected.
 
+Steps 3 to 5's model side (train, judge, decide) is ``classifier.promotion``; this module keeps what
+needs the database or Slack: the examples, the run's record and lock, and relaying its progress (the
+texts are in ``bot.blocks``).
+
 A run executes in its own process (``python -m bot.retrain``), never on the bot's event loop; one run at a
 time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lock.
 """
@@ -20,7 +24,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from collections import Counter
@@ -35,9 +38,10 @@ from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from bot.blocks import retrain_busy_text, retrain_progress_text, retrain_summary_text
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, erase_freed_space
-from bot.storage.models import ModelStatus, TrainingRun, TrainingStatus, TrainingTrigger, utcnow
+from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
     Split,
@@ -46,8 +50,8 @@ from classifier.data import (
     read_jsonl,
 )
 from classifier.paths import data_dir, registry_dir
+from classifier.promotion import Gate, train_and_judge
 from classifier.registry import Registry, VersionInfo
-from classifier.results import Backend, Quantize
 
 log = logging.getLogger(__name__)
 
@@ -65,61 +69,6 @@ class Acceptance:
 
     after_hours: float = 24.0
     max_rows: int = 20_000
-
-
-@dataclass
-class Gate:
-    """Promotion rule: no head's macro-F1 worse by more than ``tolerance``, at least one head better by more
-    than ``min_gain``, and no class (with ``min_support`` held-out rows) whose recall falls by more than
-    ``max_recall_drop`` *and* whose fall is beyond chance.
-
-    Both models are judged on the same rows, so a class's fall is tested pairwise (an exact one-sided
-    McNemar test over the rows one model gets right and the other wrong, level ``recall_drop_alpha``).
-    With a dozen held-out rows per class, two rows flipping is a 0.15 recall swing that means nothing;
-    seven rows lost and none gained is a regression.
-    """
-
-    tolerance: float = 0.01
-    min_gain: float = 0.0
-    max_recall_drop: float = 0.10
-    min_support: int = 5
-    recall_drop_alpha: float = 0.05
-    # both models are judged on the backend that will serve them (CLASSIFIER_BACKEND/QUANTIZE, on the CPU)
-    backend: Backend = "auto"
-    quantize: Quantize = "auto"
-
-    def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
-        reasons: list[str] = []
-        better = []
-        heads = [h for h in candidate["heads"] if h in incumbent["heads"]]
-        if not heads:
-            return False, ["no head has held-out labels to compare on"]
-        for head in heads:
-            c, i = candidate["heads"][head], incumbent["heads"][head]
-            delta = c["macro_f1"] - i["macro_f1"]
-            if delta < -self.tolerance:
-                reasons.append(f"{head} macro-F1 fell {-delta:.3f} (tolerance {self.tolerance:.3f})")
-            if delta > self.min_gain:
-                better.append(head)
-            flips = _paired_flips(c.get("rows"), i.get("rows"))
-            for label, ci in c["per_class"].items():
-                ii = i["per_class"].get(label)
-                if not ii or ii["support"] < self.min_support:
-                    continue
-                drop = ii["recall"] - ci["recall"]
-                if drop <= self.max_recall_drop:
-                    continue
-                # without per-row predictions, assume the fewest flips that explain the drop
-                lost, gained = flips.get(label, (round(drop * ii["support"]), 0))
-                p = _one_sided_sign_test(lost, gained)
-                if p < self.recall_drop_alpha:
-                    reasons.append(
-                        f"{head}={label} recall fell {drop:.2f} (limit {self.max_recall_drop:.2f}; "
-                        f"{lost} held-out rows lost, {gained} gained, p={p:.3f})"
-                    )
-        if not better:
-            reasons.append("not better than the incumbent on any head")
-        return not reasons, reasons
 
 
 @dataclass
@@ -143,30 +92,6 @@ class RunOptions:
             raise ValueError(f"the run's options are not valid: {exc.error_count()} problem(s)") from None
 
 
-def _paired_flips(
-    candidate_rows: dict[str, list[str]] | None, incumbent_rows: dict[str, list[str]] | None
-) -> dict[str, tuple[int, int]]:
-    """Per true label: (rows the incumbent got right and the candidate wrong, the reverse)."""
-    if not candidate_rows or not incumbent_rows or candidate_rows["true"] != incumbent_rows["true"]:
-        return {}
-    flips: dict[str, list[int]] = {}
-    for truth, cand, inc in zip(
-        candidate_rows["true"], candidate_rows["predicted"], incumbent_rows["predicted"], strict=True
-    ):
-        counts = flips.setdefault(truth, [0, 0])
-        counts[0] += inc == truth and cand != truth
-        counts[1] += cand == truth and inc != truth
-    return {label: (lost, gained) for label, (lost, gained) in flips.items()}
-
-
-def _one_sided_sign_test(lost: int, gained: int) -> float:
-    """P(at least ``lost`` of the ``lost + gained`` flipped rows went against the candidate | no change)."""
-    n = lost + gained
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
-
-
 @dataclass
 class RunOutcome:
     status: TrainingStatus
@@ -179,45 +104,11 @@ class RunOutcome:
     confusion_png: str | None = None
 
     def summary(self) -> str:
-        if self.status == TrainingStatus.FAILED:
-            return f":x: Retraining failed: {self.error}"
-        head = (
-            f":rocket: *{self.candidate}* promoted (was {self.incumbent})"
-            if self.status == TrainingStatus.PROMOTED
-            else f":no_entry: *{self.candidate}* kept as rejected; {self.incumbent} stays active"
-        )
-        lines = [head]
-        for h, d in self.deltas.items():
-            lines.append(
-                f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
-                f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
-            )
-        c = self.counts
-        lines.append(
-            f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
-            f"{c.get('accepted', 0)} accepted predictions), "
-            f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
-        )
-        if self.reasons and self.status != TrainingStatus.PROMOTED:
-            lines.append("  why: " + "; ".join(self.reasons))
-        return "\n".join(lines)
+        return retrain_summary_text(self)
 
 
 class RunBusy(RuntimeError):
     """Another retraining run holds the lock."""
-
-
-def busy_text(running: TrainingRun | None, slack: bool = True) -> str:
-    """What to tell someone who asks for a run while another holds the lock (``slack``: a mention)."""
-    if running is None:
-        return "Retraining is already running."
-    who = str(running.trigger)
-    if running.requested_by:
-        who = f"<@{running.requested_by}>" if slack else running.requested_by
-    when = f"{running.started_at:%Y-%m-%d %H:%M} UTC"
-    if running.status == TrainingStatus.QUEUED:
-        return f"Retraining is already queued for the worker, asked by {who} at {when}."
-    return f"Retraining is already running, started by {who} at {when}."
 
 
 def _run_file_lock() -> FileLock:
@@ -345,7 +236,7 @@ async def erase_removed_texts(
 
 def split_for_run(active: VersionInfo, examples: Sequence[Example]) -> dict[Split, list[Example]]:
     """A run's rows split as ``train()`` splits them for a candidate warm-started from ``active``: the test
-    share is what both models are judged on."""
+    share is what both models are judged on (``classifier.promotion.heldout_rows``)."""
     return active.split(examples)
 
 
@@ -547,87 +438,33 @@ def _train_and_judge_sync(
     epochs: int | None,
     emit: ProgressSink,
 ) -> RunOutcome:
-    """The heavy part: train, evaluate both, decide. Runs in a worker thread of the retrain process."""
-    from classifier.evaluate import evaluate_version
-    from classifier.schema import LabelSchema
-    from classifier.train import TrainConfig, train
+    """The heavy part (``classifier.promotion``), with what the run says about its rows. Runs in a worker
+    thread of the run's process."""
+    counts = _row_counts(split_for_run(active, examples))
+    emit({"event": "dataset", **counts, "incumbent": active.name})
+    judgement = train_and_judge(registry, active, examples, gate, epochs=epochs, emit=emit)
+    return RunOutcome(
+        status=TrainingStatus.PROMOTED if judgement.promoted else TrainingStatus.REJECTED,
+        candidate=judgement.candidate,
+        incumbent=judgement.incumbent,
+        reasons=judgement.reasons,
+        deltas=judgement.deltas,
+        counts=counts,
+        confusion_png=judgement.confusion_png,
+    )
 
-    config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
-    fractions, salt = active.split_config()
-    config = TrainConfig(**{**config_raw, "split": fractions, "split_salt": salt})
-    config.init_from = active.name
-    config.max_steps = None
-    if epochs:
-        config.epochs = epochs
-    splits = split_for_run(active, examples)
+
+def _row_counts(splits: dict[Split, list[Example]]) -> dict[str, int]:
+    """How many rows a run learns from and is judged on, and how many of each came from Slack."""
     heldout = splits["test"]
     learn = splits["train"] + splits["validation"]
-    counts = {
+    return {
         "train": len(learn),
         "feedback": sum(_is_human_feedback(e) for e in learn),
         "accepted": sum(e.source.startswith(ACCEPTED_SOURCE) for e in learn),
         "heldout": len(heldout),
         "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
     }
-    emit({"event": "dataset", **counts, "incumbent": active.name})
-    if not heldout:
-        raise ValueError(
-            "no held-out rows to judge a candidate on (the active model was trained without a test split)"
-        )
-    schema = LabelSchema.from_dict(active.schema)
-
-    def progress(p: dict[str, Any]) -> None:
-        emit({"event": "epoch", **p})
-
-    result = train(
-        examples,
-        schema,
-        config,
-        registry,
-        data_info={"retrain_of": active.name},
-        activate_if_first=False,
-        progress=False,
-        on_progress=progress,
-    )
-    candidate = result.version
-    emit({"event": "evaluating", "candidate": candidate.name})
-    reports = {}
-    for name in (candidate.name, active.name):
-        out = (
-            Path(registry.get(candidate.name).path) / "eval" / f"heldout-{name}"
-            if name != candidate.name
-            else Path(candidate.path) / "eval" / "heldout"
-        )
-        reports[name] = evaluate_version(
-            registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
-        )
-    promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
-    deltas = {
-        h: {
-            "candidate": m["macro_f1"],
-            "incumbent": reports[active.name]["heads"][h]["macro_f1"],
-            "delta": m["macro_f1"] - reports[active.name]["heads"][h]["macro_f1"],
-            "candidate_accuracy": m["accuracy"],
-            "incumbent_accuracy": reports[active.name]["heads"][h]["accuracy"],
-        }
-        for h, m in reports[candidate.name]["heads"].items()
-        if h in reports[active.name]["heads"]
-    }
-    if promote:
-        registry.activate(candidate.name, reason=f"promoted over {active.name} by the gate")
-    else:
-        registry.set_status(candidate.name, "rejected", "; ".join(reasons))
-    first_head = next(iter(reports[candidate.name]["heads"]), None)
-    png = Path(candidate.path) / "eval" / "heldout" / f"confusion_{first_head}.png" if first_head else None
-    return RunOutcome(
-        status=TrainingStatus.PROMOTED if promote else TrainingStatus.REJECTED,
-        candidate=candidate.name,
-        incumbent=active.name,
-        reasons=reasons,
-        deltas=deltas,
-        counts=counts,
-        confusion_png=str(png) if png and png.is_file() else None,
-    )
 
 
 # ---- starting a run: in a child process of the bot, in `triage retrain`, or queued for a worker ---------
@@ -698,7 +535,7 @@ async def start_run(run: ChildRun, emit: ProgressSink, *, slack: bool) -> int:
         async with sessions() as session:
             running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
             running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-        emit({"event": "busy", "message": busy_text(running, slack=slack)})
+        emit({"event": "busy", "message": retrain_busy_text(running, slack=slack)})
         return EXIT_BUSY
     finally:
         await engine.dispose()
@@ -801,7 +638,9 @@ class Retrainer:
             return "Retraining is already running (started from this bot)."
         if await run_in_progress(self.engine):
             async with self.sessions() as session:
-                return busy_text(await repo.latest_training_run(session, status=TrainingStatus.RUNNING))
+                return retrain_busy_text(
+                    await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+                )
         # a 'running' row now is a killed run's: the next run marks it failed
         from bot.run_queue import worker_present  # bot.run_queue builds on this module
 
@@ -809,7 +648,7 @@ class Retrainer:
             async with self.sessions() as session:
                 queued = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
             if queued is not None:
-                return busy_text(queued)
+                return retrain_busy_text(queued)
         return None
 
     async def request(
@@ -884,7 +723,7 @@ class Retrainer:
         async for event in events:
             if event.get("event") == "done":
                 return event, thread
-            text = progress_text(event)
+            text = retrain_progress_text(event)
             if text and channel:
                 ts = await self.post(channel, text, thread)
                 thread = thread or ts
@@ -907,24 +746,6 @@ async def _json_lines(stream: asyncio.StreamReader) -> AsyncIterator[dict[str, A
             continue
         if isinstance(event, dict):
             yield event
-
-
-def progress_text(event: dict[str, Any]) -> str | None:
-    """One progress event as a line for Slack (``None``: nothing to say)."""
-    kind = event.get("event")
-    if kind == "busy":
-        return str(event.get("message") or "Retraining is already running.")
-    if kind == "dataset":
-        return (
-            f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} training "
-            f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
-        )
-    if kind == "epoch":
-        return (
-            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.3f}, "
-            f"about {event['eta_s'] / 60:.0f} min left"
-        )
-    return None
 
 
 if __name__ == "__main__":

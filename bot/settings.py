@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from bot.retrain import Acceptance, Gate, RunOptions
+from bot.retrain import Acceptance, RunOptions
 from classifier.logsafe import redact_url
+from classifier.promotion import Gate
 from classifier.results import Backend, Quantize
 from classifier.schema import HEAD_USES, describe_lost_heads
 

@@ -19,7 +19,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from bot.retrain import (
     Acceptance,
     ChildRun,
-    Gate,
     Retrainer,
     RunBusy,
     RunOptions,
@@ -42,6 +41,7 @@ from bot.storage.models import (
     utcnow,
 )
 from classifier.data import Example, normalize, read_jsonl, split_examples
+from classifier.promotion import Gate
 from classifier.registry import Registry
 from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
@@ -585,3 +585,47 @@ def test_a_malformed_gate_setting_stops_triage_retrain_with_its_name(
     assert result.exit_code == 2
     assert "error: TRIAGE_GATE_MAX_RECALL_DROP: Input should be a valid number" in result.output
     assert not list(tmp_path.glob("models/*"))  # nothing ran
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the bot's own child process (no worker on SQLite)
+async def test_the_bot_relays_a_runs_progress_and_summary_to_slack(
+    tiny_bert: Path, data_dir: Path, db: Any
+) -> None:
+    """Through the bot's Slack output to the stand-in: progress in one thread of the asking channel, the
+    summary and the candidate's confusion matrix there and in the summary channel."""
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.slack_output import SlackOutput
+    from tests.slack_standin import SlackStandIn
+
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    await _store_feedback(sessions, learnable_rows(60, seed=5))
+    async with SlackStandIn() as slack:
+        for channel in ("C0ASK", "C0SUMMARY"):
+            slack.add_channel(channel)
+        output = SlackOutput(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+        retrainer = Retrainer(
+            sessions,
+            engine,
+            post=output.post_text,
+            upload=output.upload,
+            summary_channel="C0SUMMARY",
+            options=RunOptions(epochs=1),
+        )
+        await retrainer.request(requested_by="U0ADMIN", notify_channel="C0ASK")
+        assert retrainer.relay is not None
+        await asyncio.wait_for(retrainer.relay, timeout=300)
+        asked = slack.messages_in("C0ASK")
+        summary = slack.messages_in("C0SUMMARY")
+        uploads = [f for f in slack.files.values() if f.completed]
+    first, *progress, last = asked
+    assert first["text"].startswith(":hourglass_flowing_sand: Retraining from v1:")
+    assert [m["text"][:31] for m in progress] == ["epoch 1/1: validation macro-F1 "]
+    assert all(m.get("thread_ts") == first["ts"] for m in progress)  # one thread per run
+    assert last["text"].startswith((":rocket: *v2* promoted", ":no_entry: *v2* kept as rejected"))
+    assert "thread_ts" not in last  # the summary stands in the channel
+    assert [m["text"] for m in summary] == [last["text"]]
+    assert sorted(f.channel_id or "" for f in uploads) == ["C0ASK", "C0SUMMARY"]
+    assert all(f.content and f.content.startswith(b"\x89PNG") for f in uploads)

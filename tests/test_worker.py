@@ -19,12 +19,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
 
 from bot.cli import app
-from bot.retrain import Acceptance, Gate, Retrainer, RunOptions, run_in_progress
+from bot.retrain import Acceptance, Retrainer, RunOptions, run_in_progress
 from bot.run_queue import worker_present
 from bot.settings import SettingsError, load_worker_settings
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, TrainingTrigger
+from classifier.promotion import Gate
 from classifier.registry import Registry
 from classifier.train import pick_device
 from tests.model_fixtures import learnable_rows
