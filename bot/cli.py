@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated, Any
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
 from bot.storage.cli import register as register_storage_commands
 from bot.up import up_command
-from classifier.cli import data_app
+from classifier.cli import EXIT_USAGE, USER_ERRORS, data_app
 from classifier.cli import register as register_classifier_commands
 from classifier.paths import DATA_DIR_ENV, default_data_dir, describe_data_dir
 
@@ -43,16 +46,62 @@ class _Group(_PlainHelp, TyperGroup):
     pass
 
 
-def _plain_help(typer_app: typer.Typer) -> None:
-    """Give every command and group of ``typer_app``, wherever declared, the plain help."""
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(command: F) -> F:
+    """Every command's way to fail: ``error: ...`` on stderr (one line per problem) and a documented exit
+    code (README, "Command line"), never a traceback for a problem the user can act on."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # the command's own exit status, or a usage error click reports
+        except Exception as exc:
+            failure = _expected_failure(exc)
+            if failure is None:
+                raise  # a bug: its traceback is what helps
+        code, lines = failure
+        for line in lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _expected_failure(exc: Exception) -> tuple[int, list[str]] | None:
+    """The exit code and message lines of an expected failure; ``None`` for anything else."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bot.main import StartupError
+    from bot.retrain import EXIT_FAILED
+    from bot.storage.database import DatabaseConfigError, SchemaMismatchError
+
+    if isinstance(exc, (*USER_ERRORS, StartupError, DatabaseConfigError)):
+        return EXIT_USAGE, str(exc).strip().splitlines() or [type(exc).__name__]
+    if isinstance(exc, SchemaMismatchError):  # as the db and data commands say it
+        return EXIT_FAILED, str(exc).strip().splitlines()
+    if isinstance(exc, (SQLAlchemyError, OSError)):
+        detail = str(getattr(exc, "orig", None) or exc).strip()  # a driver's message: no SQL, no password
+        return EXIT_FAILED, [detail.splitlines()[0] if detail else type(exc).__name__]
+    return None
+
+
+def _finish(typer_app: typer.Typer) -> None:
+    """Give every command and group of ``typer_app``, wherever declared, the plain help and the one way
+    to fail."""
     typer_app.info.cls = _Group
     for command in typer_app.registered_commands:
         if command.cls in (None, TyperCommand):
             command.cls = _Command
+        if command.callback is not None:
+            command.callback = _one_line_errors(command.callback)
     for group in typer_app.registered_groups:
         group.cls = _Group
         if group.typer_instance is not None:
-            _plain_help(group.typer_instance)
+            _finish(group.typer_instance)
 
 
 app = typer.Typer(
@@ -90,16 +139,12 @@ def bot_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")] = False,
 ) -> None:
     """Run the Slack bot (HTTP on $PORT, or Socket Mode when SLACK_APP_TOKEN is set)."""
-    from bot.main import StartupError, run_bot
+    from bot.main import run_bot
     from bot.settings import settings_or_exit
 
     settings = settings_or_exit()
     _logging(verbose)
-    try:
-        asyncio.run(run_bot(settings))
-    except StartupError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    asyncio.run(run_bot(settings))
 
 
 @app.command("worker")
@@ -162,7 +207,7 @@ def retrain_command(
     raise typer.Exit(asyncio.run(start_run(run, print_progress, slack=False)))
 
 
-_plain_help(app)
+_finish(app)
 
 
 def main() -> None:

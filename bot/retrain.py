@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from bot.blocks import retrain_busy_text, retrain_progress_text, retrain_summary_text
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, erase_freed_space
+from bot.storage.database import check_schema, create_engine, create_session_factory, erase_freed_space
 from bot.storage.models import ModelStatus, TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
@@ -515,6 +515,7 @@ async def start_run(run: ChildRun, emit: ProgressSink, *, slack: bool) -> int:
     engine = create_engine(run.database_url)
     sessions = create_session_factory(engine)
     try:
+        await check_schema(engine)
         if await worker_present(engine):
             status = await _run_on_worker(sessions, engine, run, emit)
         else:
@@ -566,6 +567,7 @@ async def dry_run_text(options: RunOptions, database_url: str | None) -> str:
     """`triage retrain --dry-run`: what a run would train on."""
     engine = create_engine(database_url)
     try:
+        await check_schema(engine)
         return await describe_dry_run(
             create_session_factory(engine), Registry(registry_dir()), options.acceptance
         )

@@ -26,6 +26,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.retrain import (
+    EXIT_FAILED,
     ProgressSink,
     RunBusy,
     RunOptions,
@@ -177,9 +178,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_worker(settings))
-    except SchemaMismatchError as exc:
+    except SchemaMismatchError as exc:  # as every command says it (README, "Command line")
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     return 0
 
 

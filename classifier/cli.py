@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -20,22 +18,10 @@ from classifier.schema import SchemaError
 data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)
 models_app = typer.Typer(help="List and activate model versions in the registry.", no_args_is_help=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+# What a command can expect to go wrong with its input: reported as one line and EXIT_USAGE (bot.cli
+# reports them for every command of the `triage` app)
 USER_ERRORS = (DataError, SchemaError, RegistryError, ModelLoadError, ValueError, FileNotFoundError)
-
-
-def user_errors(func: F) -> F:
-    """Turn expected failures (bad data, unknown version...) into one clear line and exit code 2."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except USER_ERRORS as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+EXIT_USAGE = 2  # bad input or configuration: nothing was done
 
 
 def _registry() -> Any:
@@ -78,7 +64,6 @@ TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
 PACKAGED_MODEL = "the packaged all-MiniLM-L6-v2"
 
 
-@user_errors
 def train_command(
     data: DataOpt,
     base_model: Annotated[
@@ -204,7 +189,6 @@ def _training_data(
     return examples, schema
 
 
-@user_errors
 def evaluate_command(
     data: DataOpt,
     model: Annotated[
@@ -251,7 +235,6 @@ def evaluate_command(
 
 
 @data_app.command("inspect")
-@user_errors
 def inspect_command(
     files: Annotated[list[Path], typer.Argument(metavar="FILE", help="CSV or JSONL files.")],
     text_column: TextColumnOpt = "text",
@@ -271,7 +254,6 @@ def inspect_command(
 
 
 @models_app.command("list")
-@user_errors
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print the versions as one JSON list.")] = False,
 ) -> None:
@@ -301,7 +283,6 @@ def models_list(
 
 
 @models_app.command("activate")
-@user_errors
 def models_activate(
     version: Annotated[str, typer.Argument(help="Version name, e.g. v3.")],
     yes: Annotated[

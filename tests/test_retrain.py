@@ -629,3 +629,21 @@ async def test_the_bot_relays_a_runs_progress_and_summary_to_slack(
     assert [m["text"] for m in summary] == [last["text"]]
     assert sorted(f.channel_id or "" for f in uploads) == ["C0ASK", "C0SUMMARY"]
     assert all(f.content and f.content.startswith(b"\x89PNG") for f in uploads)
+
+
+async def test_triage_retrain_without_a_model_fails_in_one_line(
+    db: Any, database_url: URL, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    # the command runs its own event loop: off this test's
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["retrain", "--dry-run"])
+    assert result.exit_code == 2  # the README's "bad input or configuration"
+    assert result.output.splitlines()[-1] == (
+        f"error: no active model in {tmp_path / 'models'}: train one with `triage train`"
+    )
+    assert "Traceback" not in result.output
