@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable
 from functools import wraps
@@ -12,6 +13,7 @@ import click
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+from bot.storage.cli import DatabaseUrlOption
 from bot.storage.cli import register as register_storage_commands
 from bot.up import up_command
 from classifier.cli import EXIT_USAGE, USER_ERRORS, data_app
@@ -205,6 +207,50 @@ def retrain_command(
         return
     run = ChildRun(options, TrainingTrigger.CLI, database_url=settings.database_url)
     raise typer.Exit(asyncio.run(start_run(run, print_progress, slack=False)))
+
+
+@app.command("audit")
+def audit_command(
+    user: Annotated[str | None, typer.Option("--user", help="Only this Slack user's requests (U…).")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action: retrain, rollback.")] = None,
+    days: Annotated[float | None, typer.Option(min=0, help="Only the last N days.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Who asked for an admin action in Slack (/triage retrain, rollback), when, and whether it was
+    allowed: the audit log, newest first."""
+    from datetime import timedelta
+
+    from bot.storage import repository as repo
+    from bot.storage.database import check_schema, create_engine, create_session_factory
+    from bot.storage.models import utcnow
+
+    since = utcnow() - timedelta(days=days) if days is not None else None
+
+    async def read() -> list[Any]:
+        engine = create_engine(database_url)
+        try:
+            await check_schema(engine)
+            async with create_session_factory(engine)() as session:
+                return await repo.list_audit_entries(
+                    session, limit=limit, user_id=user, action=action, since=since
+                )
+        finally:
+            await engine.dispose()
+
+    for entry in asyncio.run(read()):
+        if as_json:
+            fields = ("user_id", "action", "args", "allowed", "reason")
+            row = {"at": entry.created_at.isoformat(), **{f: getattr(entry, f) for f in fields}}
+            typer.echo(json.dumps(row))
+            continue
+        verdict = "allowed" if entry.allowed else "refused"
+        reason = f" ({entry.reason})" if entry.reason else ""
+        typer.echo(
+            f"{entry.created_at:%Y-%m-%d %H:%M} UTC  {entry.user_id}  {entry.action} "
+            f"{json.dumps(entry.args)}  {verdict}{reason}"
+        )
 
 
 _finish(app)

@@ -647,3 +647,28 @@ async def test_triage_retrain_without_a_model_fails_in_one_line(
         f"error: no active model in {tmp_path / 'models'}: train one with `triage train`"
     )
     assert "Traceback" not in result.output
+
+
+async def test_triage_audit_lists_who_asked_for_a_retrain(db: Any, database_url: URL) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    _, sessions = db
+    async with sessions.begin() as session:
+        await repo.add_audit_entry(
+            session, user_id="U0AGENT", action="retrain", allowed=False, reason="not admin"
+        )
+        await repo.add_audit_entry(
+            session, user_id="U0ADMIN", action="rollback", args={"version": "v1"}, allowed=True
+        )
+    url = ["--database-url", database_url.render_as_string(hide_password=False)]
+    # the command runs its own event loop: off this test's
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["audit", *url])
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.output.splitlines() if " UTC  " in line]
+    assert lines[0].endswith('U0ADMIN  rollback {"version": "v1"}  allowed')  # newest first
+    assert lines[1].endswith("U0AGENT  retrain {}  refused (not admin)")
+    only = await asyncio.to_thread(CliRunner().invoke, app, ["audit", "--user", "U0AGENT", "--json", *url])
+    (row,) = [json.loads(line) for line in only.output.splitlines() if line.startswith("{")]
+    assert (row["user_id"], row["action"], row["allowed"]) == ("U0AGENT", "retrain", False)
