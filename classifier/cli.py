@@ -14,6 +14,7 @@ from classifier.model import ModelLoadError
 from classifier.registry import RegistryError
 from classifier.results import Backend, Quantize
 from classifier.schema import SchemaError
+from classifier.train_config import TrainConfig
 
 data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)
 models_app = typer.Typer(help="List and activate model versions in the registry.", no_args_is_help=True)
@@ -68,7 +69,7 @@ def train_command(
     data: DataOpt,
     base_model: Annotated[
         str, typer.Option(help="Local Hugging Face BERT folder.", show_default=PACKAGED_MODEL)
-    ] = "",
+    ] = TrainConfig.base_model,
     from_version: Annotated[
         str | None, typer.Option(help="Continue training from this registry version.")
     ] = None,
@@ -83,32 +84,42 @@ def train_command(
         ),
     ] = False,
     text_column: TextColumnOpt = "text",
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
     max_length: Annotated[
         str,
         typer.Option(
             help="Max sequence length in tokens (3-512), or auto: the shortest of 32/64/128/256/512 that "
             "keeps 95% of the training texts whole (what `triage data inspect` suggests)."
         ),
-    ] = "64",
-    batch_size: Annotated[int, typer.Option(min=1, help="Training examples per optimizer step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 1e-4,
-    head_lr: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 1e-3,
-    warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
-    weight_decay: float = 0.01,
-    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
+    ] = str(TrainConfig.max_length),
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Training examples per optimizer step.")
+    ] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = TrainConfig.learning_rate,
+    head_lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the heads.")
+    ] = TrainConfig.head_learning_rate,
+    warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = TrainConfig.warmup_ratio,
+    weight_decay: float = TrainConfig.weight_decay,
+    patience: Annotated[
+        int, typer.Option(help="Early stopping patience in epochs (0: off).")
+    ] = TrainConfig.patience,
     class_weighting: Annotated[
         str, typer.Option(help="none, or balanced: classes weigh in the loss inversely to their counts.")
-    ] = "none",
-    seed: int = 42,
-    split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "80/10/10",
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    ] = TrainConfig.class_weighting,
+    seed: int = TrainConfig.seed,
+    split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "/".join(
+        f"{share * 100:g}" for share in TrainConfig.split
+    ),
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps.")
+    ] = TrainConfig.max_steps,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = TrainConfig.device,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune a multi-head model on labeled data and add it to the registry."""
     from classifier.data import fingerprint
-    from classifier.train import TrainConfig, train
+    from classifier.train import train
 
     registry = _registry()
     examples, used_schema = _training_data(registry, data, schema, from_version, infer_labels, text_column)

@@ -159,7 +159,7 @@ def train_and_judge(
 
 def _warm_start_config(active: VersionInfo, epochs: int | None) -> Any:
     """``active``'s own training settings and split, continuing from its weights."""
-    from classifier.train import TrainConfig
+    from classifier.train_config import TrainConfig
 
     config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
     fractions, salt = active.split_config()
