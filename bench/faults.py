@@ -71,7 +71,7 @@ from bench.bot_load import (  # noqa: E402
     warm_up,
 )
 from bench.machine import cpu_name  # noqa: E402
-from bot.retrain import ChildRun, RunOptions, start_child  # noqa: E402
+from bot.retrain import RunOptions, RunRequest, start_child  # noqa: E402
 from bot.storage.database import resolve_database_url  # noqa: E402
 from bot.storage.models import TrainingTrigger  # noqa: E402
 from tests.slack_standin import SlackStandIn  # noqa: E402
@@ -233,7 +233,7 @@ async def fault_slack429(case: Case) -> None:
 async def fault_diskfull(case: Case) -> None:
     os.environ.update(TRIAGE_DATA_DIR=str(case.data_dir), HF_HUB_OFFLINE="1")  # the child inherits them
     process = await start_child(
-        ChildRun(RunOptions(epochs=1), TrainingTrigger.CLI, database_url=case.database_url)
+        RunRequest(RunOptions(epochs=1), TrainingTrigger.CLI, database_url=case.database_url)
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=600)
     done = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]

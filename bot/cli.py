@@ -191,7 +191,7 @@ def retrain_command(
     The gate and the run read the same settings as the bot (TRIAGE_GATE_*, TRIAGE_RETRAIN_*); an option
     given here wins over its variable.
     """
-    from bot.retrain import ChildRun, dry_run_text, print_progress, start_run
+    from bot.retrain import RunRequest, dry_run_text, print_progress, start_run
     from bot.settings import retrain_settings_or_exit
     from bot.storage.models import TrainingTrigger
 
@@ -205,7 +205,7 @@ def retrain_command(
     if dry_run:
         typer.echo(asyncio.run(dry_run_text(options, settings.database_url)))
         return
-    run = ChildRun(options, TrainingTrigger.CLI, database_url=settings.database_url)
+    run = RunRequest(options, TrainingTrigger.CLI, database_url=settings.database_url)
     raise typer.Exit(asyncio.run(start_run(run, print_progress, slack=False)))
 
 

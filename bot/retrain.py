@@ -50,7 +50,7 @@ from classifier.data import (
     read_jsonl,
 )
 from classifier.paths import data_dir, registry_dir
-from classifier.promotion import Gate, train_and_judge
+from classifier.promotion import Gate, ProgressSink, train_and_judge
 from classifier.registry import Registry, VersionInfo
 
 log = logging.getLogger(__name__)
@@ -252,9 +252,6 @@ def _restrict_to_schema(examples: list[Example], heads: dict[str, list[str]]) ->
         if labels:
             out.append(Example(ex.text, labels, ex.source, tuple(h for h in ex.train_only if h in labels)))
     return out
-
-
-ProgressSink = Callable[[dict[str, Any]], None]
 
 
 async def dataset_for_run(
@@ -473,9 +470,10 @@ EXIT_BUSY = 3  # another run holds the lock or waits for the worker
 
 
 @dataclass
-class ChildRun:
-    """A run for the bot's child process (``python -m bot.retrain``), handed over as one JSON object on its
-    stdin: typed on both sides, and the database URL (it may hold a password) never in argv."""
+class RunRequest:
+    """A run someone asked for: ``triage retrain`` starts it in its own process, the bot in a child process
+    (``python -m bot.retrain``) that gets it as one JSON object on its stdin: typed on both sides, and the
+    database URL (it may hold a password) never in argv."""
 
     options: RunOptions
     trigger: TrainingTrigger = TrainingTrigger.COMMAND
@@ -486,11 +484,11 @@ class ChildRun:
         return json.dumps(asdict(self)).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> ChildRun:
+    def from_json(cls, data: bytes) -> RunRequest:
         return TypeAdapter(cls).validate_json(data)
 
 
-async def start_child(run: ChildRun) -> asyncio.subprocess.Process:
+async def start_child(run: RunRequest) -> asyncio.subprocess.Process:
     """``python -m bot.retrain`` for ``run``: progress as JSON lines on its stdout (see ``child_main``)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -507,7 +505,7 @@ async def start_child(run: ChildRun) -> asyncio.subprocess.Process:
     return process
 
 
-async def start_run(run: ChildRun, emit: ProgressSink, *, slack: bool) -> int:
+async def start_run(run: RunRequest, emit: ProgressSink, *, slack: bool) -> int:
     """One run here (or queued for a worker, if one is up, and followed): its progress to ``emit``, and an
     exit status: 0, ``EXIT_FAILED`` or ``EXIT_BUSY`` (after a ``busy`` event; ``slack``: mention who)."""
     from bot.run_queue import worker_present  # bot.run_queue builds on this module
@@ -543,7 +541,7 @@ async def start_run(run: ChildRun, emit: ProgressSink, *, slack: bool) -> int:
 
 
 async def _run_on_worker(
-    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run: ChildRun, emit: ProgressSink
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run: RunRequest, emit: ProgressSink
 ) -> TrainingStatus:
     """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
     ``RunBusy`` while another run runs or waits (as a run here would)."""
@@ -596,10 +594,10 @@ def _print_json(event: dict[str, Any]) -> None:
 
 
 def child_main() -> int:
-    """``python -m bot.retrain``: the run a ``ChildRun`` on stdin describes, progress as JSON lines."""
+    """``python -m bot.retrain``: the run a ``RunRequest`` on stdin describes, progress as JSON lines."""
     logging.basicConfig(level=logging.WARNING)
     try:
-        run = ChildRun.from_json(sys.stdin.buffer.read())
+        run = RunRequest.from_json(sys.stdin.buffer.read())
     except ValidationError as exc:
         print(f"error: the run on stdin is not valid: {exc.error_count()} problem(s)", file=sys.stderr)
         return 2
@@ -673,7 +671,7 @@ class Retrainer:
         if await worker_present(self.engine):
             return await self._enqueue(requested_by, notify_channel, trigger)
         database_url = self.engine.url.render_as_string(hide_password=False)
-        self.process = await start_child(ChildRun(self.options, trigger, requested_by, database_url))
+        self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
         self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
         return "Retraining started; progress follows in this channel."
 

@@ -18,10 +18,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.retrain import (
     Acceptance,
-    ChildRun,
     Retrainer,
     RunBusy,
     RunOptions,
+    RunRequest,
     dataset_for_run,
     describe_dry_run,
     merge_feedback,
@@ -247,7 +247,7 @@ async def _retrain_process(
     """``python -m bot.retrain`` as the bot starts it: its own process (in the ``data_dir`` fixture's data
     directory), progress as JSON lines."""
     url = database_url.render_as_string(hide_password=False)
-    return await start_child(ChildRun(options or RunOptions(), TrainingTrigger.CLI, database_url=url))
+    return await start_child(RunRequest(options or RunOptions(), TrainingTrigger.CLI, database_url=url))
 
 
 async def test_one_run_at_a_time(tiny_bert: Path, data_dir: Path, db: Any) -> None:
@@ -546,9 +546,9 @@ def test_triage_retrain_and_the_bot_build_the_same_gate(
     for name, value in GATE_ENV.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path))
-    started: list[ChildRun] = []
+    started: list[RunRequest] = []
 
-    async def record(run: ChildRun, emit: Any, *, slack: bool) -> int:
+    async def record(run: RunRequest, emit: Any, *, slack: bool) -> int:
         started.append(run)
         return 0
 
