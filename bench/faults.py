@@ -71,7 +71,9 @@ from bench.bot_load import (  # noqa: E402
     warm_up,
 )
 from bench.machine import cpu_name  # noqa: E402
+from bot.retrain import RunOptions, RunRequest, start_child  # noqa: E402
 from bot.storage.database import resolve_database_url  # noqa: E402
+from bot.storage.models import TrainingTrigger  # noqa: E402
 from tests.slack_standin import SlackStandIn  # noqa: E402
 from tests.tcp_proxy import TcpProxy  # noqa: E402
 
@@ -229,23 +231,9 @@ async def fault_slack429(case: Case) -> None:
 
 
 async def fault_diskfull(case: Case) -> None:
-    env = {
-        **os.environ,
-        "DATABASE_URL": case.database_url,
-        "TRIAGE_DATA_DIR": str(case.data_dir),
-        "HF_HUB_OFFLINE": "1",
-    }
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot.retrain",
-        "--epochs",
-        "1",
-        "--progress-json",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    os.environ.update(TRIAGE_DATA_DIR=str(case.data_dir), HF_HUB_OFFLINE="1")  # the child inherits them
+    process = await start_child(
+        RunRequest(RunOptions(epochs=1), TrainingTrigger.CLI, database_url=case.database_url)
     )
     stdout, stderr = await asyncio.wait_for(process.communicate(), timeout=600)
     done = [json.loads(line) for line in stdout.decode().splitlines() if line.startswith("{")]

@@ -1,14 +1,19 @@
-"""Block Kit messages: the threaded triage reply, its label menus, and the /classify answer."""
+"""Block Kit messages: the threaded triage reply, its label menus, the /classify answer, and what a
+retraining run posts."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bot.reactions import ReactionMap
+from bot.storage.models import TrainingRun, TrainingStatus
 from classifier.schema import DEFAULT_HEADS
+
+if TYPE_CHECKING:  # bot.retrain builds on this module
+    from bot.retrain import RunOutcome
 
 FIX_ACTION = "triage_fix"  # button: open the Fix labels modal (bot/cards.py)
 DONE_ACTION = "triage_fix_done"  # button: close them
@@ -218,3 +223,61 @@ def escalation_text(views: Mapping[str, LabelView], permalink: str, channel_id: 
     urgency = views.get("urgency")
     level = urgency.label if urgency else "urgent"
     return f":rotating_light: *{level}* message in <#{channel_id}>: {summary_text(views)}\n{permalink}"
+
+
+# ---- retraining: the progress thread, the summary, and the answer while a run is going -----------------
+def retrain_progress_text(event: Mapping[str, Any]) -> str | None:
+    """One progress event of a run as a line for Slack (``None``: nothing to say)."""
+    kind = event.get("event")
+    if kind == "busy":
+        return str(event.get("message") or "Retraining is already running.")
+    if kind == "dataset":
+        return (
+            f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} training "
+            f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
+        )
+    if kind == "epoch":
+        return (
+            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.3f}, "
+            f"about {event['eta_s'] / 60:.0f} min left"
+        )
+    return None
+
+
+def retrain_summary_text(outcome: RunOutcome) -> str:
+    """A finished run: promoted or rejected (with the figures and why), or why it failed."""
+    if outcome.status == TrainingStatus.FAILED:
+        return f":x: Retraining failed: {outcome.error}"
+    head = (
+        f":rocket: *{outcome.candidate}* promoted (was {outcome.incumbent})"
+        if outcome.status == TrainingStatus.PROMOTED
+        else f":no_entry: *{outcome.candidate}* kept as rejected; {outcome.incumbent} stays active"
+    )
+    lines = [head]
+    for h, d in outcome.deltas.items():
+        lines.append(
+            f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
+            f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
+        )
+    c = outcome.counts
+    lines.append(
+        f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
+        f"{c.get('accepted', 0)} accepted predictions), "
+        f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
+    )
+    if outcome.reasons and outcome.status != TrainingStatus.PROMOTED:
+        lines.append("  why: " + "; ".join(outcome.reasons))
+    return "\n".join(lines)
+
+
+def retrain_busy_text(running: TrainingRun | None, slack: bool = True) -> str:
+    """What to tell someone who asks for a run while another holds the lock (``slack``: a mention)."""
+    if running is None:
+        return "Retraining is already running."
+    who = str(running.trigger)
+    if running.requested_by:
+        who = f"<@{running.requested_by}>" if slack else running.requested_by
+    when = f"{running.started_at:%Y-%m-%d %H:%M} UTC"
+    if running.status == TrainingStatus.QUEUED:
+        return f"Retraining is already queued for the worker, asked by {who} at {when}."
+    return f"Retraining is already running, started by {who} at {when}."

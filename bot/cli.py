@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from typing import Annotated, Any
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, TypeVar
 
+import click
 import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup, TyperOption
 
+from bot.storage.cli import DatabaseUrlOption
 from bot.storage.cli import register as register_storage_commands
 from bot.up import up_command
-from classifier.cli import data_app
+from classifier.cli import EXIT_USAGE, USER_ERRORS, data_app
 from classifier.cli import register as register_classifier_commands
 from classifier.paths import DATA_DIR_ENV, default_data_dir, describe_data_dir
 
@@ -43,16 +48,62 @@ class _Group(_PlainHelp, TyperGroup):
     pass
 
 
-def _plain_help(typer_app: typer.Typer) -> None:
-    """Give every command and group of ``typer_app``, wherever declared, the plain help."""
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _one_line_errors(command: F) -> F:
+    """Every command's way to fail: ``error: ...`` on stderr (one line per problem) and a documented exit
+    code (README, "Command line"), never a traceback for a problem the user can act on."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise  # the command's own exit status, or a usage error click reports
+        except Exception as exc:
+            failure = _expected_failure(exc)
+            if failure is None:
+                raise  # a bug: its traceback is what helps
+        code, lines = failure
+        for line in lines:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(code)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _expected_failure(exc: Exception) -> tuple[int, list[str]] | None:
+    """The exit code and message lines of an expected failure; ``None`` for anything else."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from bot.main import StartupError
+    from bot.retrain import EXIT_FAILED
+    from bot.storage.database import DatabaseConfigError, SchemaMismatchError
+
+    if isinstance(exc, (*USER_ERRORS, StartupError, DatabaseConfigError)):
+        return EXIT_USAGE, str(exc).strip().splitlines() or [type(exc).__name__]
+    if isinstance(exc, SchemaMismatchError):  # as the db and data commands say it
+        return EXIT_FAILED, str(exc).strip().splitlines()
+    if isinstance(exc, (SQLAlchemyError, OSError)):
+        detail = str(getattr(exc, "orig", None) or exc).strip()  # a driver's message: no SQL, no password
+        return EXIT_FAILED, [detail.splitlines()[0] if detail else type(exc).__name__]
+    return None
+
+
+def _finish(typer_app: typer.Typer) -> None:
+    """Give every command and group of ``typer_app``, wherever declared, the plain help and the one way
+    to fail."""
     typer_app.info.cls = _Group
     for command in typer_app.registered_commands:
         if command.cls in (None, TyperCommand):
             command.cls = _Command
+        if command.callback is not None:
+            command.callback = _one_line_errors(command.callback)
     for group in typer_app.registered_groups:
         group.cls = _Group
         if group.typer_instance is not None:
-            _plain_help(group.typer_instance)
+            _finish(group.typer_instance)
 
 
 app = typer.Typer(
@@ -90,16 +141,12 @@ def bot_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log debug messages too.")] = False,
 ) -> None:
     """Run the Slack bot (HTTP on $PORT, or Socket Mode when SLACK_APP_TOKEN is set)."""
-    from bot.main import StartupError, run_bot
+    from bot.main import run_bot
     from bot.settings import settings_or_exit
 
     settings = settings_or_exit()
     _logging(verbose)
-    try:
-        asyncio.run(run_bot(settings))
-    except StartupError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    asyncio.run(run_bot(settings))
 
 
 @app.command("worker")
@@ -120,28 +167,93 @@ def retrain_command(
         bool, typer.Option("--dry-run", help="Show what would be trained; train nothing.")
     ] = False,
     epochs: Annotated[
-        int | None, typer.Option(min=1, help="Epochs.", show_default="the active model's")
+        int | None, typer.Option(min=1, help="Epochs.", show_default="TRIAGE_RETRAIN_EPOCHS")
     ] = None,
     accept_after_hours: Annotated[
-        float, typer.Option(min=0, help="Train on predictions nobody corrected for this long.")
-    ] = 24.0,
+        float | None,
+        typer.Option(
+            min=0,
+            help="Train on predictions nobody corrected for this long.",
+            show_default="TRIAGE_RETRAIN_ACCEPT_AFTER_HOURS",
+        ),
+    ] = None,
     max_accepted: Annotated[
-        int, typer.Option(min=0, help="At most this many such messages, newest first (0: none).")
-    ] = 20_000,
+        int | None,
+        typer.Option(
+            min=0,
+            help="At most this many such messages, newest first (0: none).",
+            show_default="TRIAGE_RETRAIN_MAX_ACCEPTED",
+        ),
+    ] = None,
 ) -> None:
-    """Retrain on the corrections in the database; promote the candidate only if the gate passes."""
-    from bot.retrain import _main
+    """Retrain on the corrections in the database; promote the candidate only if the gate passes.
 
-    args = (
-        ["--trigger", "cli"]
-        + (["--dry-run"] if dry_run else [])
-        + (["--epochs", str(epochs)] if epochs else [])
-        + ["--accept-after-hours", str(accept_after_hours), "--max-accepted", str(max_accepted)]
-    )
-    raise typer.Exit(asyncio.run(_main(args)))
+    The gate and the run read the same settings as the bot (TRIAGE_GATE_*, TRIAGE_RETRAIN_*); an option
+    given here wins over its variable.
+    """
+    from bot.retrain import RunRequest, dry_run_text, print_progress, start_run
+    from bot.settings import retrain_settings_or_exit
+    from bot.storage.models import TrainingTrigger
+
+    given = {
+        "triage_retrain_epochs": epochs,
+        "triage_retrain_accept_after_hours": accept_after_hours,
+        "triage_retrain_max_accepted": max_accepted,
+    }
+    settings = retrain_settings_or_exit(**{k: v for k, v in given.items() if v is not None})
+    options = settings.run_options()
+    if dry_run:
+        typer.echo(asyncio.run(dry_run_text(options, settings.database_url)))
+        return
+    run = RunRequest(options, TrainingTrigger.CLI, database_url=settings.database_url)
+    raise typer.Exit(asyncio.run(start_run(run, print_progress, slack=False)))
 
 
-_plain_help(app)
+@app.command("audit")
+def audit_command(
+    user: Annotated[str | None, typer.Option("--user", help="Only this Slack user's requests (U…).")] = None,
+    action: Annotated[str | None, typer.Option(help="Only this action: retrain, rollback.")] = None,
+    days: Annotated[float | None, typer.Option(min=0, help="Only the last N days.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many, newest first.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    database_url: DatabaseUrlOption = None,
+) -> None:
+    """Who asked for an admin action in Slack (/triage retrain, rollback), when, and whether it was
+    allowed: the audit log, newest first."""
+    from datetime import timedelta
+
+    from bot.storage import repository as repo
+    from bot.storage.database import check_schema, create_engine, create_session_factory
+    from bot.storage.models import utcnow
+
+    since = utcnow() - timedelta(days=days) if days is not None else None
+
+    async def read() -> list[Any]:
+        engine = create_engine(database_url)
+        try:
+            await check_schema(engine)
+            async with create_session_factory(engine)() as session:
+                return await repo.list_audit_entries(
+                    session, limit=limit, user_id=user, action=action, since=since
+                )
+        finally:
+            await engine.dispose()
+
+    for entry in asyncio.run(read()):
+        if as_json:
+            fields = ("user_id", "action", "args", "allowed", "reason")
+            row = {"at": entry.created_at.isoformat(), **{f: getattr(entry, f) for f in fields}}
+            typer.echo(json.dumps(row))
+            continue
+        verdict = "allowed" if entry.allowed else "refused"
+        reason = f" ({entry.reason})" if entry.reason else ""
+        typer.echo(
+            f"{entry.created_at:%Y-%m-%d %H:%M} UTC  {entry.user_id}  {entry.action} "
+            f"{json.dumps(entry.args)}  {verdict}{reason}"
+        )
+
+
+_finish(app)
 
 
 def main() -> None:

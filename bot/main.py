@@ -24,7 +24,7 @@ from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
 from bot.reactions import ReactionMap
-from bot.retrain import Acceptance, Gate, Retrainer
+from bot.retrain import Retrainer
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
 from bot.slack_output import SlackOutput, make_web_client
@@ -164,18 +164,7 @@ async def _start_bot(
         post=output.post_text,
         upload=output.upload,
         summary_channel=settings.triage_summary_channel or settings.triage_escalation_channel,
-        epochs=settings.triage_retrain_epochs,
-        gate=Gate(
-            tolerance=settings.triage_gate_tolerance,
-            max_recall_drop=settings.triage_gate_max_recall_drop,
-            recall_drop_alpha=settings.triage_gate_recall_drop_alpha,
-            backend=settings.classifier_backend,
-            quantize=settings.classifier_quantize,
-        ),
-        acceptance=Acceptance(
-            after_hours=settings.triage_retrain_accept_after_hours,
-            max_rows=settings.triage_retrain_max_accepted,
-        ),
+        options=settings.run_options(),
     )
     commands = Commands(settings, sessions, classifier, agents, retrainer)
     app = build_app(settings, triage, commands, client)

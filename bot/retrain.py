@@ -10,34 +10,37 @@ One run, as plain steps that each leave a record (``TrainingRun`` row, registry 
 4. evaluate candidate and incumbent on the same held-out rows; the ``Gate`` decides;
 5. promote (registry ACTIVE; every engine hot-swaps) or keep it as rejected.
 
+Steps 3 to 5's model side (train, judge, decide) is ``classifier.promotion``; this module keeps what
+needs the database or Slack: the examples, the run's record and lock, and relaying its progress (the
+texts are in ``bot.blocks``).
+
 A run executes in its own process (``python -m bot.retrain``), never on the bot's event loop; one run at a
 time across all replicas, by a PostgreSQL advisory lock or, on SQLite, a file lock.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
 import logging
-import math
-import os
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, get_args
+from typing import Any
 
 from filelock import FileLock, Timeout
+from pydantic import TypeAdapter, ValidationError
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
+from bot.blocks import retrain_busy_text, retrain_progress_text, retrain_summary_text
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, erase_freed_space
-from bot.storage.models import TrainingRun, TrainingStatus, TrainingTrigger, utcnow
+from bot.storage.database import check_schema, create_engine, create_session_factory, erase_freed_space
+from bot.storage.models import TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
     Split,
@@ -46,11 +49,8 @@ from classifier.data import (
     read_jsonl,
 )
 from classifier.paths import data_dir, registry_dir
-from classifier.registry import ModelStatus, Registry, VersionInfo
-from classifier.results import Backend, Quantize
-
-if TYPE_CHECKING:  # bot.run_queue builds on this module
-    from bot.run_queue import RunOptions
+from classifier.promotion import Gate, ProgressSink, train_and_judge
+from classifier.registry import Registry, VersionInfo
 
 log = logging.getLogger(__name__)
 
@@ -71,82 +71,24 @@ class Acceptance:
 
 
 @dataclass
-class Gate:
-    """Promotion rule: no head's macro-F1 worse by more than ``tolerance``, at least one head better by more
-    than ``min_gain``, and no class (with ``min_support`` held-out rows) whose recall falls by more than
-    ``max_recall_drop`` *and* whose fall is beyond chance.
+class RunOptions:
+    """What a run is asked to do, built from the settings by whoever asks (``RetrainSettings``); it travels
+    with the run to the child process or the worker as JSON."""
 
-    Both models are judged on the same rows, so a class's fall is tested pairwise (an exact one-sided
-    McNemar test over the rows one model gets right and the other wrong, level ``recall_drop_alpha``).
-    With a dozen held-out rows per class, two rows flipping is a 0.15 recall swing that means nothing;
-    seven rows lost and none gained is a regression.
-    """
+    gate: Gate = field(default_factory=Gate)
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    epochs: int | None = None  # default: the active model's own setting
 
-    tolerance: float = 0.01
-    min_gain: float = 0.0
-    max_recall_drop: float = 0.10
-    min_support: int = 5
-    recall_drop_alpha: float = 0.05
-    # both models are judged on the backend that will serve them (CLASSIFIER_BACKEND/QUANTIZE, on the CPU)
-    backend: Backend = "auto"
-    quantize: Quantize = "auto"
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
 
-    def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
-        reasons: list[str] = []
-        better = []
-        heads = [h for h in candidate["heads"] if h in incumbent["heads"]]
-        if not heads:
-            return False, ["no head has held-out labels to compare on"]
-        for head in heads:
-            c, i = candidate["heads"][head], incumbent["heads"][head]
-            delta = c["macro_f1"] - i["macro_f1"]
-            if delta < -self.tolerance:
-                reasons.append(f"{head} macro-F1 fell {-delta:.3f} (tolerance {self.tolerance:.3f})")
-            if delta > self.min_gain:
-                better.append(head)
-            flips = _paired_flips(c.get("rows"), i.get("rows"))
-            for label, ci in c["per_class"].items():
-                ii = i["per_class"].get(label)
-                if not ii or ii["support"] < self.min_support:
-                    continue
-                drop = ii["recall"] - ci["recall"]
-                if drop <= self.max_recall_drop:
-                    continue
-                # without per-row predictions, assume the fewest flips that explain the drop
-                lost, gained = flips.get(label, (round(drop * ii["support"]), 0))
-                p = _one_sided_sign_test(lost, gained)
-                if p < self.recall_drop_alpha:
-                    reasons.append(
-                        f"{head}={label} recall fell {drop:.2f} (limit {self.max_recall_drop:.2f}; "
-                        f"{lost} held-out rows lost, {gained} gained, p={p:.3f})"
-                    )
-        if not better:
-            reasons.append("not better than the incumbent on any head")
-        return not reasons, reasons
-
-
-def _paired_flips(
-    candidate_rows: dict[str, list[str]] | None, incumbent_rows: dict[str, list[str]] | None
-) -> dict[str, tuple[int, int]]:
-    """Per true label: (rows the incumbent got right and the candidate wrong, the reverse)."""
-    if not candidate_rows or not incumbent_rows or candidate_rows["true"] != incumbent_rows["true"]:
-        return {}
-    flips: dict[str, list[int]] = {}
-    for truth, cand, inc in zip(
-        candidate_rows["true"], candidate_rows["predicted"], incumbent_rows["predicted"], strict=True
-    ):
-        counts = flips.setdefault(truth, [0, 0])
-        counts[0] += inc == truth and cand != truth
-        counts[1] += cand == truth and inc != truth
-    return {label: (lost, gained) for label, (lost, gained) in flips.items()}
-
-
-def _one_sided_sign_test(lost: int, gained: int) -> float:
-    """P(at least ``lost`` of the ``lost + gained`` flipped rows went against the candidate | no change)."""
-    n = lost + gained
-    if n == 0:
-        return 1.0
-    return sum(math.comb(n, k) for k in range(lost, n + 1)) / 2**n
+    @classmethod
+    def from_json(cls, data: Any) -> RunOptions:
+        """Validated: a row another version (or a person) wrote may not have the shape this one expects."""
+        try:
+            return TypeAdapter(cls).validate_python(data or {})
+        except ValidationError as exc:
+            raise ValueError(f"the run's options are not valid: {exc.error_count()} problem(s)") from None
 
 
 @dataclass
@@ -161,45 +103,11 @@ class RunOutcome:
     confusion_png: str | None = None
 
     def summary(self) -> str:
-        if self.status == TrainingStatus.FAILED:
-            return f":x: Retraining failed: {self.error}"
-        head = (
-            f":rocket: *{self.candidate}* promoted (was {self.incumbent})"
-            if self.status == TrainingStatus.PROMOTED
-            else f":no_entry: *{self.candidate}* kept as rejected; {self.incumbent} stays active"
-        )
-        lines = [head]
-        for h, d in self.deltas.items():
-            lines.append(
-                f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
-                f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
-            )
-        c = self.counts
-        lines.append(
-            f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
-            f"{c.get('accepted', 0)} accepted predictions), "
-            f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
-        )
-        if self.reasons and self.status != TrainingStatus.PROMOTED:
-            lines.append("  why: " + "; ".join(self.reasons))
-        return "\n".join(lines)
+        return retrain_summary_text(self)
 
 
 class RunBusy(RuntimeError):
     """Another retraining run holds the lock."""
-
-
-def busy_text(running: TrainingRun | None, slack: bool = True) -> str:
-    """What to tell someone who asks for a run while another holds the lock (``slack``: a mention)."""
-    if running is None:
-        return "Retraining is already running."
-    who = str(running.trigger)
-    if running.requested_by:
-        who = f"<@{running.requested_by}>" if slack else running.requested_by
-    when = f"{running.started_at:%Y-%m-%d %H:%M} UTC"
-    if running.status == TrainingStatus.QUEUED:
-        return f"Retraining is already queued for the worker, asked by {who} at {when}."
-    return f"Retraining is already running, started by {who} at {when}."
 
 
 def _run_file_lock() -> FileLock:
@@ -327,7 +235,7 @@ async def erase_removed_texts(
 
 def split_for_run(active: VersionInfo, examples: Sequence[Example]) -> dict[Split, list[Example]]:
     """A run's rows split as ``train()`` splits them for a candidate warm-started from ``active``: the test
-    share is what both models are judged on."""
+    share is what both models are judged on (``classifier.promotion.heldout_rows``)."""
     return active.split(examples)
 
 
@@ -343,9 +251,6 @@ def _restrict_to_schema(examples: list[Example], heads: dict[str, list[str]]) ->
         if labels:
             out.append(Example(ex.text, labels, ex.source, tuple(h for h in ex.train_only if h in labels)))
     return out
-
-
-ProgressSink = Callable[[dict[str, Any]], None]
 
 
 async def dataset_for_run(
@@ -512,89 +417,176 @@ def _train_and_judge_sync(
     epochs: int | None,
     emit: ProgressSink,
 ) -> RunOutcome:
-    """The heavy part: train, evaluate both, decide. Runs in a worker thread of the retrain process."""
-    from classifier.evaluate import evaluate_version
-    from classifier.schema import LabelSchema
-    from classifier.train import TrainConfig, train
+    """The heavy part (``classifier.promotion``), with what the run says about its rows. Runs in a worker
+    thread of the run's process."""
+    counts = _row_counts(split_for_run(active, examples))
+    emit({"event": "dataset", **counts, "incumbent": active.name})
+    judgement = train_and_judge(registry, active, examples, gate, epochs=epochs, emit=emit)
+    return RunOutcome(
+        status=TrainingStatus.PROMOTED if judgement.promoted else TrainingStatus.REJECTED,
+        candidate=judgement.candidate,
+        incumbent=judgement.incumbent,
+        reasons=judgement.reasons,
+        deltas=judgement.deltas,
+        counts=counts,
+        confusion_png=judgement.confusion_png,
+    )
 
-    config_raw = {k: v for k, v in active.train_config.items() if k in TrainConfig.__dataclass_fields__}
-    fractions, salt = active.split_config()
-    config = TrainConfig(**{**config_raw, "split": fractions, "split_salt": salt})
-    config.init_from = active.name
-    config.max_steps = None
-    if epochs:
-        config.epochs = epochs
-    splits = split_for_run(active, examples)
+
+def _row_counts(splits: dict[Split, list[Example]]) -> dict[str, int]:
+    """How many rows a run learns from and is judged on, and how many of each came from Slack."""
     heldout = splits["test"]
     learn = splits["train"] + splits["validation"]
-    counts = {
+    return {
         "train": len(learn),
         "feedback": sum(_is_human_feedback(e) for e in learn),
         "accepted": sum(e.source.startswith(ACCEPTED_SOURCE) for e in learn),
         "heldout": len(heldout),
         "heldout_feedback": sum(e.source.startswith(FEEDBACK_SOURCE) for e in heldout),
     }
-    emit({"event": "dataset", **counts, "incumbent": active.name})
-    if not heldout:
-        raise ValueError(
-            "no held-out rows to judge a candidate on (the active model was trained without a test split)"
-        )
-    schema = LabelSchema.from_dict(active.schema)
 
-    def progress(p: dict[str, Any]) -> None:
-        emit({"event": "epoch", **p})
 
-    result = train(
-        examples,
-        schema,
-        config,
-        registry,
-        data_info={"retrain_of": active.name},
-        activate_if_first=False,
-        progress=False,
-        on_progress=progress,
+# ---- starting a run: in a child process of the bot, in `triage retrain`, or queued for a worker ---------
+EXIT_FAILED = 1  # the run ran and failed (the active model is unchanged)
+EXIT_BUSY = 3  # another run holds the lock or waits for the worker
+
+
+@dataclass
+class RunRequest:
+    """A run someone asked for: ``triage retrain`` starts it in its own process, the bot in a child process
+    (``python -m bot.retrain``) that gets it as one JSON object on its stdin: typed on both sides, and the
+    database URL (it may hold a password) never in argv."""
+
+    options: RunOptions
+    trigger: TrainingTrigger = TrainingTrigger.COMMAND
+    requested_by: str | None = None
+    database_url: str | None = None
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self)).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> RunRequest:
+        return TypeAdapter(cls).validate_json(data)
+
+
+async def start_child(run: RunRequest) -> asyncio.subprocess.Process:
+    """``python -m bot.retrain`` for ``run``: progress as JSON lines on its stdout (see ``child_main``)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot.retrain",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    candidate = result.version
-    emit({"event": "evaluating", "candidate": candidate.name})
-    reports = {}
-    for name in (candidate.name, active.name):
-        out = candidate.files.heldout_eval(None if name == candidate.name else name).folder
-        reports[name] = evaluate_version(
-            registry.get(name), heldout, gate.backend, gate.quantize, out_dir=out, with_rows=True
+    assert process.stdin is not None
+    process.stdin.write(run.to_json())
+    await process.stdin.drain()
+    process.stdin.close()
+    return process
+
+
+async def start_run(run: RunRequest, emit: ProgressSink, *, slack: bool) -> int:
+    """One run here (or queued for a worker, if one is up, and followed): its progress to ``emit``, and an
+    exit status: 0, ``EXIT_FAILED`` or ``EXIT_BUSY`` (after a ``busy`` event; ``slack``: mention who)."""
+    from bot.run_queue import worker_present  # bot.run_queue builds on this module
+
+    engine = create_engine(run.database_url)
+    sessions = create_session_factory(engine)
+    try:
+        await check_schema(engine)
+        if await worker_present(engine):
+            status = await _run_on_worker(sessions, engine, run, emit)
+        else:
+            outcome = await run_once(
+                sessions,
+                engine,
+                Registry(registry_dir()),
+                trigger=run.trigger,
+                requested_by=run.requested_by,
+                epochs=run.options.epochs,
+                on_progress=emit,
+                gate=run.options.gate,
+                acceptance=run.options.acceptance,
+            )
+            status = outcome.status
+        return EXIT_FAILED if status == TrainingStatus.FAILED else 0
+    except RunBusy:
+        async with sessions() as session:
+            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+            running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+        emit({"event": "busy", "message": retrain_busy_text(running, slack=slack)})
+        return EXIT_BUSY
+    finally:
+        await engine.dispose()
+
+
+async def _run_on_worker(
+    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run: RunRequest, emit: ProgressSink
+) -> TrainingStatus:
+    """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
+    ``RunBusy`` while another run runs or waits (as a run here would)."""
+    from bot.run_queue import enqueue, follow_run
+
+    async with sessions() as session:
+        waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
+    if waiting is not None or await run_in_progress(engine):
+        raise RunBusy("a retraining run is in progress or queued")
+    run_id = await enqueue(sessions, trigger=run.trigger, options=run.options, requested_by=run.requested_by)
+    emit({"event": "queued", "run_id": run_id})
+    status = TrainingStatus.FAILED
+    async for event in follow_run(sessions, engine, run_id):
+        emit(event)
+        if event.get("event") == "done":
+            status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
+    return status
+
+
+async def dry_run_text(options: RunOptions, database_url: str | None) -> str:
+    """`triage retrain --dry-run`: what a run would train on."""
+    engine = create_engine(database_url)
+    try:
+        await check_schema(engine)
+        return await describe_dry_run(
+            create_session_factory(engine), Registry(registry_dir()), options.acceptance
         )
-    promote, reasons = gate.decide(reports[candidate.name], reports[active.name])
-    deltas = {
-        h: {
-            "candidate": m["macro_f1"],
-            "incumbent": reports[active.name]["heads"][h]["macro_f1"],
-            "delta": m["macro_f1"] - reports[active.name]["heads"][h]["macro_f1"],
-            "candidate_accuracy": m["accuracy"],
-            "incumbent_accuracy": reports[active.name]["heads"][h]["accuracy"],
-        }
-        for h, m in reports[candidate.name]["heads"].items()
-        if h in reports[active.name]["heads"]
-    }
-    if promote:
-        registry.activate(candidate.name, reason=f"promoted over {active.name} by the gate")
-    else:
-        registry.set_status(candidate.name, ModelStatus.REJECTED, "; ".join(reasons))
-    first_head = next(iter(reports[candidate.name]["heads"]), None)
-    png = candidate.files.heldout_eval().confusion_png(first_head) if first_head else None
-    return RunOutcome(
-        status=TrainingStatus.PROMOTED if promote else TrainingStatus.REJECTED,
-        candidate=candidate.name,
-        incumbent=active.name,
-        reasons=reasons,
-        deltas=deltas,
-        counts=counts,
-        confusion_png=str(png) if png and png.is_file() else None,
-    )
+    finally:
+        await engine.dispose()
+
+
+def print_progress(event: dict[str, Any]) -> None:
+    """`triage retrain`'s progress, for people: epochs and the summary on stdout, the rest on stderr."""
+    kind = event.get("event")
+    if kind == "epoch":
+        print(
+            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.4f}",
+            flush=True,
+        )
+    elif kind == "done":
+        print(event["summary"], flush=True)
+    elif kind == "queued":
+        print(f"Queued as run {event['run_id']} for the worker; waiting for it.", file=sys.stderr, flush=True)
+    elif kind == "busy":
+        print(event["message"], file=sys.stderr, flush=True)
+
+
+def _print_json(event: dict[str, Any]) -> None:
+    print(json.dumps(event, default=str), flush=True)
+
+
+def child_main() -> int:
+    """``python -m bot.retrain``: the run a ``RunRequest`` on stdin describes, progress as JSON lines."""
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        run = RunRequest.from_json(sys.stdin.buffer.read())
+    except ValidationError as exc:
+        print(f"error: the run on stdin is not valid: {exc.error_count()} problem(s)", file=sys.stderr)
+        return 2
+    return asyncio.run(start_run(run, _print_json, slack=True))  # the bot relays it to Slack
 
 
 # ---- the bot's side: start a run in a separate process and relay its progress ---------------------------
-Notify = Callable[[str], Awaitable[None]]
-
-
 class Retrainer:
     """Starts runs as child processes (``python -m bot.retrain``) and relays their progress to Slack."""
 
@@ -605,25 +597,21 @@ class Retrainer:
         post: Callable[[str, str, str | None], Awaitable[str | None]],
         upload: Callable[[str, str, str], Awaitable[None]] | None = None,
         summary_channel: str | None = None,
-        epochs: int | None = None,
-        gate: Gate | None = None,
-        acceptance: Acceptance | None = None,
+        options: RunOptions | None = None,
         poll_s: float = 1.0,
     ):
         self.sessions = sessions
-        self.gate = gate or Gate()
-        self.acceptance = acceptance or Acceptance()
+        self.options = options or RunOptions()
         self.engine = engine
         self.post = post  # (channel, text, thread_ts) -> ts of the posted message
         self.upload = upload  # (channel, path, title)
         self.summary_channel = summary_channel
-        self.epochs = epochs
         self.process: asyncio.subprocess.Process | None = None
         self.relay: asyncio.Future[None] | None = None  # relays the running run's progress
         self.poll_s = poll_s  # how often a queued run's progress rows are read
 
     async def dry_run(self) -> str:
-        return await describe_dry_run(self.sessions, Registry(registry_dir()), self.acceptance)
+        return await describe_dry_run(self.sessions, Registry(registry_dir()), self.options.acceptance)
 
     async def busy_message(self) -> str | None:
         """What to answer while a run holds the lock (or this bot's is starting, or one waits for the
@@ -632,7 +620,9 @@ class Retrainer:
             return "Retraining is already running (started from this bot)."
         if await run_in_progress(self.engine):
             async with self.sessions() as session:
-                return busy_text(await repo.latest_training_run(session, status=TrainingStatus.RUNNING))
+                return retrain_busy_text(
+                    await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
+                )
         # a 'running' row now is a killed run's: the next run marks it failed
         from bot.run_queue import worker_present  # bot.run_queue builds on this module
 
@@ -640,7 +630,7 @@ class Retrainer:
             async with self.sessions() as session:
                 queued = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
             if queued is not None:
-                return busy_text(queued)
+                return retrain_busy_text(queued)
         return None
 
     async def request(
@@ -662,41 +652,20 @@ class Retrainer:
             return busy
         if await worker_present(self.engine):
             return await self._enqueue(requested_by, notify_channel, trigger)
-        args = [sys.executable, "-m", "bot.retrain", "--trigger", str(trigger), "--progress-json"]
-        if requested_by:
-            args += ["--requested-by", requested_by]
-        if self.epochs:
-            args += ["--epochs", str(self.epochs)]
-        args += [
-            "--gate-tolerance",
-            str(self.gate.tolerance),
-            "--gate-max-recall-drop",
-            str(self.gate.max_recall_drop),
-            "--gate-recall-drop-alpha",
-            str(self.gate.recall_drop_alpha),
-            "--gate-backend",
-            self.gate.backend,
-            "--gate-quantize",
-            self.gate.quantize,
-            "--accept-after-hours",
-            str(self.acceptance.after_hours),
-            "--max-accepted",
-            str(self.acceptance.max_rows),
-        ]
         database_url = self.engine.url.render_as_string(hide_password=False)
-        env = {**os.environ, "DATABASE_URL": database_url, "TRIAGE_DATA_DIR": str(data_dir())}
-        self.process = await asyncio.create_subprocess_exec(
-            *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=env
-        )
+        self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
         self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
         return "Retraining started; progress follows in this channel."
 
     async def _enqueue(self, requested_by: str | None, channel: str | None, trigger: TrainingTrigger) -> str:
-        from bot.run_queue import RunOptions, enqueue, follow_run
+        from bot.run_queue import enqueue, follow_run
 
-        options = RunOptions(gate=self.gate, acceptance=self.acceptance, epochs=self.epochs)
         run_id = await enqueue(
-            self.sessions, trigger=trigger, options=options, requested_by=requested_by, notify_channel=channel
+            self.sessions,
+            trigger=trigger,
+            options=self.options,
+            requested_by=requested_by,
+            notify_channel=channel,
         )
         events = follow_run(self.sessions, self.engine, run_id, poll_s=self.poll_s)
         self.relay = asyncio.ensure_future(self._relay_queued(events, channel))
@@ -736,7 +705,7 @@ class Retrainer:
         async for event in events:
             if event.get("event") == "done":
                 return event, thread
-            text = progress_text(event)
+            text = retrain_progress_text(event)
             if text and channel:
                 ts = await self.post(channel, text, thread)
                 thread = thread or ts
@@ -761,138 +730,5 @@ async def _json_lines(stream: asyncio.StreamReader) -> AsyncIterator[dict[str, A
             yield event
 
 
-def progress_text(event: dict[str, Any]) -> str | None:
-    """One progress event as a line for Slack (``None``: nothing to say)."""
-    kind = event.get("event")
-    if kind == "busy":
-        return str(event.get("message") or "Retraining is already running.")
-    if kind == "dataset":
-        return (
-            f":hourglass_flowing_sand: Retraining from {event['incumbent']}: {event['train']} training "
-            f"rows ({event['feedback']} from Slack feedback), {event['heldout']} held out."
-        )
-    if kind == "epoch":
-        return (
-            f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.3f}, "
-            f"about {event['eta_s'] / 60:.0f} min left"
-        )
-    return None
-
-
-async def _main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bot.retrain", description="One retraining run.")
-    parser.add_argument(
-        "--trigger", default=str(TrainingTrigger.CLI), choices=[str(t) for t in TrainingTrigger]
-    )
-    parser.add_argument("--requested-by")
-    parser.add_argument("--epochs", type=int)
-    parser.add_argument("--dry-run", action="store_true")
-    parser.add_argument("--gate-tolerance", type=float, default=Gate.tolerance)
-    parser.add_argument("--gate-max-recall-drop", type=float, default=Gate.max_recall_drop)
-    parser.add_argument("--gate-recall-drop-alpha", type=float, default=Gate.recall_drop_alpha)
-    parser.add_argument("--gate-backend", choices=get_args(Backend), default=Gate.backend)
-    parser.add_argument("--gate-quantize", choices=get_args(Quantize), default=Gate.quantize)
-    parser.add_argument(
-        "--accept-after-hours",
-        type=float,
-        default=Acceptance.after_hours,
-        help="a prediction nobody corrected for this long counts as a label (training only)",
-    )
-    parser.add_argument(
-        "--max-accepted", type=int, default=Acceptance.max_rows, help="newest accepted messages (0: none)"
-    )
-    parser.add_argument("--progress-json", action="store_true", help="progress as JSON lines on stdout")
-    args = parser.parse_args(argv)
-    if args.accept_after_hours < 0 or args.max_accepted < 0:
-        parser.error("--accept-after-hours and --max-accepted must not be negative")
-    acceptance = Acceptance(after_hours=args.accept_after_hours, max_rows=args.max_accepted)
-    engine = create_engine(os.environ.get("DATABASE_URL") or None)
-    sessions = create_session_factory(engine)
-    registry = Registry(registry_dir())
-
-    def emit(event: dict[str, Any]) -> None:
-        if args.progress_json:
-            print(json.dumps(event, default=str), flush=True)
-        elif event.get("event") == "epoch":
-            print(
-                f"epoch {event['epoch']}/{event['epochs']}: validation macro-F1 {event['val_macro_f1']:.4f}",
-                flush=True,
-            )
-        elif event.get("event") == "done":
-            print(event["summary"], flush=True)
-
-    gate = Gate(
-        tolerance=args.gate_tolerance,
-        max_recall_drop=args.gate_max_recall_drop,
-        recall_drop_alpha=args.gate_recall_drop_alpha,
-        backend=args.gate_backend,
-        quantize=args.gate_quantize,
-    )
-    from bot.run_queue import RunOptions, worker_present
-
-    try:
-        if args.dry_run:
-            print(await describe_dry_run(sessions, registry, acceptance))
-            return 0
-        if await worker_present(engine):
-            options = RunOptions(gate=gate, acceptance=acceptance, epochs=args.epochs)
-            status = await _run_on_worker(sessions, engine, args, options, emit)
-        else:
-            outcome = await run_once(
-                sessions,
-                engine,
-                registry,
-                trigger=TrainingTrigger(args.trigger),
-                requested_by=args.requested_by,
-                epochs=args.epochs,
-                on_progress=emit,
-                gate=gate,
-                acceptance=acceptance,
-            )
-            status = outcome.status
-        return 1 if status == TrainingStatus.FAILED else 0
-    except RunBusy:
-        async with sessions() as session:
-            running = await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
-            running = running or await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-        message = busy_text(running, slack=args.progress_json)  # JSON progress is relayed to Slack
-        if args.progress_json:
-            print(json.dumps({"event": "busy", "message": message}), flush=True)
-        else:
-            print(message, file=sys.stderr)
-        return 3
-    finally:
-        await engine.dispose()
-
-
-async def _run_on_worker(
-    sessions: async_sessionmaker[AsyncSession],
-    engine: AsyncEngine,
-    args: argparse.Namespace,
-    options: RunOptions,
-    emit: ProgressSink,
-) -> TrainingStatus:
-    """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
-    ``RunBusy`` while another run runs or waits (as a run here would)."""
-    from bot.run_queue import enqueue, follow_run
-
-    async with sessions() as session:
-        waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-    if waiting is not None or await run_in_progress(engine):
-        raise RunBusy("a retraining run is in progress or queued")
-    run_id = await enqueue(
-        sessions, trigger=TrainingTrigger(args.trigger), options=options, requested_by=args.requested_by
-    )
-    if not args.progress_json:
-        print(f"Queued as run {run_id} for the worker; waiting for it.", file=sys.stderr, flush=True)
-    status = TrainingStatus.FAILED
-    async for event in follow_run(sessions, engine, run_id):
-        emit(event)
-        if event.get("event") == "done":
-            status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
-    return status
-
-
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
-    sys.exit(asyncio.run(_main()))
+    sys.exit(child_main())

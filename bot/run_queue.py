@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.retrain import (
-    Acceptance,
-    Gate,
     RunBusy,
+    RunOptions,
     advisory_lock_held,
     fail_dead_runs,
     run_in_progress,
@@ -44,29 +41,6 @@ DONE_EVENT_GRACE = timedelta(seconds=30)
 async def worker_present(engine: AsyncEngine) -> bool:
     """Whether a `triage worker` is up on this database (always ``False`` on SQLite: no worker runs there)."""
     return engine.dialect.name == "postgresql" and await advisory_lock_held(engine, WORKER_LOCK_KEY)
-
-
-@dataclass
-class RunOptions:
-    """What a queued run is asked to do: the asker's settings travel with the run to the worker."""
-
-    gate: Gate = field(default_factory=Gate)
-    acceptance: Acceptance = field(default_factory=Acceptance)
-    epochs: int | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: Any) -> RunOptions:
-        """Validated: a row another version (or a person) wrote may not have the shape this one expects."""
-        try:
-            return _OPTIONS.validate_python(data or {})
-        except ValidationError as exc:
-            raise ValueError(f"the run's options are not valid: {exc.error_count()} problem(s)") from None
-
-
-_OPTIONS = TypeAdapter(RunOptions)
 
 
 async def enqueue(

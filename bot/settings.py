@@ -16,7 +16,9 @@ from typing import Annotated, Any, Literal, TypeVar
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from bot.retrain import Acceptance, RunOptions
 from classifier.logsafe import redact_url
+from classifier.promotion import Gate
 from classifier.results import Backend, Quantize
 from classifier.schema import HEAD_USES, describe_lost_heads
 
@@ -57,21 +59,54 @@ ENV_CONFIG = SettingsConfigDict(
 )
 
 
-class BotSettings(BaseSettings):
+class RetrainSettings(BaseSettings):
+    """What a retraining run is asked to do. Every entry point that starts one (the bot, its schedule,
+    `/triage retrain`, `triage retrain`) builds the run's options from these; the defaults are the
+    gate's and the acceptance rule's own."""
+
+    model_config = ENV_CONFIG
+
+    database_url: str | None = None  # default: SQLite in the data directory
+    # the backend that serves the model (as `triage serve` reads them): the in-process engine runs on it
+    # and the retraining gate judges candidates on it
+    classifier_backend: Backend = Gate.backend
+    classifier_quantize: Quantize = Gate.quantize
+    triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting
+    # a prediction nobody corrected for this long is trained on as a label (never judged on)
+    triage_retrain_accept_after_hours: float = Field(Acceptance.after_hours, ge=0)
+    triage_retrain_max_accepted: int = Field(Acceptance.max_rows, ge=0)  # newest such messages (0: none)
+    triage_gate_tolerance: float = Field(Gate.tolerance, ge=0, le=1)
+    triage_gate_max_recall_drop: float = Field(Gate.max_recall_drop, ge=0, le=1)
+    # a class's fall must be beyond chance
+    triage_gate_recall_drop_alpha: float = Field(Gate.recall_drop_alpha, gt=0, le=1)
+
+    def run_options(self) -> RunOptions:
+        return RunOptions(
+            gate=Gate(
+                tolerance=self.triage_gate_tolerance,
+                max_recall_drop=self.triage_gate_max_recall_drop,
+                recall_drop_alpha=self.triage_gate_recall_drop_alpha,
+                backend=self.classifier_backend,
+                quantize=self.classifier_quantize,
+            ),
+            acceptance=Acceptance(
+                after_hours=self.triage_retrain_accept_after_hours,
+                max_rows=self.triage_retrain_max_accepted,
+            ),
+            epochs=self.triage_retrain_epochs,
+        )
+
+
+class BotSettings(RetrainSettings):
     model_config = ENV_CONFIG
 
     slack_bot_token: SecretStr = Field(description="Bot token (xoxb-...)")
     slack_signing_secret: SecretStr | None = Field(None, description="Signing secret; required in HTTP mode")
     slack_app_token: SecretStr | None = Field(None, description="App-level token (xapp-...): Socket Mode")
     slack_api_url: str = "https://slack.com/api/"
-    database_url: str | None = None
     classifier_url: str | None = None
     classifier_token: SecretStr | None = None
     classifier_admin_token: SecretStr | None = None  # lets /triage models|status|rollback use `triage serve`
-    # the backend that serves the model (as `triage serve` reads them): the in-process engine runs on it
-    # and the retraining gate judges candidates on it
-    classifier_backend: Backend = "auto"
-    classifier_quantize: Quantize = "auto"
     # without CLASSIFIER_URL: the engine in a child process the bot starts and stops ("process"), or on a
     # thread in the bot's own process ("thread": tests; it competes with the event loop under load)
     triage_embedded_classifier: Literal["process", "thread"] = "process"
@@ -102,14 +137,7 @@ class BotSettings(BaseSettings):
     triage_queue_size: int = Field(512, ge=1)  # messages waiting in memory; more wait in the database
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
     triage_retrain_min_corrections: int = Field(20, ge=1)  # new labels needed before a scheduled run trains
-    triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting
-    # a prediction nobody corrected for this long is trained on as a label (never judged on)
-    triage_retrain_accept_after_hours: float = Field(24.0, ge=0)
-    triage_retrain_max_accepted: int = Field(20_000, ge=0)  # newest such messages per run (0: none)
     triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
-    triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
-    triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)
-    triage_gate_recall_drop_alpha: float = Field(0.05, gt=0, le=1)  # a class's fall must be beyond chance
     triage_keep_versions: int = Field(10, ge=1)  # model versions kept in the registry (the active one always)
     triage_retention_days: int = Field(0, ge=0)  # remove message texts after this many days (0: keep)
     # Socket Mode: how often the client pings Slack, and how long a link may go without a hello (after
@@ -364,6 +392,10 @@ def load_worker_settings(**overrides: Any) -> WorkerSettings:
     return _validated(WorkerSettings, overrides)
 
 
+def load_retrain_settings(**overrides: Any) -> RetrainSettings:
+    return _validated(RetrainSettings, overrides)
+
+
 def _or_exit(load: Callable[[], S]) -> S:
     try:
         return load()
@@ -380,3 +412,8 @@ def settings_or_exit() -> BotSettings:
 
 def worker_settings_or_exit() -> WorkerSettings:
     return _or_exit(load_worker_settings)
+
+
+def retrain_settings_or_exit(**overrides: Any) -> RetrainSettings:
+    """``triage retrain``'s settings (``overrides``: its command-line options), or exit status 2."""
+    return _or_exit(lambda: load_retrain_settings(**overrides))

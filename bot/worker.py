@@ -25,8 +25,17 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.retrain import ProgressSink, RunBusy, RunOutcome, execute_run, fail_dead_runs, run_lock
-from bot.run_queue import WORKER_LOCK_KEY, RunOptions
+from bot.retrain import (
+    EXIT_FAILED,
+    ProgressSink,
+    RunBusy,
+    RunOptions,
+    RunOutcome,
+    execute_run,
+    fail_dead_runs,
+    run_lock,
+)
+from bot.run_queue import WORKER_LOCK_KEY
 from bot.settings import WorkerSettings
 from bot.storage import repository as repo
 from bot.storage.database import check_schema, create_engine, create_session_factory
@@ -169,9 +178,9 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run_worker(settings))
-    except SchemaMismatchError as exc:
+    except SchemaMismatchError as exc:  # as every command says it (README, "Command line")
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
     return 0
 
 

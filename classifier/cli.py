@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 import typer
 
@@ -16,26 +14,15 @@ from classifier.model import ModelLoadError
 from classifier.registry import ModelStatus, RegistryError
 from classifier.results import Backend, Quantize
 from classifier.schema import SchemaError
+from classifier.train_config import TrainConfig
 
 data_app = typer.Typer(help="Explore and manage labeled data.", no_args_is_help=True)
 models_app = typer.Typer(help="List and activate model versions in the registry.", no_args_is_help=True)
 
-F = TypeVar("F", bound=Callable[..., Any])
+# What a command can expect to go wrong with its input: reported as one line and EXIT_USAGE (bot.cli
+# reports them for every command of the `triage` app)
 USER_ERRORS = (DataError, SchemaError, RegistryError, ModelLoadError, ValueError, FileNotFoundError)
-
-
-def user_errors(func: F) -> F:
-    """Turn expected failures (bad data, unknown version...) into one clear line and exit code 2."""
-
-    @wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except USER_ERRORS as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper  # type: ignore[return-value]
+EXIT_USAGE = 2  # bad input or configuration: nothing was done
 
 
 def _registry() -> Any:
@@ -78,12 +65,11 @@ TextColumnOpt = Annotated[str, typer.Option(help="Name of the text column.")]
 PACKAGED_MODEL = "the packaged all-MiniLM-L6-v2"
 
 
-@user_errors
 def train_command(
     data: DataOpt,
     base_model: Annotated[
         str, typer.Option(help="Local Hugging Face BERT folder.", show_default=PACKAGED_MODEL)
-    ] = "",
+    ] = TrainConfig.base_model,
     from_version: Annotated[
         str | None, typer.Option(help="Continue training from this registry version.")
     ] = None,
@@ -98,32 +84,42 @@ def train_command(
         ),
     ] = False,
     text_column: TextColumnOpt = "text",
-    epochs: Annotated[int, typer.Option(min=1)] = 5,
+    epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
     max_length: Annotated[
         str,
         typer.Option(
             help="Max sequence length in tokens (3-512), or auto: the shortest of 32/64/128/256/512 that "
             "keeps 95% of the training texts whole (what `triage data inspect` suggests)."
         ),
-    ] = "64",
-    batch_size: Annotated[int, typer.Option(min=1, help="Training examples per optimizer step.")] = 32,
-    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = 1e-4,
-    head_lr: Annotated[float, typer.Option(help="Learning rate of the heads.")] = 1e-3,
-    warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = 0.1,
-    weight_decay: float = 0.01,
-    patience: Annotated[int, typer.Option(help="Early stopping patience in epochs (0: off).")] = 2,
+    ] = str(TrainConfig.max_length),
+    batch_size: Annotated[
+        int, typer.Option(min=1, help="Training examples per optimizer step.")
+    ] = TrainConfig.batch_size,
+    lr: Annotated[float, typer.Option(help="Learning rate of the encoder.")] = TrainConfig.learning_rate,
+    head_lr: Annotated[
+        float | None, typer.Option(help="Learning rate of the heads.")
+    ] = TrainConfig.head_learning_rate,
+    warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = TrainConfig.warmup_ratio,
+    weight_decay: float = TrainConfig.weight_decay,
+    patience: Annotated[
+        int, typer.Option(help="Early stopping patience in epochs (0: off).")
+    ] = TrainConfig.patience,
     class_weighting: Annotated[
         str, typer.Option(help="none, or balanced: classes weigh in the loss inversely to their counts.")
-    ] = "none",
-    seed: int = 42,
-    split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "80/10/10",
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many optimizer steps.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = "auto",
+    ] = TrainConfig.class_weighting,
+    seed: int = TrainConfig.seed,
+    split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "/".join(
+        f"{share * 100:g}" for share in TrainConfig.split
+    ),
+    max_steps: Annotated[
+        int | None, typer.Option(help="Stop after this many optimizer steps.")
+    ] = TrainConfig.max_steps,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1 ...")] = TrainConfig.device,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object.")] = False,
 ) -> None:
     """Fine-tune a multi-head model on labeled data and add it to the registry."""
     from classifier.data import fingerprint
-    from classifier.train import TrainConfig, train
+    from classifier.train import train
 
     registry = _registry()
     examples, used_schema = _training_data(registry, data, schema, from_version, infer_labels, text_column)
@@ -204,7 +200,6 @@ def _training_data(
     return examples, schema
 
 
-@user_errors
 def evaluate_command(
     data: DataOpt,
     model: Annotated[
@@ -251,7 +246,6 @@ def evaluate_command(
 
 
 @data_app.command("inspect")
-@user_errors
 def inspect_command(
     files: Annotated[list[Path], typer.Argument(metavar="FILE", help="CSV or JSONL files.")],
     text_column: TextColumnOpt = "text",
@@ -271,7 +265,6 @@ def inspect_command(
 
 
 @models_app.command("list")
-@user_errors
 def models_list(
     as_json: Annotated[bool, typer.Option("--json", help="Print the versions as one JSON list.")] = False,
 ) -> None:
@@ -301,7 +294,6 @@ def models_list(
 
 
 @models_app.command("activate")
-@user_errors
 def models_activate(
     version: Annotated[str, typer.Argument(help="Version name, e.g. v3.")],
     yes: Annotated[

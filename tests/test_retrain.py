@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -20,15 +18,17 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.retrain import (
     Acceptance,
-    Gate,
     Retrainer,
     RunBusy,
+    RunOptions,
+    RunRequest,
     dataset_for_run,
     describe_dry_run,
     merge_feedback,
     run_lock,
     run_once,
     split_for_run,
+    start_child,
 )
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
@@ -40,6 +40,7 @@ from bot.storage.models import (
     utcnow,
 )
 from classifier.data import Example, normalize, read_jsonl, split_examples
+from classifier.promotion import Gate
 from classifier.registry import Registry
 from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
@@ -234,21 +235,13 @@ def test_feedback_overrides_base_labels_and_old_feedback_is_reread() -> None:
     assert [e.train_only for e in merged] == [(), ("topic", "urgency"), ("urgency",)]
 
 
-async def _retrain_process(data_dir: Path, database_url: URL, *args: str) -> asyncio.subprocess.Process:
-    """``python -m bot.retrain`` as the bot starts it: its own process, progress as JSON lines."""
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bot.retrain",
-        "--progress-json",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        env={
-            **os.environ,
-            "DATABASE_URL": database_url.render_as_string(hide_password=False),
-            "TRIAGE_DATA_DIR": str(data_dir),
-        },
-    )
+async def _retrain_process(
+    database_url: URL, options: RunOptions | None = None
+) -> asyncio.subprocess.Process:
+    """``python -m bot.retrain`` as the bot starts it: its own process (in the ``data_dir`` fixture's data
+    directory), progress as JSON lines."""
+    url = database_url.render_as_string(hide_password=False)
+    return await start_child(RunRequest(options or RunOptions(), TrainingTrigger.CLI, database_url=url))
 
 
 async def test_one_run_at_a_time(tiny_bert: Path, data_dir: Path, db: Any) -> None:
@@ -278,7 +271,7 @@ async def test_busy_answer_names_who_and_when(
     async with run_lock(engine):
         async with sessions.begin() as session:
             await repo.start_training_run(session, trigger=TrainingTrigger.COMMAND, requested_by="U0ADMIN")
-        proc = await _retrain_process(data_dir, database_url)
+        proc = await _retrain_process(database_url)
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode == 3
     message = json.loads(out.decode().strip().splitlines()[-1])
@@ -294,7 +287,7 @@ async def test_killed_run_leaves_active_model_and_next_run_proceeds(
     await _store_feedback(sessions, learnable_rows(800, seed=5))  # enough work to be killed mid-training
     retrainer = Retrainer(sessions, engine, post=_nowhere)  # the bot's side: /triage retrain, the schedule
     assert await retrainer.busy_message() is None
-    proc = await _retrain_process(data_dir, database_url, "--epochs", "50")
+    proc = await _retrain_process(database_url, RunOptions(epochs=50))
     assert proc.stdout is not None
     line = await asyncio.wait_for(proc.stdout.readline(), timeout=120)
     assert json.loads(line)["event"] == "dataset"  # the run holds the lock and its 'running' row exists
@@ -523,3 +516,153 @@ async def test_removed_texts_leave_every_file_and_table(
     assert registry.get("v2").data["erased_rows"] == len(chosen)
     async with sessions() as session:
         assert len(await repo.export_training_set(session, until=utcnow())) == 60  # U1's rows stay
+
+
+GATE_ENV = {
+    "TRIAGE_GATE_TOLERANCE": "0.03",
+    "TRIAGE_GATE_MAX_RECALL_DROP": "0.2",
+    "TRIAGE_GATE_RECALL_DROP_ALPHA": "0.01",
+    "TRIAGE_RETRAIN_ACCEPT_AFTER_HOURS": "6",
+    "TRIAGE_RETRAIN_MAX_ACCEPTED": "50",
+    "TRIAGE_RETRAIN_EPOCHS": "2",
+    "CLASSIFIER_BACKEND": "torch",
+}
+
+
+def test_triage_retrain_and_the_bot_build_the_same_gate(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+    from bot.settings import load_settings
+
+    for name, value in GATE_ENV.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path))
+    started: list[RunRequest] = []
+
+    async def record(run: RunRequest, emit: Any, *, slack: bool) -> int:
+        started.append(run)
+        return 0
+
+    monkeypatch.setattr("bot.retrain.start_run", record)
+    result = CliRunner().invoke(app, ["retrain"])
+    assert result.exit_code == 0, result.output
+    (run,) = started
+    bot = load_settings(slack_bot_token="xoxb-1", slack_signing_secret="s").run_options()
+    assert (
+        run.options
+        == bot
+        == RunOptions(
+            gate=Gate(tolerance=0.03, max_recall_drop=0.2, recall_drop_alpha=0.01, backend="torch"),
+            acceptance=Acceptance(after_hours=6, max_rows=50),
+            epochs=2,
+        )
+    )
+    assert run.trigger == TrainingTrigger.CLI
+    # an option given on the command line wins over its variable
+    assert CliRunner().invoke(app, ["retrain", "--epochs", "5"]).exit_code == 0
+    assert started[-1].options.epochs == 5
+
+
+def test_a_malformed_gate_setting_stops_triage_retrain_with_its_name(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("TRIAGE_GATE_MAX_RECALL_DROP", "a lot")
+    result = CliRunner().invoke(app, ["retrain"])
+    assert result.exit_code == 2
+    assert "error: TRIAGE_GATE_MAX_RECALL_DROP: Input should be a valid number" in result.output
+    assert not list(tmp_path.glob("models/*"))  # nothing ran
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # the bot's own child process (no worker on SQLite)
+async def test_the_bot_relays_a_runs_progress_and_summary_to_slack(
+    tiny_bert: Path, data_dir: Path, db: Any
+) -> None:
+    """Through the bot's Slack output to the stand-in: progress in one thread of the asking channel, the
+    summary and the candidate's confusion matrix there and in the summary channel."""
+    from slack_sdk.web.async_client import AsyncWebClient
+
+    from bot.slack_output import SlackOutput
+    from tests.slack_standin import SlackStandIn
+
+    engine, sessions = db
+    registry = Registry(data_dir / "models")
+    _base_version(registry, tiny_bert, steps=1)
+    await _store_feedback(sessions, learnable_rows(60, seed=5))
+    async with SlackStandIn() as slack:
+        for channel in ("C0ASK", "C0SUMMARY"):
+            slack.add_channel(channel)
+        output = SlackOutput(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+        retrainer = Retrainer(
+            sessions,
+            engine,
+            post=output.post_text,
+            upload=output.upload,
+            summary_channel="C0SUMMARY",
+            options=RunOptions(epochs=1),
+        )
+        await retrainer.request(requested_by="U0ADMIN", notify_channel="C0ASK")
+        assert retrainer.relay is not None
+        await asyncio.wait_for(retrainer.relay, timeout=300)
+        asked = slack.messages_in("C0ASK")
+        summary = slack.messages_in("C0SUMMARY")
+        uploads = [f for f in slack.files.values() if f.completed]
+    first, *progress, last = asked
+    assert first["text"].startswith(":hourglass_flowing_sand: Retraining from v1:")
+    assert [m["text"][:31] for m in progress] == ["epoch 1/1: validation macro-F1 "]
+    assert all(m.get("thread_ts") == first["ts"] for m in progress)  # one thread per run
+    assert last["text"].startswith((":rocket: *v2* promoted", ":no_entry: *v2* kept as rejected"))
+    assert "thread_ts" not in last  # the summary stands in the channel
+    assert [m["text"] for m in summary] == [last["text"]]
+    assert sorted(f.channel_id or "" for f in uploads) == ["C0ASK", "C0SUMMARY"]
+    assert all(f.content and f.content.startswith(b"\x89PNG") for f in uploads)
+
+
+async def test_triage_retrain_without_a_model_fails_in_one_line(
+    db: Any, database_url: URL, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    monkeypatch.setenv("TRIAGE_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("DATABASE_URL", database_url.render_as_string(hide_password=False))
+    # the command runs its own event loop: off this test's
+    result = await asyncio.to_thread(CliRunner().invoke, app, ["retrain", "--dry-run"])
+    assert result.exit_code == 2  # the README's "bad input or configuration"
+    assert result.output.splitlines()[-1] == (
+        f"error: no active model in {tmp_path / 'models'}: train one with `triage train`"
+    )
+    assert "Traceback" not in result.output
+
+
+async def test_triage_audit_lists_who_asked_for_a_retrain(db: Any, database_url: URL) -> None:
+    from typer.testing import CliRunner
+
+    from bot.cli import app
+
+    _, sessions = db
+    async with sessions.begin() as session:
+        await repo.add_audit_entry(
+            session, user_id="U0AGENT", action="retrain", allowed=False, reason="not admin"
+        )
+        await repo.add_audit_entry(
+            session, user_id="U0ADMIN", action="rollback", args={"version": "v1"}, allowed=True
+        )
+    url = ["--database-url", database_url.render_as_string(hide_password=False)]
+    # the command runs its own event loop: off this test's
+    listed = await asyncio.to_thread(CliRunner().invoke, app, ["audit", *url])
+    assert listed.exit_code == 0, listed.output
+    lines = [line for line in listed.output.splitlines() if " UTC  " in line]
+    assert lines[0].endswith('U0ADMIN  rollback {"version": "v1"}  allowed')  # newest first
+    assert lines[1].endswith("U0AGENT  retrain {}  refused (not admin)")
+    only = await asyncio.to_thread(CliRunner().invoke, app, ["audit", "--user", "U0AGENT", "--json", *url])
+    (row,) = [json.loads(line) for line in only.output.splitlines() if line.startswith("{")]
+    assert (row["user_id"], row["action"], row["allowed"]) == ("U0AGENT", "retrain", False)

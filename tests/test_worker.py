@@ -19,13 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from typer.testing import CliRunner
 
 from bot.cli import app
-from bot.retrain import Acceptance, Gate, Retrainer, run_in_progress
-from bot.run_queue import RunOptions, worker_present
+from bot.retrain import Acceptance, Retrainer, RunOptions, run_in_progress
+from bot.run_queue import worker_present
 from bot.settings import SettingsError, load_worker_settings
 from bot.storage import repository as repo
 from bot.storage.database import create_engine, create_session_factory, upgrade_database
 from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, TrainingTrigger
 from classifier.model import resolve_device
+from classifier.promotion import Gate
 from classifier.registry import Registry
 from tests.model_fixtures import learnable_rows
 from tests.test_retrain import _base_version, _store_feedback
@@ -212,7 +213,14 @@ async def test_worker_runs_a_queued_run_and_the_bot_posts_its_progress(
             assert not await run_in_progress(engine)
             await asyncio.sleep(0.01)
         slack = Slack()
-        bot = Retrainer(sessions, engine, post=slack.post, summary_channel="C0SUMMARY", epochs=4, poll_s=0.05)
+        bot = Retrainer(
+            sessions,
+            engine,
+            post=slack.post,
+            summary_channel="C0SUMMARY",
+            options=RunOptions(epochs=4),
+            poll_s=0.05,
+        )
         answer = await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK")
         assert answer == "Retraining queued for the worker; progress follows in this channel."
         assert "already" in (await bot.busy_message() or "")  # queued or running: not twice
@@ -250,7 +258,7 @@ async def test_killed_worker_fails_its_run_and_the_next_run_proceeds(
     await _store_feedback(sessions, learnable_rows(800, seed=5))  # enough work to be killed mid-training
     worker = await _start_worker(data_dir, database_url)
     slack = Slack()
-    bot = Retrainer(sessions, engine, post=slack.post, epochs=50, poll_s=0.05)
+    bot = Retrainer(sessions, engine, post=slack.post, options=RunOptions(epochs=50), poll_s=0.05)
     await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK")
     # the worker claimed it, holds the run lock, trains
     await worker.within(300, slack.wait_for("Retraining from v1"))
@@ -270,7 +278,8 @@ async def test_killed_worker_fails_its_run_and_the_next_run_proceeds(
         cli = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "bot.retrain",
+            "bot.cli",
+            "retrain",
             "--epochs",
             "1",
             stdout=asyncio.subprocess.PIPE,
@@ -309,7 +318,9 @@ async def test_without_a_worker_the_bot_runs_the_retrain_itself(
     await _store_feedback(sessions, learnable_rows(60, seed=5))
     assert not await worker_present(engine)
     slack = Slack()
-    bot = Retrainer(sessions, engine, post=slack.post, summary_channel="C0SUMMARY", epochs=1)
+    bot = Retrainer(
+        sessions, engine, post=slack.post, summary_channel="C0SUMMARY", options=RunOptions(epochs=1)
+    )
     assert await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK") == (
         "Retraining started; progress follows in this channel."
     )
