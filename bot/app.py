@@ -26,7 +26,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import cards
+from bot import cards, review
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.lifecycle import MessageLife
@@ -210,6 +210,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
     cards.register(app, triage, commands.agents, later)
+    review.register(app, triage, commands.agents, commands.review, later)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:

@@ -498,7 +498,14 @@ class Triage:
                     > 0
                 )
             elif action.confirms:
-                changed = await self._confirm_all(session, message, prediction, user_id, reaction)
+                changed = await self._confirm_all(
+                    session,
+                    message,
+                    prediction,
+                    user_id,
+                    CorrectionSource.REACTION,
+                    reaction.split("::", 1)[0],
+                )
             else:
                 assert action.head is not None and action.label is not None
                 changed = await self._correct(
@@ -599,8 +606,27 @@ class Triage:
         )
         return True
 
+    async def on_confirmed(self, team_id: str, user_id: str, message_id: int) -> bool:
+        """An agent confirmed every head's current label (a review item's Confirm); whether it was stored."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if message is None or message.team_id != team_id:
+                return False
+            prediction = await repo.latest_prediction(session, message_id)
+            if prediction is None:
+                return False
+            return await self._confirm_all(
+                session, message, prediction, user_id, CorrectionSource.BUTTON, reaction=None
+            )
+
     async def _confirm_all(
-        self, session: AsyncSession, message: Message, prediction: Prediction, user_id: str, reaction: str
+        self,
+        session: AsyncSession,
+        message: Message,
+        prediction: Prediction,
+        user_id: str,
+        source: CorrectionSource,
+        reaction: str | None,
     ) -> bool:
         labels = await repo.current_labels(session, message.id)
         for head, p in prediction.by_head().items():
@@ -611,10 +637,10 @@ class Triage:
                 head,
                 label,
                 user_id=user_id,
-                source=CorrectionSource.REACTION,
+                source=source,
                 kind=CorrectionKind.CONFIRMATION,
                 old_label=label,
-                reaction=reaction.split("::", 1)[0],
+                reaction=reaction,
             )
         return True
 
