@@ -26,7 +26,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import cards, review
+from bot import cards, home, review
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.lifecycle import MessageLife
@@ -59,6 +59,7 @@ EVENT_FIELDS: dict[str, dict[str, type]] = {
     },
     "reaction_added": {"user": str, "reaction": str, "item": dict},
     "reaction_removed": {"user": str, "reaction": str, "item": dict},
+    "app_home_opened": {"user": str, "channel": str, "tab": str, "view": dict},
 }
 REQUIRED_EVENT_FIELDS = {"message": ("ts", "channel")}
 
@@ -162,6 +163,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     ) -> None:
         await on_reaction(body, event, context, added=False)
 
+    home_page = home.register(app, triage, commands, later)  # app_home_opened: before the catch-all
+
     # Every other event is acknowledged with 200: Bolt would answer 404, which Slack retries.
     @app.event(re.compile(".*"))
     async def on_other_event() -> None:
@@ -210,7 +213,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
     cards.register(app, triage, commands.agents, later)
-    review.register(app, triage, commands.agents, commands.review, later)
+    review.register(app, triage, commands.agents, commands.review, later, home_page.publish)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:

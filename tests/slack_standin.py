@@ -51,6 +51,7 @@ DEFAULT_USER_ID = "U0CUSTOMER"  # a customer: a user of another organization (Sl
 CUSTOMER_TEAM_ID = "T0CUSTOMER"
 DEFAULT_CHANNEL_ID = "C0SUPPORT"
 SLACK_USER_AGENT = "Slackbot 1.0 (+https://api.slack.com/robots)"
+MAX_VIEW_BLOCKS = 100  # a modal's or Home tab's blocks
 SLACK_ACK_TIMEOUT_S = 3.0  # Slack gives up on (and later retries) a request not acked within 3 seconds
 
 _ALNUM = string.ascii_uppercase + string.digits
@@ -1022,6 +1023,15 @@ class SlackStandIn:
             "event_ts": ts,
             "channel_type": self.channel_type(channel),
         }
+
+    def app_home_opened_event(self, user: str, tab: str = "home") -> JSON:
+        """``app_home_opened``: ``user`` entered the app's App Home (``tab`` "home" or "messages"). Slack
+        sends the Home tab's current ``view`` once one was published for the user, and the app's DM."""
+        event: JSON = {"type": "app_home_opened", "user": user, "channel": self._dm_with(user), "tab": tab}
+        event["event_ts"] = self.next_ts()
+        if tab == "home" and user in self.home_views:
+            event["view"] = copy.deepcopy(self.home_views[user])
+        return event
 
     def _reaction_event(
         self, kind: str, user: str, reaction: str, channel: str, ts: str, item_user: str | None, extra: JSON
@@ -2075,7 +2085,12 @@ class SlackStandIn:
         user_id = call.args.get("user_id")
         if not user_id:
             raise ApiError("invalid_arguments")
-        view = self._materialize_view(self._view_arg(call.args))
+        spec = self._view_arg(call.args)
+        if spec.get("type") != "home":  # views.publish takes Home tab views only
+            raise ApiError("invalid_arguments", response_metadata={"messages": ["[ERROR] must be home"]})
+        if len(spec.get("blocks") or []) > MAX_VIEW_BLOCKS:
+            raise ApiError("invalid_arguments", response_metadata={"messages": ["[ERROR] too many blocks"]})
+        view = self._materialize_view(spec)
         self.home_views[str(user_id)] = view
         return {"view": copy.deepcopy(view)}
 

@@ -172,7 +172,9 @@ def test_manifest_matches_what_the_bot_handles() -> None:
         "message.groups",
         "reaction_added",
         "reaction_removed",
+        "app_home_opened",
     }
+    assert manifest["features"]["app_home"]["home_tab_enabled"]
     assert manifest["settings"]["interactivity"]["is_enabled"]
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"chat:write", "reactions:read", "reactions:write", "commands", "channels:history"} <= scopes
