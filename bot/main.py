@@ -22,6 +22,7 @@ from bot.app import build_app, health_app, http_app
 from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
+from bot.digest import Digest, add_digest
 from bot.reactions import ReactionMap
 from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
@@ -163,6 +164,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     worker = asyncio.ensure_future(triage.run(stop))
     cleanup.append(lambda: asyncio.wait_for(worker, timeout=10))
     scheduler = build_scheduler(settings, engine, sessions, retrainer)
+    add_digest(scheduler, Digest(settings, sessions, output, commands.review))  # bot/digest.py
     scheduler.start()
     cleanup.append(lambda: scheduler.shutdown(wait=False))
 

@@ -107,6 +107,9 @@ class BotSettings(BaseSettings):
     triage_retrain_accept_after_hours: float = Field(24.0, ge=0)
     triage_retrain_max_accepted: int = Field(20_000, ge=0)  # newest such messages per run (0: none)
     triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
+    # the daily digest: when (UTC cron, "" = never) and where (default: the card channel; neither: none)
+    triage_digest_cron: str = "0 9 * * mon-fri"  # APScheduler: a numeric 1-5 would be Tue-Sat
+    triage_digest_channel: str | None = None
     triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
     triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)
     triage_gate_recall_drop_alpha: float = Field(0.05, gt=0, le=1)  # a class's fall must be beyond chance
@@ -164,7 +167,7 @@ class BotSettings(BaseSettings):
             raise ValueError(f"not Slack channel ids: {', '.join(bad)} (expected ids like C0123ABCD)")
         return v
 
-    @field_validator("triage_retrain_cron")
+    @field_validator("triage_retrain_cron", "triage_digest_cron")
     @classmethod
     def _cron(cls, v: str) -> str:
         if v.strip():
@@ -173,7 +176,9 @@ class BotSettings(BaseSettings):
             CronTrigger.from_crontab(v.strip(), timezone="UTC")
         return v.strip()
 
-    @field_validator("triage_escalation_channel", "triage_summary_channel", "triage_card_channel")
+    @field_validator(
+        "triage_escalation_channel", "triage_summary_channel", "triage_card_channel", "triage_digest_channel"
+    )
     @classmethod
     def _channel(cls, v: str | None) -> str | None:
         if v and not CHANNEL_ID.match(v):
@@ -258,6 +263,11 @@ class BotSettings(BaseSettings):
     def channel_delivery(self) -> dict[str, Delivery]:
         return parse_channel_delivery(self.triage_channel_delivery)
 
+    @property
+    def digest_channel(self) -> str | None:
+        """Where the daily digest goes: TRIAGE_DIGEST_CHANNEL, else the card channel (neither: no digest)."""
+        return self.triage_digest_channel or self.triage_card_channel
+
     def delivery_for(self, channel_id: str) -> Delivery:
         """How triage shows up for ``channel_id`` by the settings (a shared channel is stricter still)."""
         default = self.triage_delivery or (Delivery.CARD if self.triage_card_channel else Delivery.THREAD)
@@ -271,6 +281,7 @@ class BotSettings(BaseSettings):
             "TRIAGE_CARD_CHANNEL": self.triage_card_channel,
             "TRIAGE_ESCALATION_CHANNEL": self.triage_escalation_channel,
             "TRIAGE_SUMMARY_CHANNEL": self.triage_summary_channel,
+            "TRIAGE_DIGEST_CHANNEL": self.triage_digest_channel,
         }
         for name, channel in [*singles.items(), *(("TRIAGE_ROUTES", c) for c in self.routes.values())]:
             if channel and name not in named.setdefault(channel, []):

@@ -49,6 +49,7 @@ from bot.storage.models import (
     ModelVersion,
     Prediction,
     PredictionHead,
+    ScheduledPost,
     SlackEvent,
     TrainingRun,
     TrainingRunEvent,
@@ -1423,3 +1424,25 @@ async def count_labels_by(
         .group_by(label)
     )
     return {str(name): int(n) for name, n in (await session.execute(query)).all()}
+
+
+async def claim_scheduled_post(
+    session: AsyncSession, job: str, slot: datetime, *, now: datetime | None = None
+) -> bool:
+    """Whether this caller posts ``job`` for ``slot``: of several replicas exactly one gets ``True``
+    (primary key + ON CONFLICT DO NOTHING, as ``record_event``)."""
+    stmt = (
+        _insert(session, ScheduledPost)
+        .values(job=job, slot=slot, claimed_at=now or utcnow())
+        .on_conflict_do_nothing(index_elements=["job", "slot"])
+        .returning(ScheduledPost.job)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def count_escalated(session: AsyncSession, *, since: datetime, until: datetime) -> int:
+    """Messages escalated in [since, until)."""
+    return await _count(
+        session,
+        select(func.count(Card.id)).where(Card.escalated_at >= since, Card.escalated_at < until),
+    )
