@@ -26,7 +26,7 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import cards, home, review
+from bot import cards, home, review, shortcut
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
 from bot.lifecycle import MessageLife
@@ -214,6 +214,7 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
 
     cards.register(app, triage, commands.agents, later)
     review.register(app, triage, commands.agents, commands.review, later, home_page.publish)
+    shortcut.register(app, triage, commands.agents, later)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
@@ -259,6 +260,10 @@ def payload_problem(body: Any) -> str | None:
         for key in ("user", "team", "container", "channel"):
             if body.get(key) is not None and not isinstance(body[key], dict):
                 return f"block_actions: {key} is not an object"
+    if body.get("type") == "message_action":
+        for key in ("message", "channel", "user", "team"):
+            if not isinstance(body.get(key), dict):
+                return f"message_action: {key} is not an object"
     if body.get("type") == "view_submission":
         for key in ("view", "user", "team"):
             if not isinstance(body.get(key), dict):

@@ -1392,6 +1392,56 @@ class SlackStandIn:
         body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
         return await self.send_raw(body, "application/x-www-form-urlencoded", payload, **options)
 
+    def message_action_payload(
+        self,
+        callback_id: str,
+        channel_id: str,
+        message_ts: str,
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        trigger_id: str | None = None,
+    ) -> JSON:
+        """A message shortcut (``message_action``) on the stored message at (channel_id, message_ts):
+        the message's full structure, the channel, who used it, a trigger_id and a response_url."""
+        message = copy.deepcopy(self.message(channel_id, message_ts))
+        if message is None:
+            raise KeyError(f"no stored message {channel_id}/{message_ts}")
+        user = self._interaction_user(user_id)
+        return {
+            "type": "message_action",
+            "token": self.verification_token,
+            "action_ts": f"{time.time():.6f}",
+            "team": {"id": self.team_id, "domain": self.team_domain},
+            "user": {**user, "username": user["name"]},
+            "channel": {"id": channel_id, "name": self._channel_name_for_payload(channel_id)},
+            "is_enterprise_install": False,
+            "enterprise": None,
+            "callback_id": callback_id,
+            "trigger_id": trigger_id or self._new_trigger_id(),
+            "response_url": self._new_response_url(
+                "actions", {"channel_id": channel_id, "user_id": user_id, "message_ts": message_ts}
+            ),
+            "message_ts": message_ts,
+            "message": {"type": "message", **message},
+        }
+
+    async def send_message_action(
+        self,
+        callback_id: str,
+        channel_id: str,
+        message_ts: str,
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        trigger_id: str | None = None,
+        **options: Unpack[SendOptions],
+    ) -> BotResponse:
+        """A message shortcut (``payload=<json>`` form body); see ``message_action_payload``."""
+        payload = self.message_action_payload(
+            callback_id, channel_id, message_ts, user_id=user_id, trigger_id=trigger_id
+        )
+        body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+        return await self.send_raw(body, "application/x-www-form-urlencoded", payload, **options)
+
     async def send_view_submission(
         self,
         inputs: Mapping[str, Any] | None = None,
