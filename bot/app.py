@@ -29,6 +29,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 from bot import cards, home, review, shortcut
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
+from bot.drift import DriftCollector
 from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
@@ -355,6 +356,7 @@ def add_health_and_metrics(
     ``GET /metrics`` (Prometheus), in HTTP and Socket Mode alike."""
     metrics = CollectorRegistry(auto_describe=True)
     metrics.register(BacklogCollector(triage))
+    metrics.register(DriftCollector(triage.drift))
 
     async def healthz(_: web.Request) -> web.Response:
         ok, details = link_health()

@@ -23,6 +23,7 @@ from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
 from bot.digest import Digest, add_digest
+from bot.drift import add_drift
 from bot.reactions import ReactionMap
 from bot.retrain import Acceptance, Gate, Retrainer, mirror_versions
 from bot.scheduler import build_scheduler
@@ -165,6 +166,7 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
     cleanup.append(lambda: asyncio.wait_for(worker, timeout=10))
     scheduler = build_scheduler(settings, engine, sessions, retrainer)
     add_digest(scheduler, Digest(settings, sessions, output, commands.review))  # bot/digest.py
+    add_drift(scheduler, triage.drift)  # bot/drift.py
     scheduler.start()
     cleanup.append(lambda: scheduler.shutdown(wait=False))
 

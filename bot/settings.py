@@ -110,6 +110,11 @@ class BotSettings(BaseSettings):
     # the daily digest: when (UTC cron, "" = never) and where (default: the card channel; neither: none)
     triage_digest_cron: str = "0 9 * * mon-fri"  # APScheduler: a numeric 1-5 would be Tue-Sat
     triage_digest_channel: str | None = None
+    # drift: when the daily check runs ("" = never); a head's label-mix PSI or mean-confidence drop (past
+    # week vs the active version's held-out split) above these alerts the summary channel
+    triage_drift_cron: str = "0 8 * * *"
+    triage_drift_psi: float = Field(0.2, gt=0)
+    triage_drift_confidence_drop: float = Field(0.1, gt=0, le=1)
     triage_gate_tolerance: float = Field(0.01, ge=0, le=1)
     triage_gate_max_recall_drop: float = Field(0.10, ge=0, le=1)
     triage_gate_recall_drop_alpha: float = Field(0.05, gt=0, le=1)  # a class's fall must be beyond chance
@@ -167,7 +172,7 @@ class BotSettings(BaseSettings):
             raise ValueError(f"not Slack channel ids: {', '.join(bad)} (expected ids like C0123ABCD)")
         return v
 
-    @field_validator("triage_retrain_cron", "triage_digest_cron")
+    @field_validator("triage_retrain_cron", "triage_digest_cron", "triage_drift_cron")
     @classmethod
     def _cron(cls, v: str) -> str:
         if v.strip():

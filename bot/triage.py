@@ -25,6 +25,7 @@ from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.cards import CardDesk, is_urgent, unsure_urgent
 from bot.delivery import DeliveryPolicy
+from bot.drift import DriftMonitor
 from bot.reactions import URGENT_MARKER, ReactionMap
 from bot.settings import BotSettings, Delivery
 from bot.slack_output import SlackOutput, is_permanent
@@ -113,6 +114,7 @@ class Triage:
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client)
         self.cards = CardDesk(settings, sessions, output)
+        self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)

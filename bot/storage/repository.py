@@ -1446,3 +1446,38 @@ async def count_escalated(session: AsyncSession, *, since: datetime, until: date
         session,
         select(func.count(Card.id)).where(Card.escalated_at >= since, Card.escalated_at < until),
     )
+
+
+@dataclass(frozen=True)
+class LabelProfile:
+    """How often one model version predicted one label of one head, and its summed confidence."""
+
+    head: str
+    label: str
+    count: int
+    confidence_sum: float
+
+
+async def prediction_profile(
+    session: AsyncSession, model_version: str, *, since: datetime, until: datetime
+) -> list[LabelProfile]:
+    """Per head and label: messages received in [since, until) whose latest prediction came from
+    ``model_version`` and gave that label, with the confidences summed (for drift)."""
+    latest = _latest_predictions()
+    query = (
+        select(PredictionHead.head, PredictionHead.label, func.count(), func.sum(PredictionHead.confidence))
+        .select_from(Message)
+        .join(latest, latest.c.message_id == Message.id)
+        .join(Prediction, Prediction.id == latest.c.id)
+        .join(PredictionHead, PredictionHead.prediction_id == latest.c.id)
+        .where(
+            Message.received_at >= since,
+            Message.received_at < until,
+            Prediction.model_version == model_version,
+        )
+        .group_by(PredictionHead.head, PredictionHead.label)
+    )
+    return [
+        LabelProfile(head=head, label=label, count=int(n), confidence_sum=float(total or 0.0))
+        for head, label, n, total in (await session.execute(query)).all()
+    ]
