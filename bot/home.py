@@ -135,8 +135,12 @@ class Home:
             week = await repo.stats_since(session, now - timedelta(days=7))
             runs = await repo.list_training_runs(session, limit=LAST_RUNS)
         rate = f"{week.corrections / week.predictions:.1%}" if week.predictions else "n/a"
+        try:
+            status = await self.commands.status()
+        except ClassifierError as exc:  # a classifier server that is down must not blank the page
+            status = f"*Model:* the classifier does not answer ({exc})"
         shown = [
-            _text(await self.commands.status()),
+            _text(status),
             _text("*Live accuracy* (messages people labelled)\n" + "\n".join(accuracy_lines(judged))),
             _text(
                 f"*Correction rate, last 7 days:* {rate} ({week.corrections} corrections of "

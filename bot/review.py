@@ -15,6 +15,7 @@ and Fix (the Fix labels modal of ``bot/cards.py``).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import re
 import unicodedata
@@ -112,7 +113,7 @@ def rank(
     for item in found:
         key = near_duplicate_key(item.message.text or "")
         first = kept.get(key)
-        kept[key] = item if first is None else ReviewItem(**{**first.__dict__, "similar": first.similar + 1})
+        kept[key] = item if first is None else dataclasses.replace(first, similar=first.similar + 1)
     return list(kept.values())
 
 
@@ -140,9 +141,7 @@ def _review_item(
     if not reasons:
         return None
     uncertainty = 1.0 if disagreed else max(margin_uncertainty(p.scores) for p in heads.values())
-    labels = {h: p.label for h, p in heads.items()}
-    for head, by_user in candidate.labels_by_user.items():
-        labels[head] = list(by_user.values())[-1]
+    labels = {h: p.label for h, p in heads.items()} | candidate.labels
     return ReviewItem(candidate.message, candidate.prediction.model_version, labels, reasons, uncertainty)
 
 

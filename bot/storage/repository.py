@@ -1315,6 +1315,7 @@ class Candidate:
     message: Message
     prediction: Prediction
     labels_by_user: dict[str, dict[str, str]]  # head -> user id -> that person's latest label
+    labels: dict[str, str]  # head -> the latest label anyone gave (the message's label now)
 
 
 def _latest_predictions() -> Any:
@@ -1381,6 +1382,7 @@ async def review_candidates(session: AsyncSession, *, since: datetime, limit: in
         )
     ).all()
     by_message: dict[int, dict[str, dict[str, str]]] = {message.id: {} for message, _ in rows}
+    current: dict[int, dict[str, str]] = {message.id: {} for message, _ in rows}
     ids = sorted(by_message)
     for start in range(0, len(ids), ID_CHUNK):
         corrections = await session.scalars(
@@ -1392,7 +1394,11 @@ async def review_candidates(session: AsyncSession, *, since: datetime, limit: in
         )
         for c in corrections:  # oldest first: each person's latest label per head is the one left
             by_message[c.message_id].setdefault(c.head, {})[c.user_id] = c.new_label
-    return [Candidate(message, prediction, by_message[message.id]) for message, prediction in rows]
+            current[c.message_id][c.head] = c.new_label
+    return [
+        Candidate(message, prediction, by_message[message.id], current[message.id])
+        for message, prediction in rows
+    ]
 
 
 async def recent_corrections(session: AsyncSession, user_id: str, *, limit: int = 10) -> list[Correction]:
