@@ -26,9 +26,10 @@ from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import cards
+from bot import cards, home, review, shortcut
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
 from bot.commands import Commands
+from bot.drift import DriftCollector
 from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
@@ -59,6 +60,7 @@ EVENT_FIELDS: dict[str, dict[str, type]] = {
     },
     "reaction_added": {"user": str, "reaction": str, "item": dict},
     "reaction_removed": {"user": str, "reaction": str, "item": dict},
+    "app_home_opened": {"user": str, "channel": str, "tab": str, "view": dict},
 }
 REQUIRED_EVENT_FIELDS = {"message": ("ts", "channel")}
 
@@ -162,6 +164,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     ) -> None:
         await on_reaction(body, event, context, added=False)
 
+    home_page = home.register(app, triage, commands, later)  # app_home_opened: before the catch-all
+
     # Every other event is acknowledged with 200: Bolt would answer 404, which Slack retries.
     @app.event(re.compile(".*"))
     async def on_other_event() -> None:
@@ -210,6 +214,8 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
     cards.register(app, triage, commands.agents, later)
+    review.register(app, triage, commands.agents, commands.review, later, home_page.publish)
+    shortcut.register(app, triage, commands.agents, later)
 
     @app.error
     async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
@@ -255,6 +261,10 @@ def payload_problem(body: Any) -> str | None:
         for key in ("user", "team", "container", "channel"):
             if body.get(key) is not None and not isinstance(body[key], dict):
                 return f"block_actions: {key} is not an object"
+    if body.get("type") == "message_action":
+        for key in ("message", "channel", "user", "team"):
+            if not isinstance(body.get(key), dict):
+                return f"message_action: {key} is not an object"
     if body.get("type") == "view_submission":
         for key in ("view", "user", "team"):
             if not isinstance(body.get(key), dict):
@@ -346,6 +356,7 @@ def add_health_and_metrics(
     ``GET /metrics`` (Prometheus), in HTTP and Socket Mode alike."""
     metrics = CollectorRegistry(auto_describe=True)
     metrics.register(BacklogCollector(triage))
+    metrics.register(DriftCollector(triage.drift))
 
     async def healthz(_: web.Request) -> web.Response:
         ok, details = link_health()

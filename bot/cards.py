@@ -149,6 +149,9 @@ def _button(action_id: str, text: str, value: str, style: str | None = None) -> 
     return button
 
 
+button = _button  # also the review queue's (bot/review.py)
+
+
 def status_line(card: Card, unsure_urgent: bool) -> str:
     """Claim, escalation state, and the unsure-urgent flag, as one line."""
     parts = []

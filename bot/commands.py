@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from bot import blocks
+from bot import blocks, review
 from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.settings import BotSettings
@@ -38,11 +38,12 @@ TRIAGE_USAGE = (
     "*/triage* commands:\n"
     "• `/triage status`: active model, its metrics, feedback since the last training, the last run (agents)\n"
     "• `/triage models`: model versions (agents)\n"
+    "• `/triage review`: the messages whose labels would teach the model most (agents)\n"
     "• `/triage retrain [--dry-run]`: retrain on the corrections (admins)\n"
     "• `/triage rollback VERSION`: switch the active model back (admins)"
 )
 ADMIN_ONLY = {"retrain", "rollback"}
-AGENTS_ONLY = {"status", "models"}  # they show model internals and the last run's error
+AGENTS_ONLY = {"status", "models", "review"}  # model internals, the last run's error, customers' messages
 # Slack wants an answer to a slash command within 3 s; leave room for the network.
 CLASSIFY_INLINE_BUDGET_S = 2.0
 
@@ -61,6 +62,7 @@ class Commands:
         self.classifier = classifier
         self.agents = agents
         self.retrainer = retrainer
+        self.review = review.ReviewQueue(settings, sessions)
 
     # ---- /classify ---------------------------------------------------------------------------------
     async def classify(self, ack: Ack, respond: Any, command: dict[str, Any]) -> None:
@@ -121,6 +123,9 @@ class Commands:
         elif sub == "models":
             await ack(response_type="ephemeral", text="Listing models…")
             later(self._respond(respond, self.models()), "/triage models")
+        elif sub == "review":
+            await ack(response_type="ephemeral", text="Looking for messages worth a look…")
+            later(review.answer_command(self.review, respond), "/triage review")
         elif sub == "rollback":
             if len(args) != 1:
                 await ack(response_type="ephemeral", text="Usage: `/triage rollback VERSION` (e.g. v3)")

@@ -23,6 +23,8 @@ from bot.app import build_app, health_app, http_app
 from bot.backfill import Backfill
 from bot.commands import Commands
 from bot.delivery import missing_invites
+from bot.digest import Digest, add_digest
+from bot.drift import add_drift
 from bot.reactions import ReactionMap
 from bot.retrain import Retrainer
 from bot.scheduler import build_scheduler
@@ -178,6 +180,8 @@ async def _start_bot(
 
     _on_close(resources, "the triage worker", stop_worker)
     scheduler = build_scheduler(settings, engine, sessions, retrainer)
+    add_digest(scheduler, Digest(settings, sessions, output, commands.review))  # bot/digest.py
+    add_drift(scheduler, triage.drift)  # bot/drift.py
     scheduler.start()
     _on_close(resources, "the scheduler", lambda: scheduler.shutdown(wait=False))
 

@@ -138,6 +138,14 @@ class BotSettings(RetrainSettings):
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)
     triage_retrain_min_corrections: int = Field(20, ge=1)  # new labels needed before a scheduled run trains
     triage_summary_channel: str | None = None  # where run summaries go (default: the escalation channel)
+    # the daily digest: when (UTC cron, "" = never) and where (default: the card channel; neither: none)
+    triage_digest_cron: str = "0 9 * * mon-fri"  # APScheduler: a numeric 1-5 would be Tue-Sat
+    triage_digest_channel: str | None = None
+    # drift: when the daily check runs ("" = never); a head's label-mix PSI or mean-confidence drop (past
+    # week vs the active version's held-out split) above these alerts the summary channel
+    triage_drift_cron: str = "0 8 * * *"
+    triage_drift_psi: float = Field(0.2, gt=0)
+    triage_drift_confidence_drop: float = Field(0.1, gt=0, le=1)
     triage_keep_versions: int = Field(10, ge=1)  # model versions kept in the registry (the active one always)
     triage_retention_days: int = Field(0, ge=0)  # remove message texts after this many days (0: keep)
     # Socket Mode: how often the client pings Slack, and how long a link may go without a hello (after
@@ -192,7 +200,7 @@ class BotSettings(RetrainSettings):
             raise ValueError(f"not Slack channel ids: {', '.join(bad)} (expected ids like C0123ABCD)")
         return v
 
-    @field_validator("triage_retrain_cron")
+    @field_validator("triage_retrain_cron", "triage_digest_cron", "triage_drift_cron")
     @classmethod
     def _cron(cls, v: str) -> str:
         if v.strip():
@@ -201,7 +209,9 @@ class BotSettings(RetrainSettings):
             CronTrigger.from_crontab(v.strip(), timezone="UTC")
         return v.strip()
 
-    @field_validator("triage_escalation_channel", "triage_summary_channel", "triage_card_channel")
+    @field_validator(
+        "triage_escalation_channel", "triage_summary_channel", "triage_card_channel", "triage_digest_channel"
+    )
     @classmethod
     def _channel(cls, v: str | None) -> str | None:
         if v and not CHANNEL_ID.match(v):
@@ -286,6 +296,11 @@ class BotSettings(RetrainSettings):
     def channel_delivery(self) -> dict[str, Delivery]:
         return parse_channel_delivery(self.triage_channel_delivery)
 
+    @property
+    def digest_channel(self) -> str | None:
+        """Where the daily digest goes: TRIAGE_DIGEST_CHANNEL, else the card channel (neither: no digest)."""
+        return self.triage_digest_channel or self.triage_card_channel
+
     def delivery_for(self, channel_id: str) -> Delivery:
         """How triage shows up for ``channel_id`` by the settings (a shared channel is stricter still)."""
         default = self.triage_delivery or (Delivery.CARD if self.triage_card_channel else Delivery.THREAD)
@@ -299,6 +314,7 @@ class BotSettings(RetrainSettings):
             "TRIAGE_CARD_CHANNEL": self.triage_card_channel,
             "TRIAGE_ESCALATION_CHANNEL": self.triage_escalation_channel,
             "TRIAGE_SUMMARY_CHANNEL": self.triage_summary_channel,
+            "TRIAGE_DIGEST_CHANNEL": self.triage_digest_channel,
         }
         for name, channel in [*singles.items(), *(("TRIAGE_ROUTES", c) for c in self.routes.values())]:
             if channel and name not in named.setdefault(channel, []):

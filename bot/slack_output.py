@@ -178,6 +178,13 @@ class SlackOutput:
     async def open_view(self, trigger_id: str, view: dict[str, Any]) -> dict[str, Any] | None:
         return await self._call("views.open", self.client.views_open, trigger_id=trigger_id, view=view)
 
+    async def update_view(self, view_id: str, view: dict[str, Any]) -> dict[str, Any] | None:
+        return await self._call("views.update", self.client.views_update, view_id=view_id, view=view)
+
+    async def publish_view(self, user_id: str, view: dict[str, Any]) -> dict[str, Any] | None:
+        """``user_id``'s App Home tab."""
+        return await self._call("views.publish", self.client.views_publish, user_id=user_id, view=view)
+
     async def upload(self, channel: str, path: str, title: str) -> None:
         try:
             await self.client.files_upload_v2(channel=channel, file=path, title=title)

@@ -25,6 +25,7 @@ from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.cards import CardDesk, is_urgent, unsure_urgent
 from bot.delivery import DeliveryPolicy
+from bot.drift import DriftMonitor
 from bot.reactions import URGENT_MARKER, ReactionMap
 from bot.settings import BotSettings, Delivery
 from bot.slack_output import SlackOutput, is_permanent
@@ -172,6 +173,7 @@ class Triage:
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client)
         self.cards = CardDesk(settings, sessions, output)
+        self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
@@ -556,7 +558,14 @@ class Triage:
                     > 0
                 )
             elif action.confirms:
-                changed = await self._confirm_all(session, message, prediction, user_id, reaction)
+                changed = await self._confirm_all(
+                    session,
+                    message,
+                    prediction,
+                    user_id,
+                    CorrectionSource.REACTION,
+                    reaction.split("::", 1)[0],
+                )
             else:
                 assert action.head is not None and action.label is not None
                 changed = await self._correct(
@@ -657,8 +666,27 @@ class Triage:
         )
         return True
 
+    async def on_confirmed(self, team_id: str, user_id: str, message_id: int) -> bool:
+        """An agent confirmed every head's current label (a review item's Confirm); whether it was stored."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if message is None or message.team_id != team_id:
+                return False
+            prediction = await repo.latest_prediction(session, message_id)
+            if prediction is None:
+                return False
+            return await self._confirm_all(
+                session, message, prediction, user_id, CorrectionSource.BUTTON, reaction=None
+            )
+
     async def _confirm_all(
-        self, session: AsyncSession, message: Message, prediction: Prediction, user_id: str, reaction: str
+        self,
+        session: AsyncSession,
+        message: Message,
+        prediction: Prediction,
+        user_id: str,
+        source: CorrectionSource,
+        reaction: str | None,
     ) -> bool:
         labels = await repo.standing_labels(session, message.id)
         for head, p in prediction.by_head().items():
@@ -669,10 +697,10 @@ class Triage:
                 head,
                 label,
                 user_id=user_id,
-                source=CorrectionSource.REACTION,
+                source=source,
                 kind=CorrectionKind.CONFIRMATION,
                 old_label=label,
-                reaction=reaction.split("::", 1)[0],
+                reaction=reaction,
             )
         return True
 

@@ -51,6 +51,7 @@ DEFAULT_USER_ID = "U0CUSTOMER"  # a customer: a user of another organization (Sl
 CUSTOMER_TEAM_ID = "T0CUSTOMER"
 DEFAULT_CHANNEL_ID = "C0SUPPORT"
 SLACK_USER_AGENT = "Slackbot 1.0 (+https://api.slack.com/robots)"
+MAX_VIEW_BLOCKS = 100  # a modal's or Home tab's blocks
 SLACK_ACK_TIMEOUT_S = 3.0  # Slack gives up on (and later retries) a request not acked within 3 seconds
 
 _ALNUM = string.ascii_uppercase + string.digits
@@ -1023,6 +1024,15 @@ class SlackStandIn:
             "channel_type": self.channel_type(channel),
         }
 
+    def app_home_opened_event(self, user: str, tab: str = "home") -> JSON:
+        """``app_home_opened``: ``user`` entered the app's App Home (``tab`` "home" or "messages"). Slack
+        sends the Home tab's current ``view`` once one was published for the user, and the app's DM."""
+        event: JSON = {"type": "app_home_opened", "user": user, "channel": self._dm_with(user), "tab": tab}
+        event["event_ts"] = self.next_ts()
+        if tab == "home" and user in self.home_views:
+            event["view"] = copy.deepcopy(self.home_views[user])
+        return event
+
     def _reaction_event(
         self, kind: str, user: str, reaction: str, channel: str, ts: str, item_user: str | None, extra: JSON
     ) -> JSON:
@@ -1378,6 +1388,56 @@ class SlackStandIn:
             view_id=view_id,
             trigger_id=trigger_id,
             response_url=response_url,
+        )
+        body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
+        return await self.send_raw(body, "application/x-www-form-urlencoded", payload, **options)
+
+    def message_action_payload(
+        self,
+        callback_id: str,
+        channel_id: str,
+        message_ts: str,
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        trigger_id: str | None = None,
+    ) -> JSON:
+        """A message shortcut (``message_action``) on the stored message at (channel_id, message_ts):
+        the message's full structure, the channel, who used it, a trigger_id and a response_url."""
+        message = copy.deepcopy(self.message(channel_id, message_ts))
+        if message is None:
+            raise KeyError(f"no stored message {channel_id}/{message_ts}")
+        user = self._interaction_user(user_id)
+        return {
+            "type": "message_action",
+            "token": self.verification_token,
+            "action_ts": f"{time.time():.6f}",
+            "team": {"id": self.team_id, "domain": self.team_domain},
+            "user": {**user, "username": user["name"]},
+            "channel": {"id": channel_id, "name": self._channel_name_for_payload(channel_id)},
+            "is_enterprise_install": False,
+            "enterprise": None,
+            "callback_id": callback_id,
+            "trigger_id": trigger_id or self._new_trigger_id(),
+            "response_url": self._new_response_url(
+                "actions", {"channel_id": channel_id, "user_id": user_id, "message_ts": message_ts}
+            ),
+            "message_ts": message_ts,
+            "message": {"type": "message", **message},
+        }
+
+    async def send_message_action(
+        self,
+        callback_id: str,
+        channel_id: str,
+        message_ts: str,
+        *,
+        user_id: str = DEFAULT_USER_ID,
+        trigger_id: str | None = None,
+        **options: Unpack[SendOptions],
+    ) -> BotResponse:
+        """A message shortcut (``payload=<json>`` form body); see ``message_action_payload``."""
+        payload = self.message_action_payload(
+            callback_id, channel_id, message_ts, user_id=user_id, trigger_id=trigger_id
         )
         body = urllib.parse.urlencode({"payload": json.dumps(payload)}).encode()
         return await self.send_raw(body, "application/x-www-form-urlencoded", payload, **options)
@@ -2075,7 +2135,12 @@ class SlackStandIn:
         user_id = call.args.get("user_id")
         if not user_id:
             raise ApiError("invalid_arguments")
-        view = self._materialize_view(self._view_arg(call.args))
+        spec = self._view_arg(call.args)
+        if spec.get("type") != "home":  # views.publish takes Home tab views only
+            raise ApiError("invalid_arguments", response_metadata={"messages": ["[ERROR] must be home"]})
+        if len(spec.get("blocks") or []) > MAX_VIEW_BLOCKS:
+            raise ApiError("invalid_arguments", response_metadata={"messages": ["[ERROR] too many blocks"]})
+        view = self._materialize_view(spec)
         self.home_views[str(user_id)] = view
         return {"view": copy.deepcopy(view)}
 

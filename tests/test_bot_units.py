@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bot import shortcut
 from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks
 from bot.reactions import DEFAULT_REACTIONS, ReactionMap
 from bot.settings import SettingsError, load_settings
@@ -172,7 +173,11 @@ def test_manifest_matches_what_the_bot_handles() -> None:
         "message.groups",
         "reaction_added",
         "reaction_removed",
+        "app_home_opened",
     }
+    assert manifest["features"]["app_home"]["home_tab_enabled"]
+    [triage_message] = manifest["features"]["shortcuts"]
+    assert (triage_message["type"], triage_message["callback_id"]) == ("message", shortcut.CALLBACK)
     assert manifest["settings"]["interactivity"]["is_enabled"]
     scopes = set(manifest["oauth_config"]["scopes"]["bot"])
     assert {"chat:write", "reactions:read", "reactions:write", "commands", "channels:history"} <= scopes

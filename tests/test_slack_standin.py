@@ -836,3 +836,21 @@ async def test_bolt_app_accepts_what_the_stand_in_sends(slack: SlackStandIn) -> 
         assert stale.status == 401
     finally:
         await runner.cleanup()
+
+
+async def test_app_home_opened_carries_the_published_home_and_publish_takes_home_views_only(
+    slack: SlackStandIn, client: AsyncWebClient
+) -> None:
+    first = slack.app_home_opened_event("U0AGENT")
+    assert (first["type"], first["user"], first["tab"]) == ("app_home_opened", "U0AGENT", "home")
+    assert first["channel"].startswith("D") and "view" not in first  # nothing published yet
+    home = {"type": "home", "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": "hi"}}]}
+    published = await client.views_publish(user_id="U0AGENT", view=home)
+    again = slack.app_home_opened_event("U0AGENT")
+    assert again["view"]["id"] == published["view"]["id"] and again["view"]["type"] == "home"
+    assert again["channel"] == first["channel"]
+    assert "view" not in slack.app_home_opened_event("U0AGENT", tab="messages")
+    with pytest.raises(SlackApiError, match="invalid_arguments"):
+        await client.views_publish(user_id="U0AGENT", view={**home, "type": "modal"})
+    with pytest.raises(SlackApiError, match="invalid_arguments"):
+        await client.views_publish(user_id="U0AGENT", view={**home, "blocks": home["blocks"] * 101})

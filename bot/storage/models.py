@@ -383,3 +383,14 @@ class Incident(Base):
     escalations: Mapped[int] = mapped_column(Integer, default=0)
 
     __table_args__ = (Index("ix_incidents_recent", "topic", "last_escalation_at"),)
+
+
+class ScheduledPost(Base):
+    """A scheduled post (the digest, a drift alert) claimed for one schedule slot: replicas sharing the
+    database each try to insert the row, and only the one that did posts."""
+
+    __tablename__ = "scheduled_posts"
+
+    job: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slot: Mapped[datetime] = mapped_column(primary_key=True)  # the scheduled time, to the minute
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -23,6 +23,7 @@ from sqlalchemy import (
     Row,
     Select,
     and_,
+    case,
     delete,
     exists,
     func,
@@ -32,6 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import selectinload
 
 from bot.storage.models import (
     AuditEntry,
@@ -45,6 +47,7 @@ from bot.storage.models import (
     MessageState,
     Prediction,
     PredictionHead,
+    ScheduledPost,
     SlackEvent,
     TrainingRun,
     TrainingRunEvent,
@@ -1265,3 +1268,195 @@ async def open_incident(session: AsyncSession, topic: str, *, since: datetime) -
         .order_by(Incident.last_escalation_at.desc())
         .limit(1)
     )
+
+
+# ---- the learning loop: live accuracy, review candidates, human labels ---------------------------------
+@dataclass(frozen=True)
+class Judged:
+    """How one predicted label of one head fared with people: judged by someone, and right."""
+
+    head: str
+    predicted: str
+    judged: int
+    right: int
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A recent classified message with its latest prediction and every person's current labels."""
+
+    message: Message
+    prediction: Prediction
+    labels_by_user: dict[str, dict[str, str]]  # head -> user id -> that person's latest label
+    labels: dict[str, str]  # head -> the latest label anyone gave (the message's label now)
+
+
+def _latest_predictions() -> Any:
+    """(id, message_id, created_at) of each message's newest prediction."""
+    rank = (
+        func.row_number()
+        .over(
+            partition_by=Prediction.message_id,
+            order_by=(Prediction.created_at.desc(), Prediction.id.desc()),
+        )
+        .label("rank")
+    )
+    ranked = select(Prediction.id, Prediction.message_id, Prediction.created_at, rank).subquery("ranked")
+    return (
+        select(ranked.c.id, ranked.c.message_id, ranked.c.created_at)
+        .where(ranked.c.rank == 1)
+        .subquery("latest_prediction")
+    )
+
+
+async def live_accuracy(
+    session: AsyncSession, *, since: datetime, until: datetime | None = None
+) -> list[Judged]:
+    """Per head and predicted label: messages a person labelled (confirmed or corrected) between ``since``
+    and ``until``, and how many of them kept the model's latest label."""
+    human = _labels_standing_at().subquery("human")
+    latest = _latest_predictions()
+    right = func.sum(case((human.c.label == PredictionHead.label, 1), else_=0))
+    query = (
+        select(PredictionHead.head, PredictionHead.label, func.count(), right)
+        .select_from(human)
+        .join(latest, latest.c.message_id == human.c.message_id)
+        .join(
+            PredictionHead,
+            and_(PredictionHead.prediction_id == latest.c.id, PredictionHead.head == human.c.head),
+        )
+        .where(human.c.created_at >= since, human.c.created_at <= (until or utcnow()))
+        .group_by(PredictionHead.head, PredictionHead.label)
+    )
+    return [
+        Judged(head=head, predicted=label, judged=int(n), right=int(ok or 0))
+        for head, label, n, ok in (await session.execute(query)).all()
+    ]
+
+
+async def review_candidates(session: AsyncSession, *, since: datetime, limit: int) -> list[Candidate]:
+    """The newest ``limit`` classified messages received since ``since`` that still have their text, each
+    with its latest prediction and each person's current labels (for the review queue)."""
+    latest = _latest_predictions()
+    rows = (
+        await session.execute(
+            select(Message, Prediction)
+            .join(latest, latest.c.message_id == Message.id)
+            .join(Prediction, Prediction.id == latest.c.id)
+            .where(
+                Message.received_at >= since,
+                Message.state == MessageState.CLASSIFIED,
+                Message.text.is_not(None),
+                Message.deleted_at.is_(None),
+                _not_forgotten(),
+            )
+            .order_by(Message.received_at.desc(), Message.id.desc())
+            .limit(limit)
+        )
+    ).all()
+    by_message: dict[int, dict[str, dict[str, str]]] = {message.id: {} for message, _ in rows}
+    current: dict[int, dict[str, str]] = {message.id: {} for message, _ in rows}
+    ids = sorted(by_message)
+    for start in range(0, len(ids), ID_CHUNK):
+        corrections = await session.scalars(
+            select(Correction)
+            .where(
+                Correction.message_id.in_(ids[start : start + ID_CHUNK]), Correction.retracted_at.is_(None)
+            )
+            .order_by(Correction.created_at, Correction.id)
+        )
+        for c in corrections:  # oldest first: each person's latest label per head is the one left
+            by_message[c.message_id].setdefault(c.head, {})[c.user_id] = c.new_label
+            current[c.message_id][c.head] = c.new_label
+    return [
+        Candidate(message, prediction, by_message[message.id], current[message.id])
+        for message, prediction in rows
+    ]
+
+
+async def recent_corrections(session: AsyncSession, user_id: str, *, limit: int = 10) -> list[Correction]:
+    """Someone's labels, newest first, with their messages loaded."""
+    query = (
+        select(Correction)
+        .where(Correction.user_id == user_id)
+        .order_by(Correction.created_at.desc(), Correction.id.desc())
+        .limit(limit)
+        .options(selectinload(Correction.message))
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def count_labels_by(
+    session: AsyncSession, head: str, *, since: datetime, until: datetime
+) -> dict[str, int]:
+    """Messages received in [since, until) by their label of ``head`` now (a person's over the model's)."""
+    human = _labels_standing_at(heads=[head]).subquery("human")
+    latest = _latest_predictions()
+    label = func.coalesce(human.c.label, PredictionHead.label)
+    query = (
+        select(label, func.count())
+        .select_from(Message)
+        .join(latest, latest.c.message_id == Message.id)
+        .join(PredictionHead, and_(PredictionHead.prediction_id == latest.c.id, PredictionHead.head == head))
+        .outerjoin(human, human.c.message_id == Message.id)
+        .where(Message.received_at >= since, Message.received_at < until)
+        .group_by(label)
+    )
+    return {str(name): int(n) for name, n in (await session.execute(query)).all()}
+
+
+async def claim_scheduled_post(
+    session: AsyncSession, job: str, slot: datetime, *, now: datetime | None = None
+) -> bool:
+    """Whether this caller posts ``job`` for ``slot``: of several replicas exactly one gets ``True``
+    (primary key + ON CONFLICT DO NOTHING, as ``record_event``)."""
+    stmt = (
+        _insert(session, ScheduledPost)
+        .values(job=job, slot=slot, claimed_at=now or utcnow())
+        .on_conflict_do_nothing(index_elements=["job", "slot"])
+        .returning(ScheduledPost.job)
+    )
+    return (await session.execute(stmt)).first() is not None
+
+
+async def count_escalated(session: AsyncSession, *, since: datetime, until: datetime) -> int:
+    """Messages escalated in [since, until)."""
+    return await _count(
+        session,
+        select(func.count(Card.id)).where(Card.escalated_at >= since, Card.escalated_at < until),
+    )
+
+
+@dataclass(frozen=True)
+class LabelProfile:
+    """How often one model version predicted one label of one head, and its summed confidence."""
+
+    head: str
+    label: str
+    count: int
+    confidence_sum: float
+
+
+async def prediction_profile(
+    session: AsyncSession, model_version: str, *, since: datetime, until: datetime
+) -> list[LabelProfile]:
+    """Per head and label: messages received in [since, until) whose latest prediction came from
+    ``model_version`` and gave that label, with the confidences summed (for drift)."""
+    latest = _latest_predictions()
+    query = (
+        select(PredictionHead.head, PredictionHead.label, func.count(), func.sum(PredictionHead.confidence))
+        .select_from(Message)
+        .join(latest, latest.c.message_id == Message.id)
+        .join(Prediction, Prediction.id == latest.c.id)
+        .join(PredictionHead, PredictionHead.prediction_id == latest.c.id)
+        .where(
+            Message.received_at >= since,
+            Message.received_at < until,
+            Prediction.model_version == model_version,
+        )
+        .group_by(PredictionHead.head, PredictionHead.label)
+    )
+    return [
+        LabelProfile(head=head, label=label, count=int(n), confidence_sum=float(total or 0.0))
+        for head, label, n, total in (await session.execute(query)).all()
+    ]

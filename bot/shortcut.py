@@ -1,0 +1,217 @@
+"""The "Triage this message" message shortcut: an agent labels any message (a thread reply, an old
+message, one in a channel the bot does not watch) in the Fix labels modal, prefilled by the model.
+
+The modal opens at once (a trigger_id is good for three seconds) and is filled in when the classifier
+answers. Submitting stores the message, the model's prediction and every chosen label as a human label.
+Between the two, the message travels in the modal's ``private_metadata`` (Slack's limit: 3,000
+characters), so whichever replica gets the submission can store it; a longer text is stored cut to fit
+(the model reads far less than that anyway).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from bot import blocks, cards
+from bot.blocks import LabelView
+from bot.storage import repository as repo
+from bot.storage.models import Card, CorrectionKind, CorrectionSource, Message, MessageState
+from classifier.logsafe import escape_controls
+from classifier.results import MAX_CHARS, ClassifierError, ClassifyResult, InvalidInput
+
+if TYPE_CHECKING:
+    from slack_bolt.async_app import AsyncApp
+
+    from bot.agents import Agents
+    from bot.triage import Triage
+
+log = logging.getLogger(__name__)
+Later = Callable[[Awaitable[Any], str], None]
+
+CALLBACK = "triage_message"  # the shortcut's callback_id (manifest.yaml) and its modal's
+METADATA_LIMIT = 3000  # Slack's private_metadata
+
+
+@dataclass(frozen=True)
+class Target:
+    """The message the shortcut was used on."""
+
+    team_id: str
+    channel_id: str
+    ts: str
+    thread_ts: str | None
+    user_id: str | None
+    text: str
+
+    def metadata(self) -> str:
+        """As ``private_metadata``: the text cut until the JSON fits Slack's limit."""
+        fields = {k: v for k, v in self.__dict__.items() if v is not None}
+        text = self.text
+        while True:
+            encoded = json.dumps({**fields, "text": text})
+            if len(encoded) <= METADATA_LIMIT:
+                return encoded
+            # escaped characters take up to six: shrink in proportion, at least one character a round
+            text = text[: min(len(text) - 1, len(text) * METADATA_LIMIT // len(encoded))]
+
+    @classmethod
+    def from_metadata(cls, raw: Any) -> Target | None:
+        try:
+            fields = json.loads(str(raw))
+        except ValueError:
+            return None
+        if not isinstance(fields, dict):
+            return None
+        required = ("team_id", "channel_id", "ts", "text")
+        if not all(isinstance(fields.get(k), str) for k in required):
+            return None
+        optional = {
+            k: fields.get(k) if isinstance(fields.get(k), str) else None for k in ("thread_ts", "user_id")
+        }
+        return cls(**{k: fields[k] for k in required}, **optional)
+
+
+def target_of(body: Mapping[str, Any]) -> Target | None:
+    """The message of a ``message_action`` payload, or ``None`` when it has no text to label."""
+    message = body.get("message") or {}
+    team = str((body.get("team") or {}).get("id") or "")
+    channel = str((body.get("channel") or {}).get("id") or "")
+    ts, text = message.get("ts"), message.get("text")
+    if not (team and channel and isinstance(ts, str) and isinstance(text, str) and text.strip()):
+        return None
+    thread_ts = message.get("thread_ts") if isinstance(message.get("thread_ts"), str) else None
+    user_id = message.get("user") if isinstance(message.get("user"), str) else None
+    return Target(team, channel, ts, thread_ts, user_id, text)
+
+
+def modal(target: Target, result: ClassifyResult | None, note: str | None = None) -> dict[str, Any]:
+    """The Fix labels modal of ``bot/cards.py`` for a message that may not be stored yet; before the
+    model answered (``result`` None) it says so and cannot be submitted."""
+    message = Message(channel_id=target.channel_id, ts=target.ts, text=target.text)
+    views: dict[str, LabelView] = {}
+    labels: dict[str, list[str]] = {}
+    if result is not None:
+        heads = result.results[0].heads
+        for head in blocks.ordered_heads(list(heads)):
+            views[head] = LabelView(label=heads[head].label, confidence=heads[head].confidence)
+            labels[head] = blocks.ordered_labels(head, list(heads[head].scores))
+    content = cards.CardContent(
+        message,
+        Card(),
+        views,
+        labels,
+        result.model_version if result else "",
+        cards.Requester(None, ""),
+        None,
+    )
+    view = cards.fix_labels_view(content)
+    view.update(callback_id=CALLBACK, private_metadata=target.metadata())
+    view["title"] = {"type": "plain_text", "text": "Triage this message"}
+    if result is None:
+        view.pop("submit")
+        view["blocks"].append(
+            {"type": "context", "elements": [{"type": "mrkdwn", "text": note or "Classifying…"}]}
+        )
+    return view
+
+
+async def store_labels(
+    triage: Triage, target: Target, result: ClassifyResult, chosen: Mapping[str, str], user_id: str
+) -> int | None:
+    """Store the message (unless it is stored already), the prediction, and one human label per head
+    (a confirmation where it is the model's); the message id, or ``None`` if no label fits the model."""
+    heads = result.results[0].heads
+    valid = {h: label for h, label in chosen.items() if h in heads and label in heads[h].scores}
+    if not valid:
+        return None
+    async with triage.sessions.begin() as session:
+        message, created = await repo.store_message(
+            session,
+            team_id=target.team_id,
+            channel_id=target.channel_id,
+            ts=target.ts,
+            user_id=target.user_id,
+            text=target.text,
+            thread_ts=target.thread_ts,
+            state=MessageState.CLASSIFIED,
+        )
+        if created or await repo.latest_prediction(session, message.id) is None:
+            await repo.add_prediction(session, message.id, result.model_version, heads)
+            await repo.mark_classified(session, message.id)
+        for head, label in valid.items():
+            predicted = heads[head].label
+            await repo.add_correction(
+                session,
+                message.id,
+                head,
+                label,
+                user_id=user_id,
+                source=CorrectionSource.BUTTON,
+                kind=CorrectionKind.CONFIRMATION if label == predicted else CorrectionKind.CORRECTION,
+                old_label=predicted,
+            )
+        return message.id
+
+
+def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> None:
+    """The shortcut and its modal's submission. Only agents label."""
+    output = triage.output
+
+    async def classify(target: Target) -> tuple[ClassifyResult | None, str | None]:
+        try:
+            return await triage.classifier.classify([target.text[:MAX_CHARS]]), None
+        except InvalidInput as exc:
+            return None, f"This message cannot be classified: {exc}"
+        except (ClassifierError, OSError) as exc:
+            log.warning("the shortcut's classification failed: %s", escape_controls(exc))
+            return None, "The classifier is not available right now; please try again in a minute."
+
+    @app.shortcut(CALLBACK)
+    async def shortcut(ack: Any, body: dict[str, Any]) -> None:
+        await ack()
+        user_id = str((body.get("user") or {}).get("id") or "")
+        channel_id = str((body.get("channel") or {}).get("id") or "")
+        trigger_id = body.get("trigger_id")
+        if not await agents.is_agent(user_id):
+            if user_id and channel_id:
+                later(output.ephemeral(channel_id, user_id, "Only agents can triage messages."), "refusal")
+            return
+        target = target_of(body)
+        if target is None or not isinstance(trigger_id, str):
+            if channel_id:
+                later(output.ephemeral(channel_id, user_id, "That message has no text to triage."), "note")
+            return
+        opened = await output.open_view(trigger_id, modal(target, None))  # at once: within Slack's 3 s
+        view_id = ((opened or {}).get("view") or {}).get("id")
+        if not view_id:
+            return
+
+        async def prefill() -> None:
+            result, problem = await classify(target)  # the classifier's work runs off the event loop
+            await output.update_view(str(view_id), modal(target, result, problem))
+
+        later(prefill(), "the shortcut's prediction")
+
+    @app.view(CALLBACK)
+    async def submitted(ack: Any, body: dict[str, Any], view: dict[str, Any]) -> None:
+        await ack()  # closes the modal
+        user_id = str((body.get("user") or {}).get("id") or "")
+        target = Target.from_metadata(view.get("private_metadata"))
+        if target is None or not await agents.is_agent(user_id):
+            return
+        chosen = cards.submitted_labels(view)
+
+        async def store() -> None:
+            result, problem = await classify(target)
+            if result is None:
+                log.warning("the shortcut's labels were not stored: %s", problem)
+                return
+            message_id = await store_labels(triage, target, result, chosen, user_id)
+            if message_id is not None:
+                await triage.refresh_reply(message_id)  # a triaged message's reply and card show them
+
+        later(store(), "the shortcut's labels")
