@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
     from bot.agents import Agents
-    from bot.triage import Triage
+    from bot.triage import Outcome, Triage
 
 log = logging.getLogger(__name__)
 Ack = Callable[..., Awaitable[None]]
@@ -535,9 +535,6 @@ class CardDesk:
     async def claim(self, message_id: int, user_id: str) -> bool:
         return await self._change(message_id, claimed_by=user_id, claimed_at=utcnow())
 
-    async def not_request(self, message_id: int, user_id: str) -> bool:
-        return await self._change(message_id, not_request_by=user_id)
-
     async def _change(
         self, message_id: int, when: tuple[EscalationState, ...] | None = None, **values: Any
     ) -> bool:
@@ -585,6 +582,13 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
         except ValueError:
             return None
 
+    def told(outcome: Outcome, user_id: str) -> None:
+        """Show an agent's correction: the card (and reply) rewritten, or a note that says why not."""
+        if outcome.note and outcome.note_in:
+            later(output.ephemeral(outcome.note_in, user_id, outcome.note), "correction note")
+        if outcome.refresh is not None:
+            later(triage.refresh_reply(outcome.refresh), "card update after a correction")
+
     @app.action(FIX_ACTION)
     @app.action(blocks.FIX_ACTION)  # the thread reply's button: the same modal, no menus in the channel
     async def fix(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
@@ -607,8 +611,7 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
         if user_id is None:
             return
         team_id = str((body.get("team") or {}).get("id") or "")
-        if await triage.on_labels_submitted(team_id, user_id, message_id, submitted_labels(view)):
-            later(triage.refresh_reply(message_id), "card update after Fix labels")
+        told(await triage.on_labels_submitted(team_id, user_id, message_id, submitted_labels(view)), user_id)
 
     async def on_card(body: dict[str, Any], action: dict[str, Any], change: Any, what: str) -> None:
         message_id = message_id_of(action)
@@ -624,7 +627,11 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
     @app.action(NOT_REQUEST_ACTION)
     async def not_request(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
-        await on_card(body, action, desk.not_request, "not a request")
+        message_id = message_id_of(action)
+        user_id = await agent_or_told(body) if message_id is not None else None
+        if message_id is not None and user_id is not None:
+            team_id = str((body.get("team") or {}).get("id") or "")
+            told(await triage.mark_not_a_request(team_id, user_id, message_id), user_id)
 
     @app.action(ESCALATE_ACTION)
     async def escalate(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:

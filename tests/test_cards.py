@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from slack_sdk.web.async_client import AsyncWebClient
@@ -12,10 +13,22 @@ from bot import cards
 from bot.blocks import LabelView
 from bot.settings import load_settings
 from bot.storage import repository as repo
-from bot.storage.models import Card, Correction, EscalationState, Incident, Message, utcnow
+from bot.storage.models import (
+    Card,
+    Correction,
+    CorrectionSource,
+    EscalationState,
+    Incident,
+    Message,
+    MessageState,
+    utcnow,
+)
+from classifier.registry import Registry
+from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import ApiCall, SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 from tests.test_delivery import visible_in
+from tests.tiny_model import make_tiny_version
 
 CARDS = "C0CARDS"
 PARTNER = "U0ACMEJOE"  # a customer from another organization
@@ -329,3 +342,93 @@ async def test_an_organization_slack_cannot_name_is_looked_up_once_a_minute() ->
         found = [await people.requester(f"U0GUEST{n}", own_team=slack.team_id) for n in range(3)]
     assert [r.organization for r in found] == ["T0UNKNOWN"] * 3
     assert len(slack.calls_to("team.info")) == 1
+
+
+def _plain(text: str) -> dict[str, str]:
+    return {"type": "plain_text", "text": text}
+
+
+async def note_to(h: Any, user: str, channel: str, needle: str) -> ApiCall:
+    [note] = await h.slack.wait_for(
+        "chat.postEphemeral",
+        predicate=lambda c: (
+            (c.args["user"], c.args["channel"]) == (user, channel) and needle in c.args["text"]
+        ),
+        timeout=8,
+    )
+    return note
+
+
+async def test_a_label_the_model_lacks_is_refused_with_a_note_that_says_why(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    heads = {**DEFAULT_HEADS, "topic": ["bug", "outage", "other"]}  # no billing
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
+    h = await harness_factory(with_model=False, triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("We were charged twice this month")
+    await card_for(h, "We were charged twice this month")
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "moneybag", CHANNEL, event["ts"]))
+    note = await note_to(h, AGENT, CHANNEL, "topic: billing* was not stored")
+    assert "no such topic label (it knows bug, other, outage)" in note.args["text"]
+    [message] = await h.rows(Message)
+    older_modal = {
+        "id": "V0OLDER",
+        "type": "modal",
+        "callback_id": cards.FIX_LABELS_CALLBACK,
+        "private_metadata": str(message.id),
+    }
+    chosen = {"type": "static_select", "selected_option": {"text": _plain("billing"), "value": "billing"}}
+    await h.slack.send_view_submission(
+        values={"head:topic": {"label:topic": chosen}}, view=older_modal, user_id=AGENT
+    )
+    await note_to(h, AGENT, CARDS, "topic: billing* was not stored")
+    assert await h.count(Correction) == 0
+
+
+async def test_a_correction_made_before_classification_applies_once_classified(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    h = await harness_factory(with_model=False, triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("The invoice total is wrong")
+    assert await h.eventually(lambda: h.count(Message, Message.last_error.is_not(None)))  # no classifier
+    for emoji in ("moneybag", "bulb"):  # billing; feature_request, which the coming model lacks
+        await h.slack.send_event(h.slack.reaction_added_event(AGENT, emoji, CHANNEL, event["ts"]))
+        await note_to(h, AGENT, CHANNEL, "applies once the message is classified")
+    assert sorted(c.new_label for c in await h.rows(Correction)) == ["billing", "feature_request"]
+    heads = {**DEFAULT_HEADS, "topic": ["billing", "bug", "other"]}
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
+    card = await card_for(h, "The invoice total is wrong", within_s=15)
+    assert "billing" in str(card.args["blocks"]) and f"<@{AGENT}>" in str(card.args["blocks"])
+    await note_to(h, AGENT, CHANNEL, "topic: feature_request* was not stored")
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.CLASSIFIED
+    by_label = {c.new_label: c for c in await h.rows(Correction)}
+    assert by_label["billing"].old_label is not None and by_label["billing"].retracted_at is None
+    assert by_label["feature_request"].retracted_at is not None
+
+
+async def test_not_a_request_stores_the_noise_label_as_the_agents_correction(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    await h.post_customer_message("ok thanks, that did it")
+    card = await card_for(h, "ok thanks, that did it")
+    await h.slack.send_block_actions(
+        [{"action_id": cards.NOT_REQUEST_ACTION}],
+        user_id=AGENT,
+        channel_id=CARDS,
+        message_ts=card.response["ts"],
+    )
+    update = await card_update(h, card, f"not a request (<@{AGENT}>)")
+    assert "not_a_request" in str(update.args["blocks"])
+    [correction] = await h.rows(Correction)
+    assert (correction.head, correction.new_label, correction.user_id, correction.source) == (
+        "topic",
+        "not_a_request",
+        AGENT,
+        CorrectionSource.BUTTON,
+    )

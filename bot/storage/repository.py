@@ -637,6 +637,20 @@ async def latest_corrections(session: AsyncSession, message_id: int) -> dict[str
     return {c.head: c for c in (await session.scalars(query)).all()}
 
 
+async def unapplied_corrections(session: AsyncSession, message_id: int) -> list[Correction]:
+    """Corrections made before the message was classified (no ``old_label`` yet) and not retracted."""
+    query = (
+        select(Correction)
+        .where(
+            Correction.message_id == message_id,
+            Correction.old_label.is_(None),
+            Correction.retracted_at.is_(None),
+        )
+        .order_by(Correction.created_at, Correction.id)
+    )
+    return list((await session.scalars(query)).all())
+
+
 async def current_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
     """Head -> human label for a message (heads nobody labelled are absent)."""
     return {head: c.new_label for head, c in (await latest_corrections(session, message_id)).items()}
