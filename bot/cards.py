@@ -238,6 +238,11 @@ def escalation_blocks(content: CardContent, settings: BotSettings) -> list[dict[
     return shown
 
 
+def standing(card: Card) -> bool:
+    """Whether the card's escalation still stands (escalated, maybe acknowledged; not de-escalated)."""
+    return card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED)
+
+
 def is_urgent(views: Mapping[str, LabelView], settings: BotSettings) -> bool:
     urgency = views.get(settings.triage_urgency_head)
     return urgency is not None and urgency.label in settings.triage_urgent_labels
@@ -435,19 +440,34 @@ class CardDesk:
             return False
         urgency = content.views.get(self.settings.triage_urgency_head)
         by = urgency.by if urgency else None
-        standing = content.card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED)
-        if is_urgent(content.views, self.settings) and not standing and by is not None:
+        urgent = is_urgent(content.views, self.settings)
+        if urgent and not standing(content.card) and by is not None:
             return await self.escalate(message_id, by)
-        if not is_urgent(content.views, self.settings) and standing:
-            return await self.deescalate(message_id, by)
-        return False
+        changed = not urgent and standing(content.card) and await self.deescalate(message_id, by)
+        if not urgent and by is not None:  # a person lowered the thread: the replies' alarms go too
+            changed |= await self._deescalate_replies(content.message, by)
+        return changed
+
+    async def _deescalate_replies(self, message: Message, by: str) -> bool:
+        """De-escalate the thread replies of ``message`` that raised an escalation of their own (a
+        customer's reply raising the thread's urgency), and edit their escalation posts."""
+        if message.thread_ts not in (None, message.ts):
+            return False  # a reply itself: its thread's first message speaks for the thread
+        async with self.sessions() as session:
+            thread = await repo.thread_messages(session, message.team_id, message.channel_id, message.ts)
+            cards = [await repo.get_card(session, m.id) for m in thread if m.id != message.id]
+        raised = [card.message_id for card in cards if card is not None and standing(card)]
+        for reply_id in raised:
+            if await self.deescalate(reply_id, by):
+                await self.refresh(reply_id)
+        return bool(raised)
 
     async def escalate(self, message_id: int, by: str | None) -> bool:
         """Mark the message escalated and announce it in the escalation channel (a fresh post, also after
         an earlier de-escalation: a new alarm should notify). ``by``: None when the model's labels did."""
         async with self.sessions.begin() as session:
             card = await repo.ensure_card(session, message_id)
-            if card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED):
+            if standing(card):
                 return False
             card.escalation_state = EscalationState.ESCALATED
             card.escalated_by, card.acknowledged_by, card.deescalated_by = by, None, None
