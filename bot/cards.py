@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
@@ -497,30 +498,20 @@ class CardDesk:
         or this escalation starts one (TRIAGE_INCIDENT_COUNT of a topic within TRIAGE_INCIDENT_MINUTES)."""
         topic_view = content.views.get("topic")
         topic = topic_view.label[:128] if topic_view else None
-        now = utcnow()
-        since = now - timedelta(minutes=self.settings.triage_incident_minutes)
-        async with self.sessions.begin() as session:
-            await repo.mark_escalated(session, content.message.id, topic=topic, at=now)
-            if topic is None:
-                return None
-            incident = await repo.open_incident(session, topic, since=since)
-            if incident is not None:
-                incident.last_escalation_at, incident.escalations = now, incident.escalations + 1
-                return incident.ts
-            count = await repo.count_escalations(session, topic, since=since)
-            if count < self.settings.triage_incident_count:
-                return None
-            incident = Incident(topic=topic, started_at=now, last_escalation_at=now, escalations=count)
-            session.add(incident)
-            await session.flush()
-            incident_id = incident.id
+        try:
+            incident, started = await self._join_or_start_incident(content.message.id, topic)
+        except IntegrityError:  # another replica started the topic's incident a moment ago: join theirs
+            incident, started = await self._join_or_start_incident(content.message.id, topic)
+        if incident is None or not started:
+            return incident.ts if incident else None
+        count, incident_id, about = incident.escalations, incident.id, incident.topic
         channel = self.settings.triage_escalation_channel
         if channel is None:
             return None
         minutes = self.settings.triage_incident_minutes
         posted = await self.output.post(
             channel,
-            f":rotating_light: *Possible incident*: {count} urgent messages about *{topic}* in the last "
+            f":rotating_light: *Possible incident*: {count} urgent messages about *{about}* in the last "
             f"{minutes:g} minutes. Later ones follow in this thread.",
         )
         if posted is None:
@@ -530,6 +521,28 @@ class CardDesk:
             self.sessions, lambda s: repo.set_incident_post(s, incident_id, str(posted["channel"]), ts)
         )
         return ts
+
+    async def _join_or_start_incident(
+        self, message_id: int, topic: str | None
+    ) -> tuple[Incident | None, bool]:
+        """Count this escalation under its topic's open incident, or start one if it completes a burst;
+        ``(incident, whether this escalation started it)``. Replicas agree through the database: one open
+        incident per topic (``incidents.open_topic`` is unique)."""
+        now = utcnow()
+        since = now - timedelta(minutes=self.settings.triage_incident_minutes)
+        async with self.sessions.begin() as session:
+            # a write first: on SQLite it takes the write lock, so replicas decide one after another
+            await repo.mark_escalated(session, message_id, topic=topic, at=now)
+            if topic is None:
+                return None, False
+            incident = await repo.open_incident(session, topic, since=since)
+            if incident is not None:
+                await repo.join_incident(session, incident.id, at=now)
+                return incident, False
+            count = await repo.count_escalations(session, topic, since=since)
+            if count < self.settings.triage_incident_count:
+                return None, False
+            return await repo.start_incident(session, topic, at=now, escalations=count), True
 
     async def deescalate(self, message_id: int, by: str | None) -> bool:
         return await self._change(

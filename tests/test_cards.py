@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import URL, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
 from bot.blocks import LabelView
 from bot.settings import load_settings
+from bot.slack_output import SlackOutput
 from bot.storage import repository as repo
+from bot.storage.database import create_engine, create_session_factory
 from bot.storage.models import (
     Card,
     Correction,
@@ -432,3 +436,54 @@ async def test_not_a_request_stores_the_noise_label_as_the_agents_correction(
         AGENT,
         CorrectionSource.BUTTON,
     )
+
+
+async def test_two_replicas_racing_through_one_burst_make_one_possible_incident(
+    database_url: URL, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    """Escalations of one topic handled at once by two replicas (two engines on one database): the
+    database lets one of them start the incident; the other threads its escalations under it."""
+    settings = load_settings(
+        _env_file=None,
+        slack_bot_token="xoxb-1",
+        slack_signing_secret="s",
+        triage_escalation_channel=ESCALATION,
+        triage_incident_count=2,
+    )
+    async with session_factory.begin() as session:
+        burst = []
+        for n in range(8):
+            message, _ = await repo.store_message(
+                session, team_id="T1", channel_id="C1", ts=f"1.{n}", user_id=CUSTOMER, text=f"down {n}"
+            )
+            await repo.ensure_card(session, message.id)
+            burst.append(message)
+    views = {"topic": LabelView("outage", confidence=0.9)}
+    second = create_engine(database_url)
+    try:
+        async with SlackStandIn() as slack:
+            output = SlackOutput(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+            replicas = [
+                cards.CardDesk(settings, sessions, output)
+                for sessions in (session_factory, create_session_factory(second))
+            ]
+            requester = cards.Requester(CUSTOMER, "customer")
+            threads = await asyncio.gather(
+                *(
+                    replicas[n % 2]._incident_thread(
+                        cards.CardContent(m, Card(), views, {}, "v1", requester, None)
+                    )
+                    for n, m in enumerate(burst)
+                )
+            )
+            [post] = [c for c in slack.calls_to("chat.postMessage") if "Possible incident" in c.args["text"]]
+    finally:
+        await second.dispose()
+    [incident] = await _rows(session_factory, Incident)
+    assert (incident.topic, incident.open_topic, incident.ts) == ("outage", "outage", post.response["ts"])
+    assert set(threads) <= {None, post.response["ts"]} and threads.count(post.response["ts"]) >= 1
+
+
+async def _rows(sessions: async_sessionmaker[AsyncSession], model: Any) -> list[Any]:
+    async with sessions() as session:
+        return list((await session.scalars(select(model))).all())

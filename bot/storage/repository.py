@@ -1299,10 +1299,29 @@ async def set_incident_post(session: AsyncSession, incident_id: int, channel_id:
 
 
 async def open_incident(session: AsyncSession, topic: str, *, since: datetime) -> Incident | None:
-    """The incident of ``topic`` still going: its last escalation came after ``since``."""
+    """The incident of ``topic`` still going: open, and its last escalation came after ``since``."""
     return await session.scalar(
-        select(Incident)
-        .where(Incident.topic == topic, Incident.last_escalation_at >= since)
-        .order_by(Incident.last_escalation_at.desc())
-        .limit(1)
+        select(Incident).where(Incident.open_topic == topic, Incident.last_escalation_at >= since)
     )
+
+
+async def join_incident(session: AsyncSession, incident_id: int, *, at: datetime) -> None:
+    """One more escalation under an incident (counted in SQL: replicas may add theirs at once)."""
+    await session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id)
+        .values(last_escalation_at=at, escalations=Incident.escalations + 1)
+    )
+
+
+async def start_incident(session: AsyncSession, topic: str, *, at: datetime, escalations: int) -> Incident:
+    """A new open incident of ``topic``; the topic's earlier one (gone quiet) is closed. Another replica
+    starting one at the same time makes this flush or the commit fail with ``IntegrityError`` (the unique
+    ``open_topic``): the caller then joins theirs."""
+    await session.execute(update(Incident).where(Incident.open_topic == topic).values(open_topic=None))
+    incident = Incident(
+        topic=topic, open_topic=topic, started_at=at, last_escalation_at=at, escalations=escalations
+    )
+    session.add(incident)
+    await session.flush()
+    return incident
