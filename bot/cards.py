@@ -55,6 +55,9 @@ QUOTE_CHARS = 300
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
+# Slack's message metadata on every card: how a later attempt recognises a card already posted
+CARD_EVENT_TYPE = "triage_card"
+ADOPT_MARGIN_S = 300.0  # a card is looked for from this long before it was queued (clocks differ)
 
 
 @dataclass(frozen=True)
@@ -319,10 +322,12 @@ class CardDesk:
         settings: BotSettings,
         sessions: async_sessionmaker[AsyncSession],
         output: SlackOutput,
+        bot_user_id: str | None = None,
     ):
         self.settings = settings
         self.sessions = sessions
         self.output = output
+        self.bot_user_id = bot_user_id  # an adopted card must be our own post
         self.people = People(output.client)
         self.wake = asyncio.Event()
         self._permalinks: dict[int, str] = {}
@@ -348,39 +353,76 @@ class CardDesk:
                     )
 
     async def post_next(self) -> bool:
-        """Post the next due card; whether there was one."""
+        """Post the next due card; whether there was one.
+
+        At most one card per message, wherever a replica dies: the card is leased (``claim_due_card``)
+        before it is posted, and posted with metadata naming its message; a later attempt on a card an
+        earlier one took first looks for that post in the card channel and adopts it (as thread replies
+        are adopted: ``SlackOutput.find_own_post``)."""
         if self.channel is None:
             return False
         async with self.sessions.begin() as session:
             card = await repo.claim_due_card(session)
         if card is None:
             return False
+        if card.attempts > 1 and await self._adopted(card, self.channel):
+            return True
         content = await self.content(card.message_id)
         if content is None:  # the message went away meanwhile (the row cascades)
             return True
         text, card_view = self.render(content)
         try:
-            posted = await self.output.post_or_raise(self.channel, text, blocks=card_view)
+            posted = await self.output.post_or_raise(
+                self.channel,
+                text,
+                blocks=card_view,
+                metadata={"event_type": CARD_EVENT_TYPE, "event_payload": {"message_id": card.message_id}},
+            )
         except SlackApiError as exc:
-            delay = (
-                RETRY_MAX_S
-                if is_permanent(exc)
-                else min(RETRY_BASE_S * 2 ** (card.attempts - 1), RETRY_MAX_S)
-            )
-            log.warning(
-                "card for message %s not posted (%s): trying again in %.0f s",
-                card.message_id,
-                exc.response.get("error"),
-                delay,
-            )
-            async with self.sessions.begin() as session:
-                await repo.retry_card(session, card.id, at=utcnow() + timedelta(seconds=delay))
+            await self._retry(card, "chat.postMessage", exc)
             return True
-        await in_transaction(
-            self.sessions,
-            lambda s: repo.card_posted(s, card.id, channel_id=str(posted["channel"]), ts=str(posted["ts"])),
-        )
+        await self._record(card, str(posted["channel"]), str(posted["ts"]))
         return True
+
+    async def _adopted(self, card: Card, channel: str) -> bool:
+        """Whether this attempt is over before posting: the card an earlier attempt posted (and died before
+        recording) was found and adopted, or the channel could not be read (tried again later)."""
+        oldest = card.created_at.timestamp() - ADOPT_MARGIN_S
+        try:
+            found = await self.output.find_own_post(
+                event_type=CARD_EVENT_TYPE,
+                message_id=card.message_id,
+                bot_user_id=self.bot_user_id,
+                channel=channel,
+                oldest=f"{oldest:.6f}",
+            )
+        except SlackApiError as exc:
+            await self._retry(card, "conversations.history", exc)
+            return True
+        if found is None:
+            return False
+        log.info("message %s: adopted the card an earlier attempt posted", card.message_id)
+        await self._record(card, channel, found)
+        await self.refresh(card.message_id)  # it shows what changed since it was posted
+        return True
+
+    async def _record(self, card: Card, channel: str, ts: str) -> None:
+        await in_transaction(self.sessions, lambda s: repo.card_posted(s, card.id, channel_id=channel, ts=ts))
+
+    async def _retry(self, card: Card, method: str, exc: SlackApiError) -> None:
+        """Slack refused: the card waits in the database, a while longer each time."""
+        delay = (
+            RETRY_MAX_S if is_permanent(exc) else min(RETRY_BASE_S * 2 ** (card.attempts - 1), RETRY_MAX_S)
+        )
+        log.warning(
+            "card for message %s not posted (%s: %s): trying again in %.0f s",
+            card.message_id,
+            method,
+            exc.response.get("error"),
+            delay,
+        )
+        async with self.sessions.begin() as session:
+            await repo.retry_card(session, card.id, at=utcnow() + timedelta(seconds=delay))
 
     # ---- what a card shows --------------------------------------------------------------------------
     async def content(self, message_id: int) -> CardContent | None:

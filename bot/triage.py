@@ -153,7 +153,7 @@ class Triage:
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client)
-        self.cards = CardDesk(settings, sessions, output)
+        self.cards = CardDesk(settings, sessions, output, bot_user_id)
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
@@ -452,34 +452,21 @@ class Triage:
         Returns ``False`` when the thread could not be read (the message waits for a later attempt; posting
         blind could answer twice); ``True`` otherwise, with ``message.reply_ts`` set if the reply was found.
         """
-        cursor: str | None = None
         try:
-            while True:
-                page = await self.client.conversations_replies(
-                    channel=message.channel_id,
-                    ts=message.ts,
-                    include_all_metadata=True,
-                    limit=200,
-                    cursor=cursor,
-                )
-                for candidate in page.get("messages") or []:
-                    if self._is_reply_to(candidate, message):
-                        log.info("message %s: adopted the reply an earlier attempt posted", message.id)
-                        await self._record_reply(message, message.channel_id, str(candidate["ts"]))
-                        return True
-                cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
-                if cursor is None:
-                    return True
+            found = await self.output.find_own_post(
+                event_type=REPLY_EVENT_TYPE,
+                message_id=message.id,
+                bot_user_id=self.bot_user_id,
+                channel=message.channel_id,
+                ts=message.ts,
+            )
         except SlackApiError as exc:
             await self._reply_failed(message, "conversations.replies", exc)
             return False
-
-    def _is_reply_to(self, candidate: Mapping[str, Any], message: Message) -> bool:
-        metadata = candidate.get("metadata") or {}
-        payload = metadata.get("event_payload") or {}
-        ours = self.bot_user_id is None or candidate.get("user") == self.bot_user_id
-        named = metadata.get("event_type") == REPLY_EVENT_TYPE and payload.get("message_id") == message.id
-        return ours and named
+        if found is not None:
+            log.info("message %s: adopted the reply an earlier attempt posted", message.id)
+            await self._record_reply(message, message.channel_id, found)
+        return True
 
     async def _record_reply(self, message: Message, channel: str, ts: str) -> None:
         # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it

@@ -7,8 +7,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pytest
 from slack_sdk.web.async_client import AsyncWebClient
-from sqlalchemy import URL, select
+from sqlalchemy import URL, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
@@ -487,3 +488,42 @@ async def test_two_replicas_racing_through_one_burst_make_one_possible_incident(
 async def _rows(sessions: async_sessionmaker[AsyncSession], model: Any) -> list[Any]:
     async with sessions() as session:
         return list((await session.scalars(select(model))).all())
+
+
+async def test_a_card_posted_just_before_the_bot_died_is_adopted_not_posted_again(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    died = asyncio.Event()
+    recorded = repo.card_posted
+
+    async def dies_before_recording(session: Any, card_id: int, **where: str) -> None:
+        if not died.is_set():  # the instant after chat.postMessage succeeded, before its ts is stored
+            died.set()
+            raise asyncio.CancelledError  # the card loop stops here, as a killed process would
+        await recorded(session, card_id, **where)
+
+    monkeypatch.setattr(repo, "card_posted", dies_before_recording)
+    await h.post_customer_message("The mobile app logs me out every hour")
+    posted = await card_for(h, "The mobile app logs me out every hour")
+    await asyncio.wait_for(died.wait(), timeout=8)
+    await h.restart()
+    [card] = await h.rows(Card)
+    assert card.ts is None and card.attempts == 1
+    async with h.sessions.begin() as session:  # no need to wait a minute for the dead replica's lease
+        await session.execute(update(Card).values(due_at=utcnow()))
+
+    async def recorded_card() -> list[Card]:
+        return await h.rows(Card, Card.ts.is_not(None))
+
+    [card] = await h.eventually(recorded_card)
+    assert card.ts == posted.response["ts"] and card.channel_id == CARDS  # the card already in Slack
+    assert [c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == CARDS] == [posted]
+    [lookup] = [c for c in h.slack.calls_to("conversations.history") if c.args["channel"] == CARDS]
+    assert lookup.args["include_all_metadata"] in (True, "1", "true")
+    [message] = await h.rows(Message)
+    assert posted.args["metadata"] == {
+        "event_type": "triage_card",
+        "event_payload": {"message_id": message.id},
+    }
