@@ -663,6 +663,13 @@ async def warm_up(
         await asyncio.sleep(0.2)
 
 
+def add_customers(slack: SlackStandIn) -> None:
+    """The senders (U0WARMUP, U0C00000..U0C04999) as users of another organization: only customers'
+    messages are triaged (the stand-in makes up anyone else as a member of the bot's workspace: an agent)."""
+    for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:
+        slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
+
+
 def card_settings(args: argparse.Namespace) -> dict[str, Any]:
     """Card mode (``--card-channel``): every triaged message becomes a card there instead of a reply."""
     return {"triage_card_channel": args.card_channel} if args.card_channel else {}
@@ -692,8 +699,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         slack = SlackStandIn()
         await slack.start()
         stack.push_async_callback(slack.close)
-        for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:  # customers: only they are triaged
-            slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
+        add_customers(slack)
         bot: BotHandle = InProcessBot() if args.in_process else BotProcess()
         settings = {
             "slack_bot_token": slack.bot_token,

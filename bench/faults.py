@@ -66,6 +66,7 @@ from bench.bot_load import (  # noqa: E402
     Event,
     ReplyTracker,
     add_card_channel_argument,
+    add_customers,
     card_settings,
     code_fingerprint,
     count_rows,
@@ -320,6 +321,7 @@ async def run_case(name: str, args: argparse.Namespace, model_dir: Path, work: P
         slack = SlackStandIn()
         await slack.start()
         stack.push_async_callback(slack.close)
+        add_customers(slack)
         settings: dict[str, Any] = {
             "slack_bot_token": slack.bot_token,
             "slack_signing_secret": slack.signing_secret,
