@@ -584,7 +584,7 @@ class CardDesk:
             count = await repo.count_escalations(session, topic, since=since)
             if count < self.settings.triage_incident_count:
                 return None, False
-            return await repo.start_incident(session, topic, at=now, escalations=count), True
+            return await repo.start_incident(session, topic, at=now, since=since, escalations=count), True
 
     async def deescalate(self, message_id: int, by: str | None) -> bool:
         return await self._change(

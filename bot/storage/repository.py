@@ -1314,11 +1314,18 @@ async def join_incident(session: AsyncSession, incident_id: int, *, at: datetime
     )
 
 
-async def start_incident(session: AsyncSession, topic: str, *, at: datetime, escalations: int) -> Incident:
-    """A new open incident of ``topic``; the topic's earlier one (gone quiet) is closed. Another replica
-    starting one at the same time makes this flush or the commit fail with ``IntegrityError`` (the unique
-    ``open_topic``): the caller then joins theirs."""
-    await session.execute(update(Incident).where(Incident.open_topic == topic).values(open_topic=None))
+async def start_incident(
+    session: AsyncSession, topic: str, *, at: datetime, since: datetime, escalations: int
+) -> Incident:
+    """A new open incident of ``topic``; the topic's earlier one, quiet since before ``since``, is closed
+    (only then: one another replica just started stays open). Another replica starting one at the same
+    time makes this flush or the commit fail with ``IntegrityError`` (the unique ``open_topic``): the
+    caller then joins theirs."""
+    await session.execute(
+        update(Incident)
+        .where(Incident.open_topic == topic, Incident.last_escalation_at < since)
+        .values(open_topic=None)
+    )
     incident = Incident(
         topic=topic, open_topic=topic, started_at=at, last_escalation_at=at, escalations=escalations
     )
