@@ -3,6 +3,7 @@
     .venv/bin/python bench/bot_load.py                                 # 50 and 200 events/s, 60 s each
     .venv/bin/python bench/bot_load.py --rates 50,200 --duration 60 --channels 500
     .venv/bin/python bench/bot_load.py --database-url postgresql://postgres@127.0.0.1:5432/postgres
+    .venv/bin/python bench/bot_load.py --rates 50 --card-channel C0CARDS   # card mode (TRIAGE_CARD_CHANNEL)
 
 Per rate, from scratch: a fresh database (SQLite file, or a throwaway PostgreSQL database on the server of
 ``--database-url``), a Slack stand-in (``tests/slack_standin.py``) and the bot (``bot.main.start_bot``, HTTP
@@ -25,6 +26,12 @@ by default that classifier runs in the bot's child process, whose CPU is counted
   count the stand-in's chat.postMessage calls per message ts and the rows in the database:
   lost = sent - replied; duplicates = replies beyond one per message.
 
+Card mode (``--card-channel``, or TRIAGE_CARD_CHANNEL in the environment): the bot posts a card per message
+to that one channel instead of replying in threads; cards are matched to messages by their permalink, and
+the reply figures become the card lag (event -> card posted), lost and duplicate cards. One channel takes
+about one post a second, so the drain waits a second more per card, and the lag is mostly that queue.
+``bench/faults.py --cases kill --card-channel ...`` is the same with the bot killed and restarted.
+
 The first rate is the baseline: the others are also shown as ratios of it. Output: a table on stdout,
 JSON in ``bench/out/bot_load.json``, the bot's warnings per rate in ``bench/out/bot_load_<rate>.log``.
 Not part of the test suite.
@@ -43,6 +50,7 @@ import multiprocessing
 import os
 import platform
 import random
+import re
 import resource
 import secrets
 import subprocess
@@ -65,7 +73,7 @@ from sqlalchemy import func, select  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
 from bot.storage.database import create_engine, resolve_database_url, upgrade_database  # noqa: E402
-from bot.storage.models import Message, Prediction, SlackEvent  # noqa: E402
+from bot.storage.models import Card, Message, MessageState, Prediction, SlackEvent  # noqa: E402
 from tests.slack_standin import CUSTOMER_TEAM_ID, SLACK_USER_AGENT, SlackStandIn  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
@@ -74,6 +82,7 @@ ACK_TARGET_MS = 100.0  # the issue's target for the ack p99
 SLACK_ACK_TIMEOUT_S = 3.0  # Slack retries a delivery not acked within 3 s
 WARM_CHANNEL = "C0WARM"  # warm-up messages go to C0WARM000.. and are left out of every count
 AGENT = "U0AGENT"
+PERMALINK = re.compile(r"/archives/[A-Z0-9]+/p(\d{10})(\d{6})")
 
 
 # ---- messages ------------------------------------------------------------------------------------------
@@ -215,6 +224,13 @@ async def count_rows(url: str) -> dict[str, Any]:
                 )
             ).one()
             events = await conn.scalar(select(func.count()).select_from(SlackEvent))
+            # card mode: a classified message without a card row is one the model called noise
+            no_card = await conn.scalar(
+                select(func.count())
+                .select_from(Message)
+                .outerjoin(Card, Card.message_id == Message.id)
+                .where(measured, Message.state == MessageState.CLASSIFIED, Card.id.is_(None))
+            )
     finally:
         await engine.dispose()
     by_state = {str(getattr(state, "value", state)): int(n) for state, n in states}
@@ -224,6 +240,7 @@ async def count_rows(url: str) -> dict[str, Any]:
         "predictions": int(predictions[0]),
         "extra_predictions": int(predictions[0]) - int(predictions[1]),  # more than one for a message
         "event_ids": int(events or 0),  # warm-up events included
+        "classified_without_card": int(no_card or 0),
     }
 
 
@@ -463,23 +480,37 @@ class Event:
     replies: list[float] = field(default_factory=list)  # stand-in arrival times (epoch) of replies
 
 
-class ReplyTracker:
-    """Reads the stand-in's recorded chat.postMessage calls as they arrive: replies per message ts."""
+def card_of(call: Any) -> str | None:
+    """The ts of the message a card is about, read from the card's permalink to it (Slack's format:
+    ``/archives/<channel>/p<ts without its dot>``)."""
+    found = PERMALINK.search(json.dumps(call.args.get("blocks") or []))
+    return f"{found[1]}.{found[2]}" if found else None
 
-    def __init__(self, slack: SlackStandIn) -> None:
+
+class ReplyTracker:
+    """Reads the stand-in's recorded chat.postMessage calls as they arrive: replies per message ts, or in
+    card mode (``card_channel``) cards per message ts."""
+
+    def __init__(self, slack: SlackStandIn, card_channel: str | None = None) -> None:
         self.slack = slack
+        self.card_channel = card_channel
         self.by_ts: dict[str, Event] = {}
-        self.replied = 0  # events with at least one reply
-        self.posts = 0  # replies, duplicates included
+        self.replied = 0  # events with at least one reply (card)
+        self.posts = 0  # replies (cards), duplicates included
         self.failed_posts = 0  # chat.postMessage calls the stand-in refused
         self._seen = 0
+
+    def _about(self, call: Any) -> str | None:
+        if self.card_channel is None:
+            return str(call.args.get("thread_ts"))
+        return card_of(call) if call.args.get("channel") == self.card_channel else None
 
     def update(self) -> None:
         calls = self.slack.calls
         for call in calls[self._seen :]:
             if call.method != "chat.postMessage":
                 continue
-            event = self.by_ts.get(str(call.args.get("thread_ts")))
+            event = self.by_ts.get(str(self._about(call)))
             if event is None:
                 continue
             if not call.ok:
@@ -606,10 +637,15 @@ async def post(
 
 
 async def warm_up(
-    slack: SlackStandIn, session: aiohttp.ClientSession, url: str, texts: list[str], count: int
+    slack: SlackStandIn,
+    session: aiohttp.ClientSession,
+    url: str,
+    texts: list[str],
+    count: int,
+    card_channel: str | None = None,
 ) -> None:
     """A few messages before measuring: the embedded classifier loads its model on the first one."""
-    tracker = ReplyTracker(slack)
+    tracker = ReplyTracker(slack, card_channel)
     deliveries = []
     for i in range(count):
         event = slack.message_event(f"{WARM_CHANNEL}{i:03d}", "U0WARMUP", texts[i % len(texts)])
@@ -623,8 +659,26 @@ async def warm_up(
         if tracker.replied >= count:
             return
         if time.monotonic() > deadline:
-            raise RuntimeError(f"warm-up: {tracker.replied}/{count} replies in 180 s; see the bot's log")
+            raise RuntimeError(f"warm-up: {tracker.replied}/{count} answered in 180 s; see the bot's log")
         await asyncio.sleep(0.2)
+
+
+def add_customers(slack: SlackStandIn) -> None:
+    """The senders (U0WARMUP, U0C00000..U0C04999) as users of another organization: only customers'
+    messages are triaged (the stand-in makes up anyone else as a member of the bot's workspace: an agent)."""
+    for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:
+        slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
+
+
+def card_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """Card mode (``--card-channel``): every triaged message becomes a card there instead of a reply."""
+    return {"triage_card_channel": args.card_channel} if args.card_channel else {}
+
+
+def drain_timeout(args: argparse.Namespace, events: int) -> float:
+    """How long to wait for the replies after sending; in card mode a second more per card, since one
+    channel takes about one post a second (the bot paces them: the card lag is mostly that queue)."""
+    return args.drain_timeout + (events if args.card_channel else 0)
 
 
 async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: Path) -> dict[str, Any]:
@@ -645,8 +699,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         slack = SlackStandIn()
         await slack.start()
         stack.push_async_callback(slack.close)
-        for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:  # customers: only they are triaged
-            slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
+        add_customers(slack)
         bot: BotHandle = InProcessBot() if args.in_process else BotProcess()
         settings = {
             "slack_bot_token": slack.bot_token,
@@ -656,6 +709,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
             "host": "127.0.0.1",
             "port": 0,
             "triage_retrain_cron": "",  # no scheduled retraining in the middle of a benchmark
+            **card_settings(args),
         }
         print(f"[{rate:g}/s] starting the bot ...", file=sys.stderr)
         code = code_fingerprint()
@@ -666,9 +720,9 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         connector = aiohttp.TCPConnector(limit=args.connections, force_close=True)
         session = aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=10))
         stack.push_async_callback(session.close)
-        await warm_up(slack, session, url, texts, args.warmup)
+        await warm_up(slack, session, url, texts, args.warmup, args.card_channel)
 
-        tracker = ReplyTracker(slack)
+        tracker = ReplyTracker(slack, args.card_channel)
         loop = asyncio.get_running_loop()
         load_before = os.getloadavg()
         top_before = top_snapshot()
@@ -721,7 +775,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         # Drain: until every message has a reply and --settle s passed; if the bot logged problems, until
         # no reply came for --stall s (past the 2-minute lease after which the bot retries a message); at
         # most --drain-timeout s.
-        deadline = loop.time() + args.drain_timeout
+        deadline = loop.time() + drain_timeout(args, n)
         posts, last_post, complete_at, problems, checked = -1, loop.time(), 0.0, 0, 0.0
         while (now := loop.time()) < deadline and now - last_post < args.stall:
             tracker.update()
@@ -829,6 +883,7 @@ def report(result: dict[str, Any]) -> str:
     runs = result["runs"]
     base = runs[0]
     words = base["message_words"]
+    what = "card" if result.get("card_channel") else "reply"
     rows: list[tuple[str, Any, int, bool]] = [  # label, how to get it, digits, show a ratio
         ("offered rate (events/s)", lambda r: r["offered_rate"], 1, True),
         ("achieved send rate (events/s)", lambda r: r["achieved_rate"], 1, True),
@@ -839,17 +894,18 @@ def report(result: dict[str, Any]) -> str:
         ("ack max (ms)", lambda r: r["ack_ms"]["max"], 1, True),
         ("ack p99 from actual send (ms)", lambda r: r["ack_ms_from_send"]["p99"], 1, True),
         ("acks > 3 s / not 200", lambda r: f"{r['acks_over_3s']} / {_not_ok(r)}", 0, False),
-        ("event -> reply p50 (ms)", lambda r: r["reply_ms"]["p50"], 0, True),
-        ("event -> reply p99 (ms)", lambda r: r["reply_ms"]["p99"], 0, True),
-        ("reply p50 first / last 10 s (ms)", _growth, 0, False),
-        ("replies/s (sent -> last reply)", lambda r: r["reply_rate"], 1, True),
+        (f"event -> {what} p50 (ms)", lambda r: r["reply_ms"]["p50"], 0, True),
+        (f"event -> {what} p99 (ms)", lambda r: r["reply_ms"]["p99"], 0, True),
+        (f"{what} p50 first / last 10 s (ms)", _growth, 0, False),
+        (f"{what}s/s (sent -> last {what})", lambda r: r["reply_rate"], 1, True),
         ("backlog when sending ended", lambda r: r["backlog_at_send_end"], 0, False),
         ("drain after sending ended (s)", lambda r: r["drain_s"], 1, False),
-        ("messages replied", lambda r: r["replied"], 0, False),
-        ("LOST (sent - replied)", lambda r: r["lost"], 0, False),
+        (f"messages with a {what}", lambda r: r["replied"], 0, False),
+        (f"LOST (sent - with a {what})", lambda r: r["lost"], 0, False),
         ("  of which acked but never stored", lambda r: r["db_lost"], 0, False),
-        ("DUPLICATE replies", lambda r: r["duplicates"], 0, False),
+        (f"DUPLICATE {what}s", lambda r: r["duplicates"], 0, False),
         ("db messages / extra predictions", _db_rows, 0, False),
+        ("classified without a card (noise)", lambda r: r["db"]["classified_without_card"], 0, False),
         ("db states", _db_states, 0, False),
         ("bot CPU while sending (cores)", lambda r: _cores(r, "bot"), 2, True),
         ("its classifier process CPU (cores)", lambda r: _cores(r, "classifier_process"), 2, True),
@@ -881,8 +937,12 @@ def report(result: dict[str, Any]) -> str:
         f"at random (the bot posts <= 1/s per channel); ~{result['retry_share']:.0%} of events resent as "
         f"Slack retries; {base['duration_s']:g} s per rate; message words median "
         f"{words['median']:g} ({words['min']}-{words['max']})",
-        "latencies are from each event's due time (open loop); ack = the bot's HTTP answer, reply = its "
-        "threaded chat.postMessage at the stand-in",
+        "latencies are from each event's due time (open loop); ack = the bot's HTTP answer, "
+        + (
+            f"card = its post in the card channel {result['card_channel']} (card lag; ~1 post/s per channel)"
+            if what == "card"
+            else "reply = its threaded chat.postMessage at the stand-in"
+        ),
         "",
         f"{'':<{width}}" + "".join(f"{n:>{col}}" for n in names + ratio_names),
     ]
@@ -943,7 +1003,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             runs.append(await run_rate(args, rate, data_dir, work))
             r = runs[-1]
             print(
-                f"[{rate:g}/s] ack p99 {_fmt(r['ack_ms']['p99'])} ms, reply p99 "
+                f"[{rate:g}/s] ack p99 {_fmt(r['ack_ms']['p99'])} ms, reply/card p99 "
                 f"{_fmt(r['reply_ms']['p99'], 0)} ms, lost {r['lost']}, duplicates {r['duplicates']}",
                 file=sys.stderr,
             )
@@ -959,6 +1019,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_name": cpu_name(),
         "python": platform.python_version(),
         "retry_share": args.retry_share,
+        "card_channel": args.card_channel,
         "connections": args.connections,
         "runs": runs,
         "ratios_vs_first_rate": {
@@ -977,6 +1038,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def _ratio(value: float | None, base: float | None) -> float | None:
     return value / base if value is not None and base else None
+
+
+def add_card_channel_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--card-channel",
+        default=os.environ.get("TRIAGE_CARD_CHANNEL") or None,
+        help="Card mode: TRIAGE_CARD_CHANNEL for the bot (default: that variable); cards are counted there "
+        "instead of thread replies",
+    )
 
 
 def main() -> None:
@@ -1001,6 +1071,7 @@ def main() -> None:
         help="If the bot logged problems: wait for no reply this long [150]",
     )
     parser.add_argument("--in-process", action="store_true", help="Run the bot on the generator's loop")
+    add_card_channel_argument(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=OUT / "bot_load.json", help="[bench/out/bot_load.json]")
     args = parser.parse_args()

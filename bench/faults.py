@@ -8,7 +8,8 @@ through a TCP proxy this script controls), the Slack stand-in (``tests/slack_sta
 own process on the embedded classifier (``bench/bot_load.py``'s machinery: load, stand-in, bot process,
 reply tracking). ``--duration`` seconds of messages at ``--rate``; the fault starts at ``--fault-at`` s:
 
-* ``kill``: ``kill -9`` of the bot, then a new bot process on the same port;
+* ``kill``: ``kill -9`` of the bot, then a new bot process on the same port (with ``--slack-retries ""``
+  Slack never redelivers what the dead bot missed: only the restarted bot's backfill can answer it);
 * ``database``: PostgreSQL unreachable for ``--database-outage-s`` (30) s: the proxy drops every
   connection and stops listening (connection refused), then listens again;
 * ``classifier``: the classifier server (``triage serve``, behind the same kind of proxy, used by the bot
@@ -26,7 +27,8 @@ stand-in), lost (sent - answered: must be 0), duplicated (replies beyond one per
 whether the active model stayed untouched (``ACTIVE`` and every file of that version byte-identical).
 The model is a tiny BERT (tests/tiny_model.py) trained a few steps on the starter set: the figures are
 counts, not speeds. Output: a table on stdout, ``bench/out/faults.json``, the bot's warnings and errors per
-case in ``bench/out/faults_<case>.log``. Not part of the test suite.
+case in ``bench/out/faults_<case>.log``. ``--card-channel`` (card mode, as in ``bench/bot_load.py``): the
+answers counted are the cards in that channel. Not part of the test suite.
 """
 
 from __future__ import annotations
@@ -63,8 +65,12 @@ from bench.bot_load import (  # noqa: E402
     Delivery,
     Event,
     ReplyTracker,
+    add_card_channel_argument,
+    add_customers,
+    card_settings,
     code_fingerprint,
     count_rows,
+    drain_timeout,
     fresh_database,
     post,
     slack_texts,
@@ -303,6 +309,7 @@ async def run_case(name: str, args: argparse.Namespace, model_dir: Path, work: P
         slack = SlackStandIn()
         await slack.start()
         stack.push_async_callback(slack.close)
+        add_customers(slack)
         settings: dict[str, Any] = {
             "slack_bot_token": slack.bot_token,
             "slack_signing_secret": slack.signing_secret,
@@ -313,6 +320,7 @@ async def run_case(name: str, args: argparse.Namespace, model_dir: Path, work: P
             "host": "127.0.0.1",
             "port": free_port(),  # fixed, so a restarted bot answers where Slack delivers
             "triage_retrain_cron": "",
+            **card_settings(args),
         }
         classifier_proxy = None
         if name == "classifier":
@@ -340,9 +348,9 @@ async def run_case(name: str, args: argparse.Namespace, model_dir: Path, work: P
             connector=connector, timeout=aiohttp.ClientTimeout(total=SLACK_ACK_TIMEOUT_S)
         )
         stack.push_async_callback(session.close)
-        await warm_up(slack, session, case.url(), texts[n:], args.warmup)
+        await warm_up(slack, session, case.url(), texts[n:], args.warmup, args.card_channel)
 
-        tracker = ReplyTracker(slack)
+        tracker = ReplyTracker(slack, args.card_channel)
         loop = asyncio.get_running_loop()
         made: list[Delivery] = []
         deliveries: list[asyncio.Task[None]] = []
@@ -372,13 +380,14 @@ async def run_case(name: str, args: argparse.Namespace, model_dir: Path, work: P
             )
         await fault
         print(f"[{name}] sent; waiting for Slack's retries and the replies ...", file=sys.stderr)
-        deadline = loop.time() + args.drain_timeout
-        complete_at = 0.0
+        deadline = loop.time() + drain_timeout(args, n)
+        complete_at, posts = 0.0, -1
         while loop.time() < deadline:
             tracker.update()
             acked = {d.index for d in made if d.status == 200}
             settled = all(task.done() for task in deliveries) and tracker.replied >= len(acked)
-            if not settled:
+            if not settled or tracker.posts != posts:  # backfilled answers may still be coming
+                posts = tracker.posts
                 complete_at = 0.0
             elif not complete_at:
                 complete_at = loop.time()
@@ -515,6 +524,7 @@ def main() -> None:
     )
     parser.add_argument("--settle", type=float, default=10.0, help="Then this long for duplicates [10]")
     parser.add_argument("--seed", type=int, default=0)
+    add_card_channel_argument(parser)
     parser.add_argument("--json", type=Path, default=OUT / "faults.json", help="[bench/out/faults.json]")
     args = parser.parse_args()
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]

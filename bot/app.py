@@ -141,18 +141,20 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         item = event.get("item") or {}
         if item.get("type") != "message" or event.get("user") == context.get("bot_user_id"):
             return
-        refresh = await triage.on_reaction(
+        user, channel = event.get("user", ""), item.get("channel", "")
+        outcome = await triage.on_reaction(
             team_id=body.get("team_id", ""),
-            user_id=event.get("user", ""),
+            user_id=user,
             reaction=event.get("reaction", ""),
-            channel_id=item.get("channel", ""),
+            channel_id=channel,
             ts=item.get("ts", ""),
             event_id=body.get("event_id"),
             added=added,
         )
-        if refresh is not None:
-            user, channel = event.get("user", ""), item.get("channel", "")
-            later(triage.after_reaction(refresh, user, channel), "reply update after a reaction")
+        if outcome.note:  # why it did not apply (yet): only the agent sees it, where they reacted
+            later(triage.output.ephemeral(channel, user, outcome.note), "correction note")
+        if outcome.refresh is not None:
+            later(triage.after_reaction(outcome.refresh, user, channel), "reply update after a reaction")
 
     @app.event("reaction_added")
     async def on_reaction_added(body: dict[str, Any], event: dict[str, Any], context: dict[str, Any]) -> None:

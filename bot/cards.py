@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
     from bot.agents import Agents
-    from bot.triage import Triage
+    from bot.triage import Outcome, Triage
 
 log = logging.getLogger(__name__)
 Ack = Callable[..., Awaitable[None]]
@@ -54,6 +55,9 @@ QUOTE_CHARS = 300
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
+# Slack's message metadata on every card: how a later attempt recognises a card already posted
+CARD_EVENT_TYPE = "triage_card"
+ADOPT_MARGIN_S = 300.0  # a card is looked for from this long before it was queued (clocks differ)
 
 
 @dataclass(frozen=True)
@@ -241,6 +245,11 @@ def escalation_blocks(content: CardContent, settings: BotSettings) -> list[dict[
     return shown
 
 
+def standing(card: Card) -> bool:
+    """Whether the card's escalation still stands (escalated, maybe acknowledged; not de-escalated)."""
+    return card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED)
+
+
 def is_urgent(views: Mapping[str, LabelView], settings: BotSettings) -> bool:
     urgency = views.get(settings.triage_urgency_head)
     return urgency is not None and urgency.label in settings.triage_urgent_labels
@@ -316,10 +325,12 @@ class CardDesk:
         settings: BotSettings,
         sessions: async_sessionmaker[AsyncSession],
         output: SlackOutput,
+        bot_user_id: str | None = None,
     ):
         self.settings = settings
         self.sessions = sessions
         self.output = output
+        self.bot_user_id = bot_user_id  # an adopted card must be our own post
         self.people = People(output.client)
         self.wake = asyncio.Event()
         self._permalinks: dict[int, str] = {}
@@ -345,39 +356,76 @@ class CardDesk:
                     )
 
     async def post_next(self) -> bool:
-        """Post the next due card; whether there was one."""
+        """Post the next due card; whether there was one.
+
+        At most one card per message, wherever a replica dies: the card is leased (``claim_due_card``)
+        before it is posted, and posted with metadata naming its message; a later attempt on a card an
+        earlier one took first looks for that post in the card channel and adopts it (as thread replies
+        are adopted: ``SlackOutput.find_own_post``)."""
         if self.channel is None:
             return False
         async with self.sessions.begin() as session:
             card = await repo.claim_due_card(session)
         if card is None:
             return False
+        if card.attempts > 1 and await self._adopted(card, self.channel):
+            return True
         content = await self.content(card.message_id)
         if content is None:  # the message went away meanwhile (the row cascades)
             return True
         text, card_view = self.render(content)
         try:
-            posted = await self.output.post_or_raise(self.channel, text, blocks=card_view)
+            posted = await self.output.post_or_raise(
+                self.channel,
+                text,
+                blocks=card_view,
+                metadata={"event_type": CARD_EVENT_TYPE, "event_payload": {"message_id": card.message_id}},
+            )
         except SlackApiError as exc:
-            delay = (
-                RETRY_MAX_S
-                if is_permanent(exc)
-                else min(RETRY_BASE_S * 2 ** (card.attempts - 1), RETRY_MAX_S)
-            )
-            log.warning(
-                "card for message %s not posted (%s): trying again in %.0f s",
-                card.message_id,
-                exc.response.get("error"),
-                delay,
-            )
-            async with self.sessions.begin() as session:
-                await repo.retry_card(session, card.id, at=utcnow() + timedelta(seconds=delay))
+            await self._retry(card, "chat.postMessage", exc)
             return True
-        await in_transaction(
-            self.sessions,
-            lambda s: repo.card_posted(s, card.id, channel_id=str(posted["channel"]), ts=str(posted["ts"])),
-        )
+        await self._record(card, str(posted["channel"]), str(posted["ts"]))
         return True
+
+    async def _adopted(self, card: Card, channel: str) -> bool:
+        """Whether this attempt is over before posting: the card an earlier attempt posted (and died before
+        recording) was found and adopted, or the channel could not be read (tried again later)."""
+        oldest = card.created_at.timestamp() - ADOPT_MARGIN_S
+        try:
+            found = await self.output.find_own_post(
+                event_type=CARD_EVENT_TYPE,
+                message_id=card.message_id,
+                bot_user_id=self.bot_user_id,
+                channel=channel,
+                oldest=f"{oldest:.6f}",
+            )
+        except SlackApiError as exc:
+            await self._retry(card, "conversations.history", exc)
+            return True
+        if found is None:
+            return False
+        log.info("message %s: adopted the card an earlier attempt posted", card.message_id)
+        await self._record(card, channel, found)
+        await self.refresh(card.message_id)  # it shows what changed since it was posted
+        return True
+
+    async def _record(self, card: Card, channel: str, ts: str) -> None:
+        await in_transaction(self.sessions, lambda s: repo.card_posted(s, card.id, channel_id=channel, ts=ts))
+
+    async def _retry(self, card: Card, method: str, exc: SlackApiError) -> None:
+        """Slack refused: the card waits in the database, a while longer each time."""
+        delay = (
+            RETRY_MAX_S if is_permanent(exc) else min(RETRY_BASE_S * 2 ** (card.attempts - 1), RETRY_MAX_S)
+        )
+        log.warning(
+            "card for message %s not posted (%s: %s): trying again in %.0f s",
+            card.message_id,
+            method,
+            exc.response.get("error"),
+            delay,
+        )
+        async with self.sessions.begin() as session:
+            await repo.retry_card(session, card.id, at=utcnow() + timedelta(seconds=delay))
 
     # ---- what a card shows --------------------------------------------------------------------------
     async def content(self, message_id: int) -> CardContent | None:
@@ -438,19 +486,34 @@ class CardDesk:
             return False
         urgency = content.views.get(self.settings.triage_urgency_head)
         by = urgency.by if urgency else None
-        standing = content.card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED)
-        if is_urgent(content.views, self.settings) and not standing and by is not None:
+        urgent = is_urgent(content.views, self.settings)
+        if urgent and not standing(content.card) and by is not None:
             return await self.escalate(message_id, by)
-        if not is_urgent(content.views, self.settings) and standing:
-            return await self.deescalate(message_id, by)
-        return False
+        changed = not urgent and standing(content.card) and await self.deescalate(message_id, by)
+        if not urgent and by is not None:  # a person lowered the thread: the replies' alarms go too
+            changed |= await self._deescalate_replies(content.message, by)
+        return changed
+
+    async def _deescalate_replies(self, message: Message, by: str) -> bool:
+        """De-escalate the thread replies of ``message`` that raised an escalation of their own (a
+        customer's reply raising the thread's urgency), and edit their escalation posts."""
+        if message.thread_ts not in (None, message.ts):
+            return False  # a reply itself: its thread's first message speaks for the thread
+        async with self.sessions() as session:
+            thread = await repo.thread_messages(session, message.team_id, message.channel_id, message.ts)
+            cards = [await repo.get_card(session, m.id) for m in thread if m.id != message.id]
+        raised = [card.message_id for card in cards if card is not None and standing(card)]
+        for reply_id in raised:
+            if await self.deescalate(reply_id, by):
+                await self.refresh(reply_id)
+        return bool(raised)
 
     async def escalate(self, message_id: int, by: str | None) -> bool:
         """Mark the message escalated and announce it in the escalation channel (a fresh post, also after
         an earlier de-escalation: a new alarm should notify). ``by``: None when the model's labels did."""
         async with self.sessions.begin() as session:
             card = await repo.ensure_card(session, message_id)
-            if card.escalation_state in (EscalationState.ESCALATED, EscalationState.ACKNOWLEDGED):
+            if standing(card):
                 return False
             card.escalation_state = EscalationState.ESCALATED
             card.escalated_by, card.acknowledged_by, card.deescalated_by = by, None, None
@@ -480,30 +543,20 @@ class CardDesk:
         or this escalation starts one (TRIAGE_INCIDENT_COUNT of a topic within TRIAGE_INCIDENT_MINUTES)."""
         topic_view = content.views.get("topic")
         topic = topic_view.label[:128] if topic_view else None
-        now = utcnow()
-        since = now - timedelta(minutes=self.settings.triage_incident_minutes)
-        async with self.sessions.begin() as session:
-            await repo.mark_escalated(session, content.message.id, topic=topic, at=now)
-            if topic is None:
-                return None
-            incident = await repo.open_incident(session, topic, since=since)
-            if incident is not None:
-                incident.last_escalation_at, incident.escalations = now, incident.escalations + 1
-                return incident.ts
-            count = await repo.count_escalations(session, topic, since=since)
-            if count < self.settings.triage_incident_count:
-                return None
-            incident = Incident(topic=topic, started_at=now, last_escalation_at=now, escalations=count)
-            session.add(incident)
-            await session.flush()
-            incident_id = incident.id
+        try:
+            incident, started = await self._join_or_start_incident(content.message.id, topic)
+        except IntegrityError:  # another replica started the topic's incident a moment ago: join theirs
+            incident, started = await self._join_or_start_incident(content.message.id, topic)
+        if incident is None or not started:
+            return incident.ts if incident else None
+        count, incident_id, about = incident.escalations, incident.id, incident.topic
         channel = self.settings.triage_escalation_channel
         if channel is None:
             return None
         minutes = self.settings.triage_incident_minutes
         posted = await self.output.post(
             channel,
-            f":rotating_light: *Possible incident*: {count} urgent messages about *{topic}* in the last "
+            f":rotating_light: *Possible incident*: {count} urgent messages about *{about}* in the last "
             f"{minutes:g} minutes. Later ones follow in this thread.",
         )
         if posted is None:
@@ -513,6 +566,28 @@ class CardDesk:
             self.sessions, lambda s: repo.set_incident_post(s, incident_id, str(posted["channel"]), ts)
         )
         return ts
+
+    async def _join_or_start_incident(
+        self, message_id: int, topic: str | None
+    ) -> tuple[Incident | None, bool]:
+        """Count this escalation under its topic's open incident, or start one if it completes a burst;
+        ``(incident, whether this escalation started it)``. Replicas agree through the database: one open
+        incident per topic (``incidents.open_topic`` is unique)."""
+        now = utcnow()
+        since = now - timedelta(minutes=self.settings.triage_incident_minutes)
+        async with self.sessions.begin() as session:
+            # a write first: on SQLite it takes the write lock, so replicas decide one after another
+            await repo.mark_escalated(session, message_id, topic=topic, at=now)
+            if topic is None:
+                return None, False
+            incident = await repo.open_incident(session, topic, since=since)
+            if incident is not None:
+                await repo.join_incident(session, incident.id, at=now)
+                return incident, False
+            count = await repo.count_escalations(session, topic, since=since)
+            if count < self.settings.triage_incident_count:
+                return None, False
+            return await repo.start_incident(session, topic, at=now, since=since, escalations=count), True
 
     async def deescalate(self, message_id: int, by: str | None) -> bool:
         return await self._change(
@@ -537,9 +612,6 @@ class CardDesk:
     # ---- what agents do on a card -------------------------------------------------------------------
     async def claim(self, message_id: int, user_id: str) -> bool:
         return await self._change(message_id, claimed_by=user_id, claimed_at=utcnow())
-
-    async def not_request(self, message_id: int, user_id: str) -> bool:
-        return await self._change(message_id, not_request_by=user_id)
 
     async def _change(
         self, message_id: int, when: tuple[EscalationState, ...] | None = None, **values: Any
@@ -588,6 +660,13 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
         except ValueError:
             return None
 
+    def told(outcome: Outcome, user_id: str) -> None:
+        """Show an agent's correction: the card (and reply) rewritten, or a note that says why not."""
+        if outcome.note and outcome.note_in:
+            later(output.ephemeral(outcome.note_in, user_id, outcome.note), "correction note")
+        if outcome.refresh is not None:
+            later(triage.refresh_reply(outcome.refresh), "card update after a correction")
+
     @app.action(FIX_ACTION)
     @app.action(blocks.FIX_ACTION)  # the thread reply's button: the same modal, no menus in the channel
     async def fix(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
@@ -610,8 +689,7 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
         if user_id is None:
             return
         team_id = str((body.get("team") or {}).get("id") or "")
-        if await triage.on_labels_submitted(team_id, user_id, message_id, submitted_labels(view)):
-            later(triage.refresh_reply(message_id), "card update after Fix labels")
+        told(await triage.on_labels_submitted(team_id, user_id, message_id, submitted_labels(view)), user_id)
 
     async def on_card(body: dict[str, Any], action: dict[str, Any], change: Any, what: str) -> None:
         message_id = message_id_of(action)
@@ -627,7 +705,11 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
     @app.action(NOT_REQUEST_ACTION)
     async def not_request(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:
         await ack()
-        await on_card(body, action, desk.not_request, "not a request")
+        message_id = message_id_of(action)
+        user_id = await agent_or_told(body) if message_id is not None else None
+        if message_id is not None and user_id is not None:
+            team_id = str((body.get("team") or {}).get("id") or "")
+            told(await triage.mark_not_a_request(team_id, user_id, message_id), user_id)
 
     @app.action(ESCALATE_ACTION)
     async def escalate(ack: Ack, body: dict[str, Any], action: dict[str, Any]) -> None:

@@ -115,6 +115,29 @@ class SlackOutput:
         )
         return dict(posted.data)  # type: ignore[arg-type]
 
+    async def find_own_post(
+        self, *, event_type: str, message_id: int, bot_user_id: str | None, **listing: Any
+    ) -> str | None:
+        """The ts of a post this bot made carrying metadata ``event_type`` that names ``message_id``, or
+        ``None``: how an attempt recognises what an earlier one posted before it died unrecorded.
+
+        ``listing``: ``conversations.replies`` arguments (``channel``, ``ts``: a thread), or else
+        ``conversations.history`` ones (``channel``, ``oldest``: a channel's recent posts), read page by
+        page. A read that fails raises ``SlackApiError``: the caller waits rather than post blind."""
+        read = self.client.conversations_replies if "ts" in listing else self.client.conversations_history
+        cursor: str | None = None
+        while True:
+            page = await read(include_all_metadata=True, limit=200, cursor=cursor, **listing)
+            for candidate in page.get("messages") or []:
+                metadata = candidate.get("metadata") or {}
+                names = (metadata.get("event_payload") or {}).get("message_id") == message_id
+                ours = bot_user_id is None or candidate.get("user") == bot_user_id
+                if ours and names and metadata.get("event_type") == event_type:
+                    return str(candidate["ts"])
+            cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
+            if cursor is None:
+                return None
+
     async def post(
         self,
         channel: str,

@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
 
@@ -31,10 +31,17 @@ from bot.settings import BotSettings, Delivery
 from bot.slack_output import SlackOutput, is_permanent
 from bot.storage import repository as repo
 from bot.storage.database import first_in_line, in_transaction
-from bot.storage.models import CorrectionKind, CorrectionSource, Message, MessageState, Prediction
+from bot.storage.models import (
+    CorrectionKind,
+    CorrectionSource,
+    Message,
+    MessageState,
+    Prediction,
+    utcnow,
+)
 from classifier.client import Classifier
 from classifier.logsafe import escape_controls
-from classifier.results import MAX_CHARS, ClassifierError, InvalidInput
+from classifier.results import MAX_CHARS, ClassifierError, HeadPrediction, InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +100,40 @@ class IncomingMessage:
     text: str
     thread_ts: str | None = None
     event_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of a person's correction: the message whose reply and card to refresh, and a note only
+    they see (``note_in``: the channel to show it in; ``None``: where they acted). Nothing is dropped
+    silently: a correction that cannot apply says why."""
+
+    refresh: int | None = None
+    note: str | None = None
+    note_in: str | None = None
+
+
+NOTHING = Outcome()
+
+
+@dataclass
+class EarlyCorrections:
+    """Corrections made before their message was classified, settled when it is: applied (``applied``),
+    or refused because the model has no such label (``refused``: user id → why)."""
+
+    applied: bool = False
+    refused: list[tuple[str, str]] = field(default_factory=list)
+
+
+def why_not_applicable(schema: Mapping[str, Collection[str]], head: str, label: str) -> str | None:
+    """Why ``head: label`` cannot be stored for a prediction of a model with ``schema`` (head → labels),
+    or ``None`` when it can."""
+    if head not in schema:
+        return f"*{head}: {label}* was not stored: the model has no {head} head"
+    if label not in schema[head]:
+        known = ", ".join(sorted(schema[head]))
+        return f"*{head}: {label}* was not stored: the model has no such {head} label (it knows {known})"
+    return None
 
 
 def _settle_store(store: asyncio.Future[bool]) -> None:
@@ -172,7 +213,7 @@ class Triage:
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client)
-        self.cards = CardDesk(settings, sessions, output)
+        self.cards = CardDesk(settings, sessions, output, bot_user_id)
         self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
@@ -339,19 +380,25 @@ class Triage:
         text_result = result.results[0]
         views = {h: LabelView(label=p.label, confidence=p.confidence) for h, p in text_result.heads.items()}
 
+        early = EarlyCorrections()  # made while it waited: applied (or refused) with its prediction
+
         async def record(session: AsyncSession, card: bool = False) -> None:
             await repo.add_prediction(
                 session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
             )
             await repo.mark_classified(session, message.id)
+            early.applied, early.refused = False, []  # a retried transaction settles them again
+            await self._settle_early_corrections(session, message.id, text_result.heads, early)
             if card:  # queued in the same transaction: a classified message never lacks its card
                 await repo.queue_card(session, message.id, urgent=is_urgent(views, self.settings))
 
         if lifecycle.is_thread_reply(message) or (message.edited_at and message.reply_ts):
             await lifecycle.reclassified(self, message, views, record)  # bot/lifecycle.py
+            await self._after_early_corrections(message, early)
             return
         if self.is_not_a_request(views):  # thanks, greetings: stored and classified, nothing posted
             await self._in_transaction(record)  # (card delivery: no card either)
+            await self._after_early_corrections(message, early)
             return
         labels = {h: list(p.scores) for h, p in text_result.heads.items()}
         reply = blocks.reply_blocks(
@@ -372,6 +419,36 @@ class Triage:
         if mode == Delivery.CARD:
             self.cards.wake.set()
         await self._route(message, views, mode)
+        await self._after_early_corrections(message, early)
+
+    async def _settle_early_corrections(
+        self,
+        session: AsyncSession,
+        message_id: int,
+        predicted: Mapping[str, HeadPrediction],
+        early: EarlyCorrections,
+    ) -> None:
+        """Corrections made before the message was classified count from its first prediction on: a label
+        this model has is applied (the model's label becomes their ``old_label``); one it lacks is
+        retracted, and its author is told why (``_after_early_corrections``)."""
+        schema = {head: list(p.scores) for head, p in predicted.items()}
+        for correction in await repo.unapplied_corrections(session, message_id):
+            why = why_not_applicable(schema, correction.head, correction.new_label)
+            if why is not None:
+                correction.retracted_at = utcnow()
+                early.refused.append((correction.user_id, why))
+                continue
+            correction.old_label = predicted[correction.head].label
+            if correction.old_label == correction.new_label:
+                correction.kind = CorrectionKind.CONFIRMATION
+            early.applied = True
+
+    async def _after_early_corrections(self, message: Message, early: EarlyCorrections) -> None:
+        """Show what became of corrections made before the message was classified."""
+        for user_id, why in early.refused:
+            await self.output.ephemeral(message.channel_id, user_id, why)
+        if early.applied:
+            await self.refresh_reply(message.id)  # reply, card, escalation: the agents' labels
 
     async def _reply_in_thread(self, message: Message, text: str, reply: list[dict[str, Any]]) -> bool:
         """The triage reply in the message's thread; ``False`` when it could not be posted (the message is
@@ -435,34 +512,21 @@ class Triage:
         Returns ``False`` when the thread could not be read (the message waits for a later attempt; posting
         blind could answer twice); ``True`` otherwise, with ``message.reply_ts`` set if the reply was found.
         """
-        cursor: str | None = None
         try:
-            while True:
-                page = await self.client.conversations_replies(
-                    channel=message.channel_id,
-                    ts=message.ts,
-                    include_all_metadata=True,
-                    limit=200,
-                    cursor=cursor,
-                )
-                for candidate in page.get("messages") or []:
-                    if self._is_reply_to(candidate, message):
-                        log.info("message %s: adopted the reply an earlier attempt posted", message.id)
-                        await self._record_reply(message, message.channel_id, str(candidate["ts"]))
-                        return True
-                cursor = (page.get("response_metadata") or {}).get("next_cursor") or None
-                if cursor is None:
-                    return True
+            found = await self.output.find_own_post(
+                event_type=REPLY_EVENT_TYPE,
+                message_id=message.id,
+                bot_user_id=self.bot_user_id,
+                channel=message.channel_id,
+                ts=message.ts,
+            )
         except SlackApiError as exc:
             await self._reply_failed(message, "conversations.replies", exc)
             return False
-
-    def _is_reply_to(self, candidate: Mapping[str, Any], message: Message) -> bool:
-        metadata = candidate.get("metadata") or {}
-        payload = metadata.get("event_payload") or {}
-        ours = self.bot_user_id is None or candidate.get("user") == self.bot_user_id
-        named = metadata.get("event_type") == REPLY_EVENT_TYPE and payload.get("message_id") == message.id
-        return ours and named
+        if found is not None:
+            log.info("message %s: adopted the reply an earlier attempt posted", message.id)
+            await self._record_reply(message, message.channel_id, found)
+        return True
 
     async def _record_reply(self, message: Message, channel: str, ts: str) -> None:
         # recorded on its own and at once: whatever fails next, a retry finds the reply and updates it
@@ -533,52 +597,41 @@ class Triage:
         ts: str,
         event_id: str | None,
         added: bool,
-    ) -> int | None:
-        """Store what a reaction on a triaged message or its reply means.
-
-        Returns the id of the message whose reply should be refreshed (``refresh_reply``), or ``None``.
-        """
+    ) -> Outcome:
+        """Store what a reaction on a triaged message or its reply means; the outcome names the message
+        whose reply should be refreshed (``after_reaction``) and what to tell the agent."""
         action = self.reactions.get(reaction)
         if action is None or user_id == self.bot_user_id or not await self.is_agent(user_id):
-            return None  # a customer's :bug: means nothing here, and nothing of it is stored
+            return NOTHING  # a customer's :bug: means nothing here, and nothing of it is stored
+        name = reaction.split("::", 1)[0]
         async with self.sessions.begin() as session:
             if event_id and not await repo.record_event(session, event_id):
-                return None
+                return NOTHING
             message = await self.find_message(session, team_id, channel_id, ts)
             if message is None:
-                return None
+                return NOTHING
+            if not added:  # a correction kept for a message not classified yet is retracted the same way
+                retracted = await repo.retract_correction(session, message.id, user_id=user_id, reaction=name)
+                return Outcome(refresh=message.id if retracted else None)
             prediction = await repo.latest_prediction(session, message.id)
-            if prediction is None:
-                return None
-            if not added:
-                changed = (
-                    await repo.retract_correction(
-                        session, message.id, user_id=user_id, reaction=reaction.split("::", 1)[0]
-                    )
-                    > 0
+            if action.confirms:
+                if prediction is None:
+                    return Outcome(note="Nothing to confirm yet: the message is not classified yet.")
+                await self._confirm_all(
+                    session, message, prediction, user_id, CorrectionSource.REACTION, name
                 )
-            elif action.confirms:
-                changed = await self._confirm_all(
-                    session,
-                    message,
-                    prediction,
-                    user_id,
-                    CorrectionSource.REACTION,
-                    reaction.split("::", 1)[0],
-                )
-            else:
-                assert action.head is not None and action.label is not None
-                changed = await self._correct(
-                    session,
-                    message,
-                    prediction,
-                    action.head,
-                    action.label,
-                    user_id,
-                    CorrectionSource.REACTION,
-                    reaction.split("::", 1)[0],
-                )
-        return message.id if changed else None
+                return Outcome(refresh=message.id)
+            assert action.head is not None and action.label is not None
+            return await self._correct(
+                session,
+                message,
+                prediction,
+                action.head,
+                action.label,
+                user_id,
+                CorrectionSource.REACTION,
+                name,
+            )
 
     async def on_label_selected(
         self,
@@ -605,48 +658,79 @@ class Triage:
             prediction = await repo.latest_prediction(session, message.id)
             if prediction is None:
                 return None
-            changed = await self._correct(
+            outcome = await self._correct(
                 session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
             )
-        return message_id if changed else None
+        return outcome.refresh
 
     async def on_labels_submitted(
         self, team_id: str, user_id: str, message_id: int, labels: Mapping[str, str]
-    ) -> bool:
+    ) -> Outcome:
         """Store the labels an agent chose in the Fix labels modal (those that differ from the current
-        ones); returns whether anything changed."""
+        ones). A label the model lacks (a modal opened before a model with other labels took over) is
+        answered with a note in the card channel, or the message's channel without one."""
         async with self.sessions.begin() as session:
             message = await session.get(Message, message_id)
             if message is None or message.team_id != team_id:
-                return False
+                return NOTHING
             prediction = await repo.latest_prediction(session, message_id)
             if prediction is None:
-                return False
+                return NOTHING
             predicted = prediction.by_head()
             current = await repo.standing_labels(session, message_id)
-            changed = False
+            changed, notes = False, []
             for head, label in labels.items():
                 shown = current.get(head) or (predicted[head].label if head in predicted else None)
                 if label != shown:
-                    changed |= await self._correct(
+                    outcome = await self._correct(
                         session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
                     )
-        return changed
+                    changed |= outcome.refresh is not None
+                    notes += [outcome.note] if outcome.note else []
+        return Outcome(
+            refresh=message_id if changed else None,
+            note="\n".join(notes) or None,
+            note_in=self.cards.channel or message.channel_id,
+        )
+
+    async def mark_not_a_request(self, team_id: str, user_id: str, message_id: int) -> Outcome:
+        """The card's "Not a request": this agent's label ``topic: not_a_request``, the label the model
+        learns noise by (trained on like any correction); the card records who said it."""
+        async with self.sessions.begin() as session:
+            message = await session.get(Message, message_id)
+            if message is None or message.team_id != team_id:
+                return NOTHING
+            prediction = await repo.latest_prediction(session, message_id)
+            outcome = await self._correct(
+                session, message, prediction, "topic", NOT_A_REQUEST, user_id, CorrectionSource.BUTTON, None
+            )
+            if outcome.refresh is not None:
+                (await repo.ensure_card(session, message_id)).not_request_by = user_id
+        return replace(outcome, note_in=self.cards.channel or message.channel_id)
 
     async def _correct(
         self,
         session: AsyncSession,
         message: Message,
-        prediction: Prediction,
+        prediction: Prediction | None,
         head: str,
         label: str,
         user_id: str,
         source: CorrectionSource,
         reaction: str | None,
-    ) -> bool:
+    ) -> Outcome:
+        """Store one person's label. Before the message is classified it is kept without an ``old_label``
+        and settled with the first prediction (``_settle_early_corrections``)."""
+        if prediction is None:
+            await repo.add_correction(
+                session, message.id, head, label, user_id=user_id, source=source, reaction=reaction
+            )
+            note = f"*{head}: {label}* is kept: it applies once the message is classified."
+            return Outcome(note=note)
         heads = prediction.by_head()
-        if head not in heads or label not in heads[head].scores:
-            return False  # this model has no such head or label: nothing to learn from it
+        why = why_not_applicable({h: list(p.scores) for h, p in heads.items()}, head, label)
+        if why is not None:
+            return Outcome(note=why)
         current = await repo.standing_label(session, message.id, head) or heads[head].label
         kind = (
             CorrectionKind.CONFIRMATION
@@ -664,7 +748,7 @@ class Triage:
             old_label=current,
             reaction=reaction,
         )
-        return True
+        return Outcome(refresh=message.id)
 
     async def on_confirmed(self, team_id: str, user_id: str, message_id: int) -> bool:
         """An agent confirmed every head's current label (a review item's Confirm); whether it was stored."""

@@ -179,13 +179,14 @@ async def test_a_deleted_thread_parent_leaves_a_tombstone_and_is_deleted(harness
     assert deleted.args["ts"] == reply.response["ts"]
 
 
-async def test_a_customer_reply_that_raises_the_threads_urgency_escalates(
+async def test_a_customer_reply_that_raises_the_threads_urgency_escalates_and_an_agent_lowers_it(
     harness_factory: Any,  # noqa: F811
     tiny_bert: Path,
     data_dir: Path,
 ) -> None:
     """Two one-label urgency models make the tiny model's calls certain: v1 says low (the thread is
-    triaged, not escalated), v2 says critical (the customer's reply raises the thread: escalated once)."""
+    triaged, not escalated), v2 says critical (the customer's reply raises the thread: escalated once).
+    An agent then setting the thread's urgency to low de-escalates the reply's escalation post."""
     registry = Registry(data_dir / "models")
     make_tiny_version(registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["low"]}))
     make_tiny_version(
@@ -216,6 +217,16 @@ async def test_a_customer_reply_that_raises_the_threads_urgency_escalates(
     assert len([c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]) == 1
     # no reply of its own in the thread: the bot answered the thread once
     assert [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")].count(event["ts"]) == 1
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "large_green_circle", CHANNEL, event["ts"]))
+    [edited] = await h.slack.wait_for(
+        "chat.update",
+        predicate=lambda c: (
+            c.args["ts"] == escalation.response["ts"]
+            and f"de-escalated by <@{AGENT}>" in str(c.args["blocks"])
+        ),
+        timeout=8,
+    )
+    assert edited.args["channel"] == ESCALATION
 
 
 async def _classified(h: Any, count: int) -> bool:

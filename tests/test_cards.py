@@ -2,20 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy import URL, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
 from bot.blocks import LabelView
 from bot.settings import load_settings
+from bot.slack_output import SlackOutput
 from bot.storage import repository as repo
-from bot.storage.models import Card, Correction, EscalationState, Incident, Message, utcnow
+from bot.storage.database import create_engine, create_session_factory
+from bot.storage.models import (
+    Card,
+    Correction,
+    CorrectionSource,
+    EscalationState,
+    Incident,
+    Message,
+    MessageState,
+    utcnow,
+)
+from classifier.registry import Registry
+from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import ApiCall, SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 from tests.test_delivery import visible_in
+from tests.tiny_model import make_tiny_version
 
 CARDS = "C0CARDS"
 PARTNER = "U0ACMEJOE"  # a customer from another organization
@@ -329,3 +347,183 @@ async def test_an_organization_slack_cannot_name_is_looked_up_once_a_minute() ->
         found = [await people.requester(f"U0GUEST{n}", own_team=slack.team_id) for n in range(3)]
     assert [r.organization for r in found] == ["T0UNKNOWN"] * 3
     assert len(slack.calls_to("team.info")) == 1
+
+
+def _plain(text: str) -> dict[str, str]:
+    return {"type": "plain_text", "text": text}
+
+
+async def note_to(h: Any, user: str, channel: str, needle: str) -> ApiCall:
+    [note] = await h.slack.wait_for(
+        "chat.postEphemeral",
+        predicate=lambda c: (
+            (c.args["user"], c.args["channel"]) == (user, channel) and needle in c.args["text"]
+        ),
+        timeout=8,
+    )
+    return note
+
+
+async def test_a_label_the_model_lacks_is_refused_with_a_note_that_says_why(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    heads = {**DEFAULT_HEADS, "topic": ["bug", "outage", "other"]}  # no billing
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
+    h = await harness_factory(with_model=False, triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("We were charged twice this month")
+    await card_for(h, "We were charged twice this month")
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "moneybag", CHANNEL, event["ts"]))
+    note = await note_to(h, AGENT, CHANNEL, "topic: billing* was not stored")
+    assert "no such topic label (it knows bug, other, outage)" in note.args["text"]
+    [message] = await h.rows(Message)
+    older_modal = {
+        "id": "V0OLDER",
+        "type": "modal",
+        "callback_id": cards.FIX_LABELS_CALLBACK,
+        "private_metadata": str(message.id),
+    }
+    chosen = {"type": "static_select", "selected_option": {"text": _plain("billing"), "value": "billing"}}
+    await h.slack.send_view_submission(
+        values={"head:topic": {"label:topic": chosen}}, view=older_modal, user_id=AGENT
+    )
+    await note_to(h, AGENT, CARDS, "topic: billing* was not stored")
+    assert await h.count(Correction) == 0
+
+
+async def test_a_correction_made_before_classification_applies_once_classified(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    h = await harness_factory(with_model=False, triage_card_channel=CARDS)
+    event, _ = await h.post_customer_message("The invoice total is wrong")
+    assert await h.eventually(lambda: h.count(Message, Message.last_error.is_not(None)))  # no classifier
+    for emoji in ("moneybag", "bulb"):  # billing; feature_request, which the coming model lacks
+        await h.slack.send_event(h.slack.reaction_added_event(AGENT, emoji, CHANNEL, event["ts"]))
+        await note_to(h, AGENT, CHANNEL, "applies once the message is classified")
+    assert sorted(c.new_label for c in await h.rows(Correction)) == ["billing", "feature_request"]
+    heads = {**DEFAULT_HEADS, "topic": ["billing", "bug", "other"]}
+    make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
+    card = await card_for(h, "The invoice total is wrong", within_s=15)
+    assert "billing" in str(card.args["blocks"]) and f"<@{AGENT}>" in str(card.args["blocks"])
+    await note_to(h, AGENT, CHANNEL, "topic: feature_request* was not stored")
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.CLASSIFIED
+    by_label = {c.new_label: c for c in await h.rows(Correction)}
+    assert by_label["billing"].old_label is not None and by_label["billing"].retracted_at is None
+    assert by_label["feature_request"].retracted_at is not None
+
+
+async def test_not_a_request_stores_the_noise_label_as_the_agents_correction(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    await h.post_customer_message("ok thanks, that did it")
+    card = await card_for(h, "ok thanks, that did it")
+    await h.slack.send_block_actions(
+        [{"action_id": cards.NOT_REQUEST_ACTION}],
+        user_id=AGENT,
+        channel_id=CARDS,
+        message_ts=card.response["ts"],
+    )
+    update = await card_update(h, card, f"not a request (<@{AGENT}>)")
+    assert "not_a_request" in str(update.args["blocks"])
+    [correction] = await h.rows(Correction)
+    assert (correction.head, correction.new_label, correction.user_id, correction.source) == (
+        "topic",
+        "not_a_request",
+        AGENT,
+        CorrectionSource.BUTTON,
+    )
+
+
+async def test_two_replicas_racing_through_one_burst_make_one_possible_incident(
+    database_url: URL, session_factory: async_sessionmaker[AsyncSession]
+) -> None:
+    """Escalations of one topic handled at once by two replicas (two engines on one database): the
+    database lets one of them start the incident; the other threads its escalations under it."""
+    settings = load_settings(
+        _env_file=None,
+        slack_bot_token="xoxb-1",
+        slack_signing_secret="s",
+        triage_escalation_channel=ESCALATION,
+        triage_incident_count=2,
+    )
+    async with session_factory.begin() as session:
+        burst = []
+        for n in range(8):
+            message, _ = await repo.store_message(
+                session, team_id="T1", channel_id="C1", ts=f"1.{n}", user_id=CUSTOMER, text=f"down {n}"
+            )
+            await repo.ensure_card(session, message.id)
+            burst.append(message)
+    views = {"topic": LabelView("outage", confidence=0.9)}
+    second = create_engine(database_url)
+    try:
+        async with SlackStandIn() as slack:
+            output = SlackOutput(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+            replicas = [
+                cards.CardDesk(settings, sessions, output)
+                for sessions in (session_factory, create_session_factory(second))
+            ]
+            requester = cards.Requester(CUSTOMER, "customer")
+            threads = await asyncio.gather(
+                *(
+                    replicas[n % 2]._incident_thread(
+                        cards.CardContent(m, Card(), views, {}, "v1", requester, None)
+                    )
+                    for n, m in enumerate(burst)
+                )
+            )
+            [post] = [c for c in slack.calls_to("chat.postMessage") if "Possible incident" in c.args["text"]]
+    finally:
+        await second.dispose()
+    [incident] = await _rows(session_factory, Incident)
+    assert (incident.topic, incident.open_topic, incident.ts) == ("outage", "outage", post.response["ts"])
+    assert set(threads) <= {None, post.response["ts"]} and threads.count(post.response["ts"]) >= 1
+
+
+async def _rows(sessions: async_sessionmaker[AsyncSession], model: Any) -> list[Any]:
+    async with sessions() as session:
+        return list((await session.scalars(select(model))).all())
+
+
+async def test_a_card_posted_just_before_the_bot_died_is_adopted_not_posted_again(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = await harness_factory(triage_card_channel=CARDS)
+    died = asyncio.Event()
+    recorded = repo.card_posted
+
+    async def dies_before_recording(session: Any, card_id: int, **where: str) -> None:
+        if not died.is_set():  # the instant after chat.postMessage succeeded, before its ts is stored
+            died.set()
+            raise asyncio.CancelledError  # the card loop stops here, as a killed process would
+        await recorded(session, card_id, **where)
+
+    monkeypatch.setattr(repo, "card_posted", dies_before_recording)
+    await h.post_customer_message("The mobile app logs me out every hour")
+    posted = await card_for(h, "The mobile app logs me out every hour")
+    await asyncio.wait_for(died.wait(), timeout=8)
+    await h.restart()
+    [card] = await h.rows(Card)
+    assert card.ts is None and card.attempts == 1
+    async with h.sessions.begin() as session:  # no need to wait a minute for the dead replica's lease
+        await session.execute(update(Card).values(due_at=utcnow()))
+
+    async def recorded_card() -> list[Card]:
+        return await h.rows(Card, Card.ts.is_not(None))
+
+    [card] = await h.eventually(recorded_card)
+    assert card.ts == posted.response["ts"] and card.channel_id == CARDS  # the card already in Slack
+    assert [c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == CARDS] == [posted]
+    [lookup] = [c for c in h.slack.calls_to("conversations.history") if c.args["channel"] == CARDS]
+    assert lookup.args["include_all_metadata"] in (True, "1", "true")
+    [message] = await h.rows(Message)
+    assert posted.args["metadata"] == {
+        "event_type": "triage_card",
+        "event_payload": {"message_id": message.id},
+    }

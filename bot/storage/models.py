@@ -381,8 +381,14 @@ class Incident(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_escalation_at: Mapped[datetime] = mapped_column(default=utcnow)
     escalations: Mapped[int] = mapped_column(Integer, default=0)
+    # the topic while this incident takes its escalations, NULL once a later one of the topic started:
+    # unique, so two replicas cannot both start one (one "possible incident" post per burst)
+    open_topic: Mapped[str | None] = mapped_column(String(128))
 
-    __table_args__ = (Index("ix_incidents_recent", "topic", "last_escalation_at"),)
+    __table_args__ = (
+        Index("ix_incidents_recent", "topic", "last_escalation_at"),
+        Index("ux_incidents_open_topic", "open_topic", unique=True),
+    )
 
 
 class ScheduledPost(Base):

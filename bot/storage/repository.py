@@ -721,6 +721,20 @@ async def standing_corrections(session: AsyncSession, message_id: int) -> dict[s
     return {c.head: c for c in (await session.scalars(query)).all()}
 
 
+async def unapplied_corrections(session: AsyncSession, message_id: int) -> list[Correction]:
+    """Corrections made before the message was classified (no ``old_label`` yet) and not retracted."""
+    query = (
+        select(Correction)
+        .where(
+            Correction.message_id == message_id,
+            Correction.old_label.is_(None),
+            Correction.retracted_at.is_(None),
+        )
+        .order_by(Correction.created_at, Correction.id)
+    )
+    return list((await session.scalars(query)).all())
+
+
 async def standing_labels(session: AsyncSession, message_id: int) -> dict[str, str]:
     """Head -> the human label standing now (of ``standing_corrections``)."""
     return {head: c.new_label for head, c in (await standing_corrections(session, message_id)).items()}
@@ -1261,13 +1275,39 @@ async def set_incident_post(session: AsyncSession, incident_id: int, channel_id:
 
 
 async def open_incident(session: AsyncSession, topic: str, *, since: datetime) -> Incident | None:
-    """The incident of ``topic`` still going: its last escalation came after ``since``."""
+    """The incident of ``topic`` still going: open, and its last escalation came after ``since``."""
     return await session.scalar(
-        select(Incident)
-        .where(Incident.topic == topic, Incident.last_escalation_at >= since)
-        .order_by(Incident.last_escalation_at.desc())
-        .limit(1)
+        select(Incident).where(Incident.open_topic == topic, Incident.last_escalation_at >= since)
     )
+
+
+async def join_incident(session: AsyncSession, incident_id: int, *, at: datetime) -> None:
+    """One more escalation under an incident (counted in SQL: replicas may add theirs at once)."""
+    await session.execute(
+        update(Incident)
+        .where(Incident.id == incident_id)
+        .values(last_escalation_at=at, escalations=Incident.escalations + 1)
+    )
+
+
+async def start_incident(
+    session: AsyncSession, topic: str, *, at: datetime, since: datetime, escalations: int
+) -> Incident:
+    """A new open incident of ``topic``; the topic's earlier one, quiet since before ``since``, is closed
+    (only then: one another replica just started stays open). Another replica starting one at the same
+    time makes this flush or the commit fail with ``IntegrityError`` (the unique ``open_topic``): the
+    caller then joins theirs."""
+    await session.execute(
+        update(Incident)
+        .where(Incident.open_topic == topic, Incident.last_escalation_at < since)
+        .values(open_topic=None)
+    )
+    incident = Incident(
+        topic=topic, open_topic=topic, started_at=at, last_escalation_at=at, escalations=escalations
+    )
+    session.add(incident)
+    await session.flush()
+    return incident
 
 
 # ---- the learning loop: live accuracy, review candidates, human labels ---------------------------------
