@@ -37,6 +37,7 @@ import torch
 from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
+from classifier.calibration import calibrate
 from classifier.logsafe import escape_controls
 from classifier.model import MultiHeadClassifier, Runner, pad_batch, to_predictions, torch_runner
 from classifier.onnx_backend import load_onnx, resolve_backend
@@ -574,5 +575,5 @@ def _micro_batches(lengths: list[int], max_tokens: int, batch_cost: int = 0) -> 
 
 
 def _forward(loaded: LoadedModel, rows: list[list[int]]) -> dict[str, np.ndarray]:
-    """Class probabilities per head for already tokenized rows (right-padded here)."""
-    return loaded.runner(*pad_batch(rows, loaded.pad_id))
+    """Class probabilities per head as served (calibrated), for tokenized rows (right-padded here)."""
+    return calibrate(loaded.runner(*pad_batch(rows, loaded.pad_id)), loaded.info.temperatures)

@@ -56,6 +56,8 @@ class VersionInfo:
     train_config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # fingerprints and counts of the training data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation on the held-out test split
+    # head -> softmax temperature fitted on the validation split (calibration.py); a head absent: 1.0
+    temperatures: dict[str, float] = field(default_factory=dict)
     path: str = ""
 
     def split_config(self) -> tuple[tuple[float, float, float], str]:

@@ -16,6 +16,9 @@ Quantize = Literal["auto", "none", "int8"]  # onnx precision
 
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)
+# confidence under which a label is shown as unsure (TRIAGE_UNSURE_BELOW); `triage evaluate` reports the
+# accuracy on each side of it
+UNSURE_BELOW = 0.5
 
 
 @dataclass(frozen=True)

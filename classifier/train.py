@@ -23,9 +23,10 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from classifier.calibration import fit_temperatures
 from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_examples, write_jsonl
 from classifier.evaluate import evaluate, mean_macro_f1, summary
-from classifier.model import MultiHeadClassifier, autocast_context
+from classifier.model import MultiHeadClassifier, autocast_context, predict_probs
 from classifier.paths import default_base_model, runs_log
 from classifier.registry import DATASET_FILE, Registry, VersionInfo
 from classifier.schema import LabelSchema
@@ -377,10 +378,15 @@ def train(
                 tqdm.write(f"early stopping: no gain for {stale} epoch(s); best epoch {best_epoch}")
             break
 
-    # 5. best checkpoint → test report → registry version (staged, then renamed atomically)
+    # 5. best checkpoint → temperatures fitted on the validation split → test report → registry version
+    # (staged, then renamed atomically)
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    val_probs = predict_probs(
+        model, tokenizer, [ex.text for ex in val_set], config.max_length, config.eval_batch_size, device
+    )
+    temperatures = fit_temperatures(schema, val_set, val_probs)
     with registry.staging() as staging:
         report = evaluate(
             model,
@@ -391,6 +397,7 @@ def train(
             batch_size=config.eval_batch_size,
             device=device,
             progress=progress,
+            temperatures=temperatures,
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(staging / DATASET_FILE, examples)
@@ -413,6 +420,7 @@ def train(
                 "test_split": "test" if test_set else ("validation" if val_set else "train"),
             },
             metrics=summary(report)["heads"],
+            temperatures=temperatures,
         )
         version = registry.commit(staging, info, activate_if_first=activate_if_first)
     report["model_version"] = version.name
