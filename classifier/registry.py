@@ -7,6 +7,8 @@ Layout::
       v1/ v2/ ...             one folder per version: model files (see model.py), version.json,
                               dataset.jsonl (the base data it was trained on), eval/ (reports, plots,
                               wrong_predictions.csv); the last two are the only files holding texts;
+                              neighbors.npz (training rows' embeddings, by dataset.jsonl line: see
+                              neighbors.py);
                               onnx/ (made on first use: see onnx_backend.py)
       .staging-*/             versions being written; never visible as a version until renamed
 
@@ -33,6 +35,7 @@ from typing import Any, Literal
 
 from filelock import FileLock
 
+from classifier import neighbors
 from classifier.data import DEFAULT_SPLIT_SALT, Example, Split, read_jsonl, split_examples, to_jsonl
 
 Status = Literal["active", "candidate", "rejected", "retired"]
@@ -208,6 +211,7 @@ class Registry:
                     _erase_csv_rows(report, erase)
                 if len(kept) == len(rows):
                     continue
+                neighbors.erase(version, [i for i, r in enumerate(rows) if r.source in erase])
                 _write_text(version / DATASET_FILE, to_jsonl(kept))
                 removed[name] = len(rows) - len(kept)
                 data = json.loads((version / "version.json").read_text(encoding="utf-8")).get("data", {})

@@ -16,6 +16,7 @@ Quantize = Literal["auto", "none", "int8"]  # onnx precision
 
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)
+MAX_NEIGHBORS = 10  # similar training messages one call may ask for per text (why this label)
 # confidence under which a label is shown as unsure (TRIAGE_UNSURE_BELOW); `triage evaluate` reports the
 # accuracy on each side of it
 UNSURE_BELOW = 0.5
@@ -52,11 +53,26 @@ class ClassifierUnavailable(ClassifierError):
 
 
 @dataclass(frozen=True)
+class Neighbor:
+    """A labeled training message like the classified text (why this label): its cosine similarity."""
+
+    text: str
+    label: str
+    similarity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "label": self.label, "similarity": self.similarity}
+
+
+@dataclass(frozen=True)
 class TextResult:
-    """All heads' predictions for one text; ``truncated``: the text was cut at the model's max length."""
+    """All heads' predictions for one text; ``truncated``: the text was cut at the model's max length.
+    ``neighbors``: when asked for, the most similar training messages of the predicted first-head
+    (topic) label, most similar first (empty when the version saved none)."""
 
     heads: dict[str, HeadPrediction]
     truncated: bool = False
+    neighbors: list[Neighbor] | None = None
 
 
 @dataclass(frozen=True)
@@ -67,17 +83,22 @@ class ClassifyResult:
     results: list[TextResult]
 
     def to_dict(self) -> dict[str, Any]:
-        """The HTTP response body: heads per result, and a parallel ``truncated`` list."""
-        return {
+        """The HTTP response body: heads per result, and parallel ``truncated`` and (when asked for)
+        ``neighbors`` lists."""
+        body: dict[str, Any] = {
             "model_version": self.model_version,
             "results": [{head: p.to_dict() for head, p in r.heads.items()} for r in self.results],
             "truncated": [r.truncated for r in self.results],
         }
+        if any(r.neighbors is not None for r in self.results):
+            body["neighbors"] = [[n.to_dict() for n in r.neighbors or []] for r in self.results]
+        return body
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ClassifyResult:
         results = raw["results"]
         truncated = raw.get("truncated") or [False] * len(results)
+        neighbors = raw.get("neighbors") or [None] * len(results)
         return cls(
             model_version=str(raw["model_version"]),
             results=[
@@ -91,8 +112,11 @@ class ClassifyResult:
                         for head, p in r.items()
                     },
                     truncated=bool(t),
+                    neighbors=None
+                    if near is None
+                    else [Neighbor(str(n["text"]), str(n["label"]), float(n["similarity"])) for n in near],
                 )
-                for r, t in zip(results, truncated, strict=True)
+                for r, t, near in zip(results, truncated, neighbors, strict=True)
             ],
         )
 
@@ -160,3 +184,10 @@ def check_texts(texts: Any) -> list[str]:
                 f"at character {exc.start}"
             ) from None
     return list(texts)
+
+
+def check_neighbors(value: Any) -> int:
+    """Validate how many similar training messages a classify call asks for per text (0: none)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NEIGHBORS:
+        raise InvalidInput(f"'neighbors' must be a whole number from 0 to {MAX_NEIGHBORS}, got {value!r}")
+    return value

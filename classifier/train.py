@@ -27,6 +27,7 @@ from classifier.calibration import fit_temperatures
 from classifier.data import DEFAULT_SPLIT_SALT, Example, label_counts, split_examples, write_jsonl
 from classifier.evaluate import evaluate, mean_macro_f1, summary
 from classifier.model import MultiHeadClassifier, autocast_context, predict_probs
+from classifier.neighbors import save_training_embeddings
 from classifier.paths import default_base_model, runs_log
 from classifier.registry import DATASET_FILE, Registry, VersionInfo
 from classifier.schema import LabelSchema
@@ -398,6 +399,9 @@ def train(
             device=device,
             progress=progress,
             temperatures=temperatures,
+        )
+        save_training_embeddings(
+            staging, model, tokenizer, examples, train_set, config.max_length, config.eval_batch_size, device
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(staging / DATASET_FILE, examples)
