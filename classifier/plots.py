@@ -81,7 +81,7 @@ def reliability_png(
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")  # an under-confident model's curve runs through the upper left
     _save(fig, path)
 
 
