@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from bot.retrain import Acceptance, RunOptions
 from classifier.logsafe import redact_url
 from classifier.promotion import Gate
-from classifier.results import Backend, Quantize
+from classifier.results import UNSURE_BELOW, Backend, Quantize
 from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
@@ -127,7 +127,8 @@ class BotSettings(RetrainSettings):
     triage_urgency_head: str = "urgency"
     # a message the model calls not_a_request (topic) at least this sure gets no reply and no escalation
     triage_not_a_request_above: float = Field(0.8, ge=0.0, le=1.0)
-    triage_unsure_below: float = Field(0.5, ge=0.0, le=1.0)  # confidence under which a label is "unsure"
+    # confidence under which a label is "unsure" (calibrated: see classifier/calibration.py)
+    triage_unsure_below: float = Field(UNSURE_BELOW, ge=0.0, le=1.0)
     triage_routes: str = ""  # topic → channel routing, "outage=C123,billing=C456"
     triage_reactions_file: Path | None = None  # YAML emoji map replacing the default
     triage_pending_interval_s: float = Field(5.0, gt=0)  # how often the retry worker looks for pending work

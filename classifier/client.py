@@ -42,6 +42,7 @@ from classifier.results import (
     InvalidInput,
     ModelList,
     ModelSummary,
+    check_neighbors,
     check_texts,
     model_summary,
 )
@@ -69,8 +70,9 @@ Answer = TypeVar("Answer", bound=BaseModel)
 class Classifier(Protocol):
     """What the bot needs from a classifier, in-process or remote."""
 
-    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
-        """1..256 texts (each up to 20,000 characters) -> results in input order, from one model version.
+    async def classify(self, texts: Sequence[str], neighbors: int = 0) -> ClassifyResult:
+        """1..256 texts (each up to 20,000 characters) -> results in input order, from one model version;
+        ``neighbors``: also that many similar training messages per text (``TextResult.neighbors``).
 
         Raises InvalidInput (do not retry), ClassifierUnavailable (keep pending, retry later),
         ClassifierError (misconfiguration, e.g. a rejected token).
@@ -119,13 +121,13 @@ class LocalClassifier:
                     self._started = True
         return self.engine
 
-    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+    async def classify(self, texts: Sequence[str], neighbors: int = 0) -> ClassifyResult:
         texts = check_texts(texts)
         engine = await self._ready()
 
         async def once() -> ClassifyResult:
             try:
-                return await engine.classify(texts)
+                return await engine.classify(texts, neighbors)
             except EngineError as exc:
                 raise ClassifierUnavailable(str(exc)) from exc
 
@@ -182,9 +184,11 @@ class HttpClassifier:
     def __repr__(self) -> str:  # never show the tokens or the URL's password
         return f"HttpClassifier({self.url!r})"
 
-    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+    async def classify(self, texts: Sequence[str], neighbors: int = 0) -> ClassifyResult:
         texts = check_texts(texts)  # fail fast, without a round trip
-        body = await self._request("POST", "/v1/classify", self._token, {"texts": texts})
+        neighbors = check_neighbors(neighbors)
+        request = {"texts": texts, "neighbors": neighbors} if neighbors else {"texts": texts}
+        body = await self._request("POST", "/v1/classify", self._token, request)
         return self._answer(ClassifyResponse, body).result()
 
     async def models(self) -> list[ModelSummary]:

@@ -38,12 +38,14 @@ import torch
 from prometheus_client import Counter, Histogram
 from transformers import PreTrainedTokenizerBase
 
+from classifier.calibration import calibrate
 from classifier.logsafe import escape_controls
 from classifier.model import (
     MultiHeadClassifier,
     Runner,
     batch_limits,
     micro_batches,
+    pad_batch,
     pad_token_id,
     resolve_device,
     run_padded,
@@ -52,6 +54,7 @@ from classifier.model import (
     torch_runner,
     use_bf16,
 )
+from classifier.neighbors import NeighborIndex, PooledRunner, normalized, torch_pooled_runner
 from classifier.onnx_backend import load_onnx, resolve_backend
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
@@ -59,8 +62,11 @@ from classifier.results import (
     Backend,
     ClassifierUnavailable,
     ClassifyResult,
+    HeadPrediction,
+    Neighbor,
     Quantize,
     TextResult,
+    check_neighbors,
     check_texts,
 )
 from classifier.schema import LabelSchema
@@ -158,6 +164,10 @@ class LoadedModel:
     max_length: int
     pad_id: int
     backend: str
+    # why this label: the version's training embeddings, and a runner that also returns the text's
+    # (None when the version saved none, or its ONNX files predate the pooled output)
+    neighbors: NeighborIndex | None = None
+    pooled_runner: PooledRunner | None = None
 
     @property
     def name(self) -> str:
@@ -172,6 +182,7 @@ class _Call:
     texts: list[str]
     future: asyncio.Future[ClassifyResult]
     loop: asyncio.AbstractEventLoop
+    neighbors: int = 0  # similar training messages asked for per text
     results: list[TextResult | None] = field(default_factory=list)
     remaining: int = 0
     abandoned: bool = False  # caller gone (cancelled) or the call already failed: skip its texts
@@ -282,17 +293,19 @@ class Engine:
         return len(self._queue)
 
     # ---- classify ----------------------------------------------------------------------------------
-    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
-        """Classify 1..256 texts with one model version; results in input order.
+    async def classify(self, texts: Sequence[str], neighbors: int = 0) -> ClassifyResult:
+        """Classify 1..256 texts with one model version; results in input order. ``neighbors``: also
+        return that many similar training messages of each text's predicted topic (why this label).
 
         Raises InvalidInput, EngineOverloaded (queue full), EngineNotReady, EngineError.
         """
         texts = check_texts(texts)
+        neighbors = check_neighbors(neighbors)
         loaded = self._current  # binds the call to one version (a swap later does not affect it)
         if loaded is None or self._closing or self._thread is None:
             raise EngineNotReady("the classifier is not ready" if not self._closing else "shutting down")
         loop = asyncio.get_running_loop()
-        call = _Call(loaded, texts, loop.create_future(), loop, [None] * len(texts), len(texts))
+        call = _Call(loaded, texts, loop.create_future(), loop, neighbors, [None] * len(texts), len(texts))
         now = time.monotonic()
         # A cheap token estimate (~4 characters per token) sizes batches before the worker tokenizes.
         items = [_Item(call, i, min(loaded.max_length, len(t) // 4 + 3), now) for i, t in enumerate(texts)]
@@ -375,6 +388,7 @@ class Engine:
             schema, tokenizer, max_length = MultiHeadClassifier.load_parts(Path(info.path))
             session = load_onnx(info, self.config.quantize, self.config.cpu_threads)  # exports once
             runner: Runner = session
+            pooled_runner = session.with_pooled if session.has_pooled else None
             backend = f"onnx-{session.precision}"
         else:
             model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
@@ -382,8 +396,20 @@ class Engine:
             schema = model.schema
             bf16 = use_bf16(self.device, self.config.bf16)
             runner = torch_runner(model, self.device, bf16, self.config.compile)
+            pooled_runner = torch_pooled_runner(model, self.device, bf16)
             backend = "torch-bf16" if bf16 else "torch"
-        loaded = LoadedModel(info, schema, runner, tokenizer, max_length, pad_token_id(tokenizer), backend)
+        neighbors = NeighborIndex.load(Path(info.path), info.files.dataset)
+        loaded = LoadedModel(
+            info,
+            schema,
+            runner,
+            tokenizer,
+            max_length,
+            pad_token_id(tokenizer),
+            backend,
+            neighbors,
+            pooled_runner,
+        )
         try:
             self._warm_up(loaded)
         except Exception as exc:
@@ -487,7 +513,10 @@ class Engine:
         for batch in batches:
             rows = [ids[i] for i in batch]
             started = time.monotonic()
-            probs = _forward(loaded, rows)
+            if any(items[i].call.neighbors for i in batch) and loaded.pooled_runner and loaded.neighbors:
+                probs, pooled = _forward_pooled(loaded, rows)
+            else:
+                probs, pooled = _forward(loaded, rows), None
             FORWARD_SECONDS.observe(time.monotonic() - started)
             padded = len(rows) * max(len(r) for r in rows)
             BATCH_TEXTS.observe(len(rows))
@@ -500,8 +529,11 @@ class Engine:
             self.stats.padded_tokens += padded
             for row, i in enumerate(batch):
                 item = items[i]
+                heads = to_predictions(loaded.schema, probs, row)
                 item.call.results[item.index] = TextResult(
-                    heads=to_predictions(loaded.schema, probs, row), truncated=truncated[i]
+                    heads=heads,
+                    truncated=truncated[i],
+                    neighbors=_why(loaded, heads, pooled, row, item.call.neighbors),
                 )
                 item.call.remaining -= 1
                 if item.call.remaining == 0:
@@ -523,6 +555,25 @@ def _settle(call: _Call, outcome: ClassifyResult | BaseException) -> None:
         call.loop.call_soon_threadsafe(settle)
 
 
+def _forward_pooled(loaded: LoadedModel, rows: list[list[int]]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """As ``_forward``, also returning the pooled embeddings (only for batches asking why)."""
+    assert loaded.pooled_runner is not None
+    probs, pooled = loaded.pooled_runner(*pad_batch(rows, loaded.pad_id))
+    return calibrate(probs, loaded.info.temperatures), pooled
+
+
+def _why(
+    loaded: LoadedModel, heads: dict[str, HeadPrediction], pooled: np.ndarray | None, row: int, k: int
+) -> list[Neighbor] | None:
+    """The ``k`` training messages nearest a text, of its predicted label; None when not asked for."""
+    if not k:
+        return None
+    index = loaded.neighbors
+    if index is None or pooled is None or index.head not in heads:
+        return []
+    return index.nearest(normalized(pooled[row]), heads[index.head].label, k)
+
+
 def _forward(loaded: LoadedModel, rows: list[list[int]]) -> dict[str, np.ndarray]:
-    """Class probabilities per head for already tokenized rows (right-padded here)."""
-    return run_padded(loaded.runner, rows, loaded.pad_id)
+    """Class probabilities per head as served (calibrated), for tokenized rows (right-padded here)."""
+    return calibrate(run_padded(loaded.runner, rows, loaded.pad_id), loaded.info.temperatures)

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import csv
-import itertools
 import json
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,14 +27,19 @@ from sklearn.metrics import (
 from tqdm import tqdm
 
 from classifier import plots
+from classifier.calibration import (
+    accuracy_by_confidence,
+    calibrate,
+    calibration_bins,
+    expected_calibration_error,
+)
 from classifier.data import Example
 from classifier.model import MultiHeadClassifier, predict_probs, torch_runner
 from classifier.onnx_backend import OnnxModel, load_onnx, resolve_backend
 from classifier.registry import EvalFiles, VersionInfo
-from classifier.results import Backend, Quantize
+from classifier.results import UNSURE_BELOW, Backend, Quantize
 from classifier.schema import LabelSchema
 
-ECE_BINS = 15
 TOO_FEW_PER_CLASS = 10  # held-out rows a class needs before its scores mean much
 
 
@@ -93,38 +97,6 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray) -> float | None:
     return float(np.mean(aucs))
 
 
-def calibration_bins(
-    confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS
-) -> list[dict[str, float]]:
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    out = []
-    for lo, hi in itertools.pairwise(edges):
-        mask = (confidence > lo) & (confidence <= hi)
-        if mask.any():
-            out.append(
-                {
-                    "lo": float(lo),
-                    "hi": float(hi),
-                    "n": int(mask.sum()),
-                    "confidence": float(confidence[mask].mean()),
-                    "accuracy": float(correct[mask].mean()),
-                }
-            )
-    return out
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
-    n = len(confidence)
-    if n == 0:
-        return 0.0
-    return float(
-        sum(
-            b["n"] / n * abs(b["accuracy"] - b["confidence"])
-            for b in calibration_bins(confidence, correct, bins)
-        )
-    )
-
-
 def evaluate(
     model: MultiHeadClassifier,
     tokenizer: Any,
@@ -136,15 +108,23 @@ def evaluate(
     progress: bool = False,
     with_rows: bool = False,
     onnx: OnnxModel | None = None,
+    temperatures: Mapping[str, float] | None = None,
+    unsure_below: float = UNSURE_BELOW,
 ) -> dict[str, Any]:
     """Evaluate every head that has labels in ``examples``; heads absent from the data are left out.
+
+    Metrics are of the probabilities as served: scaled by the version's ``temperatures`` (see
+    calibration.py); the ECE before scaling and the accuracy of labels above and below ``unsure_below``
+    are reported beside them.
 
     ``with_rows`` adds each head's per-row true and predicted labels (``rows``), in the order of
     ``examples``, so two models judged on the same rows can be compared pairwise. With ``onnx``, the
     probabilities come from that ONNX Runtime session of the model instead of ``model`` itself."""
     schema: LabelSchema = model.schema
     out = EvalFiles(out_dir) if out_dir is not None else None
-    probs = probabilities(model, tokenizer, [ex.text for ex in examples], max_length, device, progress, onnx)
+    texts = [ex.text for ex in examples]
+    uncalibrated = probabilities(model, tokenizer, texts, max_length, device, progress, onnx)
+    probs = calibrate(uncalibrated, temperatures or {})
     report: dict[str, Any] = {
         "model_version": model_version,
         "rows": len(examples),
@@ -166,6 +146,12 @@ def evaluate(
         metrics = head_metrics(y_true, head_probs, labels)
         report["heads"][head] = metrics
         y_pred = head_probs.argmax(axis=1)
+        correct = (y_pred == y_true).astype(float)
+        raw_confidence = uncalibrated[head][rows].max(axis=1)
+        metrics["temperature"] = (temperatures or {}).get(head, 1.0)
+        metrics["ece_uncalibrated"] = expected_calibration_error(raw_confidence, correct)
+        metrics["mean_confidence_uncalibrated"] = float(raw_confidence.mean())
+        metrics["by_confidence"] = accuracy_by_confidence(head_probs.max(axis=1), correct, unsure_below)
         if with_rows:
             metrics["rows"] = {
                 "true": [labels[t] for t in y_true],
@@ -193,9 +179,11 @@ def evaluate(
                 out.confusion_png(head),
             )
             plots.reliability_png(
-                calibration_bins(confidence, (y_pred == y_true).astype(float)),
-                f"{head}: reliability (ECE {metrics['ece']:.3f})",
+                calibration_bins(confidence, correct),
+                f"{head}: reliability (ECE {metrics['ece_uncalibrated']:.3f} → {metrics['ece']:.3f}, "
+                f"T={metrics['temperature']:.2f})",
                 out.reliability_png(head),
+                uncalibrated=calibration_bins(raw_confidence, correct),
             )
             curves = _roc_curves(y_true, head_probs, labels)
             if curves:
@@ -254,7 +242,16 @@ def evaluate_version(
     onnx = None
     if resolve_backend(backend, quantize, torch.device("cpu")) == "onnx":
         onnx = load_onnx(info, quantize)
-    return evaluate(model, tokenizer, examples, max_length, model_version=info.name, onnx=onnx, **options)
+    return evaluate(
+        model,
+        tokenizer,
+        examples,
+        max_length,
+        model_version=info.name,
+        onnx=onnx,
+        temperatures=info.temperatures,
+        **options,
+    )
 
 
 def _roc_curves(
@@ -279,7 +276,18 @@ def mean_macro_f1(report: dict[str, Any]) -> float:
 
 def summary(report: dict[str, Any]) -> dict[str, Any]:
     """The short form kept in version.json and printed by `--json`."""
-    keys = ("n", "classes", "min_support", "accuracy", "macro_f1", "macro_recall", "roc_auc", "ece")
+    keys = (
+        "n",
+        "classes",
+        "min_support",
+        "accuracy",
+        "macro_f1",
+        "macro_recall",
+        "roc_auc",
+        "ece",
+        "ece_uncalibrated",
+        "temperature",
+    )
     return {
         "model_version": report.get("model_version", ""),
         "heads": {h: {k: m[k] for k in keys if k in m} for h, m in report.get("heads", {}).items()},
@@ -307,6 +315,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"\n[{head}] n={m['n']} accuracy={m['accuracy']:.3f} macro-F1={m['macro_f1']:.3f} "
             f"macro-recall={m['macro_recall']:.3f} ROC-AUC={auc} ECE={m['ece']:.3f}"
         )
+        if "ece_uncalibrated" in m:
+            lines.append(f"  {_calibration_line(m)}")
         if head in left_out:
             lines.append(f"  {_left_out_line(left_out[head])}")
         if warning := too_few_rows(m):
@@ -326,6 +336,22 @@ def format_report(report: dict[str, Any]) -> str:
         if head not in report["heads"]:
             lines.append(f"\n[{head}] not evaluated: {_left_out_line(unknown)}")
     return "\n".join(lines)
+
+
+def _calibration_line(metrics: dict[str, Any]) -> str:
+    """Calibration before and after the version's temperature, and what the unsure threshold separates."""
+    split = metrics["by_confidence"]
+
+    def share(name: str) -> str:
+        accuracy = split[f"{name}_accuracy"]
+        return f"{split[f'{name}_n']} rows" + (f", accuracy {accuracy:.3f}" if accuracy is not None else "")
+
+    return (
+        f"calibration: temperature {metrics['temperature']:.3f}, ECE {metrics['ece_uncalibrated']:.3f} "
+        f"before → {metrics['ece']:.3f} after, mean confidence {metrics['mean_confidence_uncalibrated']:.3f} "
+        f"→ {metrics['mean_confidence']:.3f}; confidence ≥ {split['threshold']:g}: {share('sure')}; "
+        f"below: {share('unsure')}"
+    )
 
 
 def _left_out_line(unknown: dict[str, int]) -> str:

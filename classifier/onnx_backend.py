@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 Precision = Literal["fp32", "int8"]
 MAX_INT8_ACCURACY_DROP = 0.005  # half a point of accuracy, on any head
 OPSET = 17
+POOLED = "pooled"  # the graph's output after the heads: the embedding the heads read
 
 
 @dataclass
@@ -112,7 +113,8 @@ def ensure_onnx(info: VersionInfo) -> OnnxReport:
 
 
 class _Probabilities(torch.nn.Module):
-    """The model as torch.onnx.export sees it: ids and mask in, each head's probabilities out."""
+    """The model as torch.onnx.export sees it: ids and mask in, each head's probabilities out, then the
+    pooled embedding (``POOLED``, for why-this-label; fetched only by calls that ask for it)."""
 
     def __init__(self, model: MultiHeadClassifier) -> None:
         super().__init__()
@@ -120,8 +122,9 @@ class _Probabilities(torch.nn.Module):
         self.heads = list(model.schema.heads)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask)
-        return tuple(torch.softmax(logits[h], dim=-1) for h in self.heads)
+        pooled = self.model.pool(input_ids, attention_mask)  # dropout is off in eval mode
+        probs = [torch.softmax(self.model.heads[h](pooled).float(), dim=-1) for h in self.heads]
+        return (*probs, pooled)
 
 
 def _export(version_dir: Path, target: Path) -> None:
@@ -140,8 +143,8 @@ def _export(version_dir: Path, target: Path) -> None:
             (torch.from_numpy(ids), torch.from_numpy(mask)),
             str(target),
             input_names=["input_ids", "attention_mask"],
-            output_names=heads,
-            dynamic_axes={**axes, **{h: {0: "batch"} for h in heads}},
+            output_names=[*heads, POOLED],
+            dynamic_axes={**axes, **{h: {0: "batch"} for h in [*heads, POOLED]}},
             opset_version=OPSET,
             dynamo=False,
         )
@@ -231,6 +234,20 @@ class OnnxModel:
             list(self.schema.heads), {"input_ids": input_ids, "attention_mask": attention_mask}
         )
         return dict(zip(self.schema.heads, outputs, strict=True))
+
+    @property
+    def has_pooled(self) -> bool:
+        """Whether the graph outputs the pooled embedding (files made before it did: no)."""
+        return POOLED in {output.name for output in self.session.get_outputs()}
+
+    def with_pooled(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Each head's probabilities and the pooled embeddings, from one run."""
+        *outputs, pooled = self.session.run(
+            [*self.schema.heads, POOLED], {"input_ids": input_ids, "attention_mask": attention_mask}
+        )
+        return dict(zip(self.schema.heads, outputs, strict=True)), pooled
 
     def predict_probs(
         self, tokenizer: PreTrainedTokenizerBase, texts: Sequence[str], max_length: int

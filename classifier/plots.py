@@ -50,23 +50,38 @@ def confusion_matrix_png(matrix: np.ndarray, labels: Sequence[str], title: str, 
     _save(fig, path)
 
 
-def reliability_png(bins: Sequence[Mapping[str, float]], title: str, path: Path) -> None:
+def reliability_png(
+    bins: Sequence[Mapping[str, float]],
+    title: str,
+    path: Path,
+    uncalibrated: Sequence[Mapping[str, float]] = (),
+) -> None:
+    """Accuracy per confidence bin; with ``uncalibrated`` bins, those before temperature scaling beside."""
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], "--", color="grey", label="perfectly calibrated")
+    if uncalibrated:
+        ax.plot(
+            [b["confidence"] for b in uncalibrated],
+            [b["accuracy"] for b in uncalibrated],
+            "o-",
+            color="tab:orange",
+            markersize=4,
+            label="before temperature scaling",
+        )
     if bins:
         ax.bar(
             [b["confidence"] for b in bins],
             [b["accuracy"] for b in bins],
             width=0.05,
             alpha=0.7,
-            label="accuracy per confidence bin",
+            label="accuracy per confidence bin" + (" (calibrated)" if uncalibrated else ""),
         )
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend(loc="upper left")
+    ax.legend(loc="lower right")  # an under-confident model's curve runs through the upper left
     _save(fig, path)
 
 

@@ -8,6 +8,7 @@ Layout::
         model files             encoder/, tokenizer/, heads.safetensors, model.json (see model.py)
         version.json            its ``VersionInfo``
         dataset.jsonl           the rows it was trained and tested on
+        neighbors.npz           the training rows' embeddings, by dataset.jsonl line (see neighbors.py)
         eval/                   the test-split evaluation (``EvalFiles``: metrics.json, plots,
                                 wrong_predictions.csv); eval/heldout/ and eval/heldout-<incumbent>/: the
                                 retraining gate's evaluation of it and of the incumbent on the same rows.
@@ -40,6 +41,7 @@ from typing import Any, ClassVar
 
 from filelock import FileLock
 
+from classifier import neighbors
 from classifier.data import DEFAULT_SPLIT_SALT, Example, Split, read_jsonl, split_examples, to_jsonl
 
 _NAME = re.compile(r"^v(\d+)$")
@@ -131,6 +133,8 @@ class VersionInfo:
     train_config: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)  # fingerprints and counts of the training data
     metrics: dict[str, Any] = field(default_factory=dict)  # evaluation on the held-out test split
+    # head -> softmax temperature fitted on the validation split (calibration.py); a head absent: 1.0
+    temperatures: dict[str, float] = field(default_factory=dict)
     path: str = ""
 
     def split_config(self) -> tuple[tuple[float, float, float], str]:
@@ -288,6 +292,7 @@ class Registry:
                     _erase_csv_rows(report, erase)
                 if len(kept) == len(rows):
                     continue
+                neighbors.erase(files.folder, [i for i, r in enumerate(rows) if r.source in erase])
                 _write_text(files.dataset, to_jsonl(kept))
                 removed[name] = len(rows) - len(kept)
                 data = json.loads(files.info.read_text(encoding="utf-8")).get("data", {})

@@ -22,6 +22,10 @@ Quantize = Literal["auto", "none", "int8"]  # onnx precision
 
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)
+MAX_NEIGHBORS = 10  # similar training messages one call may ask for per text (why this label)
+# confidence under which a label is shown as unsure (TRIAGE_UNSURE_BELOW); `triage evaluate` reports the
+# accuracy on each side of it
+UNSURE_BELOW = 0.5
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,26 @@ class ClassifierUnavailable(ClassifierError):
 
 
 @dataclass(frozen=True)
+class Neighbor:
+    """A labeled training message like the classified text (why this label): its cosine similarity."""
+
+    text: str
+    label: str
+    similarity: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "label": self.label, "similarity": self.similarity}
+
+
+@dataclass(frozen=True)
 class TextResult:
-    """All heads' predictions for one text; ``truncated``: the text was cut at the model's max length."""
+    """All heads' predictions for one text; ``truncated``: the text was cut at the model's max length.
+    ``neighbors``: when asked for, the most similar training messages of the predicted first-head
+    (topic) label, most similar first (empty when the version saved none)."""
 
     heads: dict[str, HeadPrediction]
     truncated: bool = False
+    neighbors: list[Neighbor] | None = None
 
 
 @dataclass(frozen=True)
@@ -120,13 +139,22 @@ def check_texts(texts: Any) -> list[str]:
     return list(texts)
 
 
+def check_neighbors(value: Any) -> int:
+    """Validate how many similar training messages a classify call asks for per text (0: none)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_NEIGHBORS:
+        raise InvalidInput(f"'neighbors' must be a whole number from 0 to {MAX_NEIGHBORS}, got {value!r}")
+    return value
+
+
 # ---- the HTTP API's bodies --------------------------------------------------------------------------
 class ClassifyRequest(BaseModel):
-    """``POST /v1/classify``'s body: ``{"texts": [...]}``, nothing else."""
+    """``POST /v1/classify``'s body: ``{"texts": [...]}`` and optionally ``"neighbors": k`` (why this
+    label), nothing else."""
 
     model_config = ConfigDict(extra="forbid")
 
     texts: Annotated[list[str], BeforeValidator(check_texts)]
+    neighbors: Annotated[int, BeforeValidator(check_neighbors)] = 0
 
     @classmethod
     def parse(cls, body: Any) -> ClassifyRequest:
@@ -141,7 +169,7 @@ def _request_problem(exc: ValidationError) -> str:
     errors = exc.errors()
     unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
     if unknown:
-        return f"unknown field(s): {', '.join(unknown)}; expected only 'texts'"
+        return f"unknown field(s): {', '.join(unknown)}; expected 'texts' and optionally 'neighbors'"
     error = errors[0]
     if error["type"] == "model_type":
         return 'the body must be a JSON object: {"texts": ["..."]}'
@@ -151,24 +179,34 @@ def _request_problem(exc: ValidationError) -> str:
 
 
 class ClassifyResponse(BaseModel):
-    """``POST /v1/classify``'s answer: heads per result, and a parallel ``truncated`` list."""
+    """``POST /v1/classify``'s answer: heads per result, and parallel ``truncated`` and (only when asked
+    for) ``neighbors`` lists."""
 
     model_version: str
     results: list[dict[str, HeadPrediction]]
     truncated: list[bool] | None = None  # None: a server from before it was reported
+    neighbors: list[list[Neighbor]] | None = None
 
     @classmethod
     def of(cls, result: ClassifyResult) -> ClassifyResponse:
+        asked = any(r.neighbors is not None for r in result.results)
         return cls(
             model_version=result.model_version,
             results=[r.heads for r in result.results],
             truncated=[r.truncated for r in result.results],
+            neighbors=[r.neighbors or [] for r in result.results] if asked else None,
         )
 
+    def body(self) -> dict[str, Any]:
+        """The JSON body: ``neighbors`` only when asked for."""
+        return self.model_dump(mode="json", exclude_none=True)
+
     def result(self) -> ClassifyResult:
-        truncated = self.truncated or [False] * len(self.results)
-        texts = zip(self.results, truncated, strict=True)
-        return ClassifyResult(self.model_version, [TextResult(heads, cut) for heads, cut in texts])
+        n = len(self.results)
+        truncated = self.truncated or [False] * n
+        neighbors: list[list[Neighbor] | None] = list(self.neighbors) if self.neighbors else [None] * n
+        texts = zip(self.results, truncated, neighbors, strict=True)
+        return ClassifyResult(self.model_version, [TextResult(h, cut, near) for h, cut, near in texts])
 
 
 class ModelList(BaseModel):

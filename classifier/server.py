@@ -7,7 +7,7 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
     GET  /healthz                            public  the process is alive
     GET  /readyz                             public  a model is loaded and the server is not draining
     GET  /metrics                            public  Prometheus metrics
-    POST /v1/classify                        token   {"texts": [...]} -> results (below)
+    POST /v1/classify                        token   {"texts": [...], "neighbors": 0..10} -> results (below)
     GET  /v1/model                           token   the serving version: schema, metrics, eval images
     GET  /v1/models/{version}/eval/{file}    token   an evaluation plot (<version>/eval/*.png)
     GET  /v1/models                          admin   all versions
@@ -22,6 +22,10 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
      "results": [{"topic": {"label": "billing", "confidence": 0.91, "scores": {"billing": 0.91, ...}},
                   "urgency": {...}, ...}, ...],
      "truncated": [false, ...]}          # per text: it was cut at the model's max length
+
+With ``"neighbors": k`` (optional, default 0) it also answers ``"neighbors": [[{"text", "label",
+"similarity"}, ...], ...]``: per text, the k training messages of its predicted topic most similar to it
+(why this label; an empty list when the version saved no training embeddings).
 
 ``GET /v1/model`` answers ``{"version", "status", "created", "base_model"`` (as recorded: a folder path),
 ``"base_model_name"`` (readable, e.g. all-MiniLM-L6-v2), ``"metrics": {head: {"n", "accuracy", "macro_f1",
@@ -449,13 +453,14 @@ async def classify(request: web.Request) -> web.Response:
     except RecursionError:  # the parser recurses once per level: a deeply nested body exhausts the stack
         return _error(400, "malformed JSON: nested too deeply")
     try:
-        texts = ClassifyRequest.parse(body).texts
+        parsed = ClassifyRequest.parse(body)
+        texts, neighbors = parsed.texts, parsed.neighbors
     except InvalidInput as exc:
         return _error(422, str(exc))
     settings = request.app[SETTINGS]
     try:
         async with asyncio.timeout(settings.request_timeout_s):
-            result = await request.app[ENGINE].classify(texts)
+            result = await request.app[ENGINE].classify(texts, neighbors)
     except ClassifierUnavailable as exc:  # overloaded, loading or shutting down
         retry = max(1, math.ceil(exc.retry_after_s or 1))
         return _error(503, str(exc), {"Retry-After": str(retry)})
@@ -466,7 +471,7 @@ async def classify(request: web.Request) -> web.Response:
     except EngineError as exc:
         return _error(500, str(exc))
     TEXTS.inc(len(texts))
-    return _json(ClassifyResponse.of(result))
+    return web.json_response(ClassifyResponse.of(result).body())  # neighbors only when asked for
 
 
 # ---- models ----------------------------------------------------------------------------------------

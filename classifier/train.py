@@ -24,9 +24,11 @@ from torch import nn
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from classifier.calibration import fit_temperatures
 from classifier.data import Example, label_counts, split_examples, write_jsonl
-from classifier.evaluate import evaluate, mean_macro_f1, summary
+from classifier.evaluate import evaluate, mean_macro_f1, probabilities, summary
 from classifier.model import MultiHeadClassifier, autocast_context, resolve_device
+from classifier.neighbors import save_training_embeddings
 from classifier.paths import default_base_model, runs_log
 from classifier.registry import ModelStatus, Registry, VersionFiles, VersionInfo
 from classifier.schema import LabelSchema
@@ -321,10 +323,13 @@ def train(
                 tqdm.write(f"early stopping: no gain for {stale} epoch(s); best epoch {best_epoch}")
             break
 
-    # 5. best checkpoint → test report → registry version (staged, then renamed atomically)
+    # 5. best checkpoint → temperatures fitted on the validation split → test report → registry version
+    # (staged, then renamed atomically)
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
+    val_probs = probabilities(model, tokenizer, [ex.text for ex in val_set], config.max_length, device)
+    temperatures = fit_temperatures(schema, val_set, val_probs)
     with registry.staging() as staging:
         files = VersionFiles(staging)
         report = evaluate(
@@ -335,6 +340,10 @@ def train(
             out_dir=files.eval.folder,
             device=device,
             progress=progress,
+            temperatures=temperatures,
+        )
+        save_training_embeddings(
+            staging, model, tokenizer, examples, train_set, config.max_length, config.batch_size, device
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(files.dataset, examples)
@@ -357,6 +366,7 @@ def train(
                 "test_split": "test" if test_set else ("validation" if val_set else "train"),
             },
             metrics=summary(report)["heads"],
+            temperatures=temperatures,
         )
         version = registry.commit(staging, info, activate_if_first=activate_if_first)
     report["model_version"] = version.name

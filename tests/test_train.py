@@ -185,6 +185,10 @@ def test_training_learns_and_early_stopping_keeps_best(tiny_bert: Path, data_dir
     )
     result = train(examples, schema, config, registry, progress=False)
     assert result.report["heads"]["topic"]["accuracy"] >= 0.9
+    # a temperature fitted on the validation split is kept with the version and judged on the test split
+    temperature = registry.get(result.version.name).temperatures["topic"]
+    assert temperature != 1.0 and result.report["heads"]["topic"]["temperature"] == temperature
+    assert {"ece", "ece_uncalibrated"} <= set(result.version.metrics["topic"])
     assert result.version.data["best_epoch"] == max(
         range(1, len(result.history) + 1), key=lambda e: result.history[e - 1]["val_macro_f1"]
     )
@@ -351,6 +355,7 @@ def test_evaluate_says_which_rows_it_left_out_and_averages_over_classes_present(
         "12 row(s) left out: labels this model does not know (refund 4, login_problem 4, shipping 4)" in out
     )
     assert "warning: too few rows to judge" in out
+    assert "calibration: temperature " in out and "confidence ≥ 0.5: " in out
     result = runner.invoke(app, ["evaluate", "--data", str(path), "--json"])
     report = json.loads(result.stdout)
     assert report["left_out"] == {"topic": {"refund": 4, "login_problem": 4, "shipping": 4}}
