@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ SELECT_ACTION_PREFIX = "label:"  # one static_select per head in the modal: "lab
 QUOTE_CHARS = 300
 WHY_COUNT = 3  # training messages asked for with each prediction, shown on its card and modal
 WHY_CHARS = 120  # each one's snippet
+_CUT_MARKUP = re.compile(r"&\w*$|<[^>]*$")  # an escaped character or a <@mention|link> cut short
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
@@ -187,7 +189,9 @@ def _snippet(near: Neighbor) -> str:
     text = " ".join(near.text.split())
     if not near.source.startswith(FEEDBACK_SOURCE):
         text = _escaped(text)
-    return text if len(text) <= WHY_CHARS else text[: WHY_CHARS - 1] + "…"
+    if len(text) <= WHY_CHARS:
+        return text
+    return _CUT_MARKUP.sub("", text[: WHY_CHARS - 1]) + "…"  # never half an entity, mention or link
 
 
 def why_block(why: Sequence[Neighbor]) -> dict[str, Any] | None:

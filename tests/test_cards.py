@@ -34,6 +34,7 @@ from classifier.data import Example, write_jsonl
 from classifier.model import MultiHeadClassifier
 from classifier.neighbors import save_training_embeddings
 from classifier.registry import Registry
+from classifier.results import Neighbor
 from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import ApiCall, SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
@@ -610,3 +611,15 @@ async def test_cards_and_the_modal_show_why_and_forgetting_the_trained_on_author
         await repo.forget_user(session, FORMER)
     after = await modal_why()
     assert len(after) == 3 and not any(TRAINED_ON in s for s in after)  # the dataset rows stay
+
+
+def test_why_snippets_are_one_line_cut_whole_and_escaped_once() -> None:
+    dataset = Neighbor("Fees <b>\n & charges " + "x" * 200, "billing", 0.8123)
+    slack = Neighbor("a" * (cards.WHY_CHARS - 4) + " &amp; <@U123> more", "billing", 0.5, "slack:7")
+    block = cards.why_block([dataset, slack])
+    assert block is not None and block["block_id"] == "why" and block["type"] == "context"
+    title, first, second = (e["text"] for e in block["elements"])
+    assert "_billing_" in title
+    assert first.startswith("0.81 “Fees &lt;b&gt; &amp; charges xxx") and first.endswith("…”")
+    assert second == "0.50 “" + "a" * (cards.WHY_CHARS - 4) + " …”"  # not half of "&amp;"
+    assert cards.why_block([]) is None
