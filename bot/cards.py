@@ -1,9 +1,10 @@
 """Triage cards: one message per triaged customer message in the internal ``TRIAGE_CARD_CHANNEL``.
 
 A card shows who asked (and, for someone from another organization, which one), where, the message
-quoted with its permalink, and each head's label; its buttons fix labels (a modal), claim it, call it
-not a request, and escalate or de-escalate it. It is rewritten (``chat.update``) whenever any of that
-changes.
+quoted with its permalink, each head's label, and why the model chose the topic (the training messages
+most like it, also in the Fix labels modal; never in a customer's channel); its buttons fix labels (a
+modal), claim it, call it not a request, and escalate or de-escalate it. It is rewritten
+(``chat.update``) whenever any of that changes.
 
 Cards wait in the database (``cards.due_at``) until posted: Slack takes about one post per second per
 channel, so a burst queues there, never in memory and never dropped, and urgent cards go first.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,11 +29,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
 from bot.blocks import LabelView
+from bot.retrain import FEEDBACK_SOURCE, feedback_message_id
 from bot.settings import BotSettings
 from bot.slack_output import SlackOutput, is_permanent
 from bot.storage import repository as repo
 from bot.storage.database import in_transaction
 from bot.storage.models import Card, EscalationState, Incident, Message, utcnow
+from classifier.results import Neighbor
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -52,6 +56,9 @@ ESCALATION_CLAIM_ACTION = "escalation_claim"  # on the escalation post
 FIX_LABELS_CALLBACK = "card_fix_labels"  # the modal's callback_id; private_metadata: the message id
 SELECT_ACTION_PREFIX = "label:"  # one static_select per head in the modal: "label:<head>"
 QUOTE_CHARS = 300
+WHY_COUNT = 3  # training messages asked for with each prediction, shown on its card and modal
+WHY_CHARS = 120  # each one's snippet
+_CUT_MARKUP = re.compile(r"&\w*$|<[^>]*$")  # an escaped character or a <@mention|link> cut short
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
@@ -124,6 +131,7 @@ class CardContent:
     model_version: str
     requester: Requester
     permalink: str | None
+    why: Sequence[Neighbor] = ()  # the training messages most like it, most similar first
 
 
 def quote(message: Message) -> str:
@@ -135,6 +143,69 @@ def quote(message: Message) -> str:
         return "_(text removed)_"
     short = text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1] + "…"
     return "> " + short.replace("\n", "\n> ")
+
+
+def why_references(neighbors: Sequence[Neighbor] | None) -> list[dict[str, Any]] | None:
+    """Why this label as a prediction stores it (``Prediction.neighbors``): a Slack message by its id, so
+    its text is read when shown and is gone once the message's text is (forgotten, purged, deleted); a
+    row of the operator's dataset by its text."""
+    if neighbors is None:
+        return None
+    stored: list[dict[str, Any]] = []
+    for near in neighbors:
+        item: dict[str, Any] = {"label": near.label, "similarity": round(near.similarity, 4)}
+        message_id = feedback_message_id(near.source) if near.source.startswith(FEEDBACK_SOURCE) else None
+        if message_id is None:
+            item["text"] = near.text
+        else:
+            item["message_id"] = message_id
+        stored.append(item)
+    return stored
+
+
+async def stored_why(session: AsyncSession, stored: Sequence[Any] | None) -> list[Neighbor]:
+    """A prediction's stored neighbours with their texts; a Slack message whose text is gone is left
+    out. A Slack message's text keeps Slack's escaping (``source`` says so), a dataset row's is raw."""
+    items = [item for item in stored or () if isinstance(item, dict)]
+    ids = {item["message_id"] for item in items if isinstance(item.get("message_id"), int)}
+    texts = await repo.message_texts(session, ids) if ids else {}
+    why = []
+    for item in items[:WHY_COUNT]:
+        message_id = item.get("message_id")
+        text = texts.get(message_id) if isinstance(message_id, int) else item.get("text")
+        if isinstance(text, str) and isinstance(item.get("similarity"), int | float):
+            source = f"{FEEDBACK_SOURCE}{message_id}" if isinstance(message_id, int) else ""
+            why.append(Neighbor(text, str(item.get("label", "")), float(item["similarity"]), source))
+    return why
+
+
+def _escaped(text: str) -> str:
+    """Plain text made safe for mrkdwn (Slack's three control characters)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _snippet(near: Neighbor) -> str:
+    """One line of the text, cut to ``WHY_CHARS``; a Slack message's text is already escaped."""
+    text = " ".join(near.text.split())
+    if not near.source.startswith(FEEDBACK_SOURCE):
+        text = _escaped(text)
+    if len(text) <= WHY_CHARS:
+        return text
+    return _CUT_MARKUP.sub("", text[: WHY_CHARS - 1]) + "…"  # never half an entity, mention or link
+
+
+def why_block(why: Sequence[Neighbor]) -> dict[str, Any] | None:
+    """A context block: the label the model chose and the training messages most like this one (up to
+    ``WHY_COUNT``), each quoted with its cosine similarity; None when there are none."""
+    if not why:
+        return None
+    title = f":mag: Why _{_escaped(why[0].label)}_: the most similar training messages"
+    shown = [f"{near.similarity:.2f} “{_snippet(near)}”" for near in why[:WHY_COUNT]]
+    return {
+        "type": "context",
+        "block_id": "why",
+        "elements": [{"type": "mrkdwn", "text": text} for text in (title, *shown)],
+    }
 
 
 def _plain(text: str) -> dict[str, Any]:
@@ -191,6 +262,7 @@ def card_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, A
     ]
     unsure_below = settings.triage_unsure_below
     status = status_line(card, unsure_urgent(content.views, settings))
+    why = why_block(content.why)
     return [
         {
             "type": "section",
@@ -203,6 +275,7 @@ def card_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, A
             "block_id": "labels",
             "text": {"type": "mrkdwn", "text": blocks.label_lines(content.views, unsure_below)},
         },
+        *([why] if why else []),
         {
             "type": "context",
             "block_id": "status",
@@ -268,7 +341,7 @@ def unsure_urgent(views: Mapping[str, LabelView], settings: BotSettings) -> bool
 
 
 def fix_labels_view(content: CardContent) -> dict[str, Any]:
-    """The Fix labels modal: one select per head, the current label preselected."""
+    """The Fix labels modal: one select per head, the current label preselected, and why this label."""
     inputs = []
     for head, view in list(content.views.items())[:20]:
         options = [
@@ -300,6 +373,7 @@ def fix_labels_view(content: CardContent) -> dict[str, Any]:
         "close": _plain("Cancel"),
         "blocks": [
             {"type": "section", "text": {"type": "mrkdwn", "text": quote(content.message)}},
+            *([why] if (why := why_block(content.why)) else []),
             *inputs,
         ],
     }
@@ -439,10 +513,10 @@ class CardDesk:
             human = await repo.standing_corrections(session, message_id)
             views, labels = blocks.current_views(prediction.by_head(), human, message.edited_at)
             model_version = prediction.model_version
+            why = await stored_why(session, prediction.neighbors)
         requester = await self.people.requester(message.user_id, message.team_id)
-        return CardContent(
-            message, card, views, labels, model_version, requester, await self._permalink(message)
-        )
+        permalink = await self._permalink(message)
+        return CardContent(message, card, views, labels, model_version, requester, permalink, why)
 
     def render(self, content: CardContent) -> tuple[str, list[dict[str, Any]]]:
         where = f"{content.requester.name} in <#{content.message.channel_id}>"

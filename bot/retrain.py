@@ -202,7 +202,7 @@ def merge_feedback(
     return list(by_text.values())
 
 
-def _message_id(source: str) -> int | None:
+def feedback_message_id(source: str) -> int | None:
     """The message a feedback row came from (``slack:12``, ``slack:accepted:12``)."""
     tail = source.rpartition(":")[2]
     return int(tail) if tail.isdigit() else None
@@ -213,7 +213,7 @@ async def erase_from_versions(sessions: async_sessionmaker[AsyncSession], regist
     purged by retention, deleted): versions keep copies of the rows they were trained and judged on.
     Runs never need these copies: each run re-reads Slack rows from the database. Returns rows erased."""
     sources = await asyncio.to_thread(registry.row_sources)
-    referenced = {s: _message_id(s) for s in sources if s.startswith(FEEDBACK_SOURCE)}
+    referenced = {s: feedback_message_id(s) for s in sources if s.startswith(FEEDBACK_SOURCE)}
     async with sessions() as session:
         kept = await repo.message_ids_with_text(session, {i for i in referenced.values() if i is not None})
     gone = [source for source, message_id in referenced.items() if message_id not in kept]

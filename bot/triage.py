@@ -23,7 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot import blocks, lifecycle
 from bot.agents import Agents
 from bot.blocks import LabelView
-from bot.cards import CardDesk, is_urgent, unsure_urgent
+from bot.cards import WHY_COUNT, CardDesk, is_urgent, unsure_urgent, why_references
 from bot.delivery import DeliveryPolicy
 from bot.drift import DriftMonitor
 from bot.reactions import URGENT_MARKER, ReactionMap
@@ -367,8 +367,8 @@ class Triage:
         started = time.perf_counter()
         try:
             # very long messages are classified on their beginning (the model cuts at its max length
-            # anyway) and stored whole
-            result = await self.classifier.classify([message.text[:MAX_CHARS]])
+            # anyway) and stored whole; the same pass finds why this label for the card and modal
+            result = await self.classifier.classify([message.text[:MAX_CHARS]], neighbors=WHY_COUNT)
         except InvalidInput as exc:  # retrying cannot help
             async with self.sessions.begin() as session:
                 await repo.mark_skipped(session, message.id, reason=f"not classifiable: {exc}")
@@ -384,7 +384,12 @@ class Triage:
 
         async def record(session: AsyncSession, card: bool = False) -> None:
             await repo.add_prediction(
-                session, message.id, result.model_version, text_result.heads, latency_ms=latency_ms
+                session,
+                message.id,
+                result.model_version,
+                text_result.heads,
+                latency_ms=latency_ms,
+                neighbors=why_references(text_result.neighbors),
             )
             await repo.mark_classified(session, message.id)
             early.applied, early.refused = False, []  # a retried transaction settles them again

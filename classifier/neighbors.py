@@ -131,6 +131,7 @@ class NeighborIndex:
 
     head: str
     texts: list[str]  # per saved row
+    sources: list[str]  # per saved row: the training row's source
     blocks: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (float32 embeddings, row numbers)
 
     @classmethod
@@ -149,11 +150,12 @@ class NeighborIndex:
             )
         lines = read_jsonl(dataset)
         texts = [lines[i].text for i in rows]
+        sources = [lines[i].source for i in rows]
         blocks = {
             str(label): (embeddings[labels == label], np.flatnonzero(labels == label))
             for label in np.unique(labels)
         }
-        return cls(head, texts, blocks)
+        return cls(head, texts, sources, blocks)
 
     def nearest(self, embedding: np.ndarray, label: str, k: int) -> list[Neighbor]:
         """The ``k`` saved rows of ``label`` most similar (cosine) to a normalized ``embedding``."""
@@ -164,7 +166,9 @@ class NeighborIndex:
         k = min(k, len(similarity))
         top = np.argpartition(-similarity, k - 1)[:k]
         top = top[np.argsort(-similarity[top])]
-        return [Neighbor(self.texts[rows[i]], label, float(similarity[i])) for i in top]
+        return [
+            Neighbor(self.texts[rows[i]], label, float(similarity[i]), self.sources[rows[i]]) for i in top
+        ]
 
 
 def torch_pooled_runner(model: MultiHeadClassifier, device: torch.device, bf16: bool) -> PooledRunner:

@@ -57,14 +57,16 @@ class ClassifierUnavailable(ClassifierError):
 
 @dataclass(frozen=True)
 class Neighbor:
-    """A labeled training message like the classified text (why this label): its cosine similarity."""
+    """A labeled training message like the classified text (why this label): its cosine similarity, and
+    the training row's ``source`` (``slack:12`` for a Slack message: who may see or forget its text)."""
 
     text: str
     label: str
     similarity: float
+    source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"text": self.text, "label": self.label, "similarity": self.similarity}
+        return {"text": self.text, "label": self.label, "similarity": self.similarity, "source": self.source}
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,9 @@ Endpoints; auth ``token`` is CLASSIFIER_TOKEN (or the admin token), ``admin`` is
      "truncated": [false, ...]}          # per text: it was cut at the model's max length
 
 With ``"neighbors": k`` (optional, default 0) it also answers ``"neighbors": [[{"text", "label",
-"similarity"}, ...], ...]``: per text, the k training messages of its predicted topic most similar to it
-(why this label; an empty list when the version saved no training embeddings).
+"similarity", "source"}, ...], ...]``: per text, the k training messages of its predicted topic most
+similar to it (why this label; an empty list when the version saved no training embeddings; ``source``:
+the training row's, ``slack:<message id>`` for a Slack message).
 
 ``GET /v1/model`` answers ``{"version", "status", "created", "base_model"`` (as recorded: a folder path),
 ``"base_model_name"`` (readable, e.g. all-MiniLM-L6-v2), ``"metrics": {head: {"n", "accuracy", "macro_f1",

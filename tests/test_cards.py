@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy import URL, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -26,9 +27,14 @@ from bot.storage.models import (
     Incident,
     Message,
     MessageState,
+    Prediction,
     utcnow,
 )
+from classifier.data import Example, write_jsonl
+from classifier.model import MultiHeadClassifier
+from classifier.neighbors import save_training_embeddings
 from classifier.registry import Registry
+from classifier.results import Neighbor
 from classifier.schema import DEFAULT_HEADS, LabelSchema
 from tests.slack_standin import ApiCall, SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
@@ -527,3 +533,93 @@ async def test_a_card_posted_just_before_the_bot_died_is_adopted_not_posted_agai
         "event_type": "triage_card",
         "event_payload": {"message_id": message.id},
     }
+
+
+FORMER = "U0FORMER"  # a customer whose earlier message the model was trained on, later forgotten
+TRAINED_ON = "My card was declined at the shop yesterday"
+
+
+def _version_trained_on_slack_and_dataset_rows(registry: Registry, tiny_bert: Path) -> None:
+    """A version whose saved training embeddings (why this label) hold, for every topic, the first Slack
+    message (``slack:1``) and two rows of the operator's dataset with mrkdwn control characters."""
+    info = make_tiny_version(registry, tiny_bert)
+    folder = Path(info.path)
+    rows = [
+        row
+        for label in DEFAULT_HEADS["topic"]
+        for row in (
+            Example(TRAINED_ON, {"topic": label}, "slack:1"),
+            Example(f"Refund <b>now</b> & fast ({label})", {"topic": label}, f"import:{label}:0"),
+            Example(f"Where is my {label} thing", {"topic": label}, f"import:{label}:1"),
+        )
+    ]
+    write_jsonl(info.files.dataset, rows)
+    model, tokenizer, max_length = MultiHeadClassifier.load(folder)
+    save_training_embeddings(folder, model, tokenizer, rows, rows, max_length, 8, torch.device("cpu"))
+
+
+def _why_texts(blocks: list[dict[str, Any]]) -> list[str]:
+    [why] = [b for b in blocks if b.get("block_id") == "why"]
+    assert why["type"] == "context"
+    return [e["text"] for e in why["elements"]]
+
+
+async def test_cards_and_the_modal_show_why_and_forgetting_the_trained_on_author_removes_it(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    _version_trained_on_slack_and_dataset_rows(Registry(data_dir / "models"), tiny_bert)
+    h = await harness_factory(
+        with_model=False,
+        prepare=lambda slack: slack.add_user(FORMER, "former", team_id="T0CUSTOMER"),
+        triage_card_channel=CARDS,
+        triage_urgent_labels=NONE_URGENT,
+    )
+    await h.slack.send_event(h.slack.message_event(CHANNEL, FORMER, TRAINED_ON))
+    await card_for(h, TRAINED_ON)
+    await h.post_customer_message("My card was declined at the till today")
+    card = await card_for(h, "My card was declined at the till today")
+    first, second = sorted(await h.rows(Message), key=lambda m: m.id)
+    assert first.id == 1 and first.user_id == FORMER  # the version's slack:1
+
+    # the card: the predicted topic, three snippets with their similarity; dataset text escaped
+    [prediction] = await h.rows(Prediction, Prediction.message_id == second.id)
+    topic = prediction.by_head()["topic"].label
+    shown = _why_texts(card.args["blocks"])
+    assert f"_{topic}_" in shown[0] and len(shown) == 4
+    assert any(f"“{TRAINED_ON}”" in s for s in shown[1:])
+    assert any(f"“Refund &lt;b&gt;now&lt;/b&gt; &amp; fast ({topic})”" in s for s in shown[1:])
+    assert all(s.split(" ", 1)[0].replace(".", "").lstrip("-").isdigit() for s in shown[1:])
+    # stored by reference: the Slack message's text is not copied into the prediction
+    assert prediction.neighbors is not None and {"message_id": 1} in [
+        {k: v for k, v in n.items() if k == "message_id"} for n in prediction.neighbors
+    ]
+    assert TRAINED_ON not in str(prediction.neighbors)
+    assert visible_in(h.slack, CHANNEL) == []  # never in the customer's channel
+
+    async def modal_why() -> list[str]:
+        opened = len(h.slack.calls_to("views.open")) + 1
+        await h.slack.send_block_actions(
+            [{"action_id": cards.FIX_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=card.response["ts"]
+        )
+        views = await h.slack.wait_for("views.open", count=opened, timeout=5)
+        return _why_texts(views[-1].args["view"]["blocks"])
+
+    assert await modal_why() == shown
+    async with h.sessions.begin() as session:
+        await repo.forget_user(session, FORMER)
+    after = await modal_why()
+    assert len(after) == 3 and not any(TRAINED_ON in s for s in after)  # the dataset rows stay
+
+
+def test_why_snippets_are_one_line_cut_whole_and_escaped_once() -> None:
+    dataset = Neighbor("Fees <b>\n & charges " + "x" * 200, "billing", 0.8123)
+    slack = Neighbor("a" * (cards.WHY_CHARS - 4) + " &amp; <@U123> more", "billing", 0.5, "slack:7")
+    block = cards.why_block([dataset, slack])
+    assert block is not None and block["block_id"] == "why" and block["type"] == "context"
+    title, first, second = (e["text"] for e in block["elements"])
+    assert "_billing_" in title
+    assert first.startswith("0.81 “Fees &lt;b&gt; &amp; charges xxx") and first.endswith("…”")
+    assert second == "0.50 “" + "a" * (cards.WHY_CHARS - 4) + " …”"  # not half of "&amp;"
+    assert cards.why_block([]) is None

@@ -71,7 +71,7 @@ def test_one_head_in_the_packaged_migrations() -> None:
     assert Path(config.get_main_option("script_location") or "") == REPO_ROOT / "migrations"
     assert migrations_dir() == REPO_ROOT / "migrations"
     assert ScriptDirectory.from_config(config).get_heads() == [head_revision()]
-    assert head_revision() == "0007"
+    assert head_revision() == "0008"
 
 
 async def test_models_and_migrations_agree(engine: AsyncEngine) -> None:

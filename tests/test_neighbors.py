@@ -42,6 +42,7 @@ def test_nearest_are_the_most_similar_rows_of_the_label_most_similar_first(tmp_p
     assert index is not None
     near = index.nearest(normalized(np.array([1.0, 0.0])), "a", 3)
     assert [n.text for n in near] == ["t0", "t1", "t3"]  # t4 is closer but labeled b
+    assert [n.source for n in near] == ["s0", "s1", "s3"]  # whose text it is: the bot resolves slack: rows
     assert near[0].similarity == pytest.approx(1.0, abs=1e-3) and all(n.label == "a" for n in near)
     assert [n.text for n in index.nearest(normalized(np.array([1.0, 0.0])), "b", 3)] == ["t4"]
     assert index.nearest(np.ones(2), "unknown", 3) == []
@@ -71,7 +72,7 @@ def test_neighbors_count_is_validated_and_round_trips_over_http() -> None:
         "model_version": "v1",
         "results": [{"topic": {"label": "a", "confidence": 0.9, "scores": {"a": 0.9}}}],
         "truncated": [False],
-        "neighbors": [[{"text": "t0", "label": "a", "similarity": 0.5}]],
+        "neighbors": [[{"text": "t0", "label": "a", "similarity": 0.5, "source": "slack:3"}]],
     }
     assert ClassifyResponse.of(ClassifyResponse.model_validate(body).result()).body() == body
     del body["neighbors"]

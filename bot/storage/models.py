@@ -193,6 +193,10 @@ class Prediction(Base):
     model_version: Mapped[str] = mapped_column(String(128), index=True)
     latency_ms: Mapped[float | None] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Why this label: the training messages most like this one, each {"label", "similarity"} and either
+    # "message_id" (a Slack message: its text is read when shown, so forgetting it needs nothing here) or
+    # "text" (a row of the operator's dataset). None: not asked for (predictions from before 0008).
+    neighbors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSONType)
 
     message: Mapped[Message] = relationship(back_populates="predictions")
     heads: Mapped[list[PredictionHead]] = relationship(

@@ -579,15 +579,18 @@ async def add_prediction(
     heads: Mapping[str, HeadPrediction],
     *,
     latency_ms: float | None = None,
+    neighbors: list[dict[str, Any]] | None = None,
     now: datetime | None = None,
 ) -> Prediction:
-    """Store one model version's output for a message (a message may have several)."""
+    """Store one model version's output for a message (a message may have several); ``neighbors``: why
+    this label, as ``Prediction.neighbors`` holds it."""
     if not heads:
         raise ValueError("a prediction needs at least one head")
     prediction = Prediction(
         message_id=message_id,
         model_version=model_version,
         latency_ms=latency_ms,
+        neighbors=neighbors,
         created_at=now or utcnow(),
         heads=[
             PredictionHead(
@@ -899,14 +902,30 @@ async def count_purgeable_texts(session: AsyncSession, *, older_than: datetime) 
 
 async def message_ids_with_text(session: AsyncSession, ids: Collection[int]) -> set[int]:
     """Those of ``ids`` whose message still has its text (not purged, forgotten or deleted)."""
-    ordered = sorted(ids)
     kept: set[int] = set()
-    for start in range(0, len(ordered), ID_CHUNK):
-        query = select(Message.id).where(
-            Message.id.in_(ordered[start : start + ID_CHUNK]), Message.text.is_not(None), _not_forgotten()
-        )
-        kept.update((await session.scalars(query)).all())
+    for chunk in _chunks(ids):
+        kept.update((await session.scalars(select(Message.id).where(*_with_text(chunk)))).all())
     return kept
+
+
+async def message_texts(session: AsyncSession, ids: Collection[int]) -> dict[int, str]:
+    """id -> text for those of ``ids`` whose message still has its text (not purged, forgotten or
+    deleted)."""
+    texts: dict[int, str] = {}
+    for chunk in _chunks(ids):
+        rows = await session.execute(select(Message.id, Message.text).where(*_with_text(chunk)))
+        texts.update({row.id: row.text for row in rows})
+    return texts
+
+
+def _chunks(ids: Collection[int]) -> list[list[int]]:
+    ordered = sorted(ids)
+    return [ordered[start : start + ID_CHUNK] for start in range(0, len(ordered), ID_CHUNK)]
+
+
+def _with_text(ids: list[int]) -> tuple[ColumnElement[bool], ...]:
+    """Those of ``ids`` whose message still has its text."""
+    return Message.id.in_(ids), Message.text.is_not(None), _not_forgotten()
 
 
 async def is_forgotten(session: AsyncSession, user_id: str) -> bool:
