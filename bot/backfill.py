@@ -6,6 +6,7 @@ page by page with Slack's cursor, and hands what it missed to the paths live eve
 
 * a top-level message it has not stored: triaged as a new message;
 * a stored message whose text was edited since (Slack marks it ``edited``): as ``message_changed``;
+  a stored thread parent deleted since (history lists its ``tombstone``): as ``message_deleted``;
 * a thread whose ``latest_reply`` is newer than the newest reply stored from it: its replies since then
   (``conversations.replies``) as live thread replies, and the stored ones edited since as edits.
 
@@ -115,7 +116,11 @@ class Backfill:
         ):
             handled += await self._caught_up(channel, message, stored)
             parent = message["ts"]
-            if parent in stored and _is_newer(message.get("latest_reply"), heard.get(parent, parent)):
+            if (
+                parent in stored
+                and _is_newer(message.get("latest_reply"), heard.get(parent, parent))
+                and self._others_replied(message)
+            ):
                 try:
                     handled += await self._thread(channel, parent, heard.get(parent, parent), stored)
                 except SlackApiError as exc:  # one thread (deleted meanwhile, say) must not stop the rest
@@ -123,6 +128,12 @@ class Backfill:
                         "backfill of thread %s in %s failed: %s", parent, channel, exc.response.get("error")
                     )
         return handled
+
+    def _others_replied(self, parent: dict[str, Any]) -> bool:
+        """Whether someone besides the bot replied in the thread (``reply_users`` may name its bot id)."""
+        users = parent.get("reply_users")
+        own = {self.context["bot_user_id"], self.context["bot_id"]}
+        return not isinstance(users, list) or any(user not in own for user in users)
 
     async def _thread(self, channel: str, parent: str, oldest: str, stored: dict[str, str | None]) -> int:
         """The replies in a triaged thread after ``oldest`` (the parent comes first on every page)."""
@@ -136,6 +147,8 @@ class Backfill:
     async def _caught_up(self, channel: str, message: dict[str, Any], stored: dict[str, str | None]) -> int:
         """Hand one listed message to the live path for what the bot missed of it: 1 if it did."""
         if message["ts"] in stored:
+            if message.get("subtype") == "tombstone":  # what a deleted thread parent leaves in history
+                return int(await self.life.deleted(self.team_id, channel, message["ts"]))
             # edited while the bot was away, or long before: it applies only while the stored text differs
             return int(bool(message.get("edited")) and await self.life.edited(self.team_id, channel, message))
         event = {**message, "channel": channel}

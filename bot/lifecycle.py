@@ -137,15 +137,17 @@ class MessageLife:
         # on the old one if a worker holds it already (an edit within seconds of posting).
         return True
 
-    async def deleted(self, team_id: str, channel: str, ts: str) -> None:
+    async def deleted(self, team_id: str, channel: str, ts: str) -> bool:
+        """The message at ``ts`` was deleted; returns whether it was stored and not known deleted."""
         async with self.triage.sessions.begin() as session:
             message = await repo.get_message(session, team_id, channel, ts)
             if message is None or message.deleted_at is not None:
-                return
+                return False
             message = await repo.mark_deleted(session, message.id)
         if message.reply_ts and message.reply_channel_id:
             await self.triage.output.delete(message.reply_channel_id, message.reply_ts)
         await self.triage.cards.refresh(message.id)  # the card says its message was deleted
+        return True
 
 
 async def reclassified(

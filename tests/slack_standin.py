@@ -969,6 +969,16 @@ class SlackStandIn:
             **extra,
         }
 
+    def thread_parent_deleted_event(self, channel: str, ts: str, **extra: Any) -> JSON:
+        """Deleting a message with replies leaves a ``tombstone`` in its place (history lists it, with its
+        thread): Slack sends ``message_changed`` whose message is the tombstone."""
+        event = self.message_changed_event(channel, ts, "This message was deleted.", **extra)
+        tombstone = {**event["message"], "subtype": "tombstone", "hidden": True, "user": "USLACKBOT"}
+        for gone in ("edited", "client_msg_id", "blocks", "team"):
+            tombstone.pop(gone, None)
+        event["message"] = self._remember(channel, tombstone)
+        return event
+
     def channel_join_event(
         self, channel: str, user: str, *, inviter: str | None = None, **extra: Any
     ) -> JSON:

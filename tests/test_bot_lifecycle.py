@@ -169,9 +169,7 @@ async def test_a_deleted_thread_parent_leaves_a_tombstone_and_is_deleted(harness
     message_changed whose message has subtype tombstone."""
     h = await harness_factory()
     event, reply = await _triaged(h, "Our exports have been failing since Monday")
-    tombstone = h.slack.message_changed_event(CHANNEL, event["ts"], "This message was deleted.")
-    tombstone["message"].update({"subtype": "tombstone", "hidden": True, "user": "USLACKBOT"})
-    tombstone["message"].pop("edited", None)
+    tombstone = h.slack.thread_parent_deleted_event(CHANNEL, event["ts"])
     assert (await h.slack.send_event(tombstone)).status == 200
     [message] = await h.rows(Message)
     assert message.text is None and message.deleted_at is not None
@@ -297,10 +295,11 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
     data_dir: Path,
 ) -> None:
     """Slack lists no replies in conversations.history and sends no edit twice: with the bot stopped, a
-    customer replies in one triaged thread and edits another triaged message. The restarted bot reads the
-    thread with news (conversations.replies, through a 429) and handles the reply once as a live one
-    (critical: escalated); the edit is classified again, its label from before kept and marked. A second
-    restart, and Slack's late redelivery of the reply, do nothing more."""
+    customer replies in one triaged thread, edits another triaged message and deletes a third. The
+    restarted bot reads the thread with news (conversations.replies, through a 429) and handles the reply
+    once as a live one (critical: escalated); the edit is classified again, its label from before kept and
+    marked; the deleted message (a tombstone in history) loses its text and reply. A second restart, and
+    Slack's late redelivery of the reply, do nothing more."""
     registry = Registry(data_dir / "models")
     make_tiny_version(registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["low"]}))
     make_tiny_version(
@@ -309,7 +308,8 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
     h = await harness_factory(with_model=False)
     asked, _ = await _triaged(h, "Where can I find the invoices page?")
     edited, edited_reply = await _triaged(h, "How do I export a report?")
-    assert await h.eventually(lambda: _classified(h, 2))  # labels are given to a classified message
+    gone, gone_reply = await _triaged(h, "Can I change the invoice address?")
+    assert await h.eventually(lambda: _classified(h, 3))  # labels are given to a classified message
     await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, edited["ts"]))
     await h.slack.wait_for("chat.update", timeout=5)
     await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
@@ -319,6 +319,7 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
     reply = h.slack.message_event(CHANNEL, CUSTOMER, "Now nobody can log in!", thread_ts=asked["ts"])
     new_text = "Exports fail for every user and we have a board meeting in an hour"
     h.slack.message_changed_event(CHANNEL, edited["ts"], new_text)  # never delivered: the bot is down
+    h.slack.thread_parent_deleted_event(CHANNEL, gone["ts"])  # its thread has the bot's reply
     h.slack.clear()
     rate_limited = h.slack.fail_next("conversations.replies", retry_after=1)  # waited out, then read
     await _restart(h)
@@ -333,13 +334,16 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
         "chat.update", predicate=lambda c: c.args["ts"] == edited_reply.response["ts"], timeout=8
     )
     assert "_(given before the message was edited)_" in str(update.args["blocks"])
+    [deleted] = await h.slack.wait_for("chat.delete", timeout=8)
+    assert deleted.args["ts"] == gone_reply.response["ts"]
     await h.settled()
     [read] = [c for c in h.slack.calls_to("conversations.replies") if c.ok]  # the thread with news only
     assert rate_limited.hits == 1
     assert (read.args["ts"], read.args["oldest"]) == (asked["ts"], _own_reply_ts(h, asked["ts"]))
     by_ts = {m.ts: m for m in await h.rows(Message)}
     assert by_ts[reply["ts"]].thread_ts == asked["ts"] and by_ts[edited["ts"]].text == new_text
-    assert len(await h.rows(Prediction)) == 4  # two messages, the reply, the edit: each once
+    assert by_ts[gone["ts"]].deleted_at is not None and by_ts[gone["ts"]].text is None
+    assert len(await h.rows(Prediction)) == 5  # three messages, the reply, the edit: each once
     assert [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")].count(asked["ts"]) == 0
 
     assert (await h.slack.send_event(reply)).status == 200  # Slack's late redelivery
@@ -347,7 +351,7 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
     await _restart(h)
     await h.settled()
     assert [c.method for c in h.slack.calls if c.method not in SETUP_CALLS] == []  # nothing more
-    assert len(await h.rows(Prediction)) == 4 and len(await h.rows(Message)) == 3
+    assert len(await h.rows(Prediction)) == 5 and len(await h.rows(Message)) == 4
 
 
 async def _restart(h: Any) -> None:

@@ -667,6 +667,13 @@ async def test_threads_in_history_and_replies_as_slack_documents_them(
         channel="C0THREADS", ts=parent["ts"], oldest=replies[0]["ts"], latest=replies[1]["ts"], inclusive=True
     )
     assert [m["text"] for m in both["messages"]] == ["Export fails", "r0", "r1"]
+    slack.thread_parent_deleted_event("C0THREADS", parent["ts"])  # a parent with replies: a tombstone stays
+    [_, tombstone] = (await client.conversations_history(channel="C0THREADS"))["messages"]
+    assert (tombstone["subtype"], tombstone["reply_count"], tombstone["user"]) == (
+        "tombstone",
+        3,
+        "USLACKBOT",
+    )
     alone = await client.conversations_replies(channel="C0THREADS", ts=lone["ts"])
     assert [m["ts"] for m in alone["messages"]] == [lone["ts"]]  # no replies: just the message
     for bad, error in [
