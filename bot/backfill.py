@@ -7,7 +7,8 @@ page by page with Slack's cursor, and hands what it missed to the paths live eve
 * a top-level message it has not stored: triaged as a new message;
 * a stored message whose text was edited since (Slack marks it ``edited``): as ``message_changed``;
   a stored thread parent deleted since (history lists its ``tombstone``): as ``message_deleted``;
-* a thread whose ``latest_reply`` is newer than the newest reply stored from it: its replies since then
+* a triaged thread whose ``latest_reply`` is newer than the newest reply the bot heard there (stored, or
+  its own reply) and where someone besides the bot replied: its replies since then
   (``conversations.replies``) as live thread replies, and the stored ones edited since as edits.
 
 History lists no replies, hence the reads of the threads with news (only those: Slack limits

@@ -13,6 +13,9 @@ app hands those to ``Triage.on_message``) and returns whether it dealt with the 
 * **a reply in a triaged thread**: stored and classified for urgency only (no reply of its own); when it
   raises the thread's urgency to an urgent label, the thread is escalated (``follow_urgency``).
 * **Workflow Builder posts** (``bot_message``) and posts of bots in ``TRIAGE_ALLOWED_BOTS``: triaged.
+
+What happened while the bot was away comes the same ways: ``bot/backfill.py`` hands the replies it reads
+to ``handle`` and the edits and tombstones it finds to ``edited`` and ``deleted``.
 """
 
 from __future__ import annotations
