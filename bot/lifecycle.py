@@ -13,6 +13,9 @@ app hands those to ``Triage.on_message``) and returns whether it dealt with the 
 * **a reply in a triaged thread**: stored and classified for urgency only (no reply of its own); when it
   raises the thread's urgency to an urgent label, the thread is escalated (``follow_urgency``).
 * **Workflow Builder posts** (``bot_message``) and posts of bots in ``TRIAGE_ALLOWED_BOTS``: triaged.
+
+What happened while the bot was away comes the same ways: ``bot/backfill.py`` hands the replies it reads
+to ``handle`` and the edits and tombstones it finds to ``edited`` and ``deleted``.
 """
 
 from __future__ import annotations
@@ -110,15 +113,24 @@ class MessageLife:
         if current.get("subtype") == "tombstone":  # a thread parent deleted: Slack leaves a tombstone
             await self.deleted(team_id, channel, current["ts"])
             return
-        text = repo.storable_text(_text_of(current))
         if isinstance(previous, dict) and _text_of(previous) == _text_of(current):
             return  # an unfurl, a reply count, a pin: the text is the same
+        await self.edited(team_id, channel, current, event_id)
+
+    async def edited(
+        self, team_id: str, channel: str, current: Mapping[str, Any], event_id: Any = None
+    ) -> bool:
+        """Message ``current`` (as Slack lists it now) has another text than the one stored: store it and
+        classify it again. Returns whether it did (not for an unknown, deleted or unchanged message)."""
+        text = repo.storable_text(_text_of(current))
         async with self.triage.sessions.begin() as session:
             if isinstance(event_id, str) and not await repo.record_event(session, event_id):
-                return
-            message = await repo.get_message(session, team_id, channel, current["ts"])
+                return False
+            message = await repo.get_message(session, team_id, channel, str(current["ts"]))
             if message is None or message.deleted_at is not None or message.text == text or not text.strip():
-                return
+                return False
+            if message.text is None:  # not kept (an agent's, a forgotten person's): nothing to classify
+                return False
             waiting = message.state == MessageState.PENDING  # queued or being classified already
             message = await repo.replace_text(session, message.id, text)
         log.info("message %s in %s was edited: classified again", message.ts, message.channel_id)
@@ -126,16 +138,19 @@ class MessageLife:
             await self.triage.enqueue(message)
         # A message still waiting is classified once: on the new text if the sweep claims it from now on,
         # on the old one if a worker holds it already (an edit within seconds of posting).
+        return True
 
-    async def deleted(self, team_id: str, channel: str, ts: str) -> None:
+    async def deleted(self, team_id: str, channel: str, ts: str) -> bool:
+        """The message at ``ts`` was deleted; returns whether it was stored and not known deleted."""
         async with self.triage.sessions.begin() as session:
             message = await repo.get_message(session, team_id, channel, ts)
             if message is None or message.deleted_at is not None:
-                return
+                return False
             message = await repo.mark_deleted(session, message.id)
         if message.reply_ts and message.reply_channel_id:
             await self.triage.output.delete(message.reply_channel_id, message.reply_ts)
         await self.triage.cards.refresh(message.id)  # the card says its message was deleted
+        return True
 
 
 async def reclassified(

@@ -210,6 +210,32 @@ def _decode_cursor(cursor: str) -> str:
         raise ApiError("invalid_cursor") from None
 
 
+def _page(
+    items: list[JSON], args: JSON, *, key: str, default_limit: int, max_limit: int
+) -> tuple[list[JSON], str]:
+    """One page of ``items`` (already in the method's order) and the cursor of the next ("": the last).
+    The cursor names the ``key`` of the next page's first item, so every paged method pages alike."""
+    limit = max(1, min(int(args.get("limit") or default_limit), max_limit))
+    start = 0
+    if args.get("cursor"):
+        position = _decode_cursor(str(args["cursor"]))
+        start = next((i for i, item in enumerate(items) if str(item[key]) == position), -1)
+        if start < 0:
+            raise ApiError("invalid_cursor")
+    page = items[start : start + limit]
+    more = start + limit < len(items)
+    return page, _encode_cursor(str(items[start + limit][key])) if more else ""
+
+
+def _in_time_range(ts: str, args: JSON) -> bool:
+    """Whether ``ts`` lies between ``oldest`` and ``latest`` (exclusive unless ``inclusive``)."""
+    oldest = float(args.get("oldest") or 0)
+    latest = float(args["latest"]) if args.get("latest") else float("inf")
+    if _truthy(args.get("inclusive")):
+        return oldest <= float(ts) <= latest
+    return oldest < float(ts) < latest
+
+
 def _truthy(value: Any) -> bool:
     return value in (True, 1, "1", "true", "True")
 
@@ -942,6 +968,16 @@ class SlackStandIn:
             "channel_type": self.channel_type(channel),
             **extra,
         }
+
+    def thread_parent_deleted_event(self, channel: str, ts: str, **extra: Any) -> JSON:
+        """Deleting a message with replies leaves a ``tombstone`` in its place (history lists it, with its
+        thread): Slack sends ``message_changed`` whose message is the tombstone."""
+        event = self.message_changed_event(channel, ts, "This message was deleted.", **extra)
+        tombstone = {**event["message"], "subtype": "tombstone", "hidden": True, "user": "USLACKBOT"}
+        for gone in ("edited", "client_msg_id", "blocks", "team"):
+            tombstone.pop(gone, None)
+        event["message"] = self._remember(channel, tombstone)
+        return event
 
     def channel_join_event(
         self, channel: str, user: str, *, inviter: str | None = None, **extra: Any
@@ -1978,41 +2014,30 @@ class SlackStandIn:
     def _conversations_history(self, call: ApiCall) -> JSON:
         """Top-level messages (and thread broadcasts), newest first, between ``oldest`` and ``latest``
         (exclusive unless ``inclusive``), ``limit`` a page (default 100, at most 999), paged by
-        ``cursor`` / ``response_metadata.next_cursor`` as Slack documents."""
+        ``cursor`` / ``response_metadata.next_cursor`` as Slack documents. A thread's parent carries
+        ``thread_ts``, ``reply_count``, ``reply_users_count``, ``latest_reply`` and ``reply_users``."""
         args = call.args
         channel = self._readable_channel(args)
-        limit = min(int(args.get("limit") or 100), 999)
-        inclusive = _truthy(args.get("inclusive"))
-        oldest = float(args.get("oldest") or 0)
-        latest = float(args["latest"]) if args.get("latest") else float("inf")
-        if args.get("cursor"):  # our cursor: the ts to continue below, as Slack's opaque base64
-            latest, inclusive = float(_decode_cursor(str(args["cursor"]))), False
-
-        def in_range(ts: float) -> bool:
-            return (oldest <= ts <= latest) if inclusive else (oldest < ts < latest)
-
         top_level = [
             m
             for m in self.messages_in(channel)
             if m.get("thread_ts") in (None, m["ts"]) or m.get("subtype") == "thread_broadcast"
         ]
-        newest_first = [m for m in reversed(top_level) if in_range(float(m["ts"]))]
-        page, more = newest_first[:limit], len(newest_first) > limit
+        newest_first = [m for m in reversed(top_level) if _in_time_range(m["ts"], args)]
+        page, next_cursor = _page(newest_first, args, key="ts", default_limit=100, max_limit=999)
         return {
-            "messages": self._with_metadata_if_asked(page, call.args),
-            "has_more": more,
+            "messages": self._as_listed(channel, page, args),
+            "has_more": bool(next_cursor),
             "pin_count": 0,
             "channel_actions_ts": None,
             "channel_actions_count": 0,
-            "response_metadata": {"next_cursor": _encode_cursor(page[-1]["ts"]) if more else ""},
+            "response_metadata": {"next_cursor": next_cursor},
         }
 
     def _users_conversations(self, call: ApiCall) -> JSON:
         """The conversations the bot is a member of, of ``types`` (default public_channel), paged."""
         args = call.args
         types = set(str(args.get("types") or "public_channel").split(","))
-        limit = min(int(args.get("limit") or 100), 1000)
-        start = int(_decode_cursor(str(args["cursor"])).removeprefix("offset:")) if args.get("cursor") else 0
 
         def kind(info: JSON) -> str:
             if info["is_im"]:
@@ -2028,32 +2053,50 @@ class SlackStandIn:
             and kind(info) in types
             and not (_truthy(args.get("exclude_archived")) and info["is_archived"])
         ]
-        page = found[start : start + limit]
-        more = start + limit < len(found)
-        return {
-            "channels": copy.deepcopy(page),
-            "response_metadata": {"next_cursor": _encode_cursor(f"offset:{start + limit}") if more else ""},
-        }
+        page, next_cursor = _page(found, args, key="id", default_limit=100, max_limit=1000)
+        return {"channels": copy.deepcopy(page), "response_metadata": {"next_cursor": next_cursor}}
 
-    @staticmethod
-    def _with_metadata_if_asked(messages: list[JSON], args: JSON) -> list[JSON]:
-        """Copies of ``messages``; as Slack does, with their ``metadata`` only given include_all_metadata."""
+    def _as_listed(self, channel: str, messages: list[JSON], args: JSON) -> list[JSON]:
+        """Copies of ``messages`` as history and replies list them: a parent with its thread's summary,
+        and, as Slack does, ``metadata`` only given include_all_metadata."""
         copies = copy.deepcopy(messages)
-        if not _truthy(args.get("include_all_metadata")):
-            for message in copies:
+        for message in copies:
+            replies = self._replies_to(channel, message["ts"])
+            if replies:
+                users = list(dict.fromkeys(str(r.get("user") or r.get("bot_id")) for r in replies))
+                message.update(
+                    {
+                        "thread_ts": message["ts"],
+                        "reply_count": len(replies),
+                        "reply_users_count": len(users),
+                        "latest_reply": replies[-1]["ts"],
+                        "reply_users": users,
+                    }
+                )
+            if not _truthy(args.get("include_all_metadata")):
                 message.pop("metadata", None)
         return copies
 
+    def _replies_to(self, channel: str, ts: str) -> list[JSON]:
+        """The replies in the thread of ``ts`` (not the parent), oldest first."""
+        return [m for m in self.messages_in(channel) if m.get("thread_ts") == ts and m["ts"] != ts]
+
     def _conversations_replies(self, call: ApiCall) -> JSON:
-        channel = self._readable_channel(call.args)
-        ts = call.args.get("ts")
-        thread = [m for m in self.messages_in(channel) if ts in (m["ts"], m.get("thread_ts"))]
-        if not ts or not thread:
+        """A thread: on every page its parent first, then up to ``limit`` replies (default 1000) between
+        ``oldest`` and ``latest`` (exclusive unless ``inclusive``), oldest first, paged by ``cursor``.
+        ``ts`` may name the parent or any reply; a message without replies comes back alone."""
+        args = call.args
+        channel = self._readable_channel(args)
+        named = self.message(channel, str(args.get("ts") or ""))
+        if named is None:
             raise ApiError("thread_not_found")
+        parent = self.message(channel, str(named.get("thread_ts") or named["ts"])) or named
+        replies = [r for r in self._replies_to(channel, parent["ts"]) if _in_time_range(r["ts"], args)]
+        page, next_cursor = _page(replies, args, key="ts", default_limit=1000, max_limit=1000)
         return {
-            "messages": self._with_metadata_if_asked(thread, call.args),
-            "has_more": False,
-            "response_metadata": {"next_cursor": ""},
+            "messages": self._as_listed(channel, [parent, *page], args),
+            "has_more": bool(next_cursor),
+            "response_metadata": {"next_cursor": next_cursor},
         }
 
     def _check_trigger(self, trigger_id: Any) -> None:

@@ -169,9 +169,7 @@ async def test_a_deleted_thread_parent_leaves_a_tombstone_and_is_deleted(harness
     message_changed whose message has subtype tombstone."""
     h = await harness_factory()
     event, reply = await _triaged(h, "Our exports have been failing since Monday")
-    tombstone = h.slack.message_changed_event(CHANNEL, event["ts"], "This message was deleted.")
-    tombstone["message"].update({"subtype": "tombstone", "hidden": True, "user": "USLACKBOT"})
-    tombstone["message"].pop("edited", None)
+    tombstone = h.slack.thread_parent_deleted_event(CHANNEL, event["ts"])
     assert (await h.slack.send_event(tombstone)).status == 200
     [message] = await h.rows(Message)
     assert message.text is None and message.deleted_at is not None
@@ -268,11 +266,11 @@ async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_onc
         slack.message_event(CHANNEL, CUSTOMER, "Any news?", thread_ts=before[0]["ts"])
 
     h = await harness_factory(prepare=while_down)
-    *customers, agent = before
+    *customers, _ = before
     for event in customers:
         await h.reply_to(event["ts"])
     assert (await h.slack.send_event(before[0])).status == 200  # Slack's late redelivery: no second reply
-    assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED)) == 3
+    assert await h.eventually(lambda: _classified(h, 4))  # the three and the reply in a thread
     await h.bot.stop()
 
     after = [h.slack.message_event(CHANNEL, CUSTOMER, t) for t in ("SSO is broken", "Export fails")]
@@ -281,14 +279,90 @@ async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_onc
         for event in after:
             await h.reply_to(event["ts"])
         assert await h.eventually(lambda: caught_up(bot))
-        history = h.slack.calls_to("conversations.history")
-        assert history[-1].args["oldest"] == agent["ts"]  # since the newest message stored
+        [*_, history] = h.slack.calls_to("conversations.history")
+        assert float(history.args["oldest"]) == pytest.approx(time.time() - 24 * 3600, abs=60)  # the horizon
     finally:
         await bot.stop()
     replied = [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")]
     assert sorted(replied) == sorted(e["ts"] for e in customers + after)  # each exactly once
     texts = {m.text for m in await h.rows(Message, Message.thread_ts.is_(None))}
     assert "Posted two days ago" not in texts and len(texts) == 6  # five customers' and the agent's (no text)
+
+
+async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handled_once(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    """Slack lists no replies in conversations.history and sends no edit twice: with the bot stopped, a
+    customer replies in one triaged thread, edits another triaged message and deletes a third. The
+    restarted bot reads the thread with news (conversations.replies, through a 429) and handles the reply
+    once as a live one (critical: escalated); the edit is classified again, its label from before kept and
+    marked; the deleted message (a tombstone in history) loses its text and reply. A second restart, and
+    Slack's late redelivery of the reply, do nothing more."""
+    registry = Registry(data_dir / "models")
+    make_tiny_version(registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["low"]}))
+    make_tiny_version(
+        registry, tiny_bert, LabelSchema(heads={**DEFAULT_HEADS, "urgency": ["critical"]}), activate=False
+    )
+    h = await harness_factory(with_model=False)
+    asked, _ = await _triaged(h, "Where can I find the invoices page?")
+    edited, edited_reply = await _triaged(h, "How do I export a report?")
+    gone, gone_reply = await _triaged(h, "Can I change the invoice address?")
+    assert await h.eventually(lambda: _classified(h, 3))  # labels are given to a classified message
+    await h.slack.send_event(h.slack.reaction_added_event(AGENT, "bug", CHANNEL, edited["ts"]))
+    await h.slack.wait_for("chat.update", timeout=5)
+    await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
+    await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v2 is now" in str(r.body))
+    await h.bot.stop()
+
+    reply = h.slack.message_event(CHANNEL, CUSTOMER, "Now nobody can log in!", thread_ts=asked["ts"])
+    new_text = "Exports fail for every user and we have a board meeting in an hour"
+    h.slack.message_changed_event(CHANNEL, edited["ts"], new_text)  # never delivered: the bot is down
+    h.slack.thread_parent_deleted_event(CHANNEL, gone["ts"])  # its thread has the bot's reply
+    h.slack.clear()
+    rate_limited = h.slack.fail_next("conversations.replies", retry_after=1)  # waited out, then read
+    await _restart(h)
+    escalations = await h.slack.wait_for(
+        "chat.postMessage", predicate=lambda c: c.args["channel"] == ESCALATION, count=2, timeout=15
+    )
+    linked = {
+        ts for ts in (reply["ts"], edited["ts"]) for e in escalations if ts.replace(".", "") in e.args["text"]
+    }
+    assert linked == {reply["ts"], edited["ts"]}  # the reply raised its thread, the edit its message
+    [*_, update] = await h.slack.wait_for(
+        "chat.update", predicate=lambda c: c.args["ts"] == edited_reply.response["ts"], timeout=8
+    )
+    assert "_(given before the message was edited)_" in str(update.args["blocks"])
+    [deleted] = await h.slack.wait_for("chat.delete", timeout=8)
+    assert deleted.args["ts"] == gone_reply.response["ts"]
+    await h.settled()
+    [read] = [c for c in h.slack.calls_to("conversations.replies") if c.ok]  # the thread with news only
+    assert rate_limited.hits == 1
+    assert (read.args["ts"], read.args["oldest"]) == (asked["ts"], _own_reply_ts(h, asked["ts"]))
+    by_ts = {m.ts: m for m in await h.rows(Message)}
+    assert by_ts[reply["ts"]].thread_ts == asked["ts"] and by_ts[edited["ts"]].text == new_text
+    assert by_ts[gone["ts"]].deleted_at is not None and by_ts[gone["ts"]].text is None
+    assert len(await h.rows(Prediction)) == 5  # three messages, the reply, the edit: each once
+    assert [c.args.get("thread_ts") for c in h.slack.calls_to("chat.postMessage")].count(asked["ts"]) == 0
+
+    assert (await h.slack.send_event(reply)).status == 200  # Slack's late redelivery
+    h.slack.clear()
+    await _restart(h)
+    await h.settled()
+    assert [c.method for c in h.slack.calls if c.method not in SETUP_CALLS] == []  # nothing more
+    assert len(await h.rows(Prediction)) == 5 and len(await h.rows(Message)) == 4
+
+
+async def _restart(h: Any) -> None:
+    """Start the bot again on the same database and Slack, and wait for its backfill."""
+    await h.restart()
+    assert await h.eventually(lambda: caught_up(h.bot), within_s=15)
+
+
+def _own_reply_ts(h: Any, thread_ts: str) -> str:
+    [own] = [m for m in h.slack.messages_in(CHANNEL) if m.get("thread_ts") == thread_ts and m.get("bot_id")]
+    return str(own["ts"])
 
 
 async def test_a_message_the_model_calls_not_a_request_is_stored_and_not_answered(

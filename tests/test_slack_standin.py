@@ -622,6 +622,69 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     assert slack.calls[-1].method == "nonexistent.method" and slack.calls[-1].error == "unknown_method"
 
 
+async def test_threads_in_history_and_replies_as_slack_documents_them(
+    slack: SlackStandIn, client: AsyncWebClient
+) -> None:
+    """conversations.history lists parents with their thread's summary, not the replies;
+    conversations.replies gives the parent first on every page, then the replies oldest first."""
+    parent = slack.message_event("C0THREADS", DEFAULT_USER_ID, "Export fails")
+    lone = slack.message_event("C0THREADS", DEFAULT_USER_ID, "Another question")
+    replies = [
+        slack.message_event("C0THREADS", user, text, thread_ts=parent["ts"])
+        for user, text in [(DEFAULT_USER_ID, "r0"), ("U0AGENT", "r1"), (DEFAULT_USER_ID, "r2")]
+    ]
+    slack.message_changed_event("C0THREADS", lone["ts"], "Another question, edited")
+    history = (await client.conversations_history(channel="C0THREADS"))["messages"]
+    assert [m["ts"] for m in history] == [lone["ts"], parent["ts"]]  # no replies
+    summary = {k: history[1][k] for k in ("thread_ts", "reply_count", "reply_users_count", "latest_reply")}
+    assert summary == {
+        "thread_ts": parent["ts"],
+        "reply_count": 3,
+        "reply_users_count": 2,
+        "latest_reply": replies[-1]["ts"],
+    }
+    assert history[1]["reply_users"] == [DEFAULT_USER_ID, "U0AGENT"] and "edited" not in history[1]
+    assert "reply_count" not in history[0] and history[0]["edited"]["user"] == DEFAULT_USER_ID
+    assert history[0]["text"] == "Another question, edited"
+
+    pages, cursor = [], None
+    while True:
+        page = await client.conversations_replies(
+            channel="C0THREADS", ts=parent["ts"], limit=2, cursor=cursor
+        )
+        assert page["messages"][0]["ts"] == parent["ts"] and page["messages"][0]["reply_count"] == 3
+        pages.append([m.get("text") for m in page["messages"][1:]])
+        cursor = page["response_metadata"]["next_cursor"]
+        assert page["has_more"] == bool(cursor)
+        if not cursor:
+            break
+    assert pages == [["r0", "r1"], ["r2"]]
+    since = await client.conversations_replies(
+        channel="C0THREADS", ts=replies[1]["ts"], oldest=replies[0]["ts"]
+    )
+    assert [m["text"] for m in since["messages"]] == ["Export fails", "r1", "r2"]  # ts may name a reply
+    both = await client.conversations_replies(
+        channel="C0THREADS", ts=parent["ts"], oldest=replies[0]["ts"], latest=replies[1]["ts"], inclusive=True
+    )
+    assert [m["text"] for m in both["messages"]] == ["Export fails", "r0", "r1"]
+    slack.thread_parent_deleted_event("C0THREADS", parent["ts"])  # a parent with replies: a tombstone stays
+    [_, tombstone] = (await client.conversations_history(channel="C0THREADS"))["messages"]
+    assert (tombstone["subtype"], tombstone["reply_count"], tombstone["user"]) == (
+        "tombstone",
+        3,
+        "USLACKBOT",
+    )
+    alone = await client.conversations_replies(channel="C0THREADS", ts=lone["ts"])
+    assert [m["ts"] for m in alone["messages"]] == [lone["ts"]]  # no replies: just the message
+    for bad, error in [
+        ({"ts": "1.000001"}, "thread_not_found"),
+        ({"ts": parent["ts"], "cursor": "x"}, "invalid_cursor"),
+    ]:
+        with pytest.raises(SlackApiError) as refused:
+            await client.conversations_replies(channel="C0THREADS", **bad)
+        assert refused.value.response["error"] == error
+
+
 async def test_arguments_from_query_form_and_json(slack: SlackStandIn) -> None:
     url = f"{slack.api_url}chat.postMessage"
     bearer = {"Authorization": f"Bearer {TOKEN}"}

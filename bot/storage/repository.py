@@ -414,17 +414,28 @@ async def thread_messages(
     return list((await session.scalars(query)).all())
 
 
-async def newest_top_level_ts(session: AsyncSession, team_id: str, channel_id: str) -> str | None:
-    """The ts of the newest top-level message stored from a channel (where a backfill starts).
+@dataclass(frozen=True)
+class Heard:
+    """A message stored from a channel, as a backfill compares it with what Slack lists."""
 
-    Slack's ts ("1700000000.000100") have ten-digit seconds until 2286, so they sort as strings."""
-    return await session.scalar(
-        select(func.max(Message.ts)).where(
-            Message.team_id == team_id,
-            Message.channel_id == channel_id,
-            or_(Message.thread_ts.is_(None), Message.thread_ts == Message.ts),
+    ts: str
+    thread_ts: str | None
+    own_reply_ts: str | None  # the bot's reply in the message's thread (thread delivery), if any
+
+
+async def stored_since(session: AsyncSession, team_id: str, channel_id: str, oldest: str) -> list[Heard]:
+    """The messages stored from a channel after ``oldest``.
+
+    Slack's ts ("1700000000.000100") have ten-digit seconds until 2286, so they compare as strings."""
+    rows = await session.execute(
+        select(Message.ts, Message.thread_ts, Message.reply_channel_id, Message.reply_ts).where(
+            Message.team_id == team_id, Message.channel_id == channel_id, Message.ts > oldest
         )
     )
+    return [
+        Heard(ts, thread_ts, reply_ts if reply_channel == channel_id else None)
+        for ts, thread_ts, reply_channel, reply_ts in rows
+    ]
 
 
 # --- pending work --------------------------------------------------------------------------------------
