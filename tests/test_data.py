@@ -9,7 +9,7 @@ import pytest
 
 from classifier.data import DataError, Example, load_examples, load_with_own_labels, split_examples
 from classifier.schema import LabelSchema, SchemaError
-from tests.model_fixtures import learnable_rows, write_csv
+from tests.support.model_fixtures import learnable_rows, write_csv
 
 HEADER = "text,topic,urgency,sentiment\n"
 

@@ -36,7 +36,7 @@ from bot.storage.models import (
 )
 from bot.triage import StoreBatches
 from classifier.results import HeadPrediction
-from tests.waiting import eventually
+from tests.support.waiting import eventually
 
 Factory = async_sessionmaker[AsyncSession]
 T0 = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
