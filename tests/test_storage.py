@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import pathlib
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -110,6 +111,17 @@ def test_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     # An explicit URL wins over the environment.
     assert resolve_database_url("sqlite:////tmp/x.db").drivername == "sqlite+aiosqlite"
+
+
+def test_url_from_a_dotenv_file_as_the_bot_reads_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    """`triage db` and `triage up` migrate the database the bot then opens, whichever way it is configured."""
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    dotenv = "DATABASE_URL=postgres://bot:pw@db.example:5433/triage\n"
+    (tmp_path / ".env").write_text(dotenv, encoding="utf-8")
+    assert resolve_database_url().host == "db.example"
 
 
 @pytest.mark.parametrize(
