@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import BatchEncoding, get_linear_schedule_with_warmup
 
 from classifier.calibration import fit_temperatures
 from classifier.data import Example, label_counts, split_examples, write_jsonl
@@ -171,7 +172,7 @@ class _Encoded:
     """The training split tokenized once, without padding (each batch is padded on its own), and each
     head's label ids (``IGNORE`` where a row has no label for the head)."""
 
-    encoding: Any
+    encoding: BatchEncoding
     lengths: list[int]
     label_ids: dict[str, torch.Tensor]
     class_weights: dict[str, torch.Tensor] | None
@@ -300,7 +301,9 @@ def _encode(
     return _Encoded(encoding, [len(ids) for ids in encoding["input_ids"]], label_ids, class_weights)
 
 
-def _optimizer(model: MultiHeadClassifier, config: TrainConfig, train_rows: int) -> tuple[Any, Any]:
+def _optimizer(
+    model: MultiHeadClassifier, config: TrainConfig, train_rows: int
+) -> tuple[torch.optim.AdamW, LambdaLR]:
     """AdamW (no weight decay on biases and norms; the heads at their own rate), with linear warmup and
     decay over the run's steps."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
@@ -333,8 +336,8 @@ def _fit(
     encoded: _Encoded,
     splits: _Splits,
     config: TrainConfig,
-    optimizer: Any,
-    scheduler: Any,
+    optimizer: torch.optim.AdamW,
+    scheduler: LambdaLR,
     device: torch.device,
     run: _Progress,
     progress: bool,
@@ -383,8 +386,8 @@ def _train_epoch(
     start: _Start,
     encoded: _Encoded,
     config: TrainConfig,
-    optimizer: Any,
-    scheduler: Any,
+    optimizer: torch.optim.AdamW,
+    scheduler: LambdaLR,
     device: torch.device,
     run: _Progress,
     epoch: int,
