@@ -6,9 +6,10 @@
     .venv/bin/python bench/bot_load.py --rates 50 --card-channel C0CARDS   # card mode (TRIAGE_CARD_CHANNEL)
 
 Per rate, from scratch: a fresh database (SQLite file, or a throwaway PostgreSQL database on the server of
-``--database-url``), a Slack stand-in (``tests/slack_standin.py``) and the bot (``bot.main.start_bot``, HTTP
-mode, the embedded classifier on the packaged all-MiniLM-L6-v2 with untrained heads, or ``--model-dir``;
-by default that classifier runs in the bot's child process, whose CPU is counted on its own line).
+``--database-url``), a Slack stand-in (``tests/support/slack_standin.py``) and the bot
+(``bot.main.start_bot``, HTTP mode, the embedded classifier on the packaged all-MiniLM-L6-v2 with untrained
+heads, or ``--model-dir``; by default that classifier runs in the bot's child process, whose CPU is counted
+on its own line).
 
 * The bot runs in its own process by default, as in production: the load generator and the stand-in
   then do not share its event loop and GIL, so the ack latency is the bot's own (``--in-process``: one
@@ -74,7 +75,7 @@ from sqlalchemy import func, select  # noqa: E402
 from bench.machine import cpu_name  # noqa: E402
 from bot.storage.database import create_engine, resolve_database_url, upgrade_database  # noqa: E402
 from bot.storage.models import Card, Message, MessageState, Prediction, SlackEvent  # noqa: E402
-from tests.slack_standin import CUSTOMER_TEAM_ID, SLACK_USER_AGENT, SlackStandIn  # noqa: E402
+from tests.support.slack_standin import CUSTOMER_TEAM_ID, SLACK_USER_AGENT, SlackStandIn  # noqa: E402
 
 OUT = ROOT / "bench" / "out"
 STARTER = ROOT / "classifier" / "starter_data" / "starter.csv"
@@ -111,7 +112,11 @@ def slack_texts(n: int, rng: random.Random) -> list[str]:
 def code_fingerprint() -> dict[str, str]:
     """Which bot and classifier code ran: a hash of their sources and the newest file's time."""
     paths = sorted(
-        [*ROOT.glob("bot/**/*.py"), *ROOT.glob("classifier/*.py"), *ROOT.glob("tests/slack_standin.py")]
+        [
+            *ROOT.glob("bot/**/*.py"),
+            *ROOT.glob("classifier/*.py"),
+            *ROOT.glob("tests/support/slack_standin.py"),
+        ]
     )
     digest = hashlib.sha256()
     for path in paths:
@@ -128,7 +133,8 @@ def code_fingerprint() -> dict[str, str]:
 
 def build_model(data_dir: Path, max_length: int) -> str:
     """An untrained multi-head model on the packaged all-MiniLM-L6-v2, as the registry's active version
-    (like tests/tiny_model.make_tiny_version, on the real base): accuracy does not matter for speed."""
+    (like tests/support/tiny_model.make_tiny_version, on the real base): accuracy does not matter for
+    speed."""
     import torch
 
     from classifier.model import MultiHeadClassifier

@@ -4,9 +4,10 @@
     .venv/bin/python bench/faults.py --cases kill,database --classifier-outage-s 600
 
 Each case starts from scratch: a throwaway PostgreSQL database (on the server of ``--database-url``, reached
-through a TCP proxy this script controls), the Slack stand-in (``tests/slack_standin.py``), and the bot in its
-own process on the embedded classifier (``bench/bot_load.py``'s machinery: load, stand-in, bot process,
-reply tracking). ``--duration`` seconds of messages at ``--rate``; the fault starts at ``--fault-at`` s:
+through a TCP proxy this script controls), the Slack stand-in (``tests/support/slack_standin.py``), and the
+bot in its own process on the embedded classifier (``bench/bot_load.py``'s machinery: load, stand-in, bot
+process, reply tracking). ``--duration`` seconds of messages at ``--rate``; the fault starts at
+``--fault-at`` s:
 
 * ``kill``: ``kill -9`` of the bot, then a new bot process on the same port (with ``--slack-retries ""``
   Slack never redelivers what the dead bot missed: only the restarted bot's backfill can answer it);
@@ -25,7 +26,7 @@ after ``--slack-retries`` seconds (Slack: at once, after a minute, after five), 
 case: messages sent, acknowledged (some delivery answered 200), answered (a threaded reply reached the
 stand-in), lost (sent - answered: must be 0), duplicated (replies beyond one per message: must be 0), and
 whether the active model stayed untouched (``ACTIVE`` and every file of that version byte-identical).
-The model is a tiny BERT (tests/tiny_model.py) trained a few steps on the starter set: the figures are
+The model is a tiny BERT (tests/support/tiny_model.py) trained a few steps on the starter set: the figures are
 counts, not speeds. Output: a table on stdout, ``bench/out/faults.json``, the bot's warnings and errors per
 case in ``bench/out/faults_<case>.log``. ``--card-channel`` (card mode, as in ``bench/bot_load.py``): the
 answers counted are the cards in that channel. Not part of the test suite.
@@ -80,8 +81,8 @@ from bench.machine import cpu_name  # noqa: E402
 from bot.retrain import RunOptions, RunRequest, start_child  # noqa: E402
 from bot.storage.database import resolve_database_url  # noqa: E402
 from bot.storage.models import TrainingTrigger  # noqa: E402
-from tests.slack_standin import SlackStandIn  # noqa: E402
-from tests.tcp_proxy import TcpProxy  # noqa: E402
+from tests.support.slack_standin import SlackStandIn  # noqa: E402
+from tests.support.tcp_proxy import TcpProxy  # noqa: E402
 
 CASES = ("kill", "database", "classifier", "slack429", "diskfull")
 SLACK_ACK_TIMEOUT_S = 3.0
@@ -104,7 +105,7 @@ def build_model(data_dir: Path) -> str:
     from classifier.registry import Registry
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
-    from tests.tiny_model import make_tiny_bert
+    from tests.support.tiny_model import make_tiny_bert
 
     base = make_tiny_bert(data_dir.parent / "tiny-bert")
     examples, schema = load_examples([STARTER], LabelSchema())

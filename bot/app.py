@@ -28,7 +28,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import cards, home, review, shortcut
 from bot.blocks import DONE_ACTION, SET_ACTION_PREFIX
-from bot.commands import Commands
+from bot.commands import Commands, Later
 from bot.drift import DriftCollector
 from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
@@ -83,10 +83,27 @@ def is_new_customer_message(event: dict[str, Any]) -> bool:
 
 
 def build_app(settings: BotSettings, triage: Triage, commands: Commands, client: AsyncWebClient) -> AsyncApp:
+    """The Bolt app with every listener; the order matters where two match one event (the catch-all last)."""
+    app = _bolt_app(settings, client)
+    later = _background_runner(app)
+    _register_messages(app, settings, triage)
+    _register_reactions(app, triage, later)
+    home_page = home.register(app, triage, commands, later)  # app_home_opened: before the catch-all
+    _acknowledge_other_events(app)
+    _register_commands(app, commands, later)
+    _register_label_menus(app, triage, later)
+    cards.register(app, triage, commands.agents, later)
+    review.register(app, triage, commands.agents, commands.review, later, home_page.publish)
+    shortcut.register(app, triage, commands.agents, later)
+    app.error(_on_error)
+    return app
+
+
+def _bolt_app(settings: BotSettings, client: AsyncWebClient) -> AsyncApp:
     bolt_log = logging.getLogger("bot.bolt")
     if not any(isinstance(f, _TokenUnusedFilter) for f in bolt_log.filters):
         bolt_log.addFilter(_TokenUnusedFilter())
-    app = AsyncApp(
+    return AsyncApp(
         client=client,
         signing_secret=settings.slack_signing_secret.get_secret_value()
         if settings.slack_signing_secret
@@ -96,11 +113,14 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         process_before_response=True,
         logger=bolt_log,
     )
+
+
+def _background_runner(app: AsyncApp) -> Later:
+    """``later(coro, what)``: run slow work after the ack; errors are logged, never lost silently. The
+    running tasks are ``app.background_tasks``."""
     background: set[asyncio.Task[Any]] = set()
 
     def later(coro: Awaitable[Any], what: str) -> None:
-        """Run slow work after the ack; errors are logged, never lost silently."""
-
         async def guarded() -> None:
             try:
                 await coro
@@ -112,7 +132,10 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         task.add_done_callback(background.discard)
 
     app.background_tasks = background  # type: ignore[attr-defined]
+    return later
 
+
+def _register_messages(app: AsyncApp, settings: BotSettings, triage: Triage) -> None:
     life = MessageLife(triage)
 
     @app.event("message")
@@ -134,6 +157,10 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
             event_id=body.get("event_id"),
         )
         await triage.on_message(incoming)  # stored before the 200; classified by the work queue
+
+
+def _register_reactions(app: AsyncApp, triage: Triage, later: Later) -> None:
+    """Agents correct labels with emoji reactions (bot/reactions.py); removing one takes it back."""
 
     async def on_reaction(
         body: dict[str, Any], event: dict[str, Any], context: dict[str, Any], added: bool
@@ -166,13 +193,15 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     ) -> None:
         await on_reaction(body, event, context, added=False)
 
-    home_page = home.register(app, triage, commands, later)  # app_home_opened: before the catch-all
 
+def _acknowledge_other_events(app: AsyncApp) -> None:
     # Every other event is acknowledged with 200: Bolt would answer 404, which Slack retries.
     @app.event(re.compile(".*"))
     async def on_other_event() -> None:
         return None
 
+
+def _register_commands(app: AsyncApp, commands: Commands, later: Later) -> None:
     @app.command("/classify")
     async def classify(ack: Callable[..., Awaitable[None]], command: dict[str, Any], respond: Any) -> None:
         await commands.classify(ack, respond, command)
@@ -183,8 +212,11 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
     ) -> None:
         await commands.triage(ack, respond, command, later)
 
-    # FIX_ACTION (the reply's Fix labels) opens the modal: see bot/cards.py. Replies whose menus an
-    # earlier version opened in the channel still work:
+
+def _register_label_menus(app: AsyncApp, triage: Triage, later: Later) -> None:
+    """FIX_ACTION (the reply's Fix labels) opens the modal: see bot/cards.py. Replies whose menus an
+    earlier version opened in the channel still work."""
+
     @app.action(DONE_ACTION)
     async def done(ack: Callable[..., Awaitable[None]], action: dict[str, Any]) -> None:
         await ack()
@@ -215,20 +247,14 @@ def build_app(settings: BotSettings, triage: Triage, commands: Commands, client:
         if refresh is not None:
             later(triage.refresh_reply(refresh, menus_open=True), "reply update after a menu choice")
 
-    cards.register(app, triage, commands.agents, later)
-    review.register(app, triage, commands.agents, commands.review, later, home_page.publish)
-    shortcut.register(app, triage, commands.agents, later)
 
-    @app.error
-    async def on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
-        if isinstance(error, StorageUnavailable):  # logged by Triage, once per outage with its traceback
-            return BoltResponse(status=503, body="")  # Slack delivers the event again
-        log.exception(
-            "unhandled error in a Slack listener (%s)", escape_controls(body.get("type")), exc_info=error
-        )
-        return BoltResponse(status=500, body="")
-
-    return app
+async def _on_error(error: Exception, body: dict[str, Any]) -> BoltResponse:
+    if isinstance(error, StorageUnavailable):  # logged by Triage, once per outage with its traceback
+        return BoltResponse(status=503, body="")  # Slack delivers the event again
+    log.exception(
+        "unhandled error in a Slack listener (%s)", escape_controls(body.get("type")), exc_info=error
+    )
+    return BoltResponse(status=500, body="")
 
 
 def _int(value: Any) -> int | None:

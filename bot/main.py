@@ -15,8 +15,10 @@ from urllib.parse import urlsplit
 import aiohttp
 from aiohttp import web
 from pydantic import SecretStr
+from slack_bolt.async_app import AsyncApp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from bot.agents import Agents
 from bot.app import build_app, health_app, http_app
@@ -109,36 +111,13 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
 async def _start_bot(
     settings: BotSettings, reactions: ReactionMap | None, resources: contextlib.AsyncExitStack
 ) -> RunningBot:
-    url = resolve_database_url(settings.database_url)
-    if url.get_backend_name() == "sqlite":
-        # one connection: SQLite has one writer anyway, and its busy handler sleeps (up to 100 ms a try)
-        # when several connections compete, which made acknowledgements slow under load
-        engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
-    else:  # room for the workers and the listeners at once; beyond it a request waits, never loses a message
-        engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
-    _on_close(resources, "the database engine", engine.dispose)
-    try:
-        await check_schema(engine)
-    except Exception as exc:
-        raise StartupError(str(exc)) from exc
+    engine = await _open_database(settings, resources)
     sessions = create_session_factory(engine)
     registry = Registry(registry_dir())
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
         await _log_missing_heads(settings, registry)
     client = make_web_client(settings)
-    # embedded, the model leaves one core to the event loop, so acknowledgements stay fast under load
-    classifier = make_classifier(
-        settings.classifier_url,
-        _secret(settings.classifier_token),
-        admin_token=_secret(settings.classifier_admin_token),
-        engine_config=EngineConfig(
-            cpu_threads=spare_core_threads(),
-            backend=settings.classifier_backend,
-            quantize=settings.classifier_quantize,
-        ),
-        embedded=settings.triage_embedded_classifier,
-    )
-    _on_close(resources, "the classifier", classifier.close)
+    classifier = _classifier(settings, resources)
     # the classifier process loads the model while Slack is asked who we are
     auth = await _meanwhile(wait_for_slack(settings), _start_classifier(classifier))
     for line in await missing_invites(settings, client):
@@ -171,6 +150,59 @@ async def _start_bot(
     commands = Commands(settings, sessions, classifier, agents, retrainer)
     app = build_app(settings, triage, commands, client)
 
+    stop = _start_worker(triage, resources)
+    digest = Digest(settings, sessions, output, commands.review)
+    _start_schedule(settings, engine, sessions, retrainer, digest, triage, resources)
+    _on_close(resources, "the acknowledged work", lambda: _drain(app))
+    link = await _start_socket_mode(settings, app, resources) if settings.socket_mode else None
+    runner, port = await _serve_http(settings, app, triage, link, resources)
+    backfill = start_backfill(client, triage, auth, link, resources)
+    log.info(
+        "triage bot up (%s on port %s), bot user %s",
+        "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
+        port,
+        auth.get("user_id"),
+    )
+    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, resources, link, backfill)
+
+
+async def _open_database(settings: BotSettings, resources: contextlib.AsyncExitStack) -> AsyncEngine:
+    """The database engine, once the schema is known to be the one this code needs."""
+    url = resolve_database_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        # one connection: SQLite has one writer anyway, and its busy handler sleeps (up to 100 ms a try)
+        # when several connections compete, which made acknowledgements slow under load
+        engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+    else:  # room for the workers and the listeners at once; beyond it a request waits, never loses a message
+        engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
+    _on_close(resources, "the database engine", engine.dispose)
+    try:
+        await check_schema(engine)
+    except Exception as exc:
+        raise StartupError(str(exc)) from exc
+    return engine
+
+
+def _classifier(settings: BotSettings, resources: contextlib.AsyncExitStack) -> Classifier:
+    """The classifier server at CLASSIFIER_URL, or the embedded one (not started yet)."""
+    # embedded, the model leaves one core to the event loop, so acknowledgements stay fast under load
+    classifier = make_classifier(
+        settings.classifier_url,
+        _secret(settings.classifier_token),
+        admin_token=_secret(settings.classifier_admin_token),
+        engine_config=EngineConfig(
+            cpu_threads=spare_core_threads(),
+            backend=settings.classifier_backend,
+            quantize=settings.classifier_quantize,
+        ),
+        embedded=settings.triage_embedded_classifier,
+    )
+    _on_close(resources, "the classifier", classifier.close)
+    return classifier
+
+
+def _start_worker(triage: Triage, resources: contextlib.AsyncExitStack) -> asyncio.Event:
+    """The work queue that classifies and answers stored messages; the event that stops it."""
     stop = asyncio.Event()
     worker = asyncio.ensure_future(triage.run(stop))
 
@@ -179,29 +211,57 @@ async def _start_bot(
         await asyncio.wait_for(worker, timeout=10)
 
     _on_close(resources, "the triage worker", stop_worker)
+    return stop
+
+
+def _start_schedule(
+    settings: BotSettings,
+    engine: AsyncEngine,
+    sessions: async_sessionmaker[AsyncSession],
+    retrainer: Retrainer,
+    digest: Digest,
+    triage: Triage,
+    resources: contextlib.AsyncExitStack,
+) -> None:
+    """The scheduled jobs: retraining, the daily digest (bot/digest.py), drift checks (bot/drift.py)."""
     scheduler = build_scheduler(settings, engine, sessions, retrainer)
-    add_digest(scheduler, Digest(settings, sessions, output, commands.review))  # bot/digest.py
-    add_drift(scheduler, triage.drift)  # bot/drift.py
+    add_digest(scheduler, digest)
+    add_drift(scheduler, triage.drift)
     scheduler.start()
     _on_close(resources, "the scheduler", lambda: scheduler.shutdown(wait=False))
 
-    async def drain() -> None:  # let acknowledged work finish before the database goes away
-        tasks = list(getattr(app, "background_tasks", ()))
-        if tasks:
-            await asyncio.wait(tasks, timeout=20)
 
-    link: SocketModeLink | None = None
-    _on_close(resources, "the acknowledged work", drain)
-    if settings.socket_mode:
-        assert settings.slack_app_token is not None
-        link = SocketModeLink(
-            app,
-            settings.slack_app_token.get_secret_value(),
-            ping_interval_s=settings.triage_socket_ping_interval_s,
-            dead_after_s=settings.triage_socket_dead_after_s,
-        )
-        _on_close(resources, "the Socket Mode link", link.close)
-        await link.start()
+async def _drain(app: AsyncApp) -> None:
+    """Let acknowledged work finish before the database goes away."""
+    tasks = list(getattr(app, "background_tasks", ()))
+    if tasks:
+        await asyncio.wait(tasks, timeout=20)
+
+
+async def _start_socket_mode(
+    settings: BotSettings, app: AsyncApp, resources: contextlib.AsyncExitStack
+) -> SocketModeLink:
+    assert settings.slack_app_token is not None
+    link = SocketModeLink(
+        app,
+        settings.slack_app_token.get_secret_value(),
+        ping_interval_s=settings.triage_socket_ping_interval_s,
+        dead_after_s=settings.triage_socket_dead_after_s,
+    )
+    _on_close(resources, "the Socket Mode link", link.close)
+    await link.start()
+    return link
+
+
+async def _serve_http(
+    settings: BotSettings,
+    app: AsyncApp,
+    triage: Triage,
+    link: SocketModeLink | None,
+    resources: contextlib.AsyncExitStack,
+) -> tuple[web.AppRunner, int]:
+    """Slack's events over HTTP (or, in Socket Mode, only /healthz and /metrics); the runner and its port."""
+    if link is not None:
         web_app = health_app(triage, link.health)  # Slack talks over the link; HTTP: /healthz, /metrics
     else:
         assert settings.slack_signing_secret is not None  # required in HTTP mode (settings)
@@ -214,14 +274,7 @@ async def _start_bot(
     server = getattr(site, "_server", None)
     sockets = getattr(server, "sockets", None) or []
     port = sockets[0].getsockname()[1] if sockets else settings.port
-    backfill = start_backfill(client, triage, auth, link, resources)
-    log.info(
-        "triage bot up (%s on port %s), bot user %s",
-        "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
-        port,
-        auth.get("user_id"),
-    )
-    return RunningBot(settings, triage, commands, retrainer, runner, port, stop, resources, link, backfill)
+    return runner, port
 
 
 def start_backfill(

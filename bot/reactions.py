@@ -91,8 +91,5 @@ class ReactionMap:
         # skin tones arrive as "thumbsup::skin-tone-2"; the base emoji decides
         return self.actions.get(reaction.split("::", 1)[0])
 
-    def emoji_for(self, head: str, label: str) -> str | None:
-        return next((e for e, a in self.actions.items() if a.head == head and a.label == label), None)
-
     def confirm_emoji(self) -> str | None:
         return next((e for e, a in self.actions.items() if a.confirms), None)

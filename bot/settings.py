@@ -13,7 +13,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from bot.retrain import Acceptance, RunOptions
@@ -59,14 +59,37 @@ ENV_CONFIG = SettingsConfigDict(
 )
 
 
-class RetrainSettings(BaseSettings):
-    """What a retraining run is asked to do. Every entry point that starts one (the bot, its schedule,
-    `/triage retrain`, `triage retrain`) builds the run's options from these; the defaults are the
-    gate's and the acceptance rule's own."""
+def _stripped(value: Any) -> Any:
+    # Secrets mounted from files often end with a newline; a blank variable means "not set".
+    return (value.strip() or None) if isinstance(value, str) else value
+
+
+OptionalSecret = Annotated[SecretStr | None, BeforeValidator(_stripped)]
+
+
+class DatabaseSettings(BaseSettings):
+    """``DATABASE_URL``, for every command that opens the database (``resolve_database_url`` validates it)."""
 
     model_config = ENV_CONFIG
 
     database_url: str | None = None  # default: SQLite in the data directory
+
+
+class UpSettings(BaseSettings):
+    """What `triage up` reads before it knows whether to start a bot (it starts one with a bot token)."""
+
+    model_config = ENV_CONFIG
+
+    slack_bot_token: OptionalSecret = None
+    classifier_token: OptionalSecret = None  # default: one generated once, kept in the data directory
+    classifier_admin_token: OptionalSecret = None  # default: a new one for the bot, each run
+
+
+class RetrainSettings(DatabaseSettings):
+    """What a retraining run is asked to do. Every entry point that starts one (the bot, its schedule,
+    `/triage retrain`, `triage retrain`) builds the run's options from these; the defaults are the
+    gate's and the acceptance rule's own."""
+
     # the backend that serves the model (as `triage serve` reads them): the in-process engine runs on it
     # and the retraining gate judges candidates on it
     classifier_backend: Backend = Gate.backend

@@ -18,7 +18,7 @@ from pathlib import Path
 import typer
 from pydantic import SecretStr
 
-from bot.settings import BotSettings
+from bot.settings import BotSettings, UpSettings
 from classifier.child import ClassifierProcess, ClassifierStartError, spare_core_threads
 from classifier.paths import STARTER_DATA, data_dir, registry_dir
 from classifier.registry import Registry
@@ -67,9 +67,9 @@ def token_file() -> Path:
 
 def classifier_token() -> str:
     """``CLASSIFIER_TOKEN``, or one generated once and kept (owner-only) in the data directory."""
-    token = os.environ.get("CLASSIFIER_TOKEN", "").strip()
+    token = UpSettings().classifier_token
     if token:
-        return token
+        return token.get_secret_value()
     path = token_file()
     if path.is_file():
         return path.read_text(encoding="utf-8").strip()
@@ -86,11 +86,16 @@ async def run_up(host: str, port: int) -> None:
     from bot.main import RunningBot, StartupError, start_bot, until_stopped
     from bot.settings import settings_or_exit
 
-    settings = settings_or_exit() if os.environ.get("SLACK_BOT_TOKEN") else None
+    configured = UpSettings()
+    settings = settings_or_exit() if configured.slack_bot_token else None
     token = classifier_token()
-    token_source = "CLASSIFIER_TOKEN" if os.environ.get("CLASSIFIER_TOKEN", "").strip() else token_file()
+    token_source = "CLASSIFIER_TOKEN" if configured.classifier_token else token_file()
     # the bot's own, for /triage models and rollback, unless the operator set one for everyone
-    admin_token = os.environ.get("CLASSIFIER_ADMIN_TOKEN", "").strip() or secrets.token_urlsafe(24)
+    admin_token = (
+        configured.classifier_admin_token.get_secret_value()
+        if configured.classifier_admin_token
+        else secrets.token_urlsafe(24)
+    )
     classifier = ClassifierProcess(
         host=host,
         port=port,

@@ -12,6 +12,7 @@ import json
 import warnings
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -122,8 +123,9 @@ def evaluate(
     probabilities come from that ONNX Runtime session of the model instead of ``model`` itself."""
     schema: LabelSchema = model.schema
     out = EvalFiles(out_dir) if out_dir is not None else None
-    texts = [ex.text for ex in examples]
-    uncalibrated = probabilities(model, tokenizer, texts, max_length, device, progress, onnx)
+    uncalibrated = probabilities(
+        model, tokenizer, [ex.text for ex in examples], max_length, device, progress, onnx
+    )
     probs = calibrate(uncalibrated, temperatures or {})
     report: dict[str, Any] = {
         "model_version": model_version,
@@ -133,71 +135,122 @@ def evaluate(
     }
     wrong: list[dict[str, Any]] = []
     for head, labels in schema.heads.items():
-        rows = [i for i, ex in enumerate(examples) if ex.labels.get(head) in labels]
-        unknown = Counter(
-            ex.labels[head] for ex in examples if head in ex.labels and ex.labels[head] not in labels
-        )
+        unknown = _unknown_labels(examples, head, labels)
         if unknown:  # the model cannot predict these labels: judging it on them says nothing
-            report["left_out"][head] = dict(unknown.most_common())
+            report["left_out"][head] = unknown
+        rows = [i for i, ex in enumerate(examples) if ex.labels.get(head) in labels]
         if not rows:
             continue
-        y_true = np.array([labels.index(examples[i].labels[head]) for i in rows])
-        head_probs = probs[head][rows]
-        metrics = head_metrics(y_true, head_probs, labels)
+        judged = _JudgedHead(
+            head,
+            labels,
+            y_true=np.array([labels.index(examples[i].labels[head]) for i in rows]),
+            probs=probs[head][rows],
+            raw_confidence=uncalibrated[head][rows].max(axis=1),
+        )
+        metrics = _head_report(judged, (temperatures or {}).get(head, 1.0), unsure_below, with_rows)
         report["heads"][head] = metrics
-        y_pred = head_probs.argmax(axis=1)
-        correct = (y_pred == y_true).astype(float)
-        raw_confidence = uncalibrated[head][rows].max(axis=1)
-        metrics["temperature"] = (temperatures or {}).get(head, 1.0)
-        metrics["ece_uncalibrated"] = expected_calibration_error(raw_confidence, correct)
-        metrics["mean_confidence_uncalibrated"] = float(raw_confidence.mean())
-        metrics["by_confidence"] = accuracy_by_confidence(head_probs.max(axis=1), correct, unsure_below)
-        if with_rows:
-            metrics["rows"] = {
-                "true": [labels[t] for t in y_true],
-                "predicted": [labels[p] for p in y_pred],
-            }
-        for k, i in enumerate(rows):
-            if y_pred[k] != y_true[k]:
-                wrong.append(
-                    {
-                        "text": examples[i].text,
-                        "head": head,
-                        "true": labels[y_true[k]],
-                        "predicted": labels[y_pred[k]],
-                        "confidence": round(float(head_probs[k].max()), 4),
-                        "source": examples[i].source,
-                    }
-                )
+        wrong += _wrong_predictions(judged, [examples[i] for i in rows])
         if out is not None:
-            out.folder.mkdir(parents=True, exist_ok=True)
-            confidence = head_probs.max(axis=1)
-            plots.confusion_matrix_png(
-                np.array(metrics["confusion_matrix"]["matrix"]),
-                labels,
-                f"{head}: confusion matrix (n={len(rows)})",
-                out.confusion_png(head),
-            )
-            plots.reliability_png(
-                calibration_bins(confidence, correct),
-                f"{head}: reliability (ECE {metrics['ece_uncalibrated']:.3f} → {metrics['ece']:.3f}, "
-                f"T={metrics['temperature']:.2f})",
-                out.reliability_png(head),
-                uncalibrated=calibration_bins(raw_confidence, correct),
-            )
-            curves = _roc_curves(y_true, head_probs, labels)
-            if curves:
-                plots.roc_png(curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out.roc_png(head))
+            _plot_head(judged, metrics, out)
     report["macro_f1_mean"] = mean_macro_f1(report)
     if out is not None:
-        out.metrics.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        with open(out.wrong_predictions, "w", newline="", encoding="utf-8") as fh:
-            writer = csv.DictWriter(
-                fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"]
-            )
-            writer.writeheader()
-            writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
+        _write_report(report, wrong, out)
     return report
+
+
+@dataclass
+class _JudgedHead:
+    """One head on the rows labeled for it: the true class ids, the served (calibrated) probabilities, and
+    the confidence before calibration."""
+
+    head: str
+    labels: Sequence[str]
+    y_true: np.ndarray
+    probs: np.ndarray
+    raw_confidence: np.ndarray
+
+    @property
+    def y_pred(self) -> np.ndarray:
+        return self.probs.argmax(axis=1)
+
+    @property
+    def correct(self) -> np.ndarray:
+        return (self.y_pred == self.y_true).astype(float)
+
+
+def _unknown_labels(examples: Sequence[Example], head: str, labels: Sequence[str]) -> dict[str, int]:
+    """Labels of ``head`` in the data that the model does not know, by count."""
+    unknown = Counter(
+        ex.labels[head] for ex in examples if head in ex.labels and ex.labels[head] not in labels
+    )
+    return dict(unknown.most_common())
+
+
+def _head_report(
+    judged: _JudgedHead, temperature: float, unsure_below: float, with_rows: bool
+) -> dict[str, Any]:
+    """The head's metrics, its calibration before and after scaling, and (``with_rows``) each row's labels."""
+    metrics = head_metrics(judged.y_true, judged.probs, judged.labels)
+    metrics["temperature"] = temperature
+    metrics["ece_uncalibrated"] = expected_calibration_error(judged.raw_confidence, judged.correct)
+    metrics["mean_confidence_uncalibrated"] = float(judged.raw_confidence.mean())
+    metrics["by_confidence"] = accuracy_by_confidence(judged.probs.max(axis=1), judged.correct, unsure_below)
+    if with_rows:
+        metrics["rows"] = {
+            "true": [judged.labels[t] for t in judged.y_true],
+            "predicted": [judged.labels[p] for p in judged.y_pred],
+        }
+    return metrics
+
+
+def _wrong_predictions(judged: _JudgedHead, examples: Sequence[Example]) -> list[dict[str, Any]]:
+    """The rows (``examples``: those the head was judged on, in order) the head got wrong."""
+    labels, y_pred = judged.labels, judged.y_pred
+    return [
+        {
+            "text": ex.text,
+            "head": judged.head,
+            "true": labels[judged.y_true[k]],
+            "predicted": labels[y_pred[k]],
+            "confidence": round(float(judged.probs[k].max()), 4),
+            "source": ex.source,
+        }
+        for k, ex in enumerate(examples)
+        if y_pred[k] != judged.y_true[k]
+    ]
+
+
+def _plot_head(judged: _JudgedHead, metrics: dict[str, Any], out: EvalFiles) -> None:
+    """The head's confusion matrix, reliability diagram (before and after scaling) and ROC curves."""
+    head, labels = judged.head, judged.labels
+    out.folder.mkdir(parents=True, exist_ok=True)
+    plots.confusion_matrix_png(
+        np.array(metrics["confusion_matrix"]["matrix"]),
+        labels,
+        f"{head}: confusion matrix (n={len(judged.y_true)})",
+        out.confusion_png(head),
+    )
+    plots.reliability_png(
+        calibration_bins(judged.probs.max(axis=1), judged.correct),
+        f"{head}: reliability (ECE {metrics['ece_uncalibrated']:.3f} → {metrics['ece']:.3f}, "
+        f"T={metrics['temperature']:.2f})",
+        out.reliability_png(head),
+        uncalibrated=calibration_bins(judged.raw_confidence, judged.correct),
+    )
+    curves = _roc_curves(judged.y_true, judged.probs, labels)
+    if curves:
+        plots.roc_png(curves, f"{head}: ROC (AUC {metrics['roc_auc']:.3f})", out.roc_png(head))
+
+
+def _write_report(report: dict[str, Any], wrong: list[dict[str, Any]], out: EvalFiles) -> None:
+    """metrics.json, and the wrong predictions as CSV, most confident first."""
+    out.folder.mkdir(parents=True, exist_ok=True)
+    out.metrics.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    with open(out.wrong_predictions, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["head", "true", "predicted", "confidence", "text", "source"])
+        writer.writeheader()
+        writer.writerows(sorted(wrong, key=lambda w: -w["confidence"]))
 
 
 def probabilities(

@@ -18,9 +18,15 @@ def default_data_dir() -> Path:
     return Path(platformdirs.user_data_dir("triage", appauthor=False))
 
 
+def _configured_data_dir() -> str:
+    """``TRIAGE_DATA_DIR``, or "" when unset: the one place it is read (here, not in the bot's settings, so
+    that the classifier and its child processes find the same directory without them)."""
+    return os.environ.get(DATA_DIR_ENV, "").strip()
+
+
 def data_dir_location() -> Path:
     """The data directory (``TRIAGE_DATA_DIR``, else ``default_data_dir()``), without creating it."""
-    configured = os.environ.get(DATA_DIR_ENV, "").strip()
+    configured = _configured_data_dir()
     return Path(configured).expanduser().resolve() if configured else default_data_dir()
 
 
@@ -34,7 +40,7 @@ def data_dir() -> Path:
 def describe_data_dir() -> str:
     """One line for the start of every command: which data directory it uses, and why that one."""
     path = data_dir_location()
-    if os.environ.get(DATA_DIR_ENV, "").strip():
+    if _configured_data_dir():
         return f"data directory: {path} (from {DATA_DIR_ENV})"
     line = f"data directory: {path} (the default; set {DATA_DIR_ENV} to use another)"
     old = Path("data").resolve()  # the old default: relative to the current folder

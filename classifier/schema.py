@@ -51,10 +51,6 @@ class LabelSchema:
             if any(not isinstance(label, str) or not label.strip() for label in labels):
                 raise SchemaError(f"head {head!r} has an empty label")
 
-    @property
-    def head_names(self) -> list[str]:
-        return list(self.heads)
-
     def validate_trainable(self) -> None:
         """Every head needs at least two labels to be a classifier."""
         for head, labels in self.heads.items():

@@ -129,16 +129,17 @@ class ServerSettings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)
     version: str | None = None  # serve this version (pinned) instead of following ACTIVE
-    device: str = "auto"
-    cpu_threads: int | None = Field(None, ge=1)
-    compile: bool = False
-    bf16: bool | None = None  # None: on for CUDA, off for the CPU
-    backend: Backend = "auto"  # auto: onnx (ONNX Runtime) on the CPU, torch on CUDA
-    quantize: Quantize = "auto"  # onnx only; auto: int8 when the version's held-out check allows it
-    max_batch_tokens: int | None = Field(None, ge=16)  # None: 2048 on CPU, 16384 on CUDA
-    max_wait_ms: float = Field(5.0, ge=0, le=1000)
-    queue_size: int = Field(2048, ge=MAX_TEXTS)
-    poll_interval_s: float = Field(5.0, ge=0)  # 0: do not follow the registry's ACTIVE pointer
+    # how the engine runs: EngineConfig's fields and defaults (their meaning is documented there)
+    device: str = EngineConfig.device
+    cpu_threads: int | None = Field(EngineConfig.cpu_threads, ge=1)
+    compile: bool = EngineConfig.compile
+    bf16: bool | None = EngineConfig.bf16
+    backend: Backend = EngineConfig.backend
+    quantize: Quantize = EngineConfig.quantize
+    max_batch_tokens: int | None = Field(EngineConfig.max_batch_tokens, ge=16)
+    max_wait_ms: float = Field(EngineConfig.max_wait_ms, ge=0, le=1000)
+    queue_size: int = Field(EngineConfig.queue_size, ge=MAX_TEXTS)
+    poll_interval_s: float = Field(EngineConfig.poll_interval_s or 0.0, ge=0)  # 0: do not follow ACTIVE
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # 256 texts x 20,000 chars, with JSON escapes
     request_timeout_s: float = Field(30.0, gt=0)
     shutdown_timeout_s: float = Field(30.0, ge=0)  # how long in-flight requests may finish on SIGTERM
@@ -655,11 +656,22 @@ def run_server(settings: ServerSettings, *, no_auth: bool = False, registry: Reg
     asyncio.run(serve(settings, no_auth=no_auth, registry=registry))
 
 
+def _default(name: str) -> str:
+    """What an option falls back to when neither it nor its CLASSIFIER_* variable is set: the setting's own
+    default (for the engine's settings, EngineConfig's), shown in --help."""
+    return str(ServerSettings.model_fields[name].default)
+
+
+# Every option defaults to None, "not given", so that the CLASSIFIER_* variable (or else the setting's own
+# default, shown in brackets) applies.
 def serve_command(
     host: Annotated[
-        str | None, typer.Option(help="Interface to listen on [env CLASSIFIER_HOST; 127.0.0.1]")
+        str | None,
+        typer.Option(help="Interface to listen on (env CLASSIFIER_HOST)", show_default=_default("host")),
     ] = None,
-    port: Annotated[int | None, typer.Option(help="Port [env CLASSIFIER_PORT; 8080]")] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port (env CLASSIFIER_PORT)", show_default=_default("port"))
+    ] = None,
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Serve without tokens (local experiments only)")
     ] = False,
@@ -670,49 +682,75 @@ def serve_command(
         ),
     ] = None,
     device: Annotated[
-        str | None, typer.Option(help="auto, cpu, cuda or cuda:N [env CLASSIFIER_DEVICE]")
+        str | None,
+        typer.Option(
+            help="auto, cpu, cuda or cuda:N (env CLASSIFIER_DEVICE)", show_default=_default("device")
+        ),
     ] = None,
     cpu_threads: Annotated[
         int | None, typer.Option(help="Torch CPU threads.", show_default="torch's choice")
     ] = None,
     compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model at load time")
+        bool | None,
+        typer.Option(
+            "--compile/--no-compile",
+            help="torch.compile the model at load time",
+            show_default=f"--{'' if EngineConfig.compile else 'no-'}compile",
+        ),
     ] = None,
     bf16: Annotated[
         bool | None,
         typer.Option(
-            "--bf16/--no-bf16", help="bf16 autocast [on for CUDA; on CPUs only with AVX512-BF16/AMX]"
+            "--bf16/--no-bf16",
+            help="bf16 autocast",
+            show_default="on for CUDA; on CPUs only with AVX512-BF16/AMX",
         ),
     ] = None,
     backend: Annotated[
         str | None,
         typer.Option(
-            help="torch, onnx (ONNX Runtime, CPU) or auto: onnx on the CPU [env CLASSIFIER_BACKEND]"
+            help="torch, onnx (ONNX Runtime, CPU) or auto: onnx on the CPU (env CLASSIFIER_BACKEND)",
+            show_default=_default("backend"),
         ),
     ] = None,
     quantize: Annotated[
         str | None,
         typer.Option(
             help="onnx precision: none, int8, or auto: int8 when it costs at most 0.5 points of held-out "
-            "accuracy [env CLASSIFIER_QUANTIZE]"
+            "accuracy (env CLASSIFIER_QUANTIZE)",
+            show_default=_default("quantize"),
         ),
     ] = None,
     max_batch_tokens: Annotated[
-        int | None, typer.Option(help="Padded tokens per forward pass [2048 on CPU, 16384 on CUDA]")
+        int | None,
+        typer.Option(help="Padded tokens per forward pass", show_default="2048 on CPU, 16384 on CUDA"),
     ] = None,
     max_wait_ms: Annotated[
-        float | None, typer.Option(help="How long a request waits to be batched [5]")
+        float | None,
+        typer.Option(help="How long a request waits to be batched", show_default=_default("max_wait_ms")),
     ] = None,
-    queue_size: Annotated[int | None, typer.Option(help="Texts queued before 503 overload [2048]")] = None,
+    queue_size: Annotated[
+        int | None, typer.Option(help="Texts queued before 503 overload", show_default=_default("queue_size"))
+    ] = None,
     poll_interval: Annotated[
         float | None,
-        typer.Option(help="Seconds between checks of the registry's ACTIVE pointer; 0 disables [5]"),
+        typer.Option(
+            help="Seconds between checks of the registry's ACTIVE pointer; 0 disables",
+            show_default=_default("poll_interval_s"),
+        ),
     ] = None,
     request_timeout: Annotated[
-        float | None, typer.Option(help="Seconds before a classify call gives up [30]")
+        float | None,
+        typer.Option(
+            help="Seconds before a classify call gives up", show_default=_default("request_timeout_s")
+        ),
     ] = None,
     shutdown_timeout: Annotated[
-        float | None, typer.Option(help="Seconds in-flight requests may take to finish on SIGTERM [30]")
+        float | None,
+        typer.Option(
+            help="Seconds in-flight requests may take to finish on SIGTERM",
+            show_default=_default("shutdown_timeout_s"),
+        ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
 ) -> None:

@@ -13,7 +13,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,9 @@ import numpy as np
 import torch
 from sklearn.utils.class_weight import compute_class_weight
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from tqdm import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import BatchEncoding, get_linear_schedule_with_warmup
 
 from classifier.calibration import fit_temperatures
 from classifier.data import Example, label_counts, split_examples, write_jsonl
@@ -136,6 +137,62 @@ def _log_run(record: dict[str, Any]) -> None:
         fh.write(json.dumps(record, default=str) + "\n")
 
 
+@dataclass
+class _Start:
+    """The model training starts from, with its tokenizer and the schema it will learn."""
+
+    model: MultiHeadClassifier
+    tokenizer: Any
+    schema: LabelSchema
+    base_name: str  # the base checkpoint, recorded with the version
+
+
+@dataclass
+class _Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+    @property
+    def for_selection(self) -> list[Example]:
+        """Where the best epoch is chosen (and temperatures fitted): validation, else the training rows."""
+        return self.validation or self.train
+
+    @property
+    def reported(self) -> str:
+        """The split the version's report is measured on: test, else the next one that has rows."""
+        return "test" if self.test else ("validation" if self.validation else "train")
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test)}
+
+
+@dataclass
+class _Encoded:
+    """The training split tokenized once, without padding (each batch is padded on its own), and each
+    head's label ids (``IGNORE`` where a row has no label for the head)."""
+
+    encoding: BatchEncoding
+    lengths: list[int]
+    label_ids: dict[str, torch.Tensor]
+    class_weights: dict[str, torch.Tensor] | None
+
+
+@dataclass
+class _Progress:
+    """Where a run stands: optimizer steps so far, the best epoch (its weights, on the CPU) and each epoch's
+    record."""
+
+    run_id: str
+    started: float
+    step: int = 0
+    best_score: float = -1.0
+    best_epoch: int = 0
+    best_state: dict[str, torch.Tensor] | None = None
+    stale: int = 0  # epochs since the last gain
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
 def train(
     examples: Sequence[Example],
     schema: LabelSchema,
@@ -151,58 +208,104 @@ def train(
     schema.validate_trainable()
     seed_everything(config.seed)
     device = resolve_device(config.device)
-    run_id = uuid.uuid4().hex[:12]
-    started = time.time()
+    run = _Progress(run_id=uuid.uuid4().hex[:12], started=time.time())
 
-    # 1. model: fresh on the base checkpoint, or warm-started from a registry version
-    if config.init_from:
-        parent_info = registry.get(config.init_from)
-        parent_dir = Path(parent_info.path)
-        parent, _, _ = MultiHeadClassifier.load(parent_dir)
-        schema = merge_schema(parent.schema, schema)
-        model, tokenizer = MultiHeadClassifier.from_base(
-            parent_dir / "encoder",
-            schema,
-            pooling=parent.pooling,
-            dropout=config.dropout,
-            tokenizer_dir=parent_dir / "tokenizer",
-        )
-        model.warm_start_from(parent)  # heads, label by label
-        base_name = parent_info.base_model
-    else:
+    start = _starting_model(config, schema, registry)
+    start.model.to(device)
+    splits = _split(examples, config, start.schema)
+    config = replace(
+        config, max_length=_max_length(config, start.model, start.tokenizer, splits.train, progress)
+    )
+    encoded = _encode(splits.train, start, config, device)
+    optimizer, scheduler = _optimizer(start.model, config, len(splits.train))
+    _log_run(
+        {
+            "event": "start",
+            "time": run.started,
+            "run_id": run.run_id,
+            "config": asdict(config),
+            "schema": start.schema.to_dict(),
+            "device": str(device),
+            "examples": splits.sizes(),
+        }
+    )
+    _fit(start, encoded, splits, config, optimizer, scheduler, device, run, progress, on_progress)
+
+    assert run.best_state is not None
+    start.model.load_state_dict(run.best_state)
+    start.model.eval()
+    version, report = _save_version(
+        start, examples, splits, config, registry, run, device, data_info, activate_if_first, progress
+    )
+    _log_run(
+        {
+            "event": "end",
+            "run_id": run.run_id,
+            "version": version.name,
+            "seconds": time.time() - run.started,
+            "best_epoch": run.best_epoch,
+            "test": summary(report)["heads"],
+        }
+    )
+    return TrainResult(version=version, report=report, history=run.history)
+
+
+def _starting_model(config: TrainConfig, schema: LabelSchema, registry: Registry) -> _Start:
+    """Fresh on the base checkpoint, or warm-started from a registry version (whose heads and labels the
+    new schema keeps)."""
+    if not config.init_from:
         base_path = Path(config.base_model) if config.base_model else default_base_model()
         model, tokenizer = MultiHeadClassifier.from_base(
             base_path, schema, pooling=config.pooling, dropout=config.dropout
         )
-        base_name = str(base_path)
-    model.to(device)
+        return _Start(model, tokenizer, schema, str(base_path))
+    parent_info = registry.get(config.init_from)
+    parent_dir = Path(parent_info.path)
+    parent, _, _ = MultiHeadClassifier.load(parent_dir)
+    schema = merge_schema(parent.schema, schema)
+    model, tokenizer = MultiHeadClassifier.from_base(
+        parent_dir / "encoder",
+        schema,
+        pooling=parent.pooling,
+        dropout=config.dropout,
+        tokenizer_dir=parent_dir / "tokenizer",
+    )
+    model.warm_start_from(parent)  # heads, label by label
+    return _Start(model, tokenizer, schema, parent_info.base_model)
 
-    # 2. split: stratified by the first head's label, ranked by text hash within each class, so a test text
-    # stays a test text in later runs (as far as the class cuts allow)
+
+def _split(examples: Sequence[Example], config: TrainConfig, schema: LabelSchema) -> _Splits:
+    """Stratified by the first head's label, ranked by text hash within each class, so a test text stays a
+    test text in later runs (as far as the class cuts allow)."""
     splits = split_examples(examples, config.split, config.split_salt, heads=list(schema.heads))
-    train_set, val_set, test_set = splits["train"], splits["validation"], splits["test"]
-    if not train_set:
+    if not splits["train"]:
         raise ValueError("no training examples after the split; add data")
-    val_for_selection = val_set or train_set
-    test_for_report = test_set or val_set or train_set
+    return _Splits(splits["train"], splits["validation"], splits["test"])
 
-    # 3. tokenize once, without padding; pad per batch (dynamic padding)
-    config = replace(config, max_length=_max_length(config, model, tokenizer, train_set, progress))
-    enc = tokenizer([ex.text for ex in train_set], truncation=True, max_length=config.max_length)
-    lengths = [len(ids) for ids in enc["input_ids"]]
+
+def _encode(
+    train_set: Sequence[Example], start: _Start, config: TrainConfig, device: torch.device
+) -> _Encoded:
+    encoding = start.tokenizer([ex.text for ex in train_set], truncation=True, max_length=config.max_length)
     label_ids = {
         h: torch.tensor(
             [labels.index(ex.labels[h]) if ex.labels.get(h) in labels else IGNORE for ex in train_set]
         )
-        for h, labels in schema.heads.items()
+        for h, labels in start.schema.heads.items()
     }
     class_weights = (
-        {h: balanced_class_weights(y, len(schema.heads[h])).to(device) for h, y in label_ids.items()}
+        {h: balanced_class_weights(y, len(start.schema.heads[h])).to(device) for h, y in label_ids.items()}
         if config.class_weighting == "balanced"
         else None
     )
+    return _Encoded(encoding, [len(ids) for ids in encoding["input_ids"]], label_ids, class_weights)
 
-    # 4. optimiser and schedule
+
+def _optimizer(
+    model: MultiHeadClassifier, config: TrainConfig, train_rows: int
+) -> tuple[torch.optim.AdamW, LambdaLR]:
+    """AdamW (no weight decay on biases and norms; the heads at their own rate), with linear warmup and
+    decay over the run's steps."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     head_lr = config.head_learning_rate or config.learning_rate
     groups = [
@@ -219,70 +322,45 @@ def train(
         {"params": list(model.heads.parameters()), "weight_decay": config.weight_decay, "lr": head_lr},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.learning_rate)
-    steps_per_epoch = math.ceil(len(train_set) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = math.ceil(train_rows / config.batch_size) * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(config.warmup_ratio * total_steps), total_steps
     )
+    return optimizer, scheduler
 
-    record = {
-        "run_id": run_id,
-        "config": asdict(config),
-        "schema": schema.to_dict(),
-        "device": str(device),
-        "examples": {"train": len(train_set), "validation": len(val_set), "test": len(test_set)},
-    }
-    _log_run({"event": "start", "time": started, **record})
+
+def _fit(
+    start: _Start,
+    encoded: _Encoded,
+    splits: _Splits,
+    config: TrainConfig,
+    optimizer: torch.optim.AdamW,
+    scheduler: LambdaLR,
+    device: torch.device,
+    run: _Progress,
+    progress: bool,
+    on_progress: ProgressFn | None,
+) -> None:
+    """Epochs until the last, ``max_steps``, or ``patience`` epochs without a validation gain; ``run``
+    keeps the best epoch's weights."""
     rng = random.Random(config.seed)
-    best_score, best_state, best_epoch, stale = -1.0, None, 0, 0
-    history: list[dict[str, Any]] = []
-    step = 0
     for epoch in range(1, config.epochs + 1):
-        model.train()
-        epoch_start, seen, loss_sum = time.time(), 0, 0.0
-        batches = length_grouped_batches(lengths, config.batch_size, rng)
-        bar = tqdm(
-            batches,
-            desc=f"epoch {epoch}/{config.epochs}",
-            unit="batch",
-            disable=not progress,
-            dynamic_ncols=True,
+        epoch_start = time.time()
+        seen, loss_sum = _train_epoch(
+            start, encoded, config, optimizer, scheduler, device, run, epoch, rng, progress
         )
-        for idx in bar:
-            batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
-            batch = {k: v.to(device) for k, v in batch.items()}
-            targets = {h: y[idx].to(device) for h, y in label_ids.items()}
-            with autocast_context(device):
-                logits = model(**batch)
-            loss = masked_loss(logits, targets, class_weights)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            seen += len(idx)
-            loss_sum += loss.item() * len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
-            if config.max_steps and step >= config.max_steps:
-                break
-        bar.close()
         train_seconds = time.time() - epoch_start
         val_report = evaluate(
-            model,
-            tokenizer,
-            val_for_selection,
-            config.max_length,
-            device=device,
+            start.model, start.tokenizer, splits.for_selection, config.max_length, device=device
         )
         score = mean_macro_f1(val_report)
         entry = {
             "event": "epoch",
-            "run_id": run_id,
+            "run_id": run.run_id,
             "epoch": epoch,
-            "step": step,
+            "step": run.step,
             "train_loss": loss_sum / max(seen, 1),
             "train_seconds": round(train_seconds, 3),
             "samples_per_s": round(seen / max(train_seconds, 1e-9), 2),
@@ -292,50 +370,123 @@ def train(
                 for h, m in val_report["heads"].items()
             },
         }
-        history.append(entry)
+        run.history.append(entry)
         _log_run(entry)
-        improved = score > best_score
-        if improved:
-            best_score, best_epoch, stale = score, epoch, 0
-            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-        else:
-            stale += 1
-        elapsed = time.time() - started
-        if progress:
-            tqdm.write(
-                f"epoch {epoch}: loss {entry['train_loss']:.4f}, validation macro-F1 {score:.4f}"
-                f"{' (best)' if improved else ''}, {entry['samples_per_s']:.1f} samples/s"
-            )
-        if on_progress:
-            on_progress(
-                {
-                    "epoch": epoch,
-                    "epochs": config.epochs,
-                    "val_macro_f1": score,
-                    "elapsed_s": elapsed,
-                    "eta_s": elapsed / epoch * (config.epochs - epoch),
-                }
-            )
-        if config.max_steps and step >= config.max_steps:
+        improved = _keep_if_best(start.model, run, epoch, score)
+        _report_epoch(entry, config, run, improved, progress, on_progress)
+        if config.max_steps and run.step >= config.max_steps:
             break
-        if config.patience and stale >= config.patience:
+        if config.patience and run.stale >= config.patience:
             if progress:
-                tqdm.write(f"early stopping: no gain for {stale} epoch(s); best epoch {best_epoch}")
+                tqdm.write(f"early stopping: no gain for {run.stale} epoch(s); best epoch {run.best_epoch}")
             break
 
-    # 5. best checkpoint → temperatures fitted on the validation split → test report → registry version
-    # (staged, then renamed atomically)
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    val_probs = probabilities(model, tokenizer, [ex.text for ex in val_set], config.max_length, device)
-    temperatures = fit_temperatures(schema, val_set, val_probs)
+
+def _train_epoch(
+    start: _Start,
+    encoded: _Encoded,
+    config: TrainConfig,
+    optimizer: torch.optim.AdamW,
+    scheduler: LambdaLR,
+    device: torch.device,
+    run: _Progress,
+    epoch: int,
+    rng: random.Random,
+    progress: bool,
+) -> tuple[int, float]:
+    """One pass over the training split in length-grouped batches (stopping at ``max_steps``); the rows
+    seen and their summed loss."""
+    model, tokenizer, enc = start.model, start.tokenizer, encoded.encoding
+    model.train()
+    seen, loss_sum = 0, 0.0
+    batches = length_grouped_batches(encoded.lengths, config.batch_size, rng)
+    bar = tqdm(
+        batches, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not progress, dynamic_ncols=True
+    )
+    for idx in bar:
+        batch = tokenizer.pad({k: [enc[k][i] for i in idx] for k in enc}, return_tensors="pt")
+        batch = {k: v.to(device) for k, v in batch.items()}
+        targets = {h: y[idx].to(device) for h, y in encoded.label_ids.items()}
+        with autocast_context(device):
+            logits = model(**batch)
+        loss = masked_loss(logits, targets, encoded.class_weights)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        run.step += 1
+        seen += len(idx)
+        loss_sum += loss.item() * len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}")
+        if config.max_steps and run.step >= config.max_steps:
+            break
+    bar.close()
+    return seen, loss_sum
+
+
+def _keep_if_best(model: MultiHeadClassifier, run: _Progress, epoch: int, score: float) -> bool:
+    """Keep the epoch's weights (a CPU copy) when its validation score is the best so far."""
+    if score <= run.best_score:
+        run.stale += 1
+        return False
+    run.best_score, run.best_epoch, run.stale = score, epoch, 0
+    run.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    return True
+
+
+def _report_epoch(
+    entry: dict[str, Any],
+    config: TrainConfig,
+    run: _Progress,
+    improved: bool,
+    progress: bool,
+    on_progress: ProgressFn | None,
+) -> None:
+    epoch, score = entry["epoch"], entry["val_macro_f1"]
+    elapsed = time.time() - run.started
+    if progress:
+        tqdm.write(
+            f"epoch {epoch}: loss {entry['train_loss']:.4f}, validation macro-F1 {score:.4f}"
+            f"{' (best)' if improved else ''}, {entry['samples_per_s']:.1f} samples/s"
+        )
+    if on_progress:
+        on_progress(
+            {
+                "epoch": epoch,
+                "epochs": config.epochs,
+                "val_macro_f1": score,
+                "elapsed_s": elapsed,
+                "eta_s": elapsed / epoch * (config.epochs - epoch),
+            }
+        )
+
+
+def _save_version(
+    start: _Start,
+    examples: Sequence[Example],
+    splits: _Splits,
+    config: TrainConfig,
+    registry: Registry,
+    run: _Progress,
+    device: torch.device,
+    data_info: dict[str, Any] | None,
+    activate_if_first: bool,
+    progress: bool,
+) -> tuple[VersionInfo, dict[str, Any]]:
+    """The best checkpoint → temperatures fitted on the validation split → the report on the test split →
+    a registry version (staged, then renamed atomically); the version and its report."""
+    model, tokenizer, schema = start.model, start.tokenizer, start.schema
+    val_probs = probabilities(
+        model, tokenizer, [ex.text for ex in splits.validation], config.max_length, device
+    )
+    temperatures = fit_temperatures(schema, splits.validation, val_probs)
     with registry.staging() as staging:
         files = VersionFiles(staging)
         report = evaluate(
             model,
             tokenizer,
-            test_for_report,
+            splits.test or splits.for_selection,
             config.max_length,
             out_dir=files.eval.folder,
             device=device,
@@ -343,15 +494,14 @@ def train(
             temperatures=temperatures,
         )
         save_training_embeddings(
-            staging, model, tokenizer, examples, train_set, config.max_length, config.batch_size, device
+            staging, model, tokenizer, examples, splits.train, config.max_length, config.batch_size, device
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(files.dataset, examples)
-        counts = {h: dict(c) for h, c in label_counts(examples).items()}
         info = VersionInfo(
             name="",
             created="",
-            base_model=base_name,
+            base_model=start.base_name,
             parent=config.init_from,
             status=ModelStatus.CANDIDATE,
             schema=schema.to_dict(),
@@ -359,25 +509,15 @@ def train(
             data={
                 **(data_info or {}),
                 "examples": len(examples),
-                "label_counts": counts,
-                "splits": record["examples"],
-                "best_epoch": best_epoch,
-                "best_val_macro_f1": best_score,
-                "test_split": "test" if test_set else ("validation" if val_set else "train"),
+                "label_counts": {h: dict(c) for h, c in label_counts(examples).items()},
+                "splits": splits.sizes(),
+                "best_epoch": run.best_epoch,
+                "best_val_macro_f1": run.best_score,
+                "test_split": splits.reported,
             },
             metrics=summary(report)["heads"],
             temperatures=temperatures,
         )
         version = registry.commit(staging, info, activate_if_first=activate_if_first)
     report["model_version"] = version.name
-    _log_run(
-        {
-            "event": "end",
-            "run_id": run_id,
-            "version": version.name,
-            "seconds": time.time() - started,
-            "best_epoch": best_epoch,
-            "test": summary(report)["heads"],
-        }
-    )
-    return TrainResult(version=version, report=report, history=history)
+    return version, report

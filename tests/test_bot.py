@@ -39,11 +39,11 @@ from bot.storage.models import (
 from classifier.client import ChildClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
-from tests.slack_standin import SlackStandIn
-from tests.tcp_proxy import TcpProxy
+from tests.support.slack_standin import SlackStandIn
+from tests.support.tcp_proxy import TcpProxy
+from tests.support.tiny_model import make_tiny_version
+from tests.support.waiting import eventually
 from tests.test_child import forward_passes_here
-from tests.tiny_model import make_tiny_version
-from tests.waiting import eventually
 
 CHANNEL = "C0TRIAGE"
 ESCALATION = "C0ESCAL8"

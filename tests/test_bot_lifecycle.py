@@ -25,9 +25,9 @@ from bot.storage.models import Correction, Message, MessageState, Prediction, Sl
 from bot.triage import Triage
 from classifier.registry import Registry
 from classifier.schema import DEFAULT_HEADS, LabelSchema
-from tests.slack_standin import SlackStandIn
+from tests.support.slack_standin import SlackStandIn
+from tests.support.tiny_model import make_tiny_version
 from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, ESCALATION, caught_up, harness_factory  # noqa: F401
-from tests.tiny_model import make_tiny_version
 
 # Web API calls a bot makes whatever it is told (start-up, agents, backfill)
 SETUP_CALLS = {

@@ -28,9 +28,9 @@ from bot.main import RunningBot, StartupError, start_bot
 from bot.settings import BotSettings, load_settings
 from bot.storage.database import upgrade_database
 from classifier.registry import Registry
-from tests.slack_standin import SlackStandIn
+from tests.support.slack_standin import SlackStandIn
+from tests.support.tiny_model import make_tiny_version
 from tests.test_quickstart import free_port
-from tests.tiny_model import make_tiny_version
 
 CHANNEL = "C0TRIAGE"
 UNREACHABLE = "Slack is not reachable"

@@ -25,7 +25,7 @@ from classifier.evaluate import evaluate_version
 from classifier.model import MultiHeadClassifier, predict_probs
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     TEXTS,
     engine_config,
     registry_fixture,

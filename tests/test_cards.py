@@ -36,10 +36,10 @@ from classifier.neighbors import save_training_embeddings
 from classifier.registry import Registry
 from classifier.results import Neighbor
 from classifier.schema import DEFAULT_HEADS, LabelSchema
-from tests.slack_standin import ApiCall, SlackStandIn
+from tests.support.slack_standin import ApiCall, SlackStandIn
+from tests.support.tiny_model import make_tiny_version
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 from tests.test_delivery import visible_in
-from tests.tiny_model import make_tiny_version
 
 CARDS = "C0CARDS"
 PARTNER = "U0ACMEJOE"  # a customer from another organization

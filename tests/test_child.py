@@ -18,7 +18,7 @@ from classifier.child import ClassifierStartError
 from classifier.client import ChildClassifier, ClassifierUnavailable, RetryPolicy, make_classifier
 from classifier.engine import FORWARD_SECONDS
 from classifier.registry import Registry
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     TEXTS,
     assert_heads_match,
     reference,
@@ -26,8 +26,8 @@ from tests.serving import (  # noqa: F401 (fixtures)
     registry_template_fixture,
     tiny_base_fixture,
 )
-from tests.tiny_model import make_tiny_version
-from tests.waiting import eventually
+from tests.support.tiny_model import make_tiny_version
+from tests.support.waiting import eventually
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 REPO = Path(__file__).resolve().parents[1]

@@ -26,7 +26,7 @@ from classifier.client import (
 )
 from classifier.engine import Engine, EngineOverloaded
 from classifier.registry import Registry
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
     TEXTS,
     TOKEN,
@@ -38,7 +38,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     running_server,
     tiny_base_fixture,
 )
-from tests.tiny_model import make_tiny_version
+from tests.support.tiny_model import make_tiny_version
 
 FAST = RetryPolicy(attempts=3, backoff_s=0.01, max_backoff_s=0.05)
 

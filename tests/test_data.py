@@ -9,7 +9,7 @@ import pytest
 
 from classifier.data import DataError, Example, load_examples, load_with_own_labels, split_examples
 from classifier.schema import LabelSchema, SchemaError
-from tests.model_fixtures import learnable_rows, write_csv
+from tests.support.model_fixtures import learnable_rows, write_csv
 
 HEADER = "text,topic,urgency,sentiment\n"
 
@@ -31,7 +31,7 @@ def test_reads_quoting_multiline_and_partial_labels(tmp_path: Path) -> None:
     assert examples[0].labels == {"topic": "billing", "urgency": "low"}  # empty cell: no sentiment label
     assert examples[1].text == "two\nlines"
     assert examples[1].labels == {"topic": "bug", "sentiment": "negative"}
-    assert schema.head_names == ["topic", "urgency", "sentiment"]
+    assert list(schema.heads) == ["topic", "urgency", "sentiment"]
 
 
 def test_jsonl(tmp_path: Path) -> None:
@@ -42,7 +42,7 @@ def test_jsonl(tmp_path: Path) -> None:
     path = _write(tmp_path, "\n".join(json.dumps(x) for x in lines) + "\n", "in.jsonl")
     examples, schema = load_examples([path], LabelSchema())
     assert [e.labels for e in examples] == [{"topic": "billing"}, {"topic": "bug"}]
-    assert schema.head_names == ["topic"]  # heads absent from the data are left out
+    assert list(schema.heads) == ["topic"]  # heads absent from the data are left out
 
 
 @pytest.mark.parametrize(

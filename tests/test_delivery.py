@@ -9,7 +9,7 @@ import pytest
 
 from bot.settings import Delivery, SettingsError, load_settings
 from bot.storage.models import Message, MessageState, Prediction
-from tests.slack_standin import SlackStandIn
+from tests.support.slack_standin import SlackStandIn
 from tests.test_bot import CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 
 # every urgency label is urgent here: each message is escalated, so a thread-mode bot would also react

@@ -13,7 +13,7 @@ from bot.digest import JOB, Digest, add_digest
 from bot.main import RunningBot
 from bot.settings import load_settings
 from bot.storage.models import Card, Correction, Prediction, ScheduledPost, utcnow
-from tests.slack_standin import ApiCall
+from tests.support.slack_standin import ApiCall
 from tests.test_bot import AGENT, CHANNEL, ESCALATION, harness_factory  # noqa: F401
 
 DIGEST = "C0DIGEST1"

@@ -21,7 +21,7 @@ from bot.storage import repository as repo
 from bot.storage.models import Correction, Prediction, utcnow
 from classifier.registry import Registry, VersionInfo
 from classifier.results import HeadPrediction
-from tests.slack_standin import SlackStandIn
+from tests.support.slack_standin import SlackStandIn
 from tests.test_bot import AGENT, CHANNEL, harness_factory  # noqa: F401
 
 SUMMARY = "C0SUMMARY"

@@ -27,7 +27,7 @@ from classifier.model import ModelLoadError, MultiHeadClassifier, micro_batches
 from classifier.onnx_backend import load_onnx
 from classifier.registry import Registry, RegistryError
 from classifier.results import MAX_CHARS, MAX_TEXTS, ClassifierUnavailable, InvalidInput
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     TEXTS,
     assert_heads_match,
     engine_config,
@@ -37,7 +37,7 @@ from tests.serving import (  # noqa: F401 (fixtures)
     registry_template_fixture,
     tiny_base_fixture,
 )
-from tests.waiting import eventually
+from tests.support.waiting import eventually
 
 
 def _as_json(result: Any) -> list[dict[str, Any]]:

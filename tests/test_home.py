@@ -10,10 +10,10 @@ from bot.retrain import run_lock
 from bot.storage import repository as repo
 from bot.storage.models import AuditEntry, Correction, CorrectionKind, Prediction, TrainingTrigger
 from classifier.registry import Registry
-from tests.slack_standin import ApiCall
+from tests.support.slack_standin import ApiCall
+from tests.support.tiny_model import make_tiny_version
 from tests.test_bot import ADMIN, AGENT, CHANNEL, harness_factory  # noqa: F401
 from tests.test_retrain import _base_version
-from tests.tiny_model import make_tiny_version
 
 
 async def opened_home(h: Any, user: str, count: int = 1) -> ApiCall:

@@ -17,8 +17,8 @@ from classifier.registry import Registry
 from classifier.results import ClassifyResponse, InvalidInput
 from classifier.schema import LabelSchema
 from classifier.train import TrainConfig, train
-from tests.model_fixtures import learnable_rows
-from tests.serving import TOKEN, engine_config, running_server
+from tests.support.model_fixtures import learnable_rows
+from tests.support.serving import TOKEN, engine_config, running_server
 
 
 def _index_folder(folder: Path, vectors: np.ndarray, labels: list[str]) -> None:

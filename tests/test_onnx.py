@@ -37,8 +37,8 @@ from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from classifier.server import ConfigError, load_settings
 from classifier.train import TrainConfig, train
-from tests.model_fixtures import learnable_rows, write_csv
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.model_fixtures import learnable_rows, write_csv
+from tests.support.serving import (  # noqa: F401 (fixtures)
     TEXTS,
     copy_registry,
     engine_config,

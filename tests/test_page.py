@@ -22,7 +22,7 @@ import pytest_asyncio
 
 from classifier.engine import Engine
 from classifier.paths import PACKAGED_BASE_NAME, default_base_model
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     PNG,
     TOKEN,
     copy_registry,

@@ -45,7 +45,7 @@ from classifier.registry import Registry
 from classifier.results import HeadPrediction
 from classifier.schema import LabelSchema
 from classifier.train import TrainConfig, train
-from tests.model_fixtures import TOPIC_WORDS, learnable_rows
+from tests.support.model_fixtures import TOPIC_WORDS, learnable_rows
 
 SCHEMA = LabelSchema(heads={"topic": ["billing", "bug", "outage"]})
 
@@ -590,7 +590,7 @@ async def test_the_bot_relays_a_runs_progress_and_summary_to_slack(
     from slack_sdk.web.async_client import AsyncWebClient
 
     from bot.slack_output import SlackOutput
-    from tests.slack_standin import SlackStandIn
+    from tests.support.slack_standin import SlackStandIn
 
     engine, sessions = db
     registry = Registry(data_dir / "models")

@@ -22,7 +22,7 @@ from classifier.registry import Registry
 from classifier.results import MAX_CHARS, MAX_TEXTS
 from classifier.schema import LabelSchema
 from classifier.server import ConfigError, load_settings, serve, serve_command
-from tests.serving import (  # noqa: F401 (fixtures)
+from tests.support.serving import (  # noqa: F401 (fixtures)
     ADMIN_TOKEN,
     PNG,
     TEXTS,
@@ -38,8 +38,8 @@ from tests.serving import (  # noqa: F401 (fixtures)
     settings,
     tiny_base_fixture,
 )
-from tests.tiny_model import make_tiny_version
-from tests.waiting import eventually
+from tests.support.tiny_model import make_tiny_version
+from tests.support.waiting import eventually
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -1,5 +1,5 @@
-"""Tests of the Slack stand-in itself (tests/slack_standin.py): what it sends verifies and parses like Slack's
-requests (slack_sdk's SignatureVerifier, a real Bolt AsyncApp), what it serves works with a real
+"""Tests of the Slack stand-in itself (tests/support/slack_standin.py): what it sends verifies and parses
+like Slack's requests (slack_sdk's SignatureVerifier, a real Bolt AsyncApp), what it serves works with a real
 AsyncWebClient, and its fault injection does what it says."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from slack_sdk.signature import SignatureVerifier
 from slack_sdk.web.async_client import AsyncWebClient
 from slack_sdk.webhook.async_client import AsyncWebhookClient
 
-from tests.slack_standin import (
+from tests.support.slack_standin import (
     DEFAULT_CHANNEL_ID,
     DEFAULT_USER_ID,
     SlackStandIn,
@@ -534,10 +534,6 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     with pytest.raises(SlackApiError) as twice:
         await client.reactions_add(channel="C0SUPPORT", timestamp=user_message["ts"], name="eyes")
     assert twice.value.response["error"] == "already_reacted"
-    await client.reactions_remove(channel="C0SUPPORT", timestamp=user_message["ts"], name="eyes")
-    with pytest.raises(SlackApiError) as gone:
-        await client.reactions_remove(channel="C0SUPPORT", timestamp=user_message["ts"], name="eyes")
-    assert gone.value.response["error"] == "no_reaction"
 
     slack.add_user("U0ANNA", "anna", real_name="Anna Example", display_name="Anna")
     user = (await client.users_info(user="U0ANNA"))["user"]
@@ -570,9 +566,6 @@ async def test_web_api_response_shapes(slack: SlackStandIn, client: AsyncWebClie
     with pytest.raises(SlackApiError) as outside:
         await client.chat_postMessage(channel="C0QUIET", text="hi")
     assert outside.value.response["error"] == "not_in_channel"
-    joined = await client.conversations_join(channel="C0QUIET")
-    assert joined["channel"]["is_member"] is True and "warning" not in joined.data
-    assert (await client.chat_postMessage(channel="C0QUIET", text="hi"))["ok"]
 
     slack.add_channel("C0CONNECT", "acme-support", shared_with=["T0ACME"])
     shared = (await client.conversations_info(channel="C0CONNECT"))["channel"]

@@ -1,4 +1,4 @@
-"""The bot end to end in Socket Mode: a stand-in Slack (tests/socket_mode_standin.py) hands out a real
+"""The bot end to end in Socket Mode: a stand-in Slack (tests/support/socket_mode_standin.py) hands out a real
 WebSocket, delivers envelopes over it, checks every ack and records the Web API calls."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from bot.settings import SettingsError, load_settings
 from bot.storage.database import upgrade_database
 from bot.storage.models import Correction, Message, MessageState, Prediction
 from classifier.registry import Registry
-from tests.socket_mode_standin import Link, SocketModeStandIn
+from tests.support.socket_mode_standin import Link, SocketModeStandIn
+from tests.support.tiny_model import make_tiny_version
 from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, ESCALATION, Harness, caught_up
-from tests.tiny_model import make_tiny_version
 
 SocketBot = Callable[..., Awaitable[Harness]]
 

@@ -1,6 +1,6 @@
-"""Tests of the Socket Mode stand-in itself (tests/socket_mode_standin.py): its link opens like Slack's for a
-real AsyncWebClient and aiohttp WebSocket, and its ack checks catch what breaks the protocol, so the bot's
-tests that find no protocol errors mean something."""
+"""Tests of the Socket Mode stand-in itself (tests/support/socket_mode_standin.py): its link opens like
+Slack's for a real AsyncWebClient and aiohttp WebSocket, and its ack checks catch what breaks the protocol,
+so the bot's tests that find no protocol errors mean something."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
-from tests.slack_standin import WaitTimeout
-from tests.socket_mode_standin import SocketModeStandIn
+from tests.support.slack_standin import WaitTimeout
+from tests.support.socket_mode_standin import SocketModeStandIn
 
 
 @pytest.fixture

@@ -19,8 +19,8 @@ from classifier.model import MultiHeadClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from classifier.train import IGNORE, TrainConfig, balanced_class_weights, masked_loss, train
-from tests.model_fixtures import learnable_rows, write_csv
-from tests.tiny_model import make_tiny_version
+from tests.support.model_fixtures import learnable_rows, write_csv
+from tests.support.tiny_model import make_tiny_version
 
 runner = CliRunner()
 

@@ -28,7 +28,7 @@ from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, Tr
 from classifier.model import resolve_device
 from classifier.promotion import Gate
 from classifier.registry import Registry
-from tests.model_fixtures import learnable_rows
+from tests.support.model_fixtures import learnable_rows
 from tests.test_retrain import _base_version, _store_feedback
 
 POSTGRES_ONLY = pytest.mark.parametrize("backend", [pytest.param("postgresql", marks=pytest.mark.postgres)])

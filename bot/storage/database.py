@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import contextvars
 import functools
-import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
@@ -73,7 +72,9 @@ def resolve_database_url(url: str | URL | None = None) -> URL:
     """
     source = "the database URL" if url is not None else DATABASE_URL_ENV
     if url is None:
-        url = os.environ.get(DATABASE_URL_ENV) or None
+        from bot.settings import DatabaseSettings  # here: the settings import the storage layer
+
+        url = DatabaseSettings().database_url
     if url is None:
         return default_database_url()
     if isinstance(url, str):

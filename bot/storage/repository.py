@@ -628,16 +628,6 @@ async def latest_prediction(
     return await session.scalar(query.order_by(Prediction.created_at.desc(), Prediction.id.desc()).limit(1))
 
 
-async def list_predictions(session: AsyncSession, message_id: int) -> list[Prediction]:
-    """All predictions for a message, oldest first."""
-    query = (
-        select(Prediction)
-        .where(Prediction.message_id == message_id)
-        .order_by(Prediction.created_at, Prediction.id)
-    )
-    return list((await session.scalars(query)).all())
-
-
 # --- corrections and labels ----------------------------------------------------------------------------
 
 

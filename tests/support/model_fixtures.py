@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.tiny_model import make_tiny_bert
+from tests.support.tiny_model import make_tiny_bert
 
 TOPIC_WORDS = {
     "billing": ["invoice", "charged", "refund", "payment", "vat"],

@@ -58,7 +58,6 @@ _ALNUM = string.ascii_uppercase + string.digits
 # Arguments that Slack takes as JSON: slack_sdk sends them as objects in JSON bodies, but as strings in
 # form bodies. Decoding them once makes `call.args["blocks"]` the same whichever way the bot sent them.
 _JSON_ARGS = frozenset({"blocks", "attachments", "view", "files", "metadata", "unfurls", "user_auth_blocks"})
-_NO_AUTH_METHODS = frozenset({"api.test"})
 _SELECT_TYPES = frozenset({"static_select", "external_select", "overflow", "radio_buttons"})
 _MULTI_SELECT_TYPES = frozenset({"multi_static_select", "multi_external_select", "checkboxes"})
 _SLACK_TOKEN_RE = re.compile(r"<([@#!])?([^>|]+)(?:\|([^>]*))?>")
@@ -1739,18 +1738,17 @@ class SlackStandIn:
     ) -> tuple[int, JSON, dict[str, str]]:
         if body_error is not None:
             return 200, {"ok": False, "error": body_error}, {}
-        if call.method not in _NO_AUTH_METHODS:
-            authorization = request.headers.get("Authorization", "")
-            scheme, _, credentials = authorization.partition(" ")
-            token = credentials.strip() if scheme.lower() == "bearer" else None
-            # Slack takes the token from the header, or from a form/query `token` (never from a JSON body).
-            token = token or (call.args.get("token") if request.content_type != "application/json" else None)
-            if not token:
-                return 200, {"ok": False, "error": "not_authed"}, {}
-            expected = self.method_tokens.get(call.method, self.bot_token)
-            if token != expected:
-                known = token == self.bot_token or token in self.method_tokens.values()
-                return 200, {"ok": False, "error": "not_allowed_token_type" if known else "invalid_auth"}, {}
+        authorization = request.headers.get("Authorization", "")
+        scheme, _, credentials = authorization.partition(" ")
+        token = credentials.strip() if scheme.lower() == "bearer" else None
+        # Slack takes the token from the header, or from a form/query `token` (never from a JSON body).
+        token = token or (call.args.get("token") if request.content_type != "application/json" else None)
+        if not token:
+            return 200, {"ok": False, "error": "not_authed"}, {}
+        expected = self.method_tokens.get(call.method, self.bot_token)
+        if token != expected:
+            known = token == self.bot_token or token in self.method_tokens.values()
+            return 200, {"ok": False, "error": "not_allowed_token_type" if known else "invalid_auth"}, {}
         fault = self._take_fault(call.method, call.args)
         if fault is not None:
             if fault.delay:
@@ -1774,7 +1772,6 @@ class SlackStandIn:
 
     def _builtin_methods(self) -> dict[str, MethodHandler]:
         return {
-            "api.test": lambda call: {"args": {k: v for k, v in call.args.items() if k != "token"}},
             "auth.test": self._auth_test,
             "chat.postMessage": self._chat_post_message,
             "chat.update": self._chat_update,
@@ -1782,18 +1779,14 @@ class SlackStandIn:
             "chat.postEphemeral": self._chat_post_ephemeral,
             "chat.getPermalink": self._chat_get_permalink,
             "reactions.add": self._reactions_add,
-            "reactions.remove": self._reactions_remove,
             "users.info": self._users_info,
             "team.info": self._team_info,
             "usergroups.users.list": self._usergroups_users_list,
             "conversations.info": self._conversations_info,
-            "conversations.join": self._conversations_join,
-            "conversations.open": self._conversations_open,
             "conversations.history": self._conversations_history,
             "users.conversations": self._users_conversations,
             "conversations.replies": self._conversations_replies,
             "views.open": self._views_open,
-            "views.push": self._views_push,
             "views.update": self._views_update,
             "views.publish": self._views_publish,
             "files.getUploadURLExternal": self._files_get_upload_url,
@@ -1942,18 +1935,6 @@ class SlackStandIn:
         entry["count"] += 1
         return {}
 
-    def _reactions_remove(self, call: ApiCall) -> JSON:
-        name, message = self._reaction_target(call.args)
-        reactions: list[JSON] = message.get("reactions", [])
-        entry = next((r for r in reactions if r["name"] == name), None)
-        if entry is None or self.bot_user_id not in entry["users"]:
-            raise ApiError("no_reaction")
-        entry["users"].remove(self.bot_user_id)
-        entry["count"] -= 1
-        if not entry["users"]:
-            reactions.remove(entry)
-        return {}
-
     def _users_info(self, call: ApiCall) -> JSON:
         user_id = call.args.get("user")
         if not user_id:
@@ -1979,28 +1960,6 @@ class SlackStandIn:
         if not channel_id:
             raise ApiError("channel_not_found")
         return {"channel": copy.deepcopy(self.channel(str(channel_id)))}
-
-    def _conversations_join(self, call: ApiCall) -> JSON:
-        channel_id = call.args.get("channel")
-        if not channel_id:
-            raise ApiError("channel_not_found")
-        info = self.channel(str(channel_id))
-        if info["is_private"]:
-            raise ApiError("method_not_supported_for_channel_type")
-        response: JSON = {"channel": info}
-        if info["is_member"]:
-            response.update(
-                {"warning": "already_in_channel", "response_metadata": {"warnings": ["already_in_channel"]}}
-            )
-        info["is_member"] = True
-        return {**response, "channel": copy.deepcopy(info)}
-
-    def _conversations_open(self, call: ApiCall) -> JSON:
-        users = [u for u in str(call.args.get("users", "")).split(",") if u]
-        if len(users) != 1:
-            raise ApiError("not_enough_users" if not users else "too_many_users")
-        already = users[0] in self._dm_channels
-        return {"no_op": already, "already_open": already, "channel": {"id": self._dm_with(users[0])}}
 
     def _readable_channel(self, args: JSON) -> str:
         channel_id = args.get("channel")
@@ -2147,15 +2106,6 @@ class SlackStandIn:
     def _views_open(self, call: ApiCall) -> JSON:
         self._check_trigger(call.args.get("trigger_id"))
         return {"view": copy.deepcopy(self._materialize_view(self._view_arg(call.args)))}
-
-    def _views_push(self, call: ApiCall) -> JSON:
-        self._check_trigger(call.args.get("trigger_id"))
-        spec = self._view_arg(call.args)
-        top = next(reversed(self.views.values()), None)  # the view being pushed onto
-        view = self._materialize_view(spec)
-        if top is not None:
-            view.update({"previous_view_id": top["id"], "root_view_id": top["root_view_id"]})
-        return {"view": copy.deepcopy(view)}
 
     def _views_update(self, call: ApiCall) -> JSON:
         spec = self._view_arg(call.args)

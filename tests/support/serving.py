@@ -25,7 +25,7 @@ from classifier.model import MultiHeadClassifier, predict_probs, to_predictions,
 from classifier.onnx_backend import ensure_onnx
 from classifier.registry import Registry
 from classifier.server import LIFECYCLE, ServerSettings, create_app
-from tests.tiny_model import make_tiny_bert, make_tiny_version
+from tests.support.tiny_model import make_tiny_bert, make_tiny_version
 
 TOKEN = "test-token-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-0123456789abcdef"

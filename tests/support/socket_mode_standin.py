@@ -40,7 +40,14 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from tests.slack_standin import JSON, SLACK_ACK_TIMEOUT_S, ApiCall, ApiError, SlackStandIn, WaitTimeout
+from tests.support.slack_standin import (
+    JSON,
+    SLACK_ACK_TIMEOUT_S,
+    ApiCall,
+    ApiError,
+    SlackStandIn,
+    WaitTimeout,
+)
 
 DEBUG_HOST = "applink-standin-1"
 EVENT_RETRIES = 3  # Slack retries an unacknowledged event up to three times
