@@ -21,8 +21,8 @@ from classifier.calibration import (
 )
 from classifier.data import Example
 from classifier.engine import Engine
-from classifier.evaluate import evaluate_version
-from classifier.model import MultiHeadClassifier, predict_probs
+from classifier.evaluate import evaluate_version, probabilities
+from classifier.model import MultiHeadClassifier
 from classifier.registry import Registry
 from classifier.schema import LabelSchema
 from tests.support.serving import (  # noqa: F401 (fixtures)
@@ -126,7 +126,7 @@ async def test_engine_and_evaluation_serve_and_judge_the_calibrated_probabilitie
     _set_temperatures(registry, "v1", temperatures)
     info = registry.get("v1")
     model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
-    raw = predict_probs(model, tokenizer, TEXTS[:4], max_length)
+    raw = probabilities(model, tokenizer, TEXTS[:4], max_length)
     expected = calibrate(raw, temperatures)
 
     async with Engine(registry, engine_config(backend=backend, quantize="none")) as engine:
@@ -143,7 +143,7 @@ async def test_engine_and_evaluation_serve_and_judge_the_calibrated_probabilitie
         Example(text=text, labels={"topic": model.schema.heads["topic"][i % 3]})
         for i, text in enumerate(TEXTS[:12])
     ]
-    raw_all = predict_probs(model, tokenizer, [ex.text for ex in examples], max_length)["topic"]
+    raw_all = probabilities(model, tokenizer, [ex.text for ex in examples], max_length)["topic"]
     scaled_all = calibrate({"topic": raw_all}, temperatures)["topic"]
     threshold = float(np.median(scaled_all.max(1)))
     report = evaluate_version(info, examples, backend=backend, quantize="none", unsure_below=threshold)

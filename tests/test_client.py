@@ -109,12 +109,12 @@ async def test_local_classifier_waits_out_overload_then_gives_up(
     classify = classifier.engine.classify
     overloaded = 2  # the next calls refused as overloaded
 
-    async def full_queue(texts: list[str]) -> Any:
+    async def full_queue(texts: list[str], neighbors: int = 0) -> Any:
         nonlocal overloaded
         if overloaded:
             overloaded -= 1
             raise EngineOverloaded("queue full", retry_after_s=0.01)
-        return await classify(texts)
+        return await classify(texts, neighbors)
 
     monkeypatch.setattr(classifier.engine, "classify", full_queue)
     try:
