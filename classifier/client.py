@@ -286,9 +286,9 @@ class ChildClassifier:
             return
         await self._running(report=False)  # the caller reports it: one line, not two
 
-    async def classify(self, texts: Sequence[str]) -> ClassifyResult:
+    async def classify(self, texts: Sequence[str], neighbors: int = 0) -> ClassifyResult:
         texts = check_texts(texts)
-        return await (await self._running()).classify(texts)
+        return await (await self._running()).classify(texts, neighbors)
 
     async def models(self) -> list[ModelSummary]:
         if self._http is None and await asyncio.to_thread(self.registry.active_name) is None:

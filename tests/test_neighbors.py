@@ -10,6 +10,7 @@ import aiohttp
 import numpy as np
 import pytest
 
+from classifier.client import ChildClassifier
 from classifier.data import Example, write_jsonl
 from classifier.engine import Engine
 from classifier.neighbors import NEIGHBORS_FILE, NeighborIndex, _write, erase, normalized
@@ -122,6 +123,23 @@ async def test_engine_returns_the_nearest_training_messages_of_the_predicted_top
     first = result.results[0].neighbors
     assert first is not None
     assert first[0].text == training_text and first[0].similarity == pytest.approx(1.0, abs=0.01)
+
+
+async def test_the_embedded_default_child_process_answers_why_too(trained: Registry) -> None:
+    """The bot's default classifier (a child process) passes ``neighbors`` on: cards ask for them."""
+    folder = Path(trained.get("v1").path)
+    dataset = [json.loads(line) for line in (folder / "dataset.jsonl").read_text().splitlines()]
+    training_text = dataset[int(np.load(folder / NEIGHBORS_FILE)["rows"][0])]["text"]
+    classifier = ChildClassifier(trained)
+    try:
+        await classifier.start()
+        plain = await classifier.classify([training_text])
+        asked = await classifier.classify([training_text], neighbors=3)
+    finally:
+        await classifier.close()
+    assert plain.results[0].neighbors is None
+    near = asked.results[0].neighbors
+    assert near is not None and len(near) == 3 and near[0].text == training_text
 
 
 async def test_http_api_returns_neighbors_and_forgetting_a_row_removes_its_embedding(
