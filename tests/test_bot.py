@@ -993,3 +993,20 @@ async def test_a_replica_leaves_the_others_leases_alone_and_takes_over_when_it_d
 
     assert await b.eventually(all_classified, within_s=10)
     assert await b.count(Prediction) == len(first) + len(second)
+
+
+async def test_every_web_api_call_goes_over_one_shared_session_closed_at_stop(harness_factory: Any) -> None:
+    """Kept-alive connections for every Web API call (not a new connection each), closed with the bot."""
+    h = await harness_factory(triage_urgent_labels="low,medium,high,critical")  # a reaction and a post too
+    session = h.bot.triage.client.session
+    assert isinstance(session, aiohttp.ClientSession) and not session.closed
+    assert (
+        h.bot.triage.output.client.session is session
+        and h.bot.triage.cards.output.client is h.bot.triage.client
+    )
+    event, _ = await h.post_customer_message("Everything is broken, production is down!")
+    await h.reply_to(event["ts"])
+    await h.slack.wait_for("reactions.add", timeout=5)
+    assert h.bot.triage.client.session is session and not session.closed  # reused, never replaced
+    await h.bot.stop()
+    assert session.closed
