@@ -51,8 +51,8 @@ REPLY_EVENT_TYPE = "triage_reply"
 # Slack waits 3 s for an event's acknowledgement: storing must finish well within it, or Slack gets a 503
 # (and delivers the event again) instead of a late 200 that it would count as a failure anyway
 ACK_STORE_TIMEOUT_S = 2.5
-# How long the bookkeeping after a reply retries through a database outage (bounded: the message's lease
-# is 2 minutes; past it, the next attempt finds the reply in the thread instead)
+# How long the bookkeeping after a reply retries through a database outage (bounded: an outage also stops
+# the lease's renewal, and past TRIAGE_LEASE_S (2 minutes) the next attempt finds the reply in the thread)
 RECORD_WITHIN_S = 60.0
 # The database failing (or its pool not lending a connection in time), as opposed to a bug
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
