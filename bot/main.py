@@ -31,7 +31,7 @@ from bot.reactions import ReactionMap
 from bot.retrain import Retrainer
 from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
-from bot.slack_output import SlackOutput, make_web_client
+from bot.slack_output import SlackOutput, make_web_client, slack_session
 from bot.socket_mode import SocketModeLink
 from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
 from bot.triage import Triage
@@ -116,7 +116,9 @@ async def _start_bot(
     registry = Registry(registry_dir())
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
         await _log_missing_heads(settings, registry)
-    client = make_web_client(settings)
+    session = slack_session()  # one pool of Slack connections for every Web API call
+    _on_close(resources, "the Slack connections", session.close)
+    client = make_web_client(settings, session=session)
     classifier = _classifier(settings, resources)
     # the classifier process loads the model while Slack is asked who we are
     auth = await _meanwhile(wait_for_slack(settings), _start_classifier(classifier))

@@ -157,6 +157,9 @@ class BotSettings(RetrainSettings):
     triage_pending_interval_s: float = Field(5.0, gt=0)  # how often the retry worker looks for pending work
     triage_retry_base_s: float = Field(30.0, gt=0)  # first retry delay of an unclassified message; doubles
     triage_retry_max_s: float = Field(600.0, gt=0)  # ... up to this; a message is never given up
+    # a message is reserved to the replica answering it (renewed while it works); one that died frees
+    # its messages to the others after this
+    triage_lease_s: float = Field(120.0, gt=0)
     triage_workers: int = Field(32, ge=1, le=1024)  # messages classified and answered at once
     triage_queue_size: int = Field(512, ge=1)  # messages waiting in memory; more wait in the database
     triage_retrain_cron: str = "0 3 * * *"  # when the scheduled retrain looks for new feedback ("" = never)

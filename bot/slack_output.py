@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
 from slack_sdk.errors import SlackApiError
 from slack_sdk.http_retry.builtin_async_handlers import (
     AsyncConnectionErrorRetryHandler,
@@ -39,13 +40,29 @@ UNPOSTABLE = frozenset(
         "msg_too_long",
     }
 )
+# Web API calls in flight at once over the shared keep-alive connections (more wait for a free one)
+SLACK_CONNECTIONS = 64
+SLACK_TIMEOUT_S = 30.0  # one Web API call at most (slack_sdk's own default)
 # arguments worth naming when a call fails (never text or blocks: they may quote customers)
 _CONTEXT_ARGS = ("channel", "timestamp", "ts", "name", "user")
 
 
-def make_web_client(settings: BotSettings, retry: bool = True) -> AsyncWebClient:
+def slack_session() -> aiohttp.ClientSession:
+    """The HTTP session of the bot's Web API clients: kept-alive connections reused by every call (without
+    one, slack_sdk opens a connection, TLS included, for each call). Made inside the running loop; whoever
+    makes it closes it."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=SLACK_CONNECTIONS),
+        timeout=aiohttp.ClientTimeout(total=SLACK_TIMEOUT_S),  # slack_sdk's timeout is for its own sessions
+    )
+
+
+def make_web_client(
+    settings: BotSettings, retry: bool = True, session: aiohttp.ClientSession | None = None
+) -> AsyncWebClient:
     """Web API client with Slack's documented retry rules: 429 waits Retry-After, 5xx and resets retry
-    (``retry=False``: none, for a caller with its own retry loop)."""
+    (``retry=False``: none, for a caller with its own retry loop). Its calls go over ``session``'s
+    connections (``slack_session``); without one, each call opens its own."""
     handlers = [
         AsyncConnectionErrorRetryHandler(max_retry_count=2),
         AsyncRateLimitErrorRetryHandler(max_retry_count=5),
@@ -55,6 +72,7 @@ def make_web_client(settings: BotSettings, retry: bool = True) -> AsyncWebClient
         token=settings.slack_bot_token.get_secret_value(),
         base_url=settings.slack_api_url,
         retry_handlers=handlers if retry else [],
+        session=session,
     )
 
 

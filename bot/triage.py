@@ -51,8 +51,8 @@ REPLY_EVENT_TYPE = "triage_reply"
 # Slack waits 3 s for an event's acknowledgement: storing must finish well within it, or Slack gets a 503
 # (and delivers the event again) instead of a late 200 that it would count as a failure anyway
 ACK_STORE_TIMEOUT_S = 2.5
-# How long the bookkeeping after a reply retries through a database outage (bounded: the message's lease
-# is 2 minutes; past it, the next attempt finds the reply in the thread instead)
+# How long the bookkeeping after a reply retries through a database outage (bounded: an outage also stops
+# the lease's renewal, and past TRIAGE_LEASE_S (2 minutes) the next attempt finds the reply in the thread)
 RECORD_WITHIN_S = 60.0
 # The database failing (or its pool not lending a connection in time), as opposed to a bug
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (SQLAlchemyError, OSError, TimeoutError)
@@ -151,8 +151,9 @@ class StoreBatches:
     written at once. A batch that fails for any reason but the database being unavailable is written
     again one message a transaction, so a message the database refuses fails only its own event."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]):
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], lease: timedelta = repo.DEFAULT_LEASE):
         self.sessions = sessions
+        self.lease = lease  # a new message is leased to this process (``repo.claim_due_messages``)
         self._waiting: list[tuple[repo.NewMessage, asyncio.Future[Message | None]]] = []
         self._writer: asyncio.Future[None] | None = None
 
@@ -178,7 +179,7 @@ class StoreBatches:
     async def _write(self, batch: list[tuple[repo.NewMessage, asyncio.Future[Message | None]]]) -> None:
         try:
             async with self.sessions.begin() as session:
-                messages = await repo.store_new_messages(session, [new for new, _ in batch])
+                messages = await repo.store_new_messages(session, [new for new, _ in batch], lease=self.lease)
         except Exception as exc:
             if len(batch) == 1 or isinstance(exc, DATABASE_UNAVAILABLE):
                 for _, stored in batch:
@@ -218,10 +219,14 @@ class Triage:
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers
         self.queue: asyncio.Queue[Message] = asyncio.Queue(maxsize=settings.triage_queue_size)
+        # The leases of the messages queued or being answered here (message id → attempt), renewed while
+        # they last however long they wait: a message is answered once, by the attempt holding its lease.
+        self.lease = timedelta(seconds=settings.triage_lease_s)
+        self.held: dict[int, int] = {}
         self.backlog: repo.Backlog | None = None  # as of the last sweep: for /healthz and /metrics
         self.outage = OutageLog()
         self._storing: set[asyncio.Future[bool]] = set()  # stores that outlived their acknowledgement
-        self.store_batches = StoreBatches(sessions)
+        self.store_batches = StoreBatches(sessions, self.lease)
         self.record_within_s = RECORD_WITHIN_S
 
     # ---- new messages ------------------------------------------------------------------------------
@@ -261,13 +266,7 @@ class Triage:
         message = await self._store(incoming, text, empty)
         if message is None or empty:
             return False
-        try:
-            self.queue.put_nowait(message)
-        except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
-            async with self.sessions.begin() as session:
-                await repo.release_message(session, message.id)
-            return False
-        return True
+        return await self.enqueue(message)
 
     async def _store(self, incoming: IncomingMessage, text: str, empty: bool) -> Message | None:
         """The new message as stored, or ``None`` when this event or message was stored before."""
@@ -290,14 +289,16 @@ class Triage:
             self.queue.put_nowait(message)
         except asyncio.QueueFull:  # overload: it waits in the database, due now, for the sweep to queue it
             async with self.sessions.begin() as session:
-                await repo.release_message(session, message.id)
+                await repo.release_message(session, message.id, message.attempts)
             return False
+        self.held[message.id] = message.attempts
         return True
 
     async def run(self, stop: asyncio.Event) -> None:
         """The background work: ``workers`` classify queued messages, one sweep feeds due pending ones."""
         workers = [asyncio.ensure_future(self._worker()) for _ in range(self.workers)]
         workers.append(asyncio.ensure_future(self.cards.run(stop)))  # posts queued cards, urgent first
+        workers.append(asyncio.ensure_future(self._keep_leases(stop)))
         try:
             await self._sweep(stop)
         finally:  # messages still queued or in flight stay pending in the database: nothing is lost
@@ -309,12 +310,17 @@ class Triage:
         while True:
             message = await self.queue.get()
             try:
-                await self.classify_and_reply(message)
+                if self.held.get(message.id) == message.attempts:  # else its lease went to another attempt
+                    await self.classify_and_reply(message)
+            except repo.LeaseLost as exc:  # it outlived its lease: the attempt that took over answers it
+                log.info("%s; left to the attempt holding it", exc)
             except SQLAlchemyError as exc:  # stays pending: its lease expires and the sweep queues it again
                 self.outage.failed(f"answering message {message.id}", exc)
             except Exception:  # stays pending: its lease expires and the sweep queues it again
                 log.exception("classifying message %s failed", message.id)
             finally:
+                if self.held.get(message.id) == message.attempts:
+                    del self.held[message.id]
                 self.queue.task_done()
 
     async def run_pending(self) -> int:
@@ -323,10 +329,31 @@ class Triage:
         if room <= 0:
             return 0
         async with self.sessions.begin() as session:
-            claimed = await repo.claim_due_messages(session, limit=room)
+            claimed = await repo.claim_due_messages(session, limit=room, lease=self.lease)
         for message in claimed:
+            self.held[message.id] = message.attempts  # renewed while it waits for the room
             await self.queue.put(message)  # new messages may have taken the room meanwhile: wait for it
         return len(claimed)
+
+    async def _keep_leases(self, stop: asyncio.Event) -> None:
+        """Renew the leases of the messages held here four times a lease, so that none runs out while its
+        message waits in the queue or is being answered (a slow classifier, a rate-limited post). Those
+        that could not be renewed are another attempt's now: dropped here."""
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), timeout=self.lease.total_seconds() / 4)
+            held = dict(self.held)
+            if not held:
+                continue
+            try:
+                async with self.sessions.begin() as session:
+                    kept = await repo.renew_leases(session, held, lease=self.lease)
+            except DATABASE_ERRORS as exc:  # the sweep reports outages; a lease lost meanwhile is fenced
+                log.debug("renewing %d leases failed: %s", len(held), exc)
+                continue
+            for message_id, attempt in held.items():
+                if message_id not in kept and self.held.get(message_id) == attempt:
+                    del self.held[message_id]
 
     async def _sweep(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -355,14 +382,19 @@ class Triage:
         )
 
     async def classify_and_reply(self, message: Message) -> None:
+        """Answer a message this attempt holds the lease of (``message.attempts``): every write about it is
+        made under that lease (``_as_holder``), so an attempt that outlived it stops (``LeaseLost``) and
+        the message is classified and answered once."""
         if message.text is None:  # forgotten user: stored without text, nothing to classify
-            async with self.sessions.begin() as session:
-                await repo.mark_skipped(session, message.id, reason="no text")
+            await self._as_holder(message, lambda s: repo.mark_skipped(s, message.id, reason="no text"))
             return
         if await self._written_by_agent(message):  # kept (without its text) only so it is not taken again
-            async with self.sessions.begin() as session:
+
+            async def skip(session: AsyncSession) -> None:
                 await repo.remove_text(session, message.id)
                 await repo.mark_skipped(session, message.id, reason="written by an agent")
+
+            await self._as_holder(message, skip)
             return
         started = time.perf_counter()
         try:
@@ -370,8 +402,8 @@ class Triage:
             # anyway) and stored whole; the same pass finds why this label for the card and modal
             result = await self.classifier.classify([message.text[:MAX_CHARS]], neighbors=WHY_COUNT)
         except InvalidInput as exc:  # retrying cannot help
-            async with self.sessions.begin() as session:
-                await repo.mark_skipped(session, message.id, reason=f"not classifiable: {exc}")
+            reason = f"not classifiable: {exc}"
+            await self._as_holder(message, lambda s: repo.mark_skipped(s, message.id, reason=reason))
             return
         except (ClassifierError, OSError) as exc:  # unavailable, overloaded, unreachable: later
             await self._retry_later(message, f"classifier: {exc}")
@@ -383,6 +415,7 @@ class Triage:
         early = EarlyCorrections()  # made while it waited: applied (or refused) with its prediction
 
         async def record(session: AsyncSession, card: bool = False) -> None:
+            await repo.hold_lease(session, message.id, message.attempts, lease=self.lease)
             await repo.add_prediction(
                 session,
                 message.id,
@@ -485,13 +518,16 @@ class Triage:
         death before it leaves nothing in Slack, and a failure to commit it posts nothing; (2) the reply
         carries metadata naming the message; (3) a later attempt that finds the intent without a ts looks
         for that reply in the thread first and adopts it (``_adopt_posted_reply``), posting only if it is
-        not there, and if it cannot look it waits for the next attempt. The message's lease keeps two
-        attempts from overlapping.
+        not there, and if it cannot look it waits for the next attempt. The message's lease, renewed while
+        this attempt lasts and checked with the intent, keeps two attempts from overlapping.
         """
         await self.output.pacer.wait(message.channel_id)  # first, so the post follows the intent at once
-        await self._in_transaction(
-            lambda s: repo.record_reply_intent(s, message.id, channel_id=message.channel_id)
-        )
+
+        async def intent(session: AsyncSession) -> None:  # only the attempt holding the lease may post
+            await repo.hold_lease(session, message.id, message.attempts, lease=self.lease)
+            await repo.record_reply_intent(session, message.id, channel_id=message.channel_id)
+
+        await self._in_transaction(intent)
         message.reply_channel_id = message.channel_id
         try:
             posted = await self.output.post_or_raise(
@@ -542,8 +578,7 @@ class Triage:
         error = f"{method}: {exc.response.get('error')}"
         if is_permanent(exc):
             log.warning("message %s in %s skipped: %s", message.ts, message.channel_id, error)
-            async with self.sessions.begin() as session:
-                await repo.mark_skipped(session, message.id, reason=error)
+            await self._as_holder(message, lambda s: repo.mark_skipped(s, message.id, reason=error))
         else:
             await self._retry_later(message, error)
 
@@ -552,17 +587,25 @@ class Triage:
         short database outage does not leave it for the next attempt to find in the thread."""
         await in_transaction(self.sessions, work, within_s=self.record_within_s)
 
+    async def _as_holder(self, message: Message, work: Callable[[AsyncSession], Awaitable[Any]]) -> None:
+        """``work`` in a transaction, only while this attempt holds the message's lease (``LeaseLost``)."""
+        async with self.sessions.begin() as session:
+            await repo.hold_lease(session, message.id, message.attempts, lease=self.lease)
+            await work(session)
+
     async def _retry_later(self, message: Message, error: str) -> None:
         where = f"{escape_controls(message.ts)} in {escape_controls(message.channel_id)}"
         log.warning("message %s not answered yet: %s", where, escape_controls(error))
-        async with self.sessions.begin() as session:
-            await repo.schedule_retry(
-                session,
+        await self._as_holder(
+            message,
+            lambda s: repo.schedule_retry(
+                s,
                 message.id,
                 error=error,
                 base_delay=timedelta(seconds=self.settings.triage_retry_base_s),
                 max_delay=timedelta(seconds=self.settings.triage_retry_max_s),
-            )
+            ),
+        )
 
     async def _route(self, message: Message, views: Mapping[str, LabelView], mode: Delivery) -> None:
         """Urgent messages: escalated (a post in the escalation channel, and in thread mode a reaction on

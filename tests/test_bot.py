@@ -292,9 +292,9 @@ async def test_fix_labels_button_opens_a_modal_not_menus_in_the_channel(harness_
     assert await h.eventually(lambda: h.count(Correction))
     [correction] = await h.rows(Correction)
     assert (correction.head, correction.new_label, str(correction.source)) == ("topic", topic, "button")
-    [update] = await h.slack.wait_for("chat.update", timeout=5)
-    assert update.args["ts"] == reply.response["ts"] and f"corrected by <@{AGENT}>" in str(
-        update.args["blocks"]
+    [updated] = await h.slack.wait_for("chat.update", timeout=5)
+    assert updated.args["ts"] == reply.response["ts"] and f"corrected by <@{AGENT}>" in str(
+        updated.args["blocks"]
     )
 
 
@@ -404,10 +404,12 @@ async def test_a_retry_after_a_reply_updates_it_instead_of_answering_twice(harne
     event, _ = await h.post_customer_message("Two-factor codes never arrive by SMS")
     reply = await h.reply_to(event["ts"])
     assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
-    [message] = await h.rows(Message)  # as if the bookkeeping after the reply had failed: still pending
+    async with h.sessions.begin() as session:  # as if the bookkeeping after the reply had failed
+        await session.execute(update(Message).values(state=MessageState.PENDING))
+    [message] = await h.rows(Message)
     await h.bot.triage.classify_and_reply(message)
-    [update] = await h.slack.wait_for("chat.update", timeout=5)
-    assert update.args["ts"] == reply.response["ts"]
+    [updated] = await h.slack.wait_for("chat.update", timeout=5)
+    assert updated.args["ts"] == reply.response["ts"]
     assert (
         len([c for c in h.slack.calls_to("chat.postMessage") if c.args.get("thread_ts") == event["ts"]]) == 1
     )
@@ -801,7 +803,7 @@ async def test_a_reply_posted_just_before_the_bot_died_is_adopted_not_posted_aga
     [message] = await h.rows(Message)
     assert message.reply_ts is None and message.state == MessageState.PENDING
     async with h.sessions.begin() as session:  # no need to wait 2 minutes for the dead worker's lease
-        await repo.release_message(session, message.id)
+        await repo.release_message(session, message.id, message.attempts)
 
     assert await h.eventually(lambda: h.count(Message, Message.state == MessageState.CLASSIFIED))
     [message] = await h.rows(Message)
@@ -910,3 +912,101 @@ async def _database_locked(h: Harness) -> AsyncIterator[None]:
             yield
         finally:
             await connection.exec_driver_sql("ROLLBACK")
+
+
+def _gate_classifier(h: Harness, monkeypatch: pytest.MonkeyPatch) -> asyncio.Event:
+    """The bot's classifier waits for the returned event before each answer (a slow or stuck model)."""
+    gate = asyncio.Event()
+    classify = h.bot.triage.classifier.classify
+
+    async def gated(*args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await classify(*args, **kwargs)
+
+    monkeypatch.setattr(h.bot.triage.classifier, "classify", gated)
+    return gate
+
+
+def _sweeps_past(monkeypatch: pytest.MonkeyPatch, seconds: float, sweeps: int = 3) -> asyncio.Event:
+    """Set once the pending-message sweep (of every bot here) has looked for due work ``sweeps`` times
+    after ``seconds`` from now: by then any lease given before now has run out unless it was renewed."""
+    done = asyncio.Event()
+    claim = repo.claim_due_messages
+    after = time.monotonic() + seconds
+    seen = 0
+
+    async def counted(session: Any, **kwargs: Any) -> list[Message]:
+        nonlocal seen
+        claimed = await claim(session, **kwargs)
+        if time.monotonic() > after:
+            seen += 1
+            if seen >= sweeps:
+                done.set()
+        return claimed
+
+    monkeypatch.setattr(repo, "claim_due_messages", counted)
+    return done
+
+
+async def test_messages_that_wait_longer_than_their_lease_are_answered_once(
+    harness_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Work that waits in memory (or in a slow classifier) past its lease is not taken and answered again."""
+    h = await harness_factory(triage_workers=1, triage_lease_s=0.5)
+    gate = _gate_classifier(h, monkeypatch)
+    events = [(await h.post_customer_message(f"Invoice {i} shows the wrong VAT"))[0] for i in range(4)]
+    await asyncio.wait_for(_sweeps_past(monkeypatch, seconds=1.5).wait(), timeout=10)  # three leases
+    gate.set()
+    await h.slack.wait_for("chat.postMessage", count=len(events), timeout=15)
+    await h.settled()
+    assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}
+    assert await h.count(Prediction) == len(events)
+    assert await h.count(Message, Message.state == MessageState.CLASSIFIED) == len(events)
+    assert h.bot.triage.held == {}
+
+
+async def test_a_replica_leaves_the_others_leases_alone_and_takes_over_when_it_dies(
+    harness_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two replicas on one database: B answers none of A's messages while A works on them (however slow),
+    and every message A held when it died, once its lease has run out."""
+    a = await harness_factory(triage_workers=1, triage_lease_s=2)
+    b = await harness_factory(triage_lease_s=2)
+    gate = _gate_classifier(a, monkeypatch)
+    first = [(await a.post_customer_message(f"Export {i} times out"))[0] for i in range(2)]
+    await asyncio.wait_for(_sweeps_past(monkeypatch, seconds=6, sweeps=6).wait(), timeout=20)
+    gate.set()
+    await a.slack.wait_for("chat.postMessage", count=len(first), timeout=15)
+    await a.settled()
+    assert _replies_per_thread(a.slack) == {e["ts"]: 1 for e in first}
+    assert _replies_per_thread(b.slack) == {}
+
+    gate.clear()  # A is stuck on the next ones, then dies
+    second = [(await a.post_customer_message(f"Login {i} loops back to the start"))[0] for i in range(2)]
+    await a.bot.stop()
+    await b.slack.wait_for("chat.postMessage", count=len(second), timeout=15)
+    assert _replies_per_thread(a.slack) == {e["ts"]: 1 for e in first}
+    assert _replies_per_thread(b.slack) == {e["ts"]: 1 for e in second}
+
+    async def all_classified() -> bool:
+        return await b.count(Message, Message.state == MessageState.CLASSIFIED) == len(first) + len(second)
+
+    assert await b.eventually(all_classified, within_s=10)
+    assert await b.count(Prediction) == len(first) + len(second)
+
+
+async def test_every_web_api_call_goes_over_one_shared_session_closed_at_stop(harness_factory: Any) -> None:
+    """Kept-alive connections for every Web API call (not a new connection each), closed with the bot."""
+    h = await harness_factory(triage_urgent_labels="low,medium,high,critical")  # a reaction and a post too
+    session = h.bot.triage.client.session
+    assert isinstance(session, aiohttp.ClientSession) and not session.closed
+    assert (
+        h.bot.triage.output.client.session is session
+        and h.bot.triage.cards.output.client is h.bot.triage.client
+    )
+    event, _ = await h.post_customer_message("Everything is broken, production is down!")
+    await h.reply_to(event["ts"])
+    await h.slack.wait_for("reactions.add", timeout=5)
+    assert h.bot.triage.client.session is session and not session.closed  # reused, never replaced
+    await h.bot.stop()
+    assert session.closed

@@ -29,6 +29,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -363,8 +364,8 @@ async def replace_text(
     now: datetime | None = None,
 ) -> Message:
     """The author edited the message: store the new text and make it pending again, owned by the caller
-    for ``lease`` like a new message. Its labels stay; those older than ``edited_at`` were given to the
-    earlier text. A forgotten user's edit is not stored either."""
+    for ``lease`` like a newly claimed message (``claim_due_messages``). Its labels stay; those older
+    than ``edited_at`` were given to the earlier text. A forgotten user's edit is not stored either."""
     now = now or utcnow()
     message = await session.get(Message, message_id, populate_existing=True)
     if message is None:
@@ -375,7 +376,7 @@ async def replace_text(
         message.text, message.text_removed_at = text, None
     message.edited_at = now
     message.state = MessageState.PENDING
-    message.attempts = 0
+    message.attempts += 1  # a new lease: an attempt still at work on the earlier text records nothing
     message.next_attempt_at = now + lease
     message.last_error = None
     await session.flush()
@@ -453,6 +454,10 @@ async def claim_due_messages(
     Claimed messages get ``attempts + 1`` and are hidden from other workers for ``lease``. PostgreSQL
     workers skip rows another worker is claiming (FOR UPDATE SKIP LOCKED); SQLite has a single writer,
     so the one UPDATE statement is already exclusive.
+
+    A lease is the pair (message id, ``attempts``): each claim (and each edit, ``replace_text``) makes a
+    new one, so an attempt that outlived its lease is told apart from the one that took over
+    (``hold_lease``). A new message is leased to the one who stored it with ``attempts`` 0.
     """
     now = now or utcnow()
     due = (
@@ -477,11 +482,66 @@ async def claim_due_messages(
     return sorted(claimed, key=lambda m: m.id)
 
 
-async def release_message(session: AsyncSession, message_id: int, *, now: datetime | None = None) -> None:
-    """Give up a pending message's lease: the next ``claim_due_messages`` may take it at once."""
+class LeaseLost(RuntimeError):
+    """The message is no longer this attempt's to answer: it was answered, edited, or its lease ran out and
+    another attempt took it over."""
+
+
+async def hold_lease(
+    session: AsyncSession,
+    message_id: int,
+    attempt: int,
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> None:
+    """The first statement of a transaction that writes what an attempt did with a message: it goes on only
+    while that attempt's lease (``attempts == attempt``, still pending) is the message's, extended by
+    ``lease``; otherwise ``LeaseLost``. The row stays locked until the commit, so no claim overtakes it."""
+    result = await session.execute(
+        update(Message)
+        .where(Message.id == message_id, Message.state == MessageState.PENDING, Message.attempts == attempt)
+        .values(next_attempt_at=(now or utcnow()) + lease)
+    )
+    if _rowcount(result) != 1:
+        raise LeaseLost(f"message {message_id} is no longer leased to attempt {attempt}")
+
+
+async def renew_leases(
+    session: AsyncSession,
+    held: Mapping[int, int],
+    *,
+    lease: timedelta = DEFAULT_LEASE,
+    now: datetime | None = None,
+) -> set[int]:
+    """Extend the leases a process holds (message id → attempt) by ``lease`` from now: messages that wait in
+    its memory or are being answered are not claimed by anyone else meanwhile. Returns the ids still held
+    (the others were answered, edited or taken over)."""
+    now = now or utcnow()
+    pairs = sorted(held.items())
+    kept: set[int] = set()
+    for start in range(0, len(pairs), ID_CHUNK // 2):  # two bound parameters a pair
+        result = await session.execute(
+            update(Message)
+            .where(
+                tuple_(Message.id, Message.attempts).in_(pairs[start : start + ID_CHUNK // 2]),
+                Message.state == MessageState.PENDING,
+            )
+            .values(next_attempt_at=now + lease)
+            .returning(Message.id)
+            .execution_options(synchronize_session=False)
+        )
+        kept.update(result.scalars())
+    return kept
+
+
+async def release_message(
+    session: AsyncSession, message_id: int, attempt: int, *, now: datetime | None = None
+) -> None:
+    """Give up an attempt's lease of a pending message: ``claim_due_messages`` may take it at once."""
     await session.execute(
         update(Message)
-        .where(Message.id == message_id, Message.state == MessageState.PENDING)
+        .where(Message.id == message_id, Message.state == MessageState.PENDING, Message.attempts == attempt)
         .values(next_attempt_at=now or utcnow())
     )
 
