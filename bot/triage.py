@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
@@ -72,18 +73,24 @@ class StorageUnavailable(RuntimeError):
 
 
 class OutageLog:
-    """Database failures, logged without flooding: the traceback once per outage, then one line each."""
+    """Database failures, logged without flooding: the traceback once per outage (and at most once a
+    minute: an outage that flaps while connections recover is one outage), then one line each."""
+
+    TRACEBACK_EVERY_S = 60.0
 
     def __init__(self) -> None:
         self.down = False
+        self.last_traceback = -math.inf  # time.monotonic() of the last traceback logged
 
     def failed(self, what: str, exc: BaseException) -> None:
-        if not self.down:
-            self.down = True
+        now = time.monotonic()
+        if not self.down and now - self.last_traceback >= self.TRACEBACK_EVERY_S:
+            self.last_traceback = now
             log.error("%s: database unavailable or too slow (traceback once per outage)", what, exc_info=exc)
         else:
             reason = escape_controls(f"{type(exc).__name__}: {exc}".splitlines()[0])[:200]
             log.warning("%s: database unavailable or too slow (%s)", what, reason)
+        self.down = True
 
     def recovered(self) -> None:
         if self.down:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import bot.triage as triage_module
 from bot import shortcut
 from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks
 from bot.reactions import DEFAULT_REACTIONS, ReactionMap
@@ -185,3 +186,25 @@ def test_manifest_matches_what_the_bot_handles() -> None:
     assert "users:read" in scopes  # users.info tells agents from guests and other organizations
     # conversations.info (shared channels, membership) for public and private channels; team.info
     assert {"channels:read", "groups:read", "team:read"} <= scopes
+
+
+def test_an_outage_that_flaps_logs_one_traceback_a_minute(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = [1000.0]
+    monkeypatch.setattr(triage_module.time, "monotonic", lambda: clock[0])
+    outage = triage_module.OutageLog()
+    error = ConnectionError("connection refused")
+    with caplog.at_level("WARNING", logger="bot.triage"):
+        outage.failed("sweep", error)
+        outage.failed("answering message 3", error)  # the same outage: one line
+        outage.recovered()
+        clock[0] += 5
+        outage.failed("sweep", error)  # a dead pooled connection right after recovery: no new traceback
+        outage.recovered()
+        clock[0] += 60
+        outage.failed("sweep", error)  # a new outage a minute later: its traceback
+    tracebacks = [r for r in caplog.records if r.exc_info]
+    assert len(tracebacks) == 2
+    assert sum("database reachable again" in r.getMessage() for r in caplog.records) == 2
+    assert sum("connection refused" in r.getMessage() for r in caplog.records) == 2  # the one-liners
