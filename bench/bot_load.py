@@ -73,7 +73,7 @@ import numpy as np  # noqa: E402
 from sqlalchemy import func, select  # noqa: E402
 
 from bench.machine import cpu_name  # noqa: E402
-from bot.storage.database import create_engine, resolve_database_url, upgrade_database  # noqa: E402
+from bot.storage.database import create_db_engine, resolve_database_url, upgrade_database  # noqa: E402
 from bot.storage.models import Card, Message, MessageState, Prediction, SlackEvent  # noqa: E402
 from tests.support.slack_standin import CUSTOMER_TEAM_ID, SLACK_USER_AGENT, SlackStandIn  # noqa: E402
 
@@ -212,7 +212,7 @@ async def fresh_database(database_url: str | None, work: Path, tag: str) -> Asyn
 
 async def count_rows(url: str) -> dict[str, Any]:
     """Messages by state, predictions and recorded event ids; warm-up messages left out."""
-    engine = create_engine(url)
+    engine = create_db_engine(url)
     measured = ~Message.channel_id.like(f"{WARM_CHANNEL}%")
     try:
         async with engine.connect() as conn:

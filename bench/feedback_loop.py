@@ -45,7 +45,7 @@ from bot.retrain import Acceptance, run_once
 from bot.review import SCAN_LIMIT, WINDOW, ReviewQueue
 from bot.settings import load_settings
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from bot.storage.models import CorrectionKind, CorrectionSource, TrainingTrigger, utcnow
 from classifier.client import LocalClassifier
 from classifier.data import Example, load_examples, split_examples
@@ -194,7 +194,7 @@ async def main() -> None:
 
     url = args.database_url or f"sqlite+aiosqlite:///{work / 'triage.db'}"
     await upgrade_database(url)
-    engine = create_engine(url)
+    engine = create_db_engine(url)
     sessions = create_session_factory(engine)
     classifier = LocalClassifier(registry=registry, config=EngineConfig(poll_interval_s=0.5))
     corrections = since_retrain = messages = 0
@@ -294,7 +294,7 @@ async def label_strategy_run(
     registry = Registry(work / "models")
     url = f"sqlite+aiosqlite:///{work / 'triage.db'}"
     await upgrade_database(url)
-    engine = create_engine(url)
+    engine = create_db_engine(url)
     sessions = create_session_factory(engine)
     classifier = LocalClassifier(registry=registry, config=EngineConfig(poll_interval_s=0.5))
     # the queue's thresholds as the bot has them by default (no Slack is contacted)

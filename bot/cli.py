@@ -223,21 +223,21 @@ def audit_command(
     from datetime import timedelta
 
     from bot.storage import repository as repo
-    from bot.storage.database import check_schema, create_engine, create_session_factory
+    from bot.storage.database import check_schema, create_db_engine, create_session_factory
     from bot.storage.models import utcnow
 
     since = utcnow() - timedelta(days=days) if days is not None else None
 
     async def read() -> list[Any]:
-        engine = create_engine(database_url)
+        db_engine = create_db_engine(database_url)
         try:
-            await check_schema(engine)
-            async with create_session_factory(engine)() as session:
+            await check_schema(db_engine)
+            async with create_session_factory(db_engine)() as session:
                 return await repo.list_audit_entries(
                     session, limit=limit, user_id=user, action=action, since=since
                 )
         finally:
-            await engine.dispose()
+            await db_engine.dispose()
 
     for entry in asyncio.run(read()):
         if as_json:

@@ -33,7 +33,7 @@ from bot.scheduler import build_scheduler
 from bot.settings import BotSettings
 from bot.slack_output import SlackOutput, make_web_client, slack_session
 from bot.socket_mode import SocketModeLink
-from bot.storage.database import check_schema, create_engine, create_session_factory, resolve_database_url
+from bot.storage.database import check_schema, create_db_engine, create_session_factory, resolve_database_url
 from bot.triage import Triage
 from classifier.child import ClassifierStartError, spare_core_threads
 from classifier.client import ChildClassifier, Classifier, make_classifier
@@ -111,8 +111,8 @@ async def start_bot(settings: BotSettings, reactions: ReactionMap | None = None)
 async def _start_bot(
     settings: BotSettings, reactions: ReactionMap | None, resources: contextlib.AsyncExitStack
 ) -> RunningBot:
-    engine = await _open_database(settings, resources)
-    sessions = create_session_factory(engine)
+    db_engine = await _open_database(settings, resources)
+    sessions = create_session_factory(db_engine)
     registry = Registry(registry_dir())
     if registry.names():  # the registry is shared with the classifier (same data directory or volume)
         await _log_missing_heads(settings, registry)
@@ -143,7 +143,7 @@ async def _start_bot(
     )
     retrainer = Retrainer(
         sessions,
-        engine,
+        db_engine,
         post=output.post_text,
         upload=output.upload,
         summary_channel=settings.triage_summary_channel or settings.triage_escalation_channel,
@@ -154,7 +154,7 @@ async def _start_bot(
 
     stop = _start_worker(triage, resources)
     digest = Digest(settings, sessions, output, commands.review)
-    _start_schedule(settings, engine, sessions, retrainer, digest, triage, resources)
+    _start_schedule(settings, db_engine, sessions, retrainer, digest, triage, resources)
     _on_close(resources, "the acknowledged work", lambda: _drain(app))
     link = await _start_socket_mode(settings, app, resources) if settings.socket_mode else None
     runner, port = await _serve_http(settings, app, triage, link, resources)
@@ -169,20 +169,20 @@ async def _start_bot(
 
 
 async def _open_database(settings: BotSettings, resources: contextlib.AsyncExitStack) -> AsyncEngine:
-    """The database engine, once the schema is known to be the one this code needs."""
+    """The database db_engine, once the schema is known to be the one this code needs."""
     url = resolve_database_url(settings.database_url)
     if url.get_backend_name() == "sqlite":
         # one connection: SQLite has one writer anyway, and its busy handler sleeps (up to 100 ms a try)
         # when several connections compete, which made acknowledgements slow under load
-        engine = create_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
+        db_engine = create_db_engine(url, pool_size=1, max_overflow=0, pool_timeout=30)
     else:  # room for the workers and the listeners at once; beyond it a request waits, never loses a message
-        engine = create_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
-    _on_close(resources, "the database engine", engine.dispose)
+        db_engine = create_db_engine(url, pool_size=20, max_overflow=20, pool_timeout=30)
+    _on_close(resources, "the database engine", db_engine.dispose)
     try:
-        await check_schema(engine)
+        await check_schema(db_engine)
     except Exception as exc:
         raise StartupError(str(exc)) from exc
-    return engine
+    return db_engine
 
 
 def _classifier(settings: BotSettings, resources: contextlib.AsyncExitStack) -> Classifier:
@@ -218,7 +218,7 @@ def _start_worker(triage: Triage, resources: contextlib.AsyncExitStack) -> async
 
 def _start_schedule(
     settings: BotSettings,
-    engine: AsyncEngine,
+    db_engine: AsyncEngine,
     sessions: async_sessionmaker[AsyncSession],
     retrainer: Retrainer,
     digest: Digest,
@@ -226,7 +226,7 @@ def _start_schedule(
     resources: contextlib.AsyncExitStack,
 ) -> None:
     """The scheduled jobs: retraining, the daily digest (bot/digest.py), drift checks (bot/drift.py)."""
-    scheduler = build_scheduler(settings, engine, sessions, retrainer)
+    scheduler = build_scheduler(settings, db_engine, sessions, retrainer)
     add_digest(scheduler, digest)
     add_drift(scheduler, triage.drift)
     scheduler.start()

@@ -39,7 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, a
 
 from bot.blocks import retrain_busy_text, retrain_progress_text, retrain_summary_text
 from bot.storage import repository as repo
-from bot.storage.database import check_schema, create_engine, create_session_factory, erase_freed_space
+from bot.storage.database import check_schema, create_db_engine, create_session_factory, erase_freed_space
 from bot.storage.models import TrainingStatus, TrainingTrigger, utcnow
 from classifier.data import (
     Example,
@@ -114,7 +114,7 @@ def _run_file_lock() -> FileLock:
     return FileLock(str(data_dir() / "retrain.lock"), timeout=0)
 
 
-async def advisory_lock_held(engine: AsyncEngine, key: int) -> bool:
+async def advisory_lock_held(db_engine: AsyncEngine, key: int) -> bool:
     """Whether any session of this PostgreSQL database holds the advisory lock ``key`` (read from
     ``pg_locks``; takes nothing). A killed process's locks are gone the moment its connection drops."""
     held = text(
@@ -122,18 +122,18 @@ async def advisory_lock_held(engine: AsyncEngine, key: int) -> bool:
         " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         " AND classid = :high AND objid = :low AND objsubid = 1)"
     )
-    async with engine.connect() as conn:
+    async with db_engine.connect() as conn:
         return bool((await conn.execute(held, {"high": key >> 32, "low": key & 0xFFFF_FFFF})).scalar())
 
 
-async def run_in_progress(engine: AsyncEngine) -> bool:
+async def run_in_progress(db_engine: AsyncEngine) -> bool:
     """Whether a run holds the lock now: the only sign of a live run (a 'running' row may be a dead one's).
 
     On PostgreSQL it reads ``pg_locks`` and takes nothing; on SQLite it takes the file lock and lets go at
     once, so a run starting in that instant may find it busy (it then says so, and nothing is lost).
     """
-    if engine.dialect.name == "postgresql":
-        return await advisory_lock_held(engine, ADVISORY_LOCK_KEY)
+    if db_engine.dialect.name == "postgresql":
+        return await advisory_lock_held(db_engine, ADVISORY_LOCK_KEY)
     lock = _run_file_lock()
     try:
         lock.acquire()
@@ -144,11 +144,11 @@ async def run_in_progress(engine: AsyncEngine) -> bool:
 
 
 @contextlib.asynccontextmanager
-async def run_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+async def run_lock(db_engine: AsyncEngine) -> AsyncIterator[None]:
     """Exclusive across processes and replicas: PostgreSQL advisory lock, or a file lock beside SQLite."""
-    if engine.dialect.name == "postgresql":
+    if db_engine.dialect.name == "postgresql":
         conn: AsyncConnection
-        async with engine.connect() as conn:
+        async with db_engine.connect() as conn:
             got = (
                 await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})
             ).scalar()
@@ -221,16 +221,16 @@ async def erase_from_versions(sessions: async_sessionmaker[AsyncSession], regist
 
 
 async def erase_removed_texts(
-    engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], registry: Registry, *, vacuum: bool
+    db_engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession], registry: Registry, *, vacuum: bool
 ) -> tuple[int, bool]:
     """After texts were removed from the database, remove every other copy under the data directory and
     in the database files. Returns (rows erased from model versions, whether the database files are
     clean: ``False`` if a reader kept SQLite's WAL from being emptied)."""
     erased = await erase_from_versions(sessions, registry)
     with contextlib.suppress(RunBusy):  # a live run removes its own staging folder, and erases after commit
-        async with run_lock(engine):
+        async with run_lock(db_engine):
             await asyncio.to_thread(registry.clean_staging)
-    return erased, await erase_freed_space(engine, vacuum=vacuum)
+    return erased, await erase_freed_space(db_engine, vacuum=vacuum)
 
 
 def split_for_run(active: VersionInfo, examples: Sequence[Example]) -> dict[Split, list[Example]]:
@@ -306,7 +306,7 @@ async def describe_dry_run(
 
 async def run_once(
     sessions: async_sessionmaker[AsyncSession],
-    engine: AsyncEngine,
+    db_engine: AsyncEngine,
     registry: Registry,
     *,
     trigger: TrainingTrigger,
@@ -317,7 +317,7 @@ async def run_once(
     acceptance: Acceptance | None = None,
 ) -> RunOutcome:
     """One complete run under the lock; raises ``RunBusy`` if another run holds it."""
-    async with run_lock(engine):
+    async with run_lock(db_engine):
         started = utcnow()
         async with sessions.begin() as session:
             await fail_dead_runs(session, started)
@@ -492,16 +492,16 @@ async def start_run(run: RunRequest, emit: ProgressSink, *, slack: bool) -> int:
     exit status: 0, ``EXIT_FAILED`` or ``EXIT_BUSY`` (after a ``busy`` event; ``slack``: mention who)."""
     from bot.run_queue import worker_present  # bot.run_queue builds on this module
 
-    engine = create_engine(run.database_url)
-    sessions = create_session_factory(engine)
+    db_engine = create_db_engine(run.database_url)
+    sessions = create_session_factory(db_engine)
     try:
-        await check_schema(engine)
-        if await worker_present(engine):
-            status = await _run_on_worker(sessions, engine, run, emit)
+        await check_schema(db_engine)
+        if await worker_present(db_engine):
+            status = await _run_on_worker(sessions, db_engine, run, emit)
         else:
             outcome = await run_once(
                 sessions,
-                engine,
+                db_engine,
                 Registry(registry_dir()),
                 trigger=run.trigger,
                 requested_by=run.requested_by,
@@ -519,11 +519,11 @@ async def start_run(run: RunRequest, emit: ProgressSink, *, slack: bool) -> int:
         emit({"event": "busy", "message": retrain_busy_text(running, slack=slack)})
         return EXIT_BUSY
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 async def _run_on_worker(
-    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run: RunRequest, emit: ProgressSink
+    sessions: async_sessionmaker[AsyncSession], db_engine: AsyncEngine, run: RunRequest, emit: ProgressSink
 ) -> TrainingStatus:
     """Queue the run for the `triage worker` and pass its progress rows to ``emit`` until it ends; raises
     ``RunBusy`` while another run runs or waits (as a run here would)."""
@@ -531,12 +531,12 @@ async def _run_on_worker(
 
     async with sessions() as session:
         waiting = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
-    if waiting is not None or await run_in_progress(engine):
+    if waiting is not None or await run_in_progress(db_engine):
         raise RunBusy("a retraining run is in progress or queued")
     run_id = await enqueue(sessions, trigger=run.trigger, options=run.options, requested_by=run.requested_by)
     emit({"event": "queued", "run_id": run_id})
     status = TrainingStatus.FAILED
-    async for event in follow_run(sessions, engine, run_id):
+    async for event in follow_run(sessions, db_engine, run_id):
         emit(event)
         if event.get("event") == "done":
             status = TrainingStatus(event.get("status", TrainingStatus.FAILED))
@@ -545,14 +545,14 @@ async def _run_on_worker(
 
 async def dry_run_text(options: RunOptions, database_url: str | None) -> str:
     """`triage retrain --dry-run`: what a run would train on."""
-    engine = create_engine(database_url)
+    db_engine = create_db_engine(database_url)
     try:
-        await check_schema(engine)
+        await check_schema(db_engine)
         return await describe_dry_run(
-            create_session_factory(engine), Registry(registry_dir()), options.acceptance
+            create_session_factory(db_engine), Registry(registry_dir()), options.acceptance
         )
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 def print_progress(event: dict[str, Any]) -> None:
@@ -593,7 +593,7 @@ class Retrainer:
     def __init__(
         self,
         sessions: async_sessionmaker[AsyncSession],
-        engine: AsyncEngine,
+        db_engine: AsyncEngine,
         post: Callable[[str, str, str | None], Awaitable[str | None]],
         upload: Callable[[str, str, str], Awaitable[None]] | None = None,
         summary_channel: str | None = None,
@@ -602,7 +602,7 @@ class Retrainer:
     ):
         self.sessions = sessions
         self.options = options or RunOptions()
-        self.engine = engine
+        self.db_engine = db_engine
         self.post = post  # (channel, text, thread_ts) -> ts of the posted message
         self.upload = upload  # (channel, path, title)
         self.summary_channel = summary_channel
@@ -618,7 +618,7 @@ class Retrainer:
         worker); ``None`` when free."""
         if self.process is not None and self.process.returncode is None:
             return "Retraining is already running (started from this bot)."
-        if await run_in_progress(self.engine):
+        if await run_in_progress(self.db_engine):
             async with self.sessions() as session:
                 return retrain_busy_text(
                     await repo.latest_training_run(session, status=TrainingStatus.RUNNING)
@@ -626,7 +626,7 @@ class Retrainer:
         # a 'running' row now is a killed run's: the next run marks it failed
         from bot.run_queue import worker_present  # bot.run_queue builds on this module
 
-        if await worker_present(self.engine):
+        if await worker_present(self.db_engine):
             async with self.sessions() as session:
                 queued = await repo.latest_training_run(session, status=TrainingStatus.QUEUED)
             if queued is not None:
@@ -650,9 +650,9 @@ class Retrainer:
         busy = await self.busy_message()
         if busy:
             return busy
-        if await worker_present(self.engine):
+        if await worker_present(self.db_engine):
             return await self._enqueue(requested_by, notify_channel, trigger)
-        database_url = self.engine.url.render_as_string(hide_password=False)
+        database_url = self.db_engine.url.render_as_string(hide_password=False)
         self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
         self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
         return "Retraining started; progress follows in this channel."
@@ -667,7 +667,7 @@ class Retrainer:
             requested_by=requested_by,
             notify_channel=channel,
         )
-        events = follow_run(self.sessions, self.engine, run_id, poll_s=self.poll_s)
+        events = follow_run(self.sessions, self.db_engine, run_id, poll_s=self.poll_s)
         self.relay = asyncio.ensure_future(self._relay_queued(events, channel))
         return "Retraining queued for the worker; progress follows in this channel."
 

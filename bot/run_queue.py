@@ -38,9 +38,9 @@ WORKER_LOCK_KEY = 0x7472_6961_6777  # held shared by every running `triage worke
 DONE_EVENT_GRACE = timedelta(seconds=30)
 
 
-async def worker_present(engine: AsyncEngine) -> bool:
+async def worker_present(db_engine: AsyncEngine) -> bool:
     """Whether a `triage worker` is up on this database (always ``False`` on SQLite: no worker runs there)."""
-    return engine.dialect.name == "postgresql" and await advisory_lock_held(engine, WORKER_LOCK_KEY)
+    return db_engine.dialect.name == "postgresql" and await advisory_lock_held(db_engine, WORKER_LOCK_KEY)
 
 
 async def enqueue(
@@ -63,20 +63,20 @@ async def enqueue(
         return run.id
 
 
-async def fail_if_dead(sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine) -> int:
+async def fail_if_dead(sessions: async_sessionmaker[AsyncSession], db_engine: AsyncEngine) -> int:
     """Fail every 'running' run whose process died: only while nobody holds the run lock, taken here for a
     moment so that no run can start in between. How many were failed."""
-    if await run_in_progress(engine):
+    if await run_in_progress(db_engine):
         return 0
     try:
-        async with run_lock(engine), sessions.begin() as session:
+        async with run_lock(db_engine), sessions.begin() as session:
             return await fail_dead_runs(session, utcnow())
     except RunBusy:
         return 0  # a run started just now: it is alive
 
 
 async def follow_run(
-    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, run_id: int, *, poll_s: float = 1.0
+    sessions: async_sessionmaker[AsyncSession], db_engine: AsyncEngine, run_id: int, *, poll_s: float = 1.0
 ) -> AsyncIterator[dict[str, Any]]:
     """A queued or running run's progress events as they are written, ending with its ``done`` event.
 
@@ -97,7 +97,7 @@ async def follow_run(
             if row.event.get("event") == "done":
                 return
         if run.status == TrainingStatus.RUNNING:
-            if await fail_if_dead(sessions, engine):
+            if await fail_if_dead(sessions, db_engine):
                 continue  # its 'done' event is written: read it at once
         elif (
             run.status != TrainingStatus.QUEUED

@@ -55,7 +55,7 @@ async def scheduled_retrain(
 
 
 async def housekeeping(
-    settings: BotSettings, engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
+    settings: BotSettings, db_engine: AsyncEngine, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     now = utcnow()
     removed = 0
@@ -68,14 +68,14 @@ async def housekeeping(
     registry = Registry(registry_dir())
     if removed:
         # no VACUUM here: it would hold up the bot's writes; secure_delete already zeroed the old rows
-        erased, _ = await erase_removed_texts(engine, sessions, registry, vacuum=False)
+        erased, _ = await erase_removed_texts(db_engine, sessions, registry, vacuum=False)
         log.info("retention: removed the text of %d messages (%d rows in model versions)", removed, erased)
     await asyncio.to_thread(registry.prune, settings.triage_keep_versions)
 
 
 def build_scheduler(
     settings: BotSettings,
-    engine: AsyncEngine,
+    db_engine: AsyncEngine,
     sessions: async_sessionmaker[AsyncSession],
     retrainer: Retrainer,
 ) -> AsyncIOScheduler:
@@ -92,7 +92,7 @@ def build_scheduler(
     scheduler.add_job(
         housekeeping,
         IntervalTrigger(hours=1),
-        args=[settings, engine, sessions],
+        args=[settings, db_engine, sessions],
         id="housekeeping",
         max_instances=1,
         coalesce=True,

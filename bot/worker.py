@@ -38,7 +38,7 @@ from bot.retrain import (
 from bot.run_queue import WORKER_LOCK_KEY
 from bot.settings import WorkerSettings
 from bot.storage import repository as repo
-from bot.storage.database import check_schema, create_engine, create_session_factory
+from bot.storage.database import check_schema, create_db_engine, create_session_factory
 from bot.storage.models import TrainingStatus, utcnow
 from classifier.paths import registry_dir
 from classifier.registry import Registry
@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.asynccontextmanager
-async def presence(engine: AsyncEngine) -> AsyncIterator[None]:
+async def presence(db_engine: AsyncEngine) -> AsyncIterator[None]:
     """Hold the shared worker lock on a connection of its own for as long as the worker is up."""
-    async with engine.connect() as conn:
+    async with db_engine.connect() as conn:
         await conn.execute(text("SELECT pg_advisory_lock_shared(:k)"), {"k": WORKER_LOCK_KEY})
         await conn.commit()
         try:
@@ -85,14 +85,14 @@ async def progress_rows(
 
 
 async def run_next(
-    sessions: async_sessionmaker[AsyncSession], engine: AsyncEngine, registry: Registry, worker: str
+    sessions: async_sessionmaker[AsyncSession], db_engine: AsyncEngine, registry: Registry, worker: str
 ) -> RunOutcome | None:
     """Claim the oldest queued run and run it; ``None`` when none waits or another run holds the lock."""
     async with sessions() as session:
         if await repo.latest_training_run(session, status=TrainingStatus.QUEUED) is None:
             return None  # the run lock is not taken for nothing: a busy check would see a run that is not
     try:
-        async with run_lock(engine):
+        async with run_lock(db_engine):
             async with sessions.begin() as session:
                 await fail_dead_runs(session, utcnow())
                 run = await repo.claim_training_run(session, worker=worker)
@@ -142,23 +142,23 @@ def worker_name(settings: WorkerSettings) -> str:
 
 async def serve(settings: WorkerSettings, stop: asyncio.Event) -> None:
     """Claim and run queued runs until ``stop`` is set (a run in progress finishes first)."""
-    engine = create_engine(settings.database_url)
+    db_engine = create_db_engine(settings.database_url)
     try:
-        await check_schema(engine)
-        sessions = create_session_factory(engine)
+        await check_schema(db_engine)
+        sessions = create_session_factory(db_engine)
         registry = Registry(registry_dir())
         name = worker_name(settings)
-        async with presence(engine):
+        async with presence(db_engine):
             log.info("triage worker %s: waiting for training runs", name)
             while not stop.is_set():
-                outcome = await run_next(sessions, engine, registry, name)
+                outcome = await run_next(sessions, db_engine, registry, name)
                 if outcome is not None:
                     log.info("training run finished: %s", outcome.summary().splitlines()[0])
                     continue  # another may be waiting
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), settings.triage_worker_poll_s)
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 async def run_worker(settings: WorkerSettings) -> None:

@@ -15,7 +15,7 @@ from alembic.autogenerate.api import AutogenContext
 from sqlalchemy import pool
 from sqlalchemy.engine import URL, Connection
 
-from bot.storage.database import create_engine, resolve_database_url
+from bot.storage.database import create_db_engine, resolve_database_url
 from bot.storage.models import Base, UTCDateTime
 
 config = context.config
@@ -70,7 +70,7 @@ def run_migrations_on(connection: Connection) -> None:
 
 
 async def run_migrations_async() -> None:
-    engine = create_engine(database_url(), sqlite_foreign_keys=False, poolclass=pool.NullPool)
+    engine = create_db_engine(database_url(), sqlite_foreign_keys=False, poolclass=pool.NullPool)
     try:
         async with engine.begin() as connection:
             await connection.run_sync(run_migrations_on)

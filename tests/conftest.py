@@ -22,7 +22,7 @@ import pytest
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from classifier.paths import DATA_DIR_ENV
 
 PG_URL_ENV = "TRIAGE_TEST_PG_URL"
@@ -156,7 +156,7 @@ def database_url(backend: str, tmp_path: Any, request: pytest.FixtureRequest) ->
 async def engine(database_url: URL) -> AsyncIterator[AsyncEngine]:
     """An engine on a fresh database migrated to head."""
     await upgrade_database(database_url)
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     try:
         yield engine
     finally:

@@ -24,7 +24,7 @@ from bot.retrain import run_lock
 from bot.scheduler import build_scheduler, scheduled_retrain
 from bot.settings import BotSettings, load_settings
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     AuditEntry,
     Base,
@@ -59,7 +59,7 @@ class Harness:
         self.slack = slack
         self.bot = bot
         self.config = config
-        self.engine = create_engine(database_url)
+        self.engine = create_db_engine(database_url)
         self.sessions = create_session_factory(self.engine)
 
     async def restart(self) -> None:

@@ -18,7 +18,7 @@ from bot.blocks import LabelView
 from bot.settings import load_settings
 from bot.slack_output import SlackOutput
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory
+from bot.storage.database import create_db_engine, create_session_factory
 from bot.storage.models import (
     Card,
     Correction,
@@ -466,7 +466,7 @@ async def test_two_replicas_racing_through_one_burst_make_one_possible_incident(
             await repo.ensure_card(session, message.id)
             burst.append(message)
     views = {"topic": LabelView("outage", confidence=0.9)}
-    second = create_engine(database_url)
+    second = create_db_engine(database_url)
     try:
         async with SlackStandIn() as slack:
             output = SlackOutput(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))

@@ -24,7 +24,7 @@ from bot.storage.database import (
     SchemaMismatchError,
     alembic_config,
     check_schema,
-    create_engine,
+    create_db_engine,
     create_session_factory,
     current_revision,
     downgrade_database,
@@ -90,7 +90,7 @@ async def test_the_comparison_would_notice_a_difference(engine: AsyncEngine) -> 
 
 async def test_upgrade_downgrade_upgrade(database_url: URL) -> None:
     await upgrade_database(database_url)
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     try:
         async with create_session_factory(engine).begin() as session:
             message, _ = await repo.store_message(
@@ -114,7 +114,7 @@ async def test_upgrade_downgrade_upgrade(database_url: URL) -> None:
 
 
 async def test_check_schema_refuses_an_outdated_database(database_url: URL) -> None:
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     try:
         with pytest.raises(SchemaMismatchError) as empty:
             await check_schema(engine)
@@ -142,7 +142,7 @@ def test_alembic_command_line_uses_alembic_ini(database_url: URL, monkeypatch: p
     command.upgrade(config, "head")
 
     async def revision() -> str | None:
-        engine = create_engine(database_url)
+        engine = create_db_engine(database_url)
         try:
             return await current_revision(engine)
         finally:
@@ -184,7 +184,7 @@ async def test_concurrent_upgrades_wait_for_each_other(database_url: URL) -> Non
     for process in processes:
         _, stderr = await process.communicate()
         assert process.returncode == 0, stderr.decode()
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     try:
         await check_schema(engine)
     finally:

@@ -31,7 +31,7 @@ from bot.retrain import (
     start_child,
 )
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from bot.storage.models import (
     CorrectionSource,
     TrainingRun,
@@ -59,7 +59,7 @@ def _examples(rows: list[dict[str, str]]) -> list[Example]:
 @pytest.fixture
 async def db(database_url: URL) -> AsyncIterator[tuple[AsyncEngine, async_sessionmaker[AsyncSession]]]:
     await upgrade_database(database_url)
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     yield engine, create_session_factory(engine)
     await engine.dispose()
 

@@ -21,7 +21,7 @@ from bot.storage.database import (
     SQLITE_BUSY_TIMEOUT_MS,
     DatabaseConfigError,
     FirstInLinePool,
-    create_engine,
+    create_db_engine,
     first_in_line,
     resolve_database_url,
     upgrade_database,
@@ -162,7 +162,7 @@ def test_bad_urls_are_explained_without_the_password(raw: str, expected: str) ->
 
 
 async def test_sqlite_connections_use_wal_foreign_keys_and_busy_timeout(tmp_path: object) -> None:
-    engine = create_engine(f"sqlite+aiosqlite:///{tmp_path}/sub/dir/t.db")  # parent folders are created
+    engine = create_db_engine(f"sqlite+aiosqlite:///{tmp_path}/sub/dir/t.db")  # parent folders are created
     try:
         async with engine.connect() as connection:
             pragmas = [
@@ -311,7 +311,7 @@ async def test_a_message_the_database_refuses_fails_only_its_own_event(session_f
 
 async def test_first_in_line_sessions_get_the_next_free_connection(database_url: URL) -> None:
     await upgrade_database(database_url)
-    engine = create_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=30)
+    engine = create_db_engine(database_url, pool_size=1, max_overflow=0, pool_timeout=30)
     pool = engine.sync_engine.pool
     assert isinstance(pool, FirstInLinePool)
     sessions = async_sessionmaker(engine)

@@ -23,7 +23,7 @@ from bot.retrain import Acceptance, Retrainer, RunOptions, run_in_progress
 from bot.run_queue import worker_present
 from bot.settings import SettingsError, load_worker_settings
 from bot.storage import repository as repo
-from bot.storage.database import create_engine, create_session_factory, upgrade_database
+from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from bot.storage.models import TrainingRun, TrainingRunEvent, TrainingStatus, TrainingTrigger
 from classifier.model import resolve_device
 from classifier.promotion import Gate
@@ -42,7 +42,7 @@ Db = tuple[AsyncEngine, async_sessionmaker[AsyncSession]]
 @pytest.fixture
 async def db(database_url: URL) -> AsyncIterator[Db]:
     await upgrade_database(database_url)
-    engine = create_engine(database_url)
+    engine = create_db_engine(database_url)
     yield engine, create_session_factory(engine)
     await engine.dispose()
 

@@ -23,7 +23,7 @@ from bot.storage.database import (
     DatabaseConfigError,
     SchemaMismatchError,
     check_schema,
-    create_engine,
+    create_db_engine,
     create_session_factory,
     current_revision,
     head_revision,
@@ -91,13 +91,13 @@ def _run(database_url: str | None, work: Callable[[URL], Coroutine[Any, Any, T]]
 
 async def _in_session(url: URL, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
     """One unit of work on a database whose schema is current."""
-    engine = create_engine(url)
+    db_engine = create_db_engine(url)
     try:
-        await check_schema(engine)
-        async with create_session_factory(engine).begin() as session:
+        await check_schema(db_engine)
+        async with create_session_factory(db_engine).begin() as session:
             return await work(session)
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 async def _removing_texts(url: URL, work: Callable[[AsyncSession], Awaitable[T]]) -> tuple[T, str]:
@@ -107,15 +107,15 @@ async def _removing_texts(url: URL, work: Callable[[AsyncSession], Awaitable[T]]
     from classifier.paths import registry_dir
     from classifier.registry import Registry
 
-    engine = create_engine(url)
+    db_engine = create_db_engine(url)
     try:
-        await check_schema(engine)
-        sessions = create_session_factory(engine)
+        await check_schema(db_engine)
+        sessions = create_session_factory(db_engine)
         async with sessions.begin() as session:
             result = await work(session)
-        erased, clean = await erase_removed_texts(engine, sessions, Registry(registry_dir()), vacuum=True)
+        erased, clean = await erase_removed_texts(db_engine, sessions, Registry(registry_dir()), vacuum=True)
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
     note = f"; erased {erased} row(s) from model versions"
     if not clean:
         note += "; the database's WAL is still in use: run the command again when the bot is idle"
@@ -123,11 +123,11 @@ async def _removing_texts(url: URL, work: Callable[[AsyncSession], Awaitable[T]]
 
 
 async def _current(url: URL) -> str | None:
-    engine = create_engine(url)
+    db_engine = create_db_engine(url)
     try:
-        return await current_revision(engine)
+        return await current_revision(db_engine)
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 def _operator() -> str:

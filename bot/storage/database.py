@@ -199,7 +199,7 @@ class FirstInLinePool(AsyncAdaptedQueuePool):
         return line.waiting if isinstance(line, _WaitLine) else 0
 
 
-def create_engine(
+def create_db_engine(
     url: str | URL | None = None,
     *,
     echo: bool = False,
@@ -219,16 +219,16 @@ def create_engine(
     if resolved.get_backend_name() == "sqlite":
         if resolved.database and not resolved.database.startswith("file:"):
             Path(resolved.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(resolved, echo=echo, **kwargs)
-        _configure_sqlite(engine, foreign_keys=sqlite_foreign_keys)
-        return engine
+        db_engine = create_async_engine(resolved, echo=echo, **kwargs)
+        _configure_sqlite(db_engine, foreign_keys=sqlite_foreign_keys)
+        return db_engine
     # pool_pre_ping: a PostgreSQL restart should cost one reconnect, not a failed Slack event.
     kwargs.setdefault("pool_pre_ping", True)
     return create_async_engine(resolved, echo=echo, **kwargs)
 
 
-def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _configure_sqlite(db_engine: AsyncEngine, *, foreign_keys: bool) -> None:
+    @event.listens_for(db_engine.sync_engine, "connect")
     def _set_pragmas(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -242,7 +242,7 @@ def _configure_sqlite(engine: AsyncEngine, *, foreign_keys: bool) -> None:
             cursor.close()
 
 
-async def erase_freed_space(engine: AsyncEngine, *, vacuum: bool = True) -> bool:
+async def erase_freed_space(db_engine: AsyncEngine, *, vacuum: bool = True) -> bool:
     """After texts were removed: make the database files stop holding them, as far as the database allows.
 
     SQLite (``secure_delete`` already zeroes what a statement removes): ``VACUUM`` rebuilds the file, for
@@ -252,9 +252,9 @@ async def erase_freed_space(engine: AsyncEngine, *, vacuum: bool = True) -> bool
     may stay in the data files until the space is reused, in the WAL until its segments are recycled,
     and in backups. ``VACUUM FULL messages`` (it locks the table) rewrites the table into a new file.
     """
-    async with engine.connect() as connection:
+    async with db_engine.connect() as connection:
         autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
-        if engine.dialect.name != "sqlite":
+        if db_engine.dialect.name != "sqlite":
             await autocommit.execute(text("VACUUM messages"))
             return True
         if vacuum:
@@ -263,12 +263,12 @@ async def erase_freed_space(engine: AsyncEngine, *, vacuum: bool = True) -> bool
         return not busy
 
 
-def create_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
+def create_session_factory(db_engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions for units of work: ``async with factory.begin() as session: ...``.
 
     ``expire_on_commit=False`` so rows returned by the repository stay readable after the commit.
     """
-    return async_sessionmaker(engine, expire_on_commit=False)
+    return async_sessionmaker(db_engine, expire_on_commit=False)
 
 
 # --- schema version ----------------------------------------------------------------------------------
@@ -330,19 +330,19 @@ def _current_revision(connection: Connection) -> str | None:
     return ",".join(sorted(heads)) if heads else None
 
 
-async def current_revision(engine: AsyncEngine) -> str | None:
+async def current_revision(db_engine: AsyncEngine) -> str | None:
     """The revision the database is at; ``None`` for a database never migrated."""
-    async with engine.connect() as connection:
+    async with db_engine.connect() as connection:
         return await connection.run_sync(_current_revision)
 
 
-async def check_schema(engine: AsyncEngine) -> None:
+async def check_schema(db_engine: AsyncEngine) -> None:
     """Raise ``SchemaMismatchError`` unless the database is exactly at the code's revision.
 
     The bot and the server call this at start-up and refuse to run on an outdated (or newer) schema.
     """
     required = head_revision()
-    current = await current_revision(engine)
+    current = await current_revision(db_engine)
     if current == required:
         return
     script = ScriptDirectory.from_config(alembic_config())
@@ -361,10 +361,10 @@ async def _run_alembic(url: str | URL | None, operation: str, revision: str) -> 
     """Run an Alembic command on a private connection (inside the running event loop, no ``asyncio.run``)."""
     resolved = resolve_database_url(url)
     config = alembic_config(resolved)
-    # NullPool: the migration connection is not reused; no foreign keys on SQLite (see create_engine).
-    engine = create_engine(resolved, sqlite_foreign_keys=False, poolclass=pool.NullPool)
+    # NullPool: the migration connection is not reused; no foreign keys on SQLite (see create_db_engine).
+    db_engine = create_db_engine(resolved, sqlite_foreign_keys=False, poolclass=pool.NullPool)
     try:
-        async with engine.begin() as connection:
+        async with db_engine.begin() as connection:
 
             def run(sync_connection: Connection) -> None:
                 config.attributes["connection"] = sync_connection
@@ -372,7 +372,7 @@ async def _run_alembic(url: str | URL | None, operation: str, revision: str) -> 
 
             await connection.run_sync(run)
     finally:
-        await engine.dispose()
+        await db_engine.dispose()
 
 
 async def upgrade_database(url: str | URL | None = None, revision: str = "head") -> None:
