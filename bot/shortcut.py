@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from bot import blocks, cards
 from bot.blocks import LabelView
 from bot.storage import repository as repo
-from bot.storage.models import Card, CorrectionKind, CorrectionSource, Message, MessageState
+from bot.storage.models import Card, CorrectionSource, Message, MessageState
+from bot.triage import NOTHING, Outcome, Triage
 from classifier.logsafe import escape_controls
 from classifier.results import MAX_CHARS, ClassifierError, ClassifyResult, InvalidInput
 
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
 
     from bot.agents import Agents
-    from bot.triage import Triage
 
 log = logging.getLogger(__name__)
 Later = Callable[[Awaitable[Any], str], None]
@@ -121,13 +121,14 @@ def modal(target: Target, result: ClassifyResult | None, note: str | None = None
 
 async def store_labels(
     triage: Triage, target: Target, result: ClassifyResult, chosen: Mapping[str, str], user_id: str
-) -> int | None:
-    """Store the message (unless it is stored already), the prediction, and one human label per head
-    (a confirmation where it is the model's); the message id, or ``None`` if no label fits the model."""
+) -> Outcome:
+    """Store the message (unless it is stored already), the prediction (unless it has one), and every
+    chosen label as this person's (``Triage.record_label``: on a message nobody labelled yet, one left as
+    the model had it is a confirmation). Nothing is stored when no label fits the model."""
     heads = result.results[0].heads
     valid = {h: label for h, label in chosen.items() if h in heads and label in heads[h].scores}
     if not valid:
-        return None
+        return NOTHING
     async with triage.sessions.begin() as session:
         message, created = await repo.store_message(
             session,
@@ -139,22 +140,19 @@ async def store_labels(
             thread_ts=target.thread_ts,
             state=MessageState.CLASSIFIED,
         )
-        if created or await repo.latest_prediction(session, message.id) is None:
-            await repo.add_prediction(session, message.id, result.model_version, heads)
+        prediction = None if created else await repo.latest_prediction(session, message.id)
+        if prediction is None:
+            prediction = await repo.add_prediction(session, message.id, result.model_version, heads)
             await repo.mark_classified(session, message.id)
-        for head, label in valid.items():
-            predicted = heads[head].label
-            await repo.add_correction(
-                session,
-                message.id,
-                head,
-                label,
-                user_id=user_id,
-                source=CorrectionSource.BUTTON,
-                kind=CorrectionKind.CONFIRMATION if label == predicted else CorrectionKind.CORRECTION,
-                old_label=predicted,
+        outcomes = [
+            await triage.record_label(
+                session, message, prediction, head, label, user_id, CorrectionSource.BUTTON
             )
-        return message.id
+            for head, label in valid.items()
+        ]
+    stored = any(o.refresh is not None for o in outcomes)
+    notes = "\n".join(o.note for o in outcomes if o.note)
+    return Outcome(refresh=message.id if stored else None, note=notes or None, note_in=target.channel_id)
 
 
 def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> None:
@@ -210,8 +208,10 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
             if result is None:
                 log.warning("the shortcut's labels were not stored: %s", problem)
                 return
-            message_id = await store_labels(triage, target, result, chosen, user_id)
-            if message_id is not None:
-                await triage.refresh_reply(message_id)  # a triaged message's reply and card show them
+            outcome = await store_labels(triage, target, result, chosen, user_id)
+            if outcome.note and outcome.note_in:
+                await output.ephemeral(outcome.note_in, user_id, outcome.note)
+            if outcome.refresh is not None:
+                await triage.refresh_reply(outcome.refresh)  # a triaged message's reply and card show them
 
         later(store(), "the shortcut's labels")

@@ -677,7 +677,7 @@ class Triage:
                 )
                 return Outcome(refresh=message.id)
             assert action.head is not None and action.label is not None
-            return await self._correct(
+            return await self.record_label(
                 session,
                 message,
                 prediction,
@@ -713,7 +713,7 @@ class Triage:
             prediction = await repo.latest_prediction(session, message.id)
             if prediction is None:
                 return None
-            outcome = await self._correct(
+            outcome = await self.record_label(
                 session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
             )
         return outcome.refresh
@@ -737,7 +737,7 @@ class Triage:
             for head, label in labels.items():
                 shown = current.get(head) or (predicted[head].label if head in predicted else None)
                 if label != shown:
-                    outcome = await self._correct(
+                    outcome = await self.record_label(
                         session, message, prediction, head, label, user_id, CorrectionSource.BUTTON, None
                     )
                     changed |= outcome.refresh is not None
@@ -756,14 +756,14 @@ class Triage:
             if message is None or message.team_id != team_id:
                 return NOTHING
             prediction = await repo.latest_prediction(session, message_id)
-            outcome = await self._correct(
+            outcome = await self.record_label(
                 session, message, prediction, "topic", NOT_A_REQUEST, user_id, CorrectionSource.BUTTON, None
             )
             if outcome.refresh is not None:
                 (await repo.ensure_card(session, message_id)).not_request_by = user_id
         return replace(outcome, note_in=self.cards.channel or message.channel_id)
 
-    async def _correct(
+    async def record_label(
         self,
         session: AsyncSession,
         message: Message,
@@ -772,10 +772,18 @@ class Triage:
         label: str,
         user_id: str,
         source: CorrectionSource,
-        reaction: str | None,
+        reaction: str | None = None,
     ) -> Outcome:
-        """Store one person's label. Before the message is classified it is kept without an ``old_label``
-        and settled with the first prediction (``_settle_early_corrections``)."""
+        """Store one person's label for one head: the one place every way of labelling comes through
+        (reactions, the reply's menus, the Fix labels modal, Not a request, review Confirm, the shortcut).
+
+        ``old_label`` is the label standing when they labelled it: the latest person's label not retracted,
+        else the model's (``prediction``'s). A message's labels so read as a history (``a → b``, then
+        ``b → c``), and on a message nobody labelled yet it is the model's label. The label is a
+        confirmation when it is that standing label (they agreed with what was shown), a correction
+        otherwise. A label the model lacks is not stored (the outcome says why). Before the message is
+        classified (``prediction`` None) the label is kept without an ``old_label`` and settled with the
+        first prediction (``_settle_early_corrections``)."""
         if prediction is None:
             await repo.add_correction(
                 session, message.id, head, label, user_id=user_id, source=source, reaction=reaction
@@ -786,12 +794,7 @@ class Triage:
         why = why_not_applicable({h: list(p.scores) for h, p in heads.items()}, head, label)
         if why is not None:
             return Outcome(note=why)
-        current = await repo.standing_label(session, message.id, head) or heads[head].label
-        kind = (
-            CorrectionKind.CONFIRMATION
-            if label == heads[head].label and current == label
-            else CorrectionKind.CORRECTION
-        )
+        standing = await repo.standing_label(session, message.id, head) or heads[head].label
         await repo.add_correction(
             session,
             message.id,
@@ -799,8 +802,8 @@ class Triage:
             label,
             user_id=user_id,
             source=source,
-            kind=kind,
-            old_label=current,
+            kind=CorrectionKind.CONFIRMATION if label == standing else CorrectionKind.CORRECTION,
+            old_label=standing,
             reaction=reaction,
         )
         return Outcome(refresh=message.id)
@@ -827,21 +830,15 @@ class Triage:
         source: CorrectionSource,
         reaction: str | None,
     ) -> bool:
+        """Confirm every head's standing label (a person's, else the model's); whether any was stored."""
         labels = await repo.standing_labels(session, message.id)
+        stored = False
         for head, p in prediction.by_head().items():
-            label = labels.get(head, p.label)
-            await repo.add_correction(
-                session,
-                message.id,
-                head,
-                label,
-                user_id=user_id,
-                source=source,
-                kind=CorrectionKind.CONFIRMATION,
-                old_label=label,
-                reaction=reaction,
+            outcome = await self.record_label(
+                session, message, prediction, head, labels.get(head, p.label), user_id, source, reaction
             )
-        return True
+            stored |= outcome.refresh is not None
+        return stored
 
     async def after_reaction(self, message_id: int, user_id: str, channel_id: str) -> None:
         """Show the agent their correction: the reply and card are rewritten, and where no reply shows it

@@ -6,7 +6,7 @@ from typing import Any
 
 from bot import shortcut
 from bot.storage.models import Correction, CorrectionKind, Message, MessageState, Prediction
-from tests.test_bot import AGENT, CHANNEL, CUSTOMER, harness_factory  # noqa: F401
+from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, harness_factory  # noqa: F401
 
 UNWATCHED = "C0ELSEWHERE"
 
@@ -56,6 +56,8 @@ async def test_the_shortcut_labels_a_thread_reply_in_an_unwatched_channel(harnes
     assert labels["urgency"].new_label == predicted["urgency"]
     assert labels["urgency"].kind == CorrectionKind.CONFIRMATION
     assert {c.user_id for c in labels.values()} == {AGENT}
+    # nobody had labelled it: the label standing when the agent chose was the model's
+    assert all(c.old_label == predicted[c.head] for c in labels.values())
     [message] = await h.rows(Message)
     assert (message.channel_id, message.ts, message.thread_ts) == (UNWATCHED, reply["ts"], parent["ts"])
     assert (message.text, message.user_id, message.state) == (
@@ -66,6 +68,38 @@ async def test_the_shortcut_labels_a_thread_reply_in_an_unwatched_channel(harnes
     assert await h.count(Prediction) == 1
     assert h.slack.calls_to("chat.postMessage") == []  # nothing posted in a channel it does not watch
     assert len(h.slack.calls_to("views.open")) == 1  # the customer got no modal
+
+
+async def test_the_shortcut_on_a_corrected_message_records_the_label_standing_then(
+    harness_factory: Any,  # noqa: F811
+) -> None:
+    """``old_label`` is the label standing when a person labels (a colleague's here), wherever they do."""
+    h = await harness_factory()
+    event, _ = await h.post_customer_message("Export to CSV crashes the app every time")
+    await h.reply_to(event["ts"])
+    [prediction] = await h.eventually(lambda: h.rows(Prediction))
+    model = {head: p.label for head, p in prediction.by_head().items()}
+    emoji, colleagues = ("bug", "bug") if model["topic"] != "bug" else ("fire", "outage")
+    await h.slack.send_event(h.slack.reaction_added_event(ADMIN, emoji, CHANNEL, event["ts"]))
+    assert await h.eventually(lambda: h.count(Correction))
+
+    await h.slack.send_message_action(shortcut.CALLBACK, CHANNEL, event["ts"], user_id=AGENT)
+    [filled] = await h.slack.wait_for("views.update", timeout=10)
+    chosen = {"label:topic": colleagues, "label:urgency": model["urgency"]}
+    await h.slack.send_view_submission(chosen, view_id=filled.response["view"]["id"], user_id=AGENT)
+
+    async def agents_labels() -> list[Correction]:
+        rows = await h.rows(Correction, Correction.user_id == AGENT)
+        return rows if len(rows) == 2 else []
+
+    labels = {c.head: c for c in await h.eventually(agents_labels)}
+    # agreeing with the colleague's label is a confirmation of it, not a change from the model's
+    assert (labels["topic"].old_label, labels["topic"].kind) == (colleagues, CorrectionKind.CONFIRMATION)
+    assert (labels["urgency"].old_label, labels["urgency"].kind) == (
+        model["urgency"],
+        CorrectionKind.CONFIRMATION,
+    )
+    assert await h.count(Prediction) == 1  # stored already: the shortcut adds no second prediction
 
 
 def test_a_long_message_travels_in_the_modal_cut_to_slacks_limit() -> None:

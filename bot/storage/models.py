@@ -95,8 +95,8 @@ class MessageState(enum.StrEnum):
 
 
 class CorrectionKind(enum.StrEnum):
-    CORRECTION = "correction"  # a user set a different label
-    CONFIRMATION = "confirmation"  # a user said the predicted label is right
+    CORRECTION = "correction"  # a user set a label other than the one standing (``old_label``)
+    CONFIRMATION = "confirmation"  # a user agreed with the label standing: the model's, or a person's
 
 
 class CorrectionSource(enum.StrEnum):
