@@ -2,17 +2,17 @@
 message, one in a channel the bot does not watch) in the Fix labels modal, prefilled by the model.
 
 The modal opens at once (a trigger_id is good for three seconds) and is filled in when the classifier
-answers. Submitting stores the message, the model's prediction and every chosen label as a human label.
-Between the two, the message travels in the modal's ``private_metadata`` (Slack's limit: 3,000
-characters), so whichever replica gets the submission can store it; a longer text is stored cut to fit
-(the model reads far less than that anyway).
+answers, with why this label as cards show it. Submitting stores the message, the model's prediction and
+every chosen label as a human label. Between the two, the message travels in the modal's
+``private_metadata`` (Slack's limit: 3,000 characters), so whichever replica gets the submission can
+store it; a longer text is stored cut to fit (the model reads far less than that anyway).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,7 @@ from bot.storage import repository as repo
 from bot.storage.models import Card, CorrectionSource, Message, MessageState
 from bot.triage import NOTHING, Outcome, Triage
 from classifier.logsafe import escape_controls
-from classifier.results import MAX_CHARS, ClassifierError, ClassifyResult, InvalidInput
+from classifier.results import MAX_CHARS, ClassifierError, ClassifyResult, InvalidInput, Neighbor
 
 if TYPE_CHECKING:
     from slack_bolt.async_app import AsyncApp
@@ -88,9 +88,14 @@ def target_of(body: Mapping[str, Any]) -> Target | None:
     return Target(team, channel, ts, thread_ts, user_id, text)
 
 
-def modal(target: Target, result: ClassifyResult | None, note: str | None = None) -> dict[str, Any]:
-    """The Fix labels modal of ``bot/cards.py`` for a message that may not be stored yet; before the
-    model answered (``result`` None) it says so and cannot be submitted."""
+def modal(
+    target: Target,
+    result: ClassifyResult | None,
+    note: str | None = None,
+    why: Sequence[Neighbor] = (),
+) -> dict[str, Any]:
+    """The Fix labels modal of ``bot/cards.py`` for a message that may not be stored yet, with why this
+    label (``why_of``); before the model answered (``result`` None) it says so and cannot be submitted."""
     message = Message(channel_id=target.channel_id, ts=target.ts, text=target.text)
     views: dict[str, LabelView] = {}
     labels: dict[str, list[str]] = {}
@@ -107,6 +112,7 @@ def modal(target: Target, result: ClassifyResult | None, note: str | None = None
         result.model_version if result else "",
         cards.Requester(None, ""),
         None,
+        why,
     )
     view = cards.fix_labels_view(content)
     view.update(callback_id=CALLBACK, private_metadata=target.metadata())
@@ -142,7 +148,10 @@ async def store_labels(
         )
         prediction = None if created else await repo.latest_prediction(session, message.id)
         if prediction is None:
-            prediction = await repo.add_prediction(session, message.id, result.model_version, heads)
+            neighbors = cards.why_references(result.results[0].neighbors)
+            prediction = await repo.add_prediction(
+                session, message.id, result.model_version, heads, neighbors=neighbors
+            )
             await repo.mark_classified(session, message.id)
         outcomes = [
             await triage.record_label(
@@ -155,13 +164,22 @@ async def store_labels(
     return Outcome(refresh=message.id if stored else None, note=notes or None, note_in=target.channel_id)
 
 
+async def why_of(triage: Triage, result: ClassifyResult) -> list[Neighbor]:
+    """Why this label, as a card shows it: read back by reference (``cards.stored_why``), so a Slack
+    message whose text is gone (its author forgotten, the message deleted) is left out here too."""
+    async with triage.sessions() as session:
+        return await cards.stored_why(session, cards.why_references(result.results[0].neighbors))
+
+
 def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> None:
     """The shortcut and its modal's submission. Only agents label."""
     output = triage.output
 
     async def classify(target: Target) -> tuple[ClassifyResult | None, str | None]:
+        """The model's labels, with the training messages most like it (why this label)."""
         try:
-            return await triage.classifier.classify([target.text[:MAX_CHARS]]), None
+            text = target.text[:MAX_CHARS]
+            return await triage.classifier.classify([text], neighbors=cards.WHY_COUNT), None
         except InvalidInput as exc:
             return None, f"This message cannot be classified: {exc}"
         except (ClassifierError, OSError) as exc:
@@ -190,7 +208,8 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
 
         async def prefill() -> None:
             result, problem = await classify(target)  # the classifier's work runs off the event loop
-            await output.update_view(str(view_id), modal(target, result, problem))
+            why = await why_of(triage, result) if result is not None else []
+            await output.update_view(str(view_id), modal(target, result, problem, why))
 
         later(prefill(), "the shortcut's prediction")
 

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bot import shortcut
 from bot.storage.models import Correction, CorrectionKind, Message, MessageState, Prediction
+from classifier.registry import Registry
 from tests.test_bot import ADMIN, AGENT, CHANNEL, CUSTOMER, harness_factory  # noqa: F401
+from tests.test_cards import TRAINED_ON, _version_trained_on_slack_and_dataset_rows, _why_texts
+from tests.test_delivery import VISIBLE
 
 UNWATCHED = "C0ELSEWHERE"
+SHARED = "C0ACMESHARED"  # a Slack Connect channel the bot does not watch
+PARTNER = "U0ACMEJOE"  # a customer from another organization in it
 
 
 def selects(view: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -100,6 +106,61 @@ async def test_the_shortcut_on_a_corrected_message_records_the_label_standing_th
         CorrectionKind.CONFIRMATION,
     )
     assert await h.count(Prediction) == 1  # stored already: the shortcut adds no second prediction
+
+
+async def test_the_shortcut_shows_why_in_a_shared_channel_and_only_agents_store_labels(
+    harness_factory: Any,  # noqa: F811
+    tiny_bert: Path,
+    data_dir: Path,
+) -> None:
+    _version_trained_on_slack_and_dataset_rows(Registry(data_dir / "models"), tiny_bert)
+
+    def shared(slack: Any) -> None:
+        slack.add_team("T0ACME", "Acme Corp")
+        slack.add_user(PARTNER, "joe", team_id="T0ACME")
+        slack.add_channel(SHARED, "acme-support", shared_with=["T0ACME"])
+
+    h = await harness_factory(with_model=False, prepare=shared)
+    event = h.slack.message_event(SHARED, PARTNER, "I was charged twice, please refund me")
+    assert (await h.slack.send_event(event)).status == 200
+
+    await h.slack.send_message_action(shortcut.CALLBACK, SHARED, event["ts"], user_id=PARTNER)
+    await h.slack.wait_for("chat.postEphemeral", predicate=lambda c: c.args["user"] == PARTNER)
+    await h.slack.send_message_action(shortcut.CALLBACK, SHARED, event["ts"], user_id=AGENT)
+    [opened] = await h.slack.wait_for("views.open", timeout=5)  # the agent's only: the partner got none
+    assert "why" not in {b.get("block_id") for b in opened.args["view"]["blocks"]}  # not classified yet
+    [filled] = await h.slack.wait_for("views.update", timeout=10)
+    view = filled.args["view"]
+    predicted = {a.removeprefix("label:"): m["initial_option"]["value"] for a, m in selects(view).items()}
+
+    # why this label, as on a card and in its Fix labels modal: the dataset rows of the predicted topic;
+    # the Slack message the version was trained on (message 1) is not stored here, so it is left out
+    shown = _why_texts(view["blocks"])
+    topic = predicted["topic"]
+    assert f"_{topic}_" in shown[0] and len(shown) == 3
+    assert any(f"“Refund &lt;b&gt;now&lt;/b&gt; &amp; fast ({topic})”" in s for s in shown[1:])
+    assert not any(TRAINED_ON in s for s in shown)
+
+    # a customer cannot store labels through the agent's modal: the submission is checked, not the view
+    partners = {"label:topic": "outage" if topic != "outage" else "billing"}
+    await h.slack.send_view_submission(partners, view_id=filled.response["view"]["id"], user_id=PARTNER)
+    chosen = {f"label:{head}": label for head, label in predicted.items()}
+    await h.slack.send_view_submission(chosen, view_id=filled.response["view"]["id"], user_id=AGENT)
+
+    async def agents_labels() -> list[Correction]:
+        rows = await h.rows(Correction, Correction.user_id == AGENT)
+        return rows if len(rows) == len(predicted) else []
+
+    assert all(c.kind == CorrectionKind.CONFIRMATION for c in await h.eventually(agents_labels))
+    assert await h.count(Correction) == len(predicted)  # none of the partner's
+    [prediction] = await h.rows(Prediction)
+    assert prediction.neighbors  # stored with why, for the message's card and Fix labels modal later
+    shown_in_shared = {
+        (c.method, c.args.get("user"))
+        for c in h.slack.calls
+        if c.args.get("channel") == SHARED and c.method in VISIBLE
+    }
+    assert shown_in_shared == {("chat.postEphemeral", PARTNER)}  # the refusal, to the partner alone
 
 
 def test_a_long_message_travels_in_the_modal_cut_to_slacks_limit() -> None:
