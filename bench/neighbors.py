@@ -26,7 +26,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from classifier.data import Example, write_jsonl
-from classifier.neighbors import NEIGHBORS_FILE, NeighborIndex, _write, normalized
+from classifier.neighbors import NeighborIndex, _write, normalized
+from classifier.registry import VersionFiles
 
 TARGET_MS = 5.0
 
@@ -45,11 +46,12 @@ def per_message_ms(search: Callable[[np.ndarray], object], queries: np.ndarray, 
 def build(folder: Path, rows: int, dim: int, labels: int, rng: np.random.Generator) -> NeighborIndex:
     folder.mkdir(parents=True)
     names = np.array([f"label{i % labels}" for i in range(rows)])
-    write_jsonl(folder / "dataset.jsonl", [Example(text=f"training message {i}") for i in range(rows)])
+    files = VersionFiles(folder)
+    write_jsonl(files.dataset, [Example(text=f"training message {i}") for i in range(rows)])
     vectors = normalized(rng.normal(size=(rows, dim))).astype(np.float16)
-    _write(folder / NEIGHBORS_FILE, vectors, np.arange(rows), names, "topic")
+    _write(files.neighbors, vectors, np.arange(rows), names, "topic")
     started = time.perf_counter()
-    index = NeighborIndex.load(folder, folder / "dataset.jsonl")
+    index = NeighborIndex.load(files.neighbors, files.dataset)
     print(f"{labels} label(s): loaded in {time.perf_counter() - started:.2f} s", flush=True)
     assert index is not None
     return index
@@ -72,7 +74,7 @@ def main() -> None:
     queries = normalized(rng.normal(size=(args.queries, args.dim)))
     spread = build(work / "spread", args.rows, args.dim, args.labels, rng)
     single = build(work / "single", args.rows, args.dim, 1, rng)
-    saved = np.load(work / "single" / NEIGHBORS_FILE)["embeddings"]  # float16, as on disk
+    saved = np.load(VersionFiles(work / "single").neighbors)["embeddings"]  # float16, as on disk
 
     def baseline(query: np.ndarray) -> object:
         similarity = saved @ query.astype(np.float16)

@@ -398,7 +398,7 @@ class Engine:
             runner = torch_runner(model, self.device, bf16, self.config.compile)
             pooled_runner = torch_pooled_runner(model, self.device, bf16)
             backend = "torch-bf16" if bf16 else "torch"
-        neighbors = NeighborIndex.load(Path(info.path), info.files.dataset)
+        neighbors = NeighborIndex.load(info.files.neighbors, info.files.dataset)
         loaded = LoadedModel(
             info,
             schema,

@@ -1,9 +1,10 @@
 """Why this label: the labeled training messages most like a text, among those of its predicted label.
 
 At training time the pooled embedding (what the heads read) of every training-split row labeled for the
-first head (topic) is saved with the version, L2-normalized, in float16::
+first head (topic) is saved with the version, L2-normalized, in float16, in the file its
+``VersionFiles.neighbors`` names (registry.py; every function here is given that path)::
 
-    vN/neighbors.npz   embeddings [rows, hidden] float16, rows (each one's line in dataset.jsonl), labels
+    embeddings [rows, hidden] float16, rows (each one's line in dataset.jsonl), labels, head
 
 No text is copied there: the texts stay in the version's ``dataset.jsonl``, looked up when the version is
 loaded, and `triage data forget` (``Registry.erase_rows``) drops the forgotten rows' embeddings with
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
     from classifier.model import MultiHeadClassifier
-
-NEIGHBORS_FILE = "neighbors.npz"
 
 # ids and attention mask in, (each head's probabilities, pooled embeddings [rows, hidden]) out
 PooledRunner = Callable[[np.ndarray, np.ndarray], tuple[dict[str, np.ndarray], np.ndarray]]
@@ -72,7 +71,7 @@ def embed_texts(
 
 
 def save_training_embeddings(
-    folder: Path,
+    path: Path,
     model: MultiHeadClassifier,
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[Example],
@@ -81,15 +80,16 @@ def save_training_embeddings(
     batch_size: int,
     device: torch.device,
 ) -> int:
-    """Write ``neighbors.npz`` for the training rows labeled for the first head; ``examples`` are the
-    rows of dataset.jsonl in order (``train_set`` holds some of them). Returns the rows saved."""
+    """Write the embeddings file at ``path`` for the training rows labeled for the first head;
+    ``examples`` are the rows of dataset.jsonl in order (``train_set`` holds some of them). Returns the
+    rows saved."""
     head = next(iter(model.schema.heads))
     known = set(model.schema.heads[head])
     line = {id(ex): i for i, ex in enumerate(examples)}
     chosen = [ex for ex in train_set if ex.labels.get(head) in known and id(ex) in line]
     embeddings = embed_texts(model, tokenizer, [ex.text for ex in chosen], max_length, batch_size, device)
     _write(
-        folder / NEIGHBORS_FILE,
+        path,
         embeddings.astype(np.float16),
         np.array([line[id(ex)] for ex in chosen], dtype=np.int64),
         np.array([ex.labels[head] for ex in chosen], dtype=str),
@@ -98,10 +98,9 @@ def save_training_embeddings(
     return len(chosen)
 
 
-def erase(version: Path, removed_lines: Sequence[int]) -> None:
-    """Drop the embeddings of dataset.jsonl lines being removed, renumbering the lines that stay (called
-    by ``Registry.erase_rows`` as it rewrites dataset.jsonl without them)."""
-    path = version / NEIGHBORS_FILE
+def erase(path: Path, removed_lines: Sequence[int]) -> None:
+    """Drop from the embeddings file at ``path`` the dataset.jsonl lines being removed, renumbering the
+    lines that stay (called by ``Registry.erase_rows`` as it rewrites dataset.jsonl without them)."""
     if not path.is_file() or not removed_lines:
         return
     with np.load(path, allow_pickle=False) as saved:
@@ -135,10 +134,9 @@ class NeighborIndex:
     blocks: dict[str, tuple[np.ndarray, np.ndarray]]  # label -> (float32 embeddings, row numbers)
 
     @classmethod
-    def load(cls, version: Path, dataset: Path) -> NeighborIndex | None:
-        """The version's index (texts from its ``dataset`` file), or None when it has none (trained
-        before neighbors were saved)."""
-        path = version / NEIGHBORS_FILE
+    def load(cls, path: Path, dataset: Path) -> NeighborIndex | None:
+        """The index saved at ``path`` (texts from its version's ``dataset`` file), or None when there is
+        none (a version trained before neighbors were saved)."""
         if not path.is_file():
             return None
         with np.load(path, allow_pickle=False) as saved:

@@ -102,6 +102,11 @@ class VersionFiles:
         return self.folder / "dataset.jsonl"
 
     @property
+    def neighbors(self) -> Path:
+        """The training rows' embeddings, by dataset.jsonl line: why this label (see neighbors.py)."""
+        return self.folder / "neighbors.npz"
+
+    @property
     def eval(self) -> EvalFiles:
         """The evaluation of the best checkpoint on the test split, made at training time."""
         return EvalFiles(self.folder / "eval")
@@ -292,7 +297,7 @@ class Registry:
                     _erase_csv_rows(report, erase)
                 if len(kept) == len(rows):
                     continue
-                neighbors.erase(files.folder, [i for i, r in enumerate(rows) if r.source in erase])
+                neighbors.erase(files.neighbors, [i for i, r in enumerate(rows) if r.source in erase])
                 _write_text(files.dataset, to_jsonl(kept))
                 removed[name] = len(rows) - len(kept)
                 data = json.loads(files.info.read_text(encoding="utf-8")).get("data", {})

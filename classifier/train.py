@@ -494,7 +494,14 @@ def _save_version(
             temperatures=temperatures,
         )
         save_training_embeddings(
-            staging, model, tokenizer, examples, splits.train, config.max_length, config.batch_size, device
+            files.neighbors,
+            model,
+            tokenizer,
+            examples,
+            splits.train,
+            config.max_length,
+            config.batch_size,
+            device,
         )
         model.to("cpu").save(staging, tokenizer, config.max_length)
         write_jsonl(files.dataset, examples)

@@ -555,7 +555,9 @@ def _version_trained_on_slack_and_dataset_rows(registry: Registry, tiny_bert: Pa
     ]
     write_jsonl(info.files.dataset, rows)
     model, tokenizer, max_length = MultiHeadClassifier.load(folder)
-    save_training_embeddings(folder, model, tokenizer, rows, rows, max_length, 8, torch.device("cpu"))
+    save_training_embeddings(
+        info.files.neighbors, model, tokenizer, rows, rows, max_length, 8, torch.device("cpu")
+    )
 
 
 def _why_texts(blocks: list[dict[str, Any]]) -> list[str]:

@@ -13,8 +13,8 @@ import pytest
 from classifier.client import ChildClassifier
 from classifier.data import Example, write_jsonl
 from classifier.engine import Engine
-from classifier.neighbors import NEIGHBORS_FILE, NeighborIndex, _write, erase, normalized
-from classifier.registry import Registry
+from classifier.neighbors import NeighborIndex, _write, erase, normalized
+from classifier.registry import Registry, VersionFiles
 from classifier.results import ClassifyResponse, InvalidInput
 from classifier.schema import LabelSchema
 from classifier.train import TrainConfig, train
@@ -26,9 +26,9 @@ def _index_folder(folder: Path, vectors: np.ndarray, labels: list[str]) -> None:
     """A version folder with dataset.jsonl lines t0..tN and every line's embedding saved."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = [Example(text=f"t{i}", labels={"topic": label}, source=f"s{i}") for i, label in enumerate(labels)]
-    write_jsonl(folder / "dataset.jsonl", rows)
+    write_jsonl(VersionFiles(folder).dataset, rows)
     _write(
-        folder / NEIGHBORS_FILE,
+        VersionFiles(folder).neighbors,
         normalized(vectors).astype(np.float16),
         np.arange(len(labels)),
         np.array(labels),
@@ -39,7 +39,8 @@ def _index_folder(folder: Path, vectors: np.ndarray, labels: list[str]) -> None:
 def test_nearest_are_the_most_similar_rows_of_the_label_most_similar_first(tmp_path: Path) -> None:
     vectors = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.7, 0.7], [1, 0.05], [-1, 0]], dtype=np.float32)
     _index_folder(tmp_path, vectors, ["a", "a", "a", "a", "b", "a"])
-    index = NeighborIndex.load(tmp_path, tmp_path / "dataset.jsonl")
+    files = VersionFiles(tmp_path)
+    index = NeighborIndex.load(files.neighbors, files.dataset)
     assert index is not None
     near = index.nearest(normalized(np.array([1.0, 0.0])), "a", 3)
     assert [n.text for n in near] == ["t0", "t1", "t3"]  # t4 is closer but labeled b
@@ -47,16 +48,17 @@ def test_nearest_are_the_most_similar_rows_of_the_label_most_similar_first(tmp_p
     assert near[0].similarity == pytest.approx(1.0, abs=1e-3) and all(n.label == "a" for n in near)
     assert [n.text for n in index.nearest(normalized(np.array([1.0, 0.0])), "b", 3)] == ["t4"]
     assert index.nearest(np.ones(2), "unknown", 3) == []
-    assert NeighborIndex.load(tmp_path / "none", tmp_path / "dataset.jsonl") is None
+    assert NeighborIndex.load(VersionFiles(tmp_path / "none").neighbors, files.dataset) is None
 
 
 def test_erase_drops_the_rows_and_renumbers_the_rest(tmp_path: Path) -> None:
     vectors = np.eye(5, dtype=np.float32)
     _index_folder(tmp_path, vectors, ["a"] * 5)
-    erase(tmp_path, [1, 3])
+    files = VersionFiles(tmp_path)
+    erase(files.neighbors, [1, 3])
     rows = [Example(text=f"t{i}", labels={"topic": "a"}) for i in (0, 2, 4)]
-    write_jsonl(tmp_path / "dataset.jsonl", rows)  # as the registry rewrites it
-    index = NeighborIndex.load(tmp_path, tmp_path / "dataset.jsonl")
+    write_jsonl(files.dataset, rows)  # as the registry rewrites it
+    index = NeighborIndex.load(files.neighbors, files.dataset)
     assert index is not None
     for i in (0, 2, 4):  # each row still finds its own text first
         assert index.nearest(vectors[i], "a", 1)[0].text == f"t{i}"
@@ -105,7 +107,7 @@ async def test_engine_returns_the_nearest_training_messages_of_the_predicted_top
     info = trained.get("v1")
     folder = Path(info.path)
     dataset = [json.loads(line) for line in (folder / "dataset.jsonl").read_text().splitlines()]
-    saved = np.load(folder / NEIGHBORS_FILE)
+    saved = np.load(info.files.neighbors)
     assert saved["embeddings"].dtype == np.float16 and len(saved["rows"]) == info.data["splits"]["train"]
     training_text = dataset[int(saved["rows"][0])]["text"]
 
@@ -129,7 +131,7 @@ async def test_the_embedded_default_child_process_answers_why_too(trained: Regis
     """The bot's default classifier (a child process) passes ``neighbors`` on: cards ask for them."""
     folder = Path(trained.get("v1").path)
     dataset = [json.loads(line) for line in (folder / "dataset.jsonl").read_text().splitlines()]
-    training_text = dataset[int(np.load(folder / NEIGHBORS_FILE)["rows"][0])]["text"]
+    training_text = dataset[int(np.load(VersionFiles(folder).neighbors)["rows"][0])]["text"]
     classifier = ChildClassifier(trained)
     try:
         await classifier.start()
@@ -147,11 +149,11 @@ async def test_http_api_returns_neighbors_and_forgetting_a_row_removes_its_embed
 ) -> None:
     folder = Path(trained.get("v1").path)
     dataset = [json.loads(line) for line in (folder / "dataset.jsonl").read_text().splitlines()]
-    saved = np.load(folder / NEIGHBORS_FILE)
+    saved = np.load(VersionFiles(folder).neighbors)
     forgotten = dataset[int(saved["rows"][0])]
     before = len(saved["rows"])
     trained.erase_rows([forgotten["source"]])
-    after = np.load(folder / NEIGHBORS_FILE)
+    after = np.load(VersionFiles(folder).neighbors)
     assert len(after["rows"]) == before - 1
 
     headers = {"Authorization": f"Bearer {TOKEN}"}
