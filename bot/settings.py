@@ -19,7 +19,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from bot.retrain import Acceptance, RunOptions
 from classifier.logsafe import redact_url
 from classifier.promotion import Gate
-from classifier.results import UNSURE_BELOW, Backend, Quantize
+from classifier.results import DEFAULT_BACKEND, DEFAULT_QUANTIZE, UNSURE_BELOW, Backend, Quantize
 from classifier.schema import HEAD_USES, describe_lost_heads
 
 CHANNEL_ID = re.compile(r"^[CGD][A-Z0-9]{2,}$")
@@ -92,8 +92,8 @@ class RetrainSettings(DatabaseSettings):
 
     # the backend that serves the model (as `triage serve` reads them): the in-process engine runs on it
     # and the retraining gate judges candidates on it
-    classifier_backend: Backend = Gate.backend
-    classifier_quantize: Quantize = Gate.quantize
+    classifier_backend: Backend = DEFAULT_BACKEND
+    classifier_quantize: Quantize = DEFAULT_QUANTIZE
     triage_retrain_epochs: int | None = Field(None, ge=1)  # default: the active model's own setting
     # a prediction nobody corrected for this long is trained on as a label (never judged on)
     triage_retrain_accept_after_hours: float = Field(Acceptance.after_hours, ge=0)

@@ -58,6 +58,8 @@ from classifier.neighbors import NeighborIndex, PooledRunner, normalized, torch_
 from classifier.onnx_backend import load_onnx, resolve_backend
 from classifier.registry import Registry, RegistryError, VersionInfo
 from classifier.results import (
+    DEFAULT_BACKEND,
+    DEFAULT_QUANTIZE,
     MAX_TEXTS,
     Backend,
     ClassifierUnavailable,
@@ -125,10 +127,10 @@ class EngineConfig:
     bf16: bool | None = None
     # "onnx": ONNX Runtime (CPU only; the ONNX files are made once per version, see onnx_backend.py);
     # "auto": onnx on the CPU, torch on CUDA
-    backend: Backend = "auto"
+    backend: Backend = DEFAULT_BACKEND
     # onnx precision: "int8" (dynamic quantization), "none" (fp32), or "auto": int8 when the version's
     # held-out check found it costs at most half a point of accuracy, else fp32
-    quantize: Quantize = "auto"
+    quantize: Quantize = DEFAULT_QUANTIZE
     # padded tokens per forward pass. None: as evaluation batches (model.batch_limits: 2048 on CPU, 16384
     # on CUDA)
     max_batch_tokens: int | None = None

@@ -14,7 +14,7 @@ from typing import Any
 
 from classifier.data import Example
 from classifier.registry import ModelStatus, Registry, VersionInfo
-from classifier.results import Backend, Quantize
+from classifier.results import DEFAULT_BACKEND, DEFAULT_QUANTIZE, Backend, Quantize
 
 ProgressSink = Callable[[dict[str, Any]], None]  # progress events: {"event": "epoch"|"evaluating", ...}
 
@@ -37,8 +37,8 @@ class Gate:
     min_support: int = 5
     recall_drop_alpha: float = 0.05
     # both models are judged on the backend that will serve them (CLASSIFIER_BACKEND/QUANTIZE, on the CPU)
-    backend: Backend = "auto"
-    quantize: Quantize = "auto"
+    backend: Backend = DEFAULT_BACKEND
+    quantize: Quantize = DEFAULT_QUANTIZE
 
     def decide(self, candidate: dict[str, Any], incumbent: dict[str, Any]) -> tuple[bool, list[str]]:
         reasons: list[str] = []

@@ -19,6 +19,10 @@ if TYPE_CHECKING:
 
 Backend = Literal["auto", "torch", "onnx"]  # what runs the model (see classifier/onnx_backend.py)
 Quantize = Literal["auto", "none", "int8"]  # onnx precision
+# How a model is served unless told otherwise (EngineConfig), and so how the retraining gate judges it
+# (promotion.Gate); here, not in engine.py, so the gate, the settings and the CLI load no torch
+DEFAULT_BACKEND: Backend = "auto"  # onnx on the CPU, torch on CUDA
+DEFAULT_QUANTIZE: Quantize = "auto"  # int8 where the version's held-out check passed, else fp32
 
 MAX_TEXTS = 256  # texts per classify call
 MAX_CHARS = 20_000  # characters per text; longer Slack messages do not exist (the limit is 40k bytes)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import subprocess
+import sys
 import threading
 from dataclasses import asdict
 from pathlib import Path
@@ -336,6 +338,24 @@ def test_config_is_validated() -> None:
         EngineConfig(queue_size=10)
     with pytest.raises(ValueError, match="max_wait_ms"):
         EngineConfig(max_wait_ms=-1)
+
+
+def test_config_defaults_are_the_gates_and_the_settings_which_load_no_torch() -> None:
+    """The retraining gate judges a candidate as the engine serves it by default; the gate and the
+    settings take those defaults from classifier/results.py, so importing them loads no torch."""
+    from bot.settings import RetrainSettings
+    from classifier.promotion import Gate
+
+    config, gate = EngineConfig(), Gate()
+    settings = RetrainSettings.model_fields
+    assert config.backend == gate.backend == settings["classifier_backend"].default
+    assert config.quantize == gate.quantize == settings["classifier_quantize"].default
+    code = "import sys, bot.settings, classifier.promotion; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[1]
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert loaded.stdout.strip() == "False"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
