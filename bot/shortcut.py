@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from bot import blocks, cards
 from bot.blocks import LabelView
 from bot.storage import repository as repo
-from bot.storage.models import Card, CorrectionSource, Message, MessageState
+from bot.storage.models import Card, Correction, CorrectionSource, Message, MessageState
 from bot.triage import NOTHING, Outcome, Triage
 from classifier.logsafe import escape_controls
 from classifier.results import MAX_CHARS, ClassifierError, ClassifyResult, InvalidInput, Neighbor
@@ -93,17 +93,17 @@ def modal(
     result: ClassifyResult | None,
     note: str | None = None,
     why: Sequence[Neighbor] = (),
+    standing: Mapping[str, Correction] | None = None,
 ) -> dict[str, Any]:
     """The Fix labels modal of ``bot/cards.py`` for a message that may not be stored yet, with why this
-    label (``why_of``); before the model answered (``result`` None) it says so and cannot be submitted."""
+    label (``why_of``); before the model answered (``result`` None) it says so and cannot be submitted.
+    Prefilled as a card shows the labels: people's ``standing`` labels over the model's, so saving the
+    modal unchanged confirms what stands instead of reverting a colleague's correction."""
     message = Message(channel_id=target.channel_id, ts=target.ts, text=target.text)
     views: dict[str, LabelView] = {}
     labels: dict[str, list[str]] = {}
     if result is not None:
-        heads = result.results[0].heads
-        for head in blocks.ordered_heads(list(heads)):
-            views[head] = LabelView(label=heads[head].label, confidence=heads[head].confidence)
-            labels[head] = blocks.ordered_labels(head, list(heads[head].scores))
+        views, labels = blocks.current_views(result.results[0].heads, standing or {})
     content = cards.CardContent(
         message,
         Card(),
@@ -164,6 +164,13 @@ async def store_labels(
     return Outcome(refresh=message.id if stored else None, note=notes or None, note_in=target.channel_id)
 
 
+async def standing_of(triage: Triage, target: Target) -> dict[str, Correction]:
+    """People's labels standing on the message, if it is stored (head -> correction)."""
+    async with triage.sessions() as session:
+        message = await repo.get_message(session, target.team_id, target.channel_id, target.ts)
+        return await repo.standing_corrections(session, message.id) if message else {}
+
+
 async def why_of(triage: Triage, result: ClassifyResult) -> list[Neighbor]:
     """Why this label, as a card shows it: read back by reference (``cards.stored_why``), so a Slack
     message whose text is gone (its author forgotten, the message deleted) is left out here too."""
@@ -209,7 +216,8 @@ def register(app: AsyncApp, triage: Triage, agents: Agents, later: Later) -> Non
         async def prefill() -> None:
             result, problem = await classify(target)  # the classifier's work runs off the event loop
             why = await why_of(triage, result) if result is not None else []
-            await output.update_view(str(view_id), modal(target, result, problem, why))
+            standing = await standing_of(triage, target)
+            await output.update_view(str(view_id), modal(target, result, problem, why, standing))
 
         later(prefill(), "the shortcut's prediction")
 

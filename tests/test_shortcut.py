@@ -39,7 +39,7 @@ async def test_the_shortcut_labels_a_thread_reply_in_an_unwatched_channel(harnes
     assert response.status == 200 and response.elapsed < 3.0
     [opened] = await h.slack.wait_for("views.open", timeout=5)
     assert opened.args["view"]["callback_id"] == shortcut.CALLBACK and "submit" not in opened.args["view"]
-    [filled] = await h.slack.wait_for("views.update", timeout=10)
+    [filled] = await h.slack.wait_for("views.update", timeout=30)
     view = filled.args["view"]
     assert "Still broken, we lose data!" in str(view["blocks"]) and view["submit"]["text"] == "Save"
     menus = selects(view)
@@ -90,8 +90,11 @@ async def test_the_shortcut_on_a_corrected_message_records_the_label_standing_th
     assert await h.eventually(lambda: h.count(Correction))
 
     await h.slack.send_message_action(shortcut.CALLBACK, CHANNEL, event["ts"], user_id=AGENT)
-    [filled] = await h.slack.wait_for("views.update", timeout=10)
+    [filled] = await h.slack.wait_for("views.update", timeout=30)
+    prefilled = {a: m["initial_option"]["value"] for a, m in selects(filled.args["view"]).items()}
+    # prefilled as the card shows it: the colleague's label, not the model's it replaced
     chosen = {"label:topic": colleagues, "label:urgency": model["urgency"]}
+    assert {a: prefilled[a] for a in chosen} == chosen
     await h.slack.send_view_submission(chosen, view_id=filled.response["view"]["id"], user_id=AGENT)
 
     async def agents_labels() -> list[Correction]:
@@ -129,7 +132,7 @@ async def test_the_shortcut_shows_why_in_a_shared_channel_and_only_agents_store_
     await h.slack.send_message_action(shortcut.CALLBACK, SHARED, event["ts"], user_id=AGENT)
     [opened] = await h.slack.wait_for("views.open", timeout=5)  # the agent's only: the partner got none
     assert "why" not in {b.get("block_id") for b in opened.args["view"]["blocks"]}  # not classified yet
-    [filled] = await h.slack.wait_for("views.update", timeout=10)
+    [filled] = await h.slack.wait_for("views.update", timeout=30)
     view = filled.args["view"]
     predicted = {a.removeprefix("label:"): m["initial_option"]["value"] for a, m in selects(view).items()}
 
