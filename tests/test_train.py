@@ -411,3 +411,4 @@ def test_help_reads_plainly() -> None:
         text = help_of(*path)
         usage = next(line for line in text.splitlines() if "Usage:" in line)
         assert "<bool>" not in text and "{" not in usage, f"triage {' '.join(path)}:\n{text}"
+        assert "``" not in text, f"triage {' '.join(path)}: reStructuredText markup in the help"
