@@ -84,7 +84,9 @@ def train_command(
         ),
     ] = False,
     text_column: TextColumnOpt = "text",
-    epochs: Annotated[int, typer.Option(min=1)] = TrainConfig.epochs,
+    epochs: Annotated[
+        int, typer.Option(min=1, help="Passes over the training data (fewer if early stopping ends it).")
+    ] = TrainConfig.epochs,
     max_length: Annotated[
         str,
         typer.Option(
@@ -100,14 +102,18 @@ def train_command(
         float | None, typer.Option(help="Learning rate of the heads.")
     ] = TrainConfig.head_learning_rate,
     warmup: Annotated[float, typer.Option(help="Warmup share of the steps.")] = TrainConfig.warmup_ratio,
-    weight_decay: float = TrainConfig.weight_decay,
+    weight_decay: Annotated[
+        float, typer.Option(help="AdamW weight decay (not on the encoder's biases and norms).")
+    ] = TrainConfig.weight_decay,
     patience: Annotated[
         int, typer.Option(help="Early stopping patience in epochs (0: off).")
     ] = TrainConfig.patience,
     class_weighting: Annotated[
         str, typer.Option(help="none, or balanced: classes weigh in the loss inversely to their counts.")
     ] = TrainConfig.class_weighting,
-    seed: int = TrainConfig.seed,
+    seed: Annotated[
+        int, typer.Option(help="Random seed: head initialisation, dropout and batch order.")
+    ] = TrainConfig.seed,
     split: Annotated[str, typer.Option(help="train/validation/test shares.")] = "/".join(
         f"{share * 100:g}" for share in TrainConfig.split
     ),

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,20 @@ def test_dockerfile_copies_the_installable_project(dockerfile: Path) -> None:
         assert (REPO / source).exists(), f"COPY {source}: no such file in the repository"
     ignored = dockerignore_patterns()
     assert not copied & ignored, f".dockerignore excludes {sorted(copied & ignored)}"
+
+
+def test_pyproject_installs_without_setuptools_deprecations() -> None:
+    """`pip install .` prints no deprecation boxes: the license is an SPDX string, not a TOML table."""
+    from setuptools.config.pyprojecttoml import apply_configuration
+    from setuptools.dist import Distribution
+    from setuptools.warnings import SetuptoolsDeprecationWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dist = apply_configuration(Distribution(), REPO / "pyproject.toml")
+    deprecations = [str(w.message) for w in caught if issubclass(w.category, SetuptoolsDeprecationWarning)]
+    assert deprecations == []
+    assert dist.metadata.license_expression == "Apache-2.0"
 
 
 def test_bot_dockerfile() -> None:

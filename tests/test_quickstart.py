@@ -4,9 +4,11 @@ and stops cleanly on Ctrl-C.
 
 It reuses the existing ``.venv`` (quickstart.sh installs nothing when ``.venv/bin/triage`` exists). The
 starter training is cut to ``STARTER_STEPS`` optimizer steps (``triage up --starter-steps``; the full
-run takes about 280, 2-3 minutes on 2 idle cores): enough for a clearly billing message to come out
-billing, and about a tenth of the work, so a busy machine stays well inside the start-up limit of 8
-minutes (``TRIAGE_QUICKSTART_TIMEOUT_S`` overrides it). The ``slow`` marker keeps it out of quick runs.
+run takes about 280, minutes of CPU: README, Quickstart) on one torch thread: enough for a clearly
+billing message to come out billing, and about a tenth of the work, so a busy machine stays well inside
+the start-up limit of 8 minutes (``TRIAGE_QUICKSTART_TIMEOUT_S`` overrides it): at a load average of 8
+on 2 cores it was ready after 150 s, where two threads had not finished training at 480 s. The
+``slow`` marker keeps it out of quick runs.
 """
 
 from __future__ import annotations
@@ -109,7 +111,10 @@ def quickstart(tmp_path: Path) -> Iterator[tuple[Quickstart, Path, int]]:
         for k, v in os.environ.items()
         if not k.startswith(("SLACK_", "CLASSIFIER_", "TRIAGE_")) and k != "DATABASE_URL"
     }
-    env.update(TRIAGE_DATA_DIR=str(data), PYTHONUNBUFFERED="1")
+    # One torch thread: on a 2-core machine that other jobs keep busy, two threads wait on each other
+    # (a training step took 7.9 s with two, 1.8 s with one, and 30 steps ran past the limit); on idle
+    # cores one thread costs a few seconds here.
+    env.update(TRIAGE_DATA_DIR=str(data), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(
         [str(QUICKSTART), "--port", str(port), "--starter-steps", str(STARTER_STEPS)],
         cwd=REPO,
@@ -182,6 +187,7 @@ def test_quickstart_trains_serves_and_stops(quickstart: tuple[Quickstart, Path, 
     token_file = data / "classifier_token"
     assert token_file.read_text(encoding="utf-8").strip() == token
     assert token_file.stat().st_mode & 0o777 == 0o600
+    assert f"(API token in {token_file};" in output  # the file's full path, not only its name
     base = f"http://127.0.0.1:{port}"
 
     # The line comes when the server listens; the model loads in the background: wait for /readyz.

@@ -6,11 +6,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from bot.cli import app
@@ -372,6 +375,14 @@ def test_macro_averages_cover_only_the_classes_in_the_data() -> None:
     assert m["classes"] == 2 and m["min_support"] == 2 and m["per_class"]["outage"]["support"] == 0
 
 
+def test_the_too_few_rows_warning_starts_under_ten_per_class() -> None:
+    from classifier.evaluate import too_few_rows
+
+    assert too_few_rows({"n": 30, "classes": 3, "min_support": 10}) is None
+    warning = too_few_rows({"n": 29, "classes": 3, "min_support": 9})
+    assert warning is not None and "29 in all, 9 in the smallest of 3 classes" in warning
+
+
 def test_help_reads_plainly() -> None:
     def help_of(*command: str) -> str:
         result = runner.invoke(app, [*command, "--help"], env={"COLUMNS": "200", "TERMINAL_WIDTH": "200"})
@@ -385,3 +396,19 @@ def test_help_reads_plainly() -> None:
     assert "[default: (the packaged all-MiniLM-L6-v2)]" in train_help
     assert "Log debug messages too." in help_of("bot")
     assert "Print the versions as one JSON list." in help_of("models", "list")
+
+    # every command, however deep: a description for each option and argument, no <bool>, no {name}
+    def commands(command: Any, path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], Any]]:
+        yield path, command
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from commands(sub, (*path, name))
+
+    walked = list(commands(typer.main.get_command(app)))
+    assert len(walked) > 20  # every group was walked: train ... messages retry
+    for path, command in walked:
+        undescribed = [p.name for p in command.params if not (getattr(p, "help", None) or "").strip()]
+        assert undescribed == [], f"triage {' '.join(path)}: no description for {undescribed}"
+        text = help_of(*path)
+        usage = next(line for line in text.splitlines() if "Usage:" in line)
+        assert "<bool>" not in text and "{" not in usage, f"triage {' '.join(path)}:\n{text}"
+        assert "``" not in text, f"triage {' '.join(path)}: reStructuredText markup in the help"

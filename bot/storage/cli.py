@@ -251,8 +251,8 @@ def purge_command(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count what would be removed.")] = False,
     database_url: DatabaseUrlOption = None,
 ) -> None:
-    """Apply the retention policy: remove old message texts (everywhere, as ``forget`` does) and old
-    Slack event ids."""
+    """Apply the retention policy: remove old message texts (everywhere, as `triage data forget` does) and
+    old Slack event ids."""
     if days is None:
         raise _fail(f"give --days or set {RETENTION_DAYS_ENV}", code=2)
     now = utcnow()
