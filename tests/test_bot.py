@@ -1039,3 +1039,24 @@ async def test_every_web_api_call_goes_over_one_shared_session_closed_at_stop(ha
     assert h.bot.triage.client.session is session and not session.closed  # reused, never replaced
     await h.bot.stop()
     assert session.closed
+
+
+async def test_two_retrains_asked_at_once_start_one_and_the_other_hears_it_in_its_acknowledgement(
+    harness_factory: Any,
+) -> None:
+    """Two admins (or one double click): the second must not be told "Starting…" and then "already
+    running"; whichever comes second is told in its acknowledgement, and nothing more later."""
+    h = await harness_factory()
+    asked = await asyncio.gather(
+        *(h.slack.send_command("/triage", "retrain", user_id=ADMIN, channel_id=CHANNEL) for _ in range(2))
+    )
+    texts = [r.json()["text"] for r in asked]
+    assert sum(t.startswith("Retraining is already running") for t in texts) == 1, texts
+    [started] = [t for t in texts if not t.startswith("Retraining is already running")]
+    process = h.bot.retrainer.process
+    assert process is not None
+    await asyncio.wait_for(process.wait(), timeout=120)  # the run this bot started ends
+    audited = await h.rows(AuditEntry, AuditEntry.action == "retrain")  # written with each acknowledgement
+    assert sorted(str(e.reason) for e in audited) == ["None", "already running"]
+    later = [str(r.body) for r in h.slack.responses]
+    assert not [b for b in later if "already running" in b], (started, later)
