@@ -20,7 +20,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from slack_bolt.async_app import AsyncApp
+from slack_bolt.context.async_context import AsyncBoltContext
 from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
+from slack_bolt.request.async_internals import build_async_context
 from slack_bolt.request.internals import parse_body
 from slack_bolt.response import BoltResponse
 from slack_sdk.signature import SignatureVerifier
@@ -284,8 +286,11 @@ def payload_problem(body: Any) -> str | None:
                 return f"{event['type']} event: {key} is not a {kind.__name__}"
     if body.get("type") == "block_actions":
         actions = body.get("actions")
-        if not isinstance(actions, list) or not all(isinstance(a, dict) for a in actions):
+        if not isinstance(actions, list) or not actions or not all(isinstance(a, dict) for a in actions):
             return "block_actions without a list of actions"
+        ids = [(a.get("action_id"), a.get("block_id", "")) for a in actions]  # Bolt matches listeners on them
+        if not all(isinstance(action_id, str) and isinstance(block_id, str) for action_id, block_id in ids):
+            return "block_actions: an action_id or block_id is not a string"
         for key in ("user", "team", "container", "channel"):
             if body.get(key) is not None and not isinstance(body[key], dict):
                 return f"block_actions: {key} is not an object"
@@ -293,10 +298,24 @@ def payload_problem(body: Any) -> str | None:
         for key in ("message", "channel", "user", "team"):
             if not isinstance(body.get(key), dict):
                 return f"message_action: {key} is not an object"
+    if body.get("type") in ("message_action", "shortcut") and not isinstance(body.get("callback_id"), str):
+        return f"{body['type']} without a string callback_id"
     if body.get("type") == "view_submission":
         for key in ("view", "user", "team"):
             if not isinstance(body.get(key), dict):
                 return f"view_submission: {key} is not an object"
+        if not isinstance(body["view"].get("callback_id"), str):
+            return "view_submission without a string callback_id"
+    return _context_problem(body)
+
+
+def _context_problem(body: dict[str, Any]) -> str | None:
+    """Bolt reads who and where (authorizations, enterprise, team, user, channel) from every payload before
+    any listener runs, and fails with a 500 on a shape it cannot read: read them here first."""
+    try:
+        build_async_context(AsyncBoltContext({"logger": log}), body)
+    except (AttributeError, TypeError, KeyError, IndexError) as exc:
+        return f"Bolt cannot read who or where it is from ({type(exc).__name__})"
     return None
 
 
@@ -333,7 +352,7 @@ def checked_slack_requests(signing_secret: str) -> Any:
             body, problem = None, f"{type(exc).__name__}: {str(exc)[:100]}"
         else:
             problem = payload_problem(body)
-        if isinstance(body, dict) and body.get("ssl_check") == "1":
+        if problem is None and isinstance(body, dict) and body.get("ssl_check") == "1":
             return await handler(request)  # Slack's certificate check is unsigned; Bolt answers it
         if not REQUEST_TIMESTAMP.fullmatch(timestamp) or not verifier.is_valid(raw, timestamp, signature):
             log.debug("refused a Slack request without a valid signature from %s", request.remote)

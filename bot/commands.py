@@ -136,24 +136,18 @@ class Commands:
             if self.retrainer is None:
                 await ack(response_type="ephemeral", text="Retraining is not set up on this bot.")
                 return
-            dry_run = "--dry-run" in args
-            busy = None if dry_run else await self.retrainer.busy_message()
-            if busy:  # said in the acknowledgement; a run that starts meanwhile is still refused by its lock
-                await ack(response_type="ephemeral", text=busy)
-                await self._audit(user, "retrain", args, allowed=True, reason="already running")
+            if "--dry-run" in args:
+                await ack(response_type="ephemeral", text="Looking at the feedback…")
+                await self._audit(user, "retrain", args, allowed=True)
+                later(self._respond(respond, self.retrainer.dry_run()), "/triage retrain")
                 return
-            await ack(response_type="ephemeral", text="Looking at the feedback…" if dry_run else "Starting…")
-            await self._audit(user, "retrain", args, allowed=True)
+            # started (or found running) before the acknowledgement, which says which: never "Starting…"
+            # and then "already running"
             channel = command.get("channel_id", "")
-            later(
-                self._respond(
-                    respond,
-                    self.retrainer.dry_run()
-                    if dry_run
-                    else self.retrainer.request(requested_by=user, notify_channel=channel),
-                ),
-                "/triage retrain",
-            )
+            started, answer = await self.retrainer.start(requested_by=user, notify_channel=channel)
+            await ack(response_type="ephemeral", text=answer)
+            reason = None if started else "already running"
+            await self._audit(user, "retrain", args, allowed=True, reason=reason)
         else:
             await ack(response_type="ephemeral", text=TRIAGE_USAGE)
 

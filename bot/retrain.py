@@ -609,6 +609,7 @@ class Retrainer:
         self.process: asyncio.subprocess.Process | None = None
         self.relay: asyncio.Future[None] | None = None  # relays the running run's progress
         self.poll_s = poll_s  # how often a queued run's progress rows are read
+        self.starting = asyncio.Lock()  # one start at a time here: a second ask then finds the first's run
 
     async def dry_run(self) -> str:
         return await describe_dry_run(self.sessions, Registry(registry_dir()), self.options.acceptance)
@@ -639,23 +640,35 @@ class Retrainer:
         notify_channel: str | None,
         trigger: TrainingTrigger = TrainingTrigger.COMMAND,
     ) -> str:
-        """Start a run unless one is going; returns what to tell the person who asked.
+        """Start a run unless one is going; returns what to tell the person who asked (see ``start``)."""
+        _, answer = await self.start(requested_by, notify_channel, trigger)
+        return answer
+
+    async def start(
+        self,
+        requested_by: str | None,
+        notify_channel: str | None,
+        trigger: TrainingTrigger = TrainingTrigger.COMMAND,
+    ) -> tuple[bool, str]:
+        """Start a run unless one is going: whether it started, and what to tell the person who asked.
 
         With a `triage worker` up, the run is queued for it and its progress rows are relayed; otherwise
-        it runs in a child process of the bot. The check is a courtesy: the run itself takes the lock, and
-        reports back if another got it first.
+        it runs in a child process of the bot. Starts in this bot take turns, so a second ask finds the
+        first's run. Across replicas the check is a courtesy: the run itself takes the lock, and reports
+        back if another got it first.
         """
         from bot.run_queue import worker_present
 
-        busy = await self.busy_message()
-        if busy:
-            return busy
-        if await worker_present(self.db_engine):
-            return await self._enqueue(requested_by, notify_channel, trigger)
-        database_url = self.db_engine.url.render_as_string(hide_password=False)
-        self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
-        self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
-        return "Retraining started; progress follows in this channel."
+        async with self.starting:
+            busy = await self.busy_message()
+            if busy:
+                return False, busy
+            if await worker_present(self.db_engine):
+                return True, await self._enqueue(requested_by, notify_channel, trigger)
+            database_url = self.db_engine.url.render_as_string(hide_password=False)
+            self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
+            self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
+            return True, "Retraining started; progress follows in this channel."
 
     async def _enqueue(self, requested_by: str | None, channel: str | None, trigger: TrainingTrigger) -> str:
         from bot.run_queue import enqueue, follow_run

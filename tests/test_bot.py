@@ -9,6 +9,7 @@ import logging
 import os
 import socket
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -442,11 +443,29 @@ async def test_malformed_signed_payloads_are_acknowledged_and_nothing_is_stored(
     number_text["text"] = 12345
     list_event = h.slack.event_envelope(h.slack.message_event(CHANNEL, CUSTOMER, "y"))
     list_event["event"] = ["not", "an", "object"]
+    bad_authorizations = h.slack.event_envelope(h.slack.message_event(CHANNEL, CUSTOMER, "z"))
+    bad_authorizations["authorizations"] = 7  # Bolt reads its context from it before any listener
+    actions = {"type": "block_actions", "user": {"id": AGENT}, "team": {"id": h.slack.team_id}}
+    interactions = [
+        {**actions, "actions": []},
+        {**actions, "actions": [{"block_id": "b", "value": "1"}]},  # no action_id
+        {**actions, "actions": [{"action_id": 7}]},
+        {**actions, "actions": [{"action_id": "triage_fix"}], "enterprise": True},
+        {"type": "shortcut", "user": {"id": AGENT}, "team": {"id": h.slack.team_id}},  # no callback_id
+    ]
     caplog.set_level("WARNING")
     responses = [
         await h.slack.send_event(no_ts),
         await h.slack.send_event(number_text),
         await h.slack.send_envelope(list_event),
+        await h.slack.send_envelope(bad_authorizations),
+        *[
+            await h.slack.send_raw(
+                urllib.parse.urlencode({"payload": json.dumps(p)}).encode(),
+                "application/x-www-form-urlencoded",
+            )
+            for p in interactions
+        ],
         await h.slack.send_raw(b"{not json", "application/json"),
         await h.slack.send_raw(b"[1, 2]", "application/json"),
         await h.slack.send_raw(b'{"type": "event_callback", "x": "\xff\xfe"}', "application/json"),
@@ -476,12 +495,22 @@ async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
         await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", bad_signature=True),
         await h.slack.send_raw(b"\xff\xfe not utf-8", "application/json", timestamp="abc"),
         await h.slack.send_raw(b"[" * 200_000 + b"]" * 200_000, "application/json", unsigned=True),
+        # Slack's certificate check is unsigned: one that Bolt could not read is not passed on
+        await h.slack.send_raw(b'{"ssl_check": "1", "authorizations": 7}', "application/json", unsigned=True),
+        await h.slack.send_raw(
+            b"payload=" + urllib.parse.quote(json.dumps({"ssl_check": "1", "enterprise": 7})).encode(),
+            "application/x-www-form-urlencoded",
+            unsigned=True,
+        ),
     ]
     assert [r.status for r in responses] == [401] * len(responses), [r.text for r in responses]
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
     assert await h.count(Message) == 0
     handshake = await h.slack.send_url_verification("the-challenge")  # still answered, as Slack signs it
     assert handshake.status == 200 and "the-challenge" in handshake.text
+    ssl_check = f"ssl_check=1&token={h.slack.verification_token}".encode()  # as Slack sends it: unsigned
+    check = await h.slack.send_raw(ssl_check, "application/x-www-form-urlencoded", unsigned=True)
+    assert check.status == 200
 
 
 async def test_retrain_while_one_runs_is_answered_in_the_acknowledgement(harness_factory: Any) -> None:
@@ -1010,3 +1039,24 @@ async def test_every_web_api_call_goes_over_one_shared_session_closed_at_stop(ha
     assert h.bot.triage.client.session is session and not session.closed  # reused, never replaced
     await h.bot.stop()
     assert session.closed
+
+
+async def test_two_retrains_asked_at_once_start_one_and_the_other_hears_it_in_its_acknowledgement(
+    harness_factory: Any,
+) -> None:
+    """Two admins (or one double click): the second must not be told "Starting…" and then "already
+    running"; whichever comes second is told in its acknowledgement, and nothing more later."""
+    h = await harness_factory()
+    asked = await asyncio.gather(
+        *(h.slack.send_command("/triage", "retrain", user_id=ADMIN, channel_id=CHANNEL) for _ in range(2))
+    )
+    texts = [r.json()["text"] for r in asked]
+    assert sum(t.startswith("Retraining is already running") for t in texts) == 1, texts
+    [started] = [t for t in texts if not t.startswith("Retraining is already running")]
+    process = h.bot.retrainer.process
+    assert process is not None
+    await asyncio.wait_for(process.wait(), timeout=120)  # the run this bot started ends
+    audited = await h.rows(AuditEntry, AuditEntry.action == "retrain")  # written with each acknowledgement
+    assert sorted(str(e.reason) for e in audited) == ["None", "already running"]
+    later = [str(r.body) for r in h.slack.responses]
+    assert not [b for b in later if "already running" in b], (started, later)
