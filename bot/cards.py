@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ SELECT_ACTION_PREFIX = "label:"  # one static_select per head in the modal: "lab
 QUOTE_CHARS = 300
 WHY_COUNT = 3  # training messages asked for with each prediction, shown on its card and modal
 WHY_CHARS = 120  # each one's snippet
-_CUT_MARKUP = re.compile(r"&\w*$|<[^>]*$")  # an escaped character or a <@mention|link> cut short
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
@@ -141,8 +139,7 @@ def quote(message: Message) -> str:
     text = message.text
     if text is None:
         return "_(text removed)_"
-    short = text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1] + "…"
-    return "> " + short.replace("\n", "\n> ")
+    return blocks.quoted(text, QUOTE_CHARS)
 
 
 def why_references(neighbors: Sequence[Neighbor] | None) -> list[dict[str, Any]] | None:
@@ -187,11 +184,8 @@ def _escaped(text: str) -> str:
 def _snippet(near: Neighbor) -> str:
     """One line of the text, cut to ``WHY_CHARS``; a Slack message's text is already escaped."""
     text = " ".join(near.text.split())
-    if not near.source.startswith(FEEDBACK_SOURCE):
-        text = _escaped(text)
-    if len(text) <= WHY_CHARS:
-        return text
-    return _CUT_MARKUP.sub("", text[: WHY_CHARS - 1]) + "…"  # never half an entity, mention or link
+    text = blocks.defused(text) if near.source.startswith(FEEDBACK_SOURCE) else _escaped(text)
+    return blocks.cut(text, WHY_CHARS)  # never half an entity, mention or link
 
 
 def why_block(why: Sequence[Neighbor]) -> dict[str, Any] | None:
