@@ -106,6 +106,7 @@ def summary_text(views: Mapping[str, LabelView]) -> str:
     return " · ".join(parts)
 
 
+CONFIRM_MEANING = "all labels right"  # what the confirm emoji means, in the hint and on App Home
 HINT_FIRST = "urgency"  # what people most need to fix fast is named first in the reaction hint
 MAX_HINTS = 8
 
@@ -119,7 +120,7 @@ def _reaction_hint(views: Mapping[str, LabelView], reactions: ReactionMap) -> st
                 hints.append(f":{emoji_of[label]}: {label}")
     confirm = reactions.confirm_emoji()
     if confirm:
-        hints.append(f":{confirm}: all right")
+        hints.append(f":{confirm}: {CONFIRM_MEANING}")
     return "React to correct: " + " · ".join(hints) if hints else ""
 
 

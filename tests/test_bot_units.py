@@ -136,7 +136,7 @@ def test_the_reaction_hint_names_urgency_first() -> None:
         "React to correct: :large_green_circle: low · :large_yellow_circle: medium · "
         ":large_orange_circle: high · :red_circle: critical · "
     )
-    assert hint.endswith(":dart: all right") and "rotating_light" not in hint
+    assert hint.endswith(":dart: all labels right") and "rotating_light" not in hint
 
 
 def test_reply_blocks_mark_unsure_and_corrections() -> None:
