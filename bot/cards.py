@@ -279,15 +279,22 @@ def card_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, A
     ]
 
 
+def escalation_summary(content: CardContent) -> str:
+    """The escalation post's headline, also its notification text: level, where, labels and the link;
+    once de-escalated it says so first (and drops the link)."""
+    message = content.message
+    permalink = content.permalink or "(no link: Slack did not give one)"
+    headline = blocks.escalation_text(content.views, permalink, message.channel_id)
+    if content.card.escalation_state == EscalationState.DEESCALATED:
+        first = headline.split("\n", 1)[0].removeprefix(":rotating_light: ")
+        return f":arrow_down: *de-escalated* · {first}"
+    return headline
+
+
 def escalation_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, Any]]:
     """The post in the escalation channel: what, where, who asked; Acknowledge and Claim while it stands."""
     message, card = content.message, content.card
-    permalink = content.permalink or f"(message {message.ts} in <#{message.channel_id}>)"
-    headline = blocks.escalation_text(content.views, permalink, message.channel_id)
-    if card.escalation_state == EscalationState.DEESCALATED:
-        headline = ":arrow_down: *de-escalated* · " + headline.split("\n", 1)[0].removeprefix(
-            ":rotating_light: "
-        )
+    headline = escalation_summary(content)
     requester = content.requester
     who = f"from *{requester.name}*" + (f" ({requester.organization})" if requester.organization else "")
     value = str(message.id)
@@ -541,7 +548,7 @@ class CardDesk:
             await self.output.update(
                 card.escalation_channel_id,
                 card.escalation_ts,
-                self._escalation_summary(content),
+                escalation_summary(content),
                 blocks=escalation_blocks(content, self.settings),
             )
 
@@ -595,7 +602,7 @@ class CardDesk:
             return True
         posted = await self.output.post(
             channel,
-            self._escalation_summary(content),
+            escalation_summary(content),
             blocks=escalation_blocks(content, self.settings),
             thread_ts=thread_ts,
         )
@@ -672,10 +679,6 @@ class CardDesk:
             escalation_state=EscalationState.ACKNOWLEDGED,
             acknowledged_by=by,
         )
-
-    def _escalation_summary(self, content: CardContent) -> str:
-        permalink = content.permalink or f"(message {content.message.ts} in <#{content.message.channel_id}>)"
-        return blocks.escalation_text(content.views, permalink, content.message.channel_id)
 
     # ---- what agents do on a card -------------------------------------------------------------------
     async def claim(self, message_id: int, user_id: str) -> bool:

@@ -287,7 +287,10 @@ async def test_card_buttons_escalate_and_de_escalate(harness_factory: Any) -> No
     await h.slack.send_block_actions(
         [{"action_id": cards.DEESCALATE_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=ts
     )
-    await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    edited = await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    # its notification text says so too, not the alarm it replaced
+    assert edited.args["text"].startswith(":arrow_down: *de-escalated* · ")
+    assert edited.args["blocks"][0]["text"]["text"].startswith(edited.args["text"])
     assert len([c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]) == 1
 
 
