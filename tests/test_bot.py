@@ -336,6 +336,20 @@ async def test_classify_command_answers_privately(harness_factory: Any) -> None:
     assert "Usage" in usage.json()["text"]
 
 
+async def test_classify_is_refused_to_customers_and_guests(harness_factory: Any) -> None:
+    """A customer (another organization's, or a guest) never sees labels or confidences."""
+    h = await harness_factory()
+    h.slack.add_user("U0GUEST", "guest", is_restricted=True)
+    for outsider in (CUSTOMER, "U0GUEST"):
+        refused = await h.slack.send_command(
+            "/classify", "Our API is down", user_id=outsider, channel_id=CHANNEL
+        )
+        body = refused.json()
+        assert body["response_type"] == "ephemeral" and "support team" in body["text"]
+        assert "blocks" not in body and "%" not in body["text"] and "Topic" not in body["text"]
+    assert h.slack.responses == []
+
+
 async def test_admin_commands_are_refused_to_others_and_audited(harness_factory: Any) -> None:
     h = await harness_factory()
     response = await h.slack.send_command("/triage", "retrain", user_id=AGENT, channel_id=CHANNEL)
@@ -482,6 +496,22 @@ async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
     assert await h.count(Message) == 0
     handshake = await h.slack.send_url_verification("the-challenge")  # still answered, as Slack signs it
     assert handshake.status == 200 and "the-challenge" in handshake.text
+
+
+async def test_retraining_asked_in_a_customer_channel_reports_in_the_admins_channel(
+    harness_factory: Any,
+) -> None:
+    """Progress, figures and errors of a run are for admins: asked in a triaged channel (customers read
+    it), they go to the summary channel, and the answer names it."""
+    h = await harness_factory()
+    response = await h.slack.send_command("/triage", "retrain", user_id=ADMIN, channel_id=CHANNEL)
+    assert response.json()["text"] == "Starting…"
+    [answer] = await h.slack.wait_for_response(timeout=15)
+    assert answer.body["text"].endswith(f"progress follows in <#{ESCALATION}>.")
+    await h.slack.wait_for(  # the run's end (here: it fails, the tiny model has no dataset)
+        "chat.postMessage", predicate=lambda c: "Retraining" in str(c.args.get("text")), timeout=60
+    )
+    assert [c.args["channel"] for c in h.slack.calls_to("chat.postMessage")] == [ESCALATION]
 
 
 async def test_retrain_while_one_runs_is_answered_in_the_acknowledgement(harness_factory: Any) -> None:
