@@ -277,19 +277,20 @@ def retrain_summary_text(outcome: RunOutcome) -> str:
     head = (
         f":rocket: *{outcome.candidate}* promoted (was {outcome.incumbent})"
         if outcome.status == TrainingStatus.PROMOTED
-        else f":no_entry: *{outcome.candidate}* kept as rejected; {outcome.incumbent} stays active"
+        else f":no_entry: *{outcome.candidate}* rejected; {outcome.incumbent} stays active"
     )
     lines = [head]
-    for h, d in outcome.deltas.items():
+    for h in ordered_heads(list(outcome.deltas)):
+        d = outcome.deltas[h]
         lines.append(
-            f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
+            f"  • {head_title(h)}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
             f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
         )
     c = outcome.counts
     lines.append(
         f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
         f"{c.get('accepted', 0)} accepted predictions), "
-        f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
+        f"judged on {c.get('heldout', 0)} held-out examples ({c.get('heldout_feedback', 0)} from Slack)"
     )
     if outcome.reasons and outcome.status != TrainingStatus.PROMOTED:
         lines.append("  why: " + "; ".join(outcome.reasons))

@@ -329,7 +329,7 @@ async def test_without_a_worker_the_bot_runs_the_retrain_itself(
     asked = slack.texts("C0ASK")
     assert asked[0].startswith(":hourglass_flowing_sand: Retraining from v1:")
     assert asked[1].startswith("epoch 1/1: validation macro-F1")
-    assert asked[-1].startswith((":rocket: *v2* promoted", ":no_entry: *v2* kept as rejected"))
+    assert asked[-1].startswith((":rocket: *v2* promoted", ":no_entry: *v2* rejected"))
     assert slack.texts("C0SUMMARY") == [asked[-1]]
     (run,) = await _runs(sessions)
     assert run.status in (TrainingStatus.PROMOTED, TrainingStatus.REJECTED) and run.worker is None
