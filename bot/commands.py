@@ -189,7 +189,7 @@ class Commands:
         if active is None:
             lines.append("*Model:* none yet: train one with `triage train`")
         else:
-            lines.append(f"*Model:* {active.name} (created {active.created})")
+            lines.append(f"*Model:* {active.name} (created {_when(active.created)})")
             for head, m in active.metrics.items():
                 lines.append(
                     f"  • {head}: accuracy {m.get('accuracy', 0):.3f}, macro-F1 {m.get('macro_f1', 0):.3f}"
@@ -229,6 +229,7 @@ class Commands:
         lines = []
         for v in reversed(versions[-15:]):
             scores = ", ".join(f"{h} F1 {m.get('macro_f1', 0):.3f}" for h, m in v.metrics.items())
+            scores = scores or "no held-out metrics"
             mark = ":white_check_mark: " if v.status == ModelStatus.ACTIVE else ""
             reason = (
                 f" ({v.reason})"
@@ -259,6 +260,14 @@ class Commands:
         except ClassifierError:
             return []
         return self.settings.missing_heads(schema_heads(info.schema)) if info else []
+
+
+def _when(iso: str) -> str:
+    """A registry timestamp as the bot's other figures show times (UTC, to the minute)."""
+    try:
+        return f"{datetime.fromisoformat(iso):%Y-%m-%d %H:%M} UTC"
+    except ValueError:
+        return iso
 
 
 def refusal(command: str) -> str:

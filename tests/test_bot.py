@@ -689,6 +689,11 @@ async def test_a_model_without_urgency_is_reported_at_start_and_in_status(
     assert ":warning: without urgency: escalation" in status
     assert ":warning: without sentiment: the sentiment on cards stops working" in status
     assert "without topic" not in status
+    created = datetime.fromisoformat(Registry(data_dir / "models").get("v1").created)
+    assert f"*Model:* v1 (created {created:%Y-%m-%d %H:%M} UTC)" in status  # as other times: no ISO
+    await h.slack.send_command("/triage", "models", user_id=ADMIN, channel_id=CHANNEL)
+    [_, listed] = await h.slack.wait_for_response(count=2, timeout=5)
+    assert "*v1* active: no held-out metrics" in str(listed.body["text"])  # never a bare "active: "
 
     await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
     [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v2 is now" in str(r.body))
