@@ -3,6 +3,7 @@ retraining run posts."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,6 +20,28 @@ FIX_ACTION = "triage_fix"  # button: open the Fix labels modal (bot/cards.py)
 DONE_ACTION = "triage_fix_done"  # button: close them
 SET_ACTION_PREFIX = "triage_set:"  # static_select per head: "triage_set:<head>"
 MAX_OPTIONS = 100  # Slack's limit for a static_select
+# Slack's broadcasts (<!channel>, <!here>, <!everyone>) and user-group mentions (<!subteam^S1|@team>)
+_BROADCAST = re.compile(r"<!(channel|here|everyone)(?:\|[^>]*)?>|<!subteam\^[^|>]*(?:\|@?([^>]*))?>")
+_CUT_MARKUP = re.compile(r"&\w*$|<[^>]*$")  # an escaped character or a <@mention|link> cut short
+
+
+def defused(text: str) -> str:
+    """Slack-formatted text (as Slack sends it: escaped, with <...> entities) made safe to repeat in a
+    post: broadcasts and user-group mentions become plain words, so quoting a customer who wrote
+    ``<!channel>`` never notifies a whole channel."""
+    return _BROADCAST.sub(lambda m: f"@{m.group(1) or m.group(2) or 'group'}", text)
+
+
+def cut(text: str, limit: int) -> str:
+    """``text`` shortened to ``limit`` characters with an ellipsis; never half an entity, mention or link."""
+    if len(text) <= limit:
+        return text
+    return _CUT_MARKUP.sub("", text[: limit - 1]) + "…"
+
+
+def quoted(text: str, limit: int) -> str:
+    """Someone's Slack text as a block quote, defused and cut to ``limit`` characters."""
+    return "> " + cut(defused(text), limit).replace("\n", "\n> ")
 
 
 @dataclass(frozen=True)
@@ -83,6 +106,7 @@ def summary_text(views: Mapping[str, LabelView]) -> str:
     return " · ".join(parts)
 
 
+CONFIRM_MEANING = "all labels right"  # what the confirm emoji means, in the hint and on App Home
 HINT_FIRST = "urgency"  # what people most need to fix fast is named first in the reaction hint
 MAX_HINTS = 8
 
@@ -96,7 +120,7 @@ def _reaction_hint(views: Mapping[str, LabelView], reactions: ReactionMap) -> st
                 hints.append(f":{emoji_of[label]}: {label}")
     confirm = reactions.confirm_emoji()
     if confirm:
-        hints.append(f":{confirm}: all right")
+        hints.append(f":{confirm}: {CONFIRM_MEANING}")
     return "React to correct: " + " · ".join(hints) if hints else ""
 
 
@@ -206,14 +230,16 @@ def label_lines(views: Mapping[str, LabelView], unsure_below: float) -> str:
     return "\n".join(_label_line(h, v, unsure_below) for h, v in views.items())
 
 
+CLASSIFY_QUOTE_CHARS = 280
+
+
 def classify_blocks(
     text: str, views: Mapping[str, LabelView], model_version: str, unsure_below: float = 0.5
 ) -> list[dict[str, Any]]:
     """The private answer to ``/classify``."""
-    quoted = text if len(text) <= 280 else text[:277] + "..."
     lines = [_label_line(h, v, unsure_below) for h, v in views.items()]
     return [
-        {"type": "section", "text": {"type": "mrkdwn", "text": "> " + quoted.replace("\n", "\n> ")}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": quoted(text, CLASSIFY_QUOTE_CHARS)}},
         {"type": "section", "text": {"type": "mrkdwn", "text": "\n".join(lines)}},
         {"type": "context", "elements": [{"type": "mrkdwn", "text": f"model {model_version}"}]},
     ]
@@ -251,19 +277,20 @@ def retrain_summary_text(outcome: RunOutcome) -> str:
     head = (
         f":rocket: *{outcome.candidate}* promoted (was {outcome.incumbent})"
         if outcome.status == TrainingStatus.PROMOTED
-        else f":no_entry: *{outcome.candidate}* kept as rejected; {outcome.incumbent} stays active"
+        else f":no_entry: *{outcome.candidate}* rejected; {outcome.incumbent} stays active"
     )
     lines = [head]
-    for h, d in outcome.deltas.items():
+    for h in ordered_heads(list(outcome.deltas)):
+        d = outcome.deltas[h]
         lines.append(
-            f"  • {h}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
+            f"  • {head_title(h)}: macro-F1 {d['incumbent']:.3f} → {d['candidate']:.3f} ({d['delta']:+.3f}), "
             f"accuracy {d['incumbent_accuracy']:.3f} → {d['candidate_accuracy']:.3f}"
         )
     c = outcome.counts
     lines.append(
         f"  trained on {c.get('train', 0)} examples ({c.get('feedback', 0)} from Slack feedback, "
         f"{c.get('accepted', 0)} accepted predictions), "
-        f"judged on {c.get('heldout', 0)} held-out ({c.get('heldout_feedback', 0)} from Slack)"
+        f"judged on {c.get('heldout', 0)} held-out examples ({c.get('heldout_feedback', 0)} from Slack)"
     )
     if outcome.reasons and outcome.status != TrainingStatus.PROMOTED:
         lines.append("  why: " + "; ".join(outcome.reasons))

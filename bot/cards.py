@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ SELECT_ACTION_PREFIX = "label:"  # one static_select per head in the modal: "lab
 QUOTE_CHARS = 300
 WHY_COUNT = 3  # training messages asked for with each prediction, shown on its card and modal
 WHY_CHARS = 120  # each one's snippet
-_CUT_MARKUP = re.compile(r"&\w*$|<[^>]*$")  # an escaped character or a <@mention|link> cut short
 PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
@@ -141,8 +139,7 @@ def quote(message: Message) -> str:
     text = message.text
     if text is None:
         return "_(text removed)_"
-    short = text if len(text) <= QUOTE_CHARS else text[: QUOTE_CHARS - 1] + "…"
-    return "> " + short.replace("\n", "\n> ")
+    return blocks.quoted(text, QUOTE_CHARS)
 
 
 def why_references(neighbors: Sequence[Neighbor] | None) -> list[dict[str, Any]] | None:
@@ -187,11 +184,8 @@ def _escaped(text: str) -> str:
 def _snippet(near: Neighbor) -> str:
     """One line of the text, cut to ``WHY_CHARS``; a Slack message's text is already escaped."""
     text = " ".join(near.text.split())
-    if not near.source.startswith(FEEDBACK_SOURCE):
-        text = _escaped(text)
-    if len(text) <= WHY_CHARS:
-        return text
-    return _CUT_MARKUP.sub("", text[: WHY_CHARS - 1]) + "…"  # never half an entity, mention or link
+    text = blocks.defused(text) if near.source.startswith(FEEDBACK_SOURCE) else _escaped(text)
+    return blocks.cut(text, WHY_CHARS)  # never half an entity, mention or link
 
 
 def why_block(why: Sequence[Neighbor]) -> dict[str, Any] | None:
@@ -285,15 +279,22 @@ def card_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, A
     ]
 
 
+def escalation_summary(content: CardContent) -> str:
+    """The escalation post's headline, also its notification text: level, where, labels and the link;
+    once de-escalated it says so first (and drops the link)."""
+    message = content.message
+    permalink = content.permalink or "(no link: Slack did not give one)"
+    headline = blocks.escalation_text(content.views, permalink, message.channel_id)
+    if content.card.escalation_state == EscalationState.DEESCALATED:
+        first = headline.split("\n", 1)[0].removeprefix(":rotating_light: ")
+        return f":arrow_down: *de-escalated* · {first}"
+    return headline
+
+
 def escalation_blocks(content: CardContent, settings: BotSettings) -> list[dict[str, Any]]:
     """The post in the escalation channel: what, where, who asked; Acknowledge and Claim while it stands."""
     message, card = content.message, content.card
-    permalink = content.permalink or f"(message {message.ts} in <#{message.channel_id}>)"
-    headline = blocks.escalation_text(content.views, permalink, message.channel_id)
-    if card.escalation_state == EscalationState.DEESCALATED:
-        headline = ":arrow_down: *de-escalated* · " + headline.split("\n", 1)[0].removeprefix(
-            ":rotating_light: "
-        )
+    headline = escalation_summary(content)
     requester = content.requester
     who = f"from *{requester.name}*" + (f" ({requester.organization})" if requester.organization else "")
     value = str(message.id)
@@ -547,7 +548,7 @@ class CardDesk:
             await self.output.update(
                 card.escalation_channel_id,
                 card.escalation_ts,
-                self._escalation_summary(content),
+                escalation_summary(content),
                 blocks=escalation_blocks(content, self.settings),
             )
 
@@ -601,7 +602,7 @@ class CardDesk:
             return True
         posted = await self.output.post(
             channel,
-            self._escalation_summary(content),
+            escalation_summary(content),
             blocks=escalation_blocks(content, self.settings),
             thread_ts=thread_ts,
         )
@@ -678,10 +679,6 @@ class CardDesk:
             escalation_state=EscalationState.ACKNOWLEDGED,
             acknowledged_by=by,
         )
-
-    def _escalation_summary(self, content: CardContent) -> str:
-        permalink = content.permalink or f"(message {content.message.ts} in <#{content.message.channel_id}>)"
-        return blocks.escalation_text(content.views, permalink, content.message.channel_id)
 
     # ---- what agents do on a card -------------------------------------------------------------------
     async def claim(self, message_id: int, user_id: str) -> bool:

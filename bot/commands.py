@@ -1,5 +1,6 @@
-"""Slash commands: ``/classify <text>`` for anyone, ``/triage status|models`` for agents, ``/triage
-retrain|rollback`` for admins."""
+"""Slash commands: ``/classify <text>`` and ``/triage status|models|review`` for agents, ``/triage
+retrain|rollback`` for admins. Customers never see labels or confidences, so ``/classify`` is refused to
+them like ``/triage status``."""
 
 from __future__ import annotations
 
@@ -70,6 +71,9 @@ class Commands:
         if not text:
             await ack(response_type="ephemeral", text=CLASSIFY_USAGE)
             return
+        if not await self.agents.is_agent(command.get("user_id", "")):
+            await ack(response_type="ephemeral", text=refusal("/classify"))
+            return
         task = asyncio.ensure_future(self._classify_blocks(text))
         done, _ = await asyncio.wait({task}, timeout=CLASSIFY_INLINE_BUDGET_S)
         if done:  # answer in the acknowledgement itself: the fastest path
@@ -112,10 +116,7 @@ class Commands:
             )
             return
         if sub in AGENTS_ONLY and not await self.agents.is_agent(user):
-            await ack(
-                response_type="ephemeral",
-                text=f"Sorry, `/triage {sub}` is for the support team of this workspace only.",
-            )
+            await ack(response_type="ephemeral", text=refusal(f"/triage {sub}"))
             return
         if sub == "status":
             await ack(response_type="ephemeral", text="Collecting status…")
@@ -143,13 +144,20 @@ class Commands:
                 return
             # started (or found running) before the acknowledgement, which says which: never "Starting…"
             # and then "already running"
-            channel = command.get("channel_id", "")
+            channel = self._progress_channel(command.get("channel_id", ""))
             started, answer = await self.retrainer.start(requested_by=user, notify_channel=channel)
             await ack(response_type="ephemeral", text=answer)
             reason = None if started else "already running"
             await self._audit(user, "retrain", args, allowed=True, reason=reason)
         else:
             await ack(response_type="ephemeral", text=TRIAGE_USAGE)
+
+    def _progress_channel(self, typed_in: str) -> str | None:
+        """Where a run's progress goes: the channel the command was typed in, unless customers read it (a
+        triaged channel): then the admins' summary channel."""
+        if typed_in and not self.settings.watches(typed_in):
+            return typed_in
+        return self.settings.triage_summary_channel or self.settings.triage_escalation_channel
 
     async def _respond(self, respond: Any, work: Awaitable[str]) -> None:
         try:
@@ -175,7 +183,7 @@ class Commands:
         if active is None:
             lines.append("*Model:* none yet: train one with `triage train`")
         else:
-            lines.append(f"*Model:* {active.name} (created {active.created})")
+            lines.append(f"*Model:* {active.name} (created {_when(active.created)})")
             for head, m in active.metrics.items():
                 lines.append(
                     f"  • {head}: accuracy {m.get('accuracy', 0):.3f}, macro-F1 {m.get('macro_f1', 0):.3f}"
@@ -215,6 +223,7 @@ class Commands:
         lines = []
         for v in reversed(versions[-15:]):
             scores = ", ".join(f"{h} F1 {m.get('macro_f1', 0):.3f}" for h, m in v.metrics.items())
+            scores = scores or "no held-out metrics"
             mark = ":white_check_mark: " if v.status == ModelStatus.ACTIVE else ""
             reason = (
                 f" ({v.reason})"
@@ -245,6 +254,19 @@ class Commands:
         except ClassifierError:
             return []
         return self.settings.missing_heads(schema_heads(info.schema)) if info else []
+
+
+def _when(iso: str) -> str:
+    """A registry timestamp as the bot's other figures show times (UTC, to the minute)."""
+    try:
+        return f"{datetime.fromisoformat(iso):%Y-%m-%d %H:%M} UTC"
+    except ValueError:
+        return iso
+
+
+def refusal(command: str) -> str:
+    """What a customer (or guest) who tries an agents' command is told."""
+    return f"Sorry, `{command}` is for the support team of this workspace only."
 
 
 def _backlog_lines(backlog: repo.Backlog, skipped: int) -> list[str]:

@@ -82,7 +82,8 @@ class Digest:
             last_run = await repo.latest_training_run(session)
         queue = await self.queue.current(now)
         total = sum(topics.values())
-        title = f"Triage digest for {since:%A %Y-%m-%d}: {total} message(s), {escalated} escalated"
+        messages = "1 message" if total == 1 else f"{total} messages"
+        title = f"Triage digest for {since:%A %Y-%m-%d}: {messages}, {escalated} escalated"
         lines = [
             f"*{title}*",
             _counts_line("By topic", topics),

@@ -25,6 +25,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from bot.blocks import head_title
 from bot.digest import MISFIRE_GRACE_S, schedule_slot
 from bot.settings import BotSettings
 from bot.slack_output import SlackOutput
@@ -181,10 +182,11 @@ def alert_text(version: str, drifted: list[HeadDrift], settings: BotSettings) ->
     lines = [f":chart_with_downwards_trend: *Drift:* {headline}"]
     for d in drifted:
         moves = ", ".join(f"{label} {before:.0%} → {after:.0%}" for label, before, after in d.biggest_moves())
-        lines.append(
-            f"• *{d.head}* ({d.predictions} messages): label mix PSI {d.psi:.2f} "
+        lines.append(  # confidence in percent, as the replies and cards show it
+            f"• *{head_title(d.head)}* ({d.predictions} messages): label mix PSI {d.psi:.2f} "
             f"(alert above {settings.triage_drift_psi:g}): {moves}; mean confidence "
-            f"{d.reference_confidence:.2f} → {d.live_confidence:.2f}"
+            f"{d.reference_confidence:.0%} → {d.live_confidence:.0%} "
+            f"(alert at a drop above {settings.triage_drift_confidence_drop * 100:g} points)"
         )
     lines.append(
         "Suggestion: label what `/triage review` shows (the messages the model is least sure of), then "

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from bot import blocks, review
+from bot.reactions import ReactionMap
 from bot.storage import repository as repo
 from bot.storage.models import Correction, TrainingRun, utcnow
 from classifier.results import ClassifierError
@@ -72,11 +73,32 @@ def accuracy_lines(judged_by_window: dict[int, list[repo.Judged]]) -> list[str]:
     return lines
 
 
+TRIGGERS = {"schedule": "scheduled", "command": "asked in Slack", "cli": "from the command line"}
+
+
 def run_line(run: TrainingRun) -> str:
+    """One run: when (UTC, as everywhere), how it was started, and how it ended."""
     outcome = str(run.status) + (f" ({run.candidate_version})" if run.candidate_version else "")
     if run.error:
         outcome += f": {run.error[:150]}"
-    return f"• {run.started_at:%Y-%m-%d %H:%M} {run.trigger}: {outcome}"
+    how = TRIGGERS.get(str(run.trigger), str(run.trigger))
+    return f"• {run.started_at:%Y-%m-%d %H:%M} UTC, {how}: {outcome}"
+
+
+def cheat_sheet(reactions: ReactionMap) -> str:
+    """Each emoji and what it sets, head by head in the reply's order, labels in menu order; the confirm
+    emoji last, named as the reply's hint names it."""
+    by_head: dict[str, dict[str, str]] = {}  # head -> label -> emoji
+    for emoji, action in reactions.actions.items():
+        if action.head and action.label:
+            by_head.setdefault(action.head, {}).setdefault(action.label, emoji)
+    lines = [
+        f":{by_head[head][label]}: {blocks.head_title(head)} → {label}"
+        for head in blocks.ordered_heads(list(by_head))
+        for label in blocks.ordered_labels(head, list(by_head[head]))
+    ]
+    lines += [f":{emoji}: {blocks.CONFIRM_MEANING}" for emoji, a in reactions.actions.items() if a.confirms]
+    return "\n".join(lines)
 
 
 class Home:
@@ -112,19 +134,8 @@ class Home:
             {"type": "divider"},
             *review.queue_blocks(await self.commands.review.current()),
             {"type": "divider"},
-            _text("*Reactions*\n" + self.cheat_sheet()),
+            _text("*Reactions*\n" + cheat_sheet(self.triage.reactions)),
         ]
-
-    def cheat_sheet(self) -> str:
-        lines = []
-        for emoji, action in self.triage.reactions.actions.items():
-            meaning = (
-                "confirms every label"
-                if action.confirms
-                else f"{blocks.head_title(action.head or '')} → {action.label}"
-            )
-            lines.append(f":{emoji}: {meaning}")
-        return "\n".join(lines)
 
     async def admin_blocks(self, now: datetime) -> list[dict[str, Any]]:
         async with self.sessions() as session:

@@ -668,7 +668,7 @@ class Retrainer:
             database_url = self.db_engine.url.render_as_string(hide_password=False)
             self.process = await start_child(RunRequest(self.options, trigger, requested_by, database_url))
             self.relay = asyncio.ensure_future(self._relay(self.process, notify_channel))
-            return True, "Retraining started; progress follows in this channel."
+            return True, f"Retraining started; {self._follows(notify_channel)}"
 
     async def _enqueue(self, requested_by: str | None, channel: str | None, trigger: TrainingTrigger) -> str:
         from bot.run_queue import enqueue, follow_run
@@ -682,7 +682,12 @@ class Retrainer:
         )
         events = follow_run(self.sessions, self.db_engine, run_id, poll_s=self.poll_s)
         self.relay = asyncio.ensure_future(self._relay_queued(events, channel))
-        return "Retraining queued for the worker; progress follows in this channel."
+        return f"Retraining queued for the worker; {self._follows(channel)}"
+
+    def _follows(self, channel: str | None) -> str:
+        """Where the run's progress and summary go, named (the answer is also shown on App Home)."""
+        where = channel or self.summary_channel
+        return f"progress follows in <#{where}>." if where else "its result is in the bot's log."
 
     async def _relay_queued(self, events: AsyncIterator[dict[str, Any]], channel: str | None) -> None:
         final, _ = await self._post_progress(events, channel)

@@ -125,7 +125,8 @@ def _review_item(
     if candidate.labels_by_user and not disagreed:
         return None  # a person labelled it already (and nobody disagrees): nothing more to learn
     reasons = [f"agents disagree on {blocks.head_title(h).lower()}" for h in sorted(disagreed)]
-    for head, p in heads.items():
+    for head in blocks.ordered_heads(list(heads)):  # reasons in the order the reply shows the heads
+        p = heads[head]
         if p.confidence < settings.triage_unsure_below:
             reasons.append(f"unsure of {blocks.head_title(head).lower()} ({p.confidence:.0%})")
         accuracy = weak.get((head, p.label))
@@ -165,7 +166,9 @@ class ReviewQueue:
 def item_blocks(item: ReviewItem) -> list[dict[str, Any]]:
     """One item: the message quoted with its labels, why it is here, and Confirm / Fix."""
     value = str(item.message.id)
-    labels = " · ".join(f"{blocks.head_title(h)}: *{label}*" for h, label in item.labels.items())
+    labels = " · ".join(
+        f"{blocks.head_title(h)}: *{item.labels[h]}*" for h in blocks.ordered_heads(list(item.labels))
+    )
     why = "; ".join(item.reasons)
     if item.similar:
         why += f" (+{item.similar} similar)"
@@ -173,9 +176,9 @@ def item_blocks(item: ReviewItem) -> list[dict[str, Any]]:
         {
             "type": "section",
             "block_id": f"review_item:{value}",
-            "text": {
+            "text": {  # the quote on lines of its own: "> " quotes only at the start of a line
                 "type": "mrkdwn",
-                "text": f"<#{item.message.channel_id}> {cards.quote(item.message)}\n{labels}"[:3000],
+                "text": f"In <#{item.message.channel_id}>:\n{cards.quote(item.message)}\n{labels}"[:3000],
             },
         },
         {"type": "context", "elements": [{"type": "mrkdwn", "text": why[:3000]}]},
@@ -194,10 +197,9 @@ def queue_blocks(queue: Queue, shown: int = SHOWN) -> list[dict[str, Any]]:
     """The top ``shown`` items under a headline; a friendly line when nothing waits."""
     if not queue.items:
         return [_mrkdwn("*Review queue:* nothing waits for a look :tada:")]
-    headline = (
-        f"*Review queue:* {queue.size} message(s) would teach the model most; "
-        f"the top {min(shown, queue.size)}:"
-    )
+    count = f"{queue.size} message would" if queue.size == 1 else f"{queue.size} messages would"
+    top = "" if queue.size <= shown else f"; the top {shown}"
+    headline = f"*Review queue:* {count} teach the model most{top}:"
     found: list[dict[str, Any]] = [_mrkdwn(headline)]
     for item in queue.items[:shown]:
         found.extend(item_blocks(item))

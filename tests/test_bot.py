@@ -337,6 +337,20 @@ async def test_classify_command_answers_privately(harness_factory: Any) -> None:
     assert "Usage" in usage.json()["text"]
 
 
+async def test_classify_is_refused_to_customers_and_guests(harness_factory: Any) -> None:
+    """A customer (another organization's, or a guest) never sees labels or confidences."""
+    h = await harness_factory()
+    h.slack.add_user("U0GUEST", "guest", is_restricted=True)
+    for outsider in (CUSTOMER, "U0GUEST"):
+        refused = await h.slack.send_command(
+            "/classify", "Our API is down", user_id=outsider, channel_id=CHANNEL
+        )
+        body = refused.json()
+        assert body["response_type"] == "ephemeral" and "support team" in body["text"]
+        assert "blocks" not in body and "%" not in body["text"] and "Topic" not in body["text"]
+    assert h.slack.responses == []
+
+
 async def test_admin_commands_are_refused_to_others_and_audited(harness_factory: Any) -> None:
     h = await harness_factory()
     response = await h.slack.send_command("/triage", "retrain", user_id=AGENT, channel_id=CHANNEL)
@@ -511,6 +525,22 @@ async def test_unsigned_or_malformed_timestamps_are_refused_quietly(
     ssl_check = f"ssl_check=1&token={h.slack.verification_token}".encode()  # as Slack sends it: unsigned
     check = await h.slack.send_raw(ssl_check, "application/x-www-form-urlencoded", unsigned=True)
     assert check.status == 200
+
+
+async def test_retraining_asked_in_a_customer_channel_reports_in_the_admins_channel(
+    harness_factory: Any,
+) -> None:
+    """Progress, figures and errors of a run are for admins: asked in a triaged channel (customers read
+    it), they go to the summary channel, and the answer names it."""
+    h = await harness_factory()
+    response = await h.slack.send_command("/triage", "retrain", user_id=ADMIN, channel_id=CHANNEL)
+    assert response.json()["text"] == "Starting…"
+    [answer] = await h.slack.wait_for_response(timeout=15)
+    assert answer.body["text"].endswith(f"progress follows in <#{ESCALATION}>.")
+    await h.slack.wait_for(  # the run's end (here: it fails, the tiny model has no dataset)
+        "chat.postMessage", predicate=lambda c: "Retraining" in str(c.args.get("text")), timeout=60
+    )
+    assert [c.args["channel"] for c in h.slack.calls_to("chat.postMessage")] == [ESCALATION]
 
 
 async def test_retrain_while_one_runs_is_answered_in_the_acknowledgement(harness_factory: Any) -> None:
@@ -688,6 +718,11 @@ async def test_a_model_without_urgency_is_reported_at_start_and_in_status(
     assert ":warning: without urgency: escalation" in status
     assert ":warning: without sentiment: the sentiment on cards stops working" in status
     assert "without topic" not in status
+    created = datetime.fromisoformat(Registry(data_dir / "models").get("v1").created)
+    assert f"*Model:* v1 (created {created:%Y-%m-%d %H:%M} UTC)" in status  # as other times: no ISO
+    await h.slack.send_command("/triage", "models", user_id=ADMIN, channel_id=CHANNEL)
+    [_, listed] = await h.slack.wait_for_response(count=2, timeout=5)
+    assert "*v1* active: no held-out metrics" in str(listed.body["text"])  # never a bare "active: "
 
     await h.slack.send_command("/triage", "rollback v2", user_id=ADMIN, channel_id=CHANNEL)
     [posted] = await h.slack.wait_for_response(timeout=10, predicate=lambda r: "v2 is now" in str(r.body))

@@ -9,9 +9,11 @@ import yaml
 
 import bot.triage as triage_module
 from bot import shortcut
-from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks
+from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks, retrain_summary_text
 from bot.reactions import DEFAULT_REACTIONS, ReactionMap
+from bot.retrain import RunOutcome
 from bot.settings import SettingsError, load_settings
+from bot.storage.models import TrainingStatus
 from classifier.schema import DEFAULT_HEADS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +138,7 @@ def test_the_reaction_hint_names_urgency_first() -> None:
         "React to correct: :large_green_circle: low · :large_yellow_circle: medium · "
         ":large_orange_circle: high · :red_circle: critical · "
     )
-    assert hint.endswith(":dart: all right") and "rotating_light" not in hint
+    assert hint.endswith(":dart: all labels right") and "rotating_light" not in hint
 
 
 def test_reply_blocks_mark_unsure_and_corrections() -> None:
@@ -208,3 +210,25 @@ def test_an_outage_that_flaps_logs_one_traceback_a_minute(
     assert len(tracebacks) == 2
     assert sum("database reachable again" in r.getMessage() for r in caplog.records) == 2
     assert sum("connection refused" in r.getMessage() for r in caplog.records) == 2  # the one-liners
+
+
+def test_a_run_summary_names_heads_as_replies_do_and_reads_as_a_sentence() -> None:
+    delta = {
+        "incumbent": 0.7,
+        "candidate": 0.75,
+        "delta": 0.05,
+        "incumbent_accuracy": 0.8,
+        "candidate_accuracy": 0.82,
+    }
+    outcome = RunOutcome(
+        TrainingStatus.REJECTED,
+        candidate="v2",
+        incumbent="v1",
+        reasons=["urgency macro-F1 fell"],
+        deltas={"sentiment": delta, "topic": delta, "urgency": delta},
+        counts={"train": 100, "feedback": 10, "heldout": 20, "heldout_feedback": 2},
+    )
+    lines = retrain_summary_text(outcome).splitlines()
+    assert lines[0] == ":no_entry: *v2* rejected; v1 stays active"
+    assert [line.split(":")[0].strip() for line in lines[1:4]] == ["• Topic", "• Urgency", "• Sentiment"]
+    assert "judged on 20 held-out examples (2 from Slack)" in lines[4]

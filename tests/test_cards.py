@@ -14,7 +14,7 @@ from sqlalchemy import URL, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
-from bot.blocks import LabelView
+from bot.blocks import LabelView, classify_blocks
 from bot.settings import load_settings
 from bot.slack_output import SlackOutput
 from bot.storage import repository as repo
@@ -287,7 +287,10 @@ async def test_card_buttons_escalate_and_de_escalate(harness_factory: Any) -> No
     await h.slack.send_block_actions(
         [{"action_id": cards.DEESCALATE_ACTION}], user_id=AGENT, channel_id=CARDS, message_ts=ts
     )
-    await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    edited = await card_update(h, post, f"de-escalated by <@{AGENT}>")
+    # its notification text says so too, not the alarm it replaced
+    assert edited.args["text"].startswith(":arrow_down: *de-escalated* · ")
+    assert edited.args["blocks"][0]["text"]["text"].startswith(edited.args["text"])
     assert len([c for c in h.slack.calls_to("chat.postMessage") if c.args["channel"] == ESCALATION]) == 1
 
 
@@ -625,3 +628,46 @@ def test_why_snippets_are_one_line_cut_whole_and_escaped_once() -> None:
     assert first.startswith("0.81 “Fees &lt;b&gt; &amp; charges xxx") and first.endswith("…”")
     assert second == "0.50 “" + "a" * (cards.WHY_CHARS - 4) + " …”"  # not half of "&amp;"
     assert cards.why_block([]) is None
+
+
+def test_a_quoted_customer_message_never_pings_a_channel_and_is_cut_whole() -> None:
+    """A customer who writes <!channel> (or <!here>, a user group) must not make a card, an escalation post,
+    the Fix labels modal or /classify notify everyone; a long text is cut short of Slack's limits and
+    never in half a mention."""
+    settings = load_settings(_env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s")
+    text = (
+        "<!channel> <!here|here> <!everyone> <!subteam^S0SUPPORT|@support> *down* `500` "
+        + "x" * (cards.QUOTE_CHARS - 80)
+        + " <@U0SOMEONE|someone> "
+        + "lorem ipsum " * 400
+    )
+    message = Message(id=7, channel_id=CHANNEL, ts="1.2", text=text)
+    views = {"urgency": LabelView("critical", confidence=0.9)}
+    content = cards.CardContent(
+        message,
+        Card(message_id=7, escalation_state=EscalationState.ESCALATED),
+        views,
+        {"urgency": ["low", "critical"]},
+        "v1",
+        cards.Requester(CUSTOMER, "Joe", "Acme"),
+        None,
+        [Neighbor("<!here> " + "y" * 200, "outage", 0.9, "slack:3")],
+    )
+    shown = {
+        "card": cards.card_blocks(content, settings),
+        "escalation": cards.escalation_blocks(content, settings),
+        "modal": cards.fix_labels_view(content)["blocks"],
+        "/classify": classify_blocks(text, views, "v1"),
+    }
+    for where, rendered in shown.items():
+        payload = str(rendered)
+        for ping in ("<!channel", "<!here", "<!everyone", "<!subteam"):
+            assert ping not in payload, (where, ping)
+        assert "@channel" in payload and "@support" in payload, where
+        assert "<@U0SOMEONE|some…" not in payload and "<@U0SOMEONE…" not in payload, where
+        for block in rendered:
+            section = (block.get("text") or {}).get("text", "")
+            assert len(section) <= 3000, where
+    [quote] = [b for b in shown["card"] if b.get("block_id") == "quote"]
+    assert quote["text"]["text"].startswith("> @channel @here @everyone @support *down*")
+    assert quote["text"]["text"].endswith("…") and len(quote["text"]["text"]) <= cards.QUOTE_CHARS + 2

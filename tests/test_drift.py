@@ -99,9 +99,10 @@ async def test_a_drifted_head_is_alerted_once_across_replicas_and_exported(
         [alert] = slack.calls_to("chat.postMessage")
     text = alert.args["text"]
     assert alert.args["channel"] == SUMMARY and "the past week's messages differ from what v1" in text
-    assert "*topic* (60 messages): label mix PSI 0.88 (alert above 0.2)" in text
-    assert "outage 50% → 90%" in text and "mean confidence 0.90 → 0.60" in text
-    assert "*urgency*" not in text and "/triage review" in text
+    assert "*Topic* (60 messages): label mix PSI 0.88 (alert above 0.2)" in text
+    assert "outage 50% → 90%" in text
+    assert "mean confidence 90% → 60% (alert at a drop above 10 points)" in text
+    assert "*Urgency*" not in text and "/triage review" in text
 
     registry = CollectorRegistry()
     registry.register(drift.DriftCollector(replicas[0]))

@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bot import home, review
+from bot.blocks import CONFIRM_MEANING, LabelView, reply_blocks
+from bot.reactions import DEFAULT_REACTIONS, ReactionMap
 from bot.retrain import run_lock
 from bot.storage import repository as repo
-from bot.storage.models import AuditEntry, Correction, CorrectionKind, Prediction, TrainingTrigger
+from bot.storage.models import (
+    AuditEntry,
+    Correction,
+    CorrectionKind,
+    Prediction,
+    TrainingRun,
+    TrainingStatus,
+    TrainingTrigger,
+)
 from classifier.registry import Registry
 from tests.support.slack_standin import ApiCall
 from tests.support.tiny_model import make_tiny_version
@@ -55,8 +66,8 @@ async def test_an_agents_home_shows_their_labels_the_queue_and_the_reactions(
         [label] = await repo.recent_corrections(session, AGENT)
     assert home.correction_line(label) in page  # as recorded: when, where, head, old → new, how
     assert "(by :moneybag:)" in home.correction_line(label)
-    assert "Review queue:* 1 message(s)" in page and "How do I export my data?" in page
-    assert ":moneybag: Topic → billing" in page and ":dart: confirms every label" in page
+    assert "Review queue:* 1 message would" in page and "How do I export my data?" in page
+    assert ":moneybag: Topic → billing" in page and ":dart: all labels right" in page
     assert "Model (admins)" not in page and home.RETRAIN_ACTION not in page
 
     # Confirm on the Home tab stores the labels and republishes it, the queue now empty
@@ -128,3 +139,23 @@ async def test_an_admins_home_shows_the_model_and_retrains_and_rolls_back(
     )
     assert "v2 is now the active model" in shown(rolled) and "*Model:* v2" in shown(rolled)
     assert [e.user_id for e in await h.rows(AuditEntry, AuditEntry.action == "rollback")] == [ADMIN]
+
+
+def test_the_cheat_sheet_reads_as_the_reply_does_and_runs_say_how_they_started() -> None:
+    """Heads in the reply's order, labels in menu order (low → critical), the confirm emoji last and named
+    as the reply's hint names it; a run line says UTC and who started it in words."""
+    lines = home.cheat_sheet(ReactionMap(DEFAULT_REACTIONS)).splitlines()
+    heads = [line.split(" ", 1)[1].split(" →")[0] for line in lines[:-1]]
+    assert heads == sorted(heads, key=["Topic", "Urgency", "Sentiment"].index)
+    urgency = [line for line in lines if "Urgency →" in line]
+    assert [u.rsplit(" ", 1)[1] for u in urgency] == ["low", "medium", "high", "critical"]
+    assert lines[-1] == f":dart: {CONFIRM_MEANING}"
+    hint = reply_blocks(1, {"topic": LabelView("bug", 0.9)}, "v1", ReactionMap(DEFAULT_REACTIONS), {})
+    assert hint[1]["elements"][0]["text"].endswith(f":dart: {CONFIRM_MEANING}")
+    run = TrainingRun(
+        trigger=TrainingTrigger.COMMAND,
+        status=TrainingStatus.FAILED,
+        started_at=datetime(2026, 12, 1, 4, 22, tzinfo=UTC),
+        error="boom",
+    )
+    assert home.run_line(run) == "• 2026-12-01 04:22 UTC, asked in Slack: failed: boom"

@@ -618,7 +618,7 @@ async def test_the_bot_relays_a_runs_progress_and_summary_to_slack(
     assert first["text"].startswith(":hourglass_flowing_sand: Retraining from v1:")
     assert [m["text"][:31] for m in progress] == ["epoch 1/1: validation macro-F1 "]
     assert all(m.get("thread_ts") == first["ts"] for m in progress)  # one thread per run
-    assert last["text"].startswith((":rocket: *v2* promoted", ":no_entry: *v2* kept as rejected"))
+    assert last["text"].startswith((":rocket: *v2* promoted", ":no_entry: *v2* rejected"))
     assert "thread_ts" not in last  # the summary stands in the channel
     assert [m["text"] for m in summary] == [last["text"]]
     assert sorted(f.channel_id or "" for f in uploads) == ["C0ASK", "C0SUMMARY"]

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot import cards, review
 from bot.settings import load_settings
 from bot.storage import repository as repo
-from bot.storage.models import Correction, CorrectionKind, CorrectionSource, Prediction, utcnow
+from bot.storage.models import Correction, CorrectionKind, CorrectionSource, Message, Prediction, utcnow
 from classifier.results import HeadPrediction
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, harness_factory  # noqa: F401
 
@@ -164,3 +164,34 @@ async def test_review_command_confirm_and_fix_end_to_end(harness_factory: Any) -
     assert (fix.head, fix.new_label, fix.user_id, fix.kind) == ("topic", new_topic, AGENT, "correction")
     after = await shown_queue(3)
     assert f"review:{second}" not in str(after) and f"review:{first}" not in str(after)
+
+
+def test_an_item_quotes_on_its_own_lines_and_names_heads_as_the_reply_does() -> None:
+    """The quote starts a line (mid-line, "> " is a literal ">"), heads and reasons follow the reply's
+    order (not the database's alphabetical one), and the headline counts in words."""
+    message = Message(
+        id=9, channel_id=CHANNEL, ts="1.2", text="Export fails\nsince noon", received_at=utcnow()
+    )
+    labels = {"sentiment": "negative", "topic": "bug", "urgency": "high"}
+    item = review.ReviewItem(message, "v1", labels, ["unsure of topic (41%)"], 0.9)
+    [section, _, _] = review.item_blocks(item)
+    assert section["text"]["text"] == (
+        f"In <#{CHANNEL}>:\n> Export fails\n> since noon\n"
+        "Topic: *bug* · Urgency: *high* · Sentiment: *negative*"
+    )
+    assert review.queue_blocks(review.Queue([item]))[0]["text"]["text"] == (
+        "*Review queue:* 1 message would teach the model most:"
+    )
+    many = review.queue_blocks(review.Queue([item] * 7))[0]["text"]["text"]
+    assert many == "*Review queue:* 7 messages would teach the model most; the top 5:"
+    settings = load_settings(_env_file=None, slack_bot_token="xoxb-1", slack_signing_secret="s")
+    unsure = {h: _head({"a": 0.4, "b": 0.35, "c": 0.25}) for h in ("sentiment", "topic", "urgency")}
+    prediction = Prediction(model_version="v1")
+    candidate = repo.Candidate(message, prediction, {}, {})
+    prediction.by_head = lambda: unsure  # type: ignore[method-assign]
+    ranked = review.rank([candidate], settings, {})
+    assert [r.split(" (")[0] for r in ranked[0].reasons] == [
+        "unsure of topic",
+        "unsure of urgency",
+        "unsure of sentiment",
+    ]

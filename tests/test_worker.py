@@ -222,7 +222,7 @@ async def test_worker_runs_a_queued_run_and_the_bot_posts_its_progress(
             poll_s=0.05,
         )
         answer = await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK")
-        assert answer == "Retraining queued for the worker; progress follows in this channel."
+        assert answer == "Retraining queued for the worker; progress follows in <#C0ASK>."
         assert "already" in (await bot.busy_message() or "")  # queued or running: not twice
         assert bot.relay is not None
         await worker.within(600, bot.relay)
@@ -322,14 +322,14 @@ async def test_without_a_worker_the_bot_runs_the_retrain_itself(
         sessions, engine, post=slack.post, summary_channel="C0SUMMARY", options=RunOptions(epochs=1)
     )
     assert await bot.request(requested_by="U0ADMIN", notify_channel="C0ASK") == (
-        "Retraining started; progress follows in this channel."
+        "Retraining started; progress follows in <#C0ASK>."
     )
     assert bot.process is not None and bot.relay is not None
     await asyncio.wait_for(bot.relay, timeout=300)
     asked = slack.texts("C0ASK")
     assert asked[0].startswith(":hourglass_flowing_sand: Retraining from v1:")
     assert asked[1].startswith("epoch 1/1: validation macro-F1")
-    assert asked[-1].startswith((":rocket: *v2* promoted", ":no_entry: *v2* kept as rejected"))
+    assert asked[-1].startswith((":rocket: *v2* promoted", ":no_entry: *v2* rejected"))
     assert slack.texts("C0SUMMARY") == [asked[-1]]
     (run,) = await _runs(sessions)
     assert run.status in (TrainingStatus.PROMOTED, TrainingStatus.REJECTED) and run.worker is None
