@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -32,10 +35,22 @@ def make_tiny_bert(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+_ONNX_MADE: dict[str, Path] = {}  # (base, schema, seed) -> ONNX files made for those weights once
+_ONNX_CACHE = Path(tempfile.mkdtemp(prefix="triage-tiny-onnx-"))
+
+
 def make_tiny_version(
-    registry: Registry, base: Path, schema: LabelSchema | None = None, seed: int = 0, activate: bool = True
+    registry: Registry,
+    base: Path,
+    schema: LabelSchema | None = None,
+    seed: int = 0,
+    activate: bool = True,
+    with_onnx: bool = False,
 ) -> VersionInfo:
-    """Save an untrained multi-head model on the tiny BERT as a new registry version."""
+    """Save an untrained multi-head model on the tiny BERT as a new registry version. ``with_onnx``: with
+    its ONNX files already made, as a served version has them after its first load (the export takes
+    seconds, which end-to-end tests would otherwise spend on every bot's first message); the same seed
+    gives the same weights, so the files are made once per process and copied."""
     torch.manual_seed(seed)
     model, tokenizer = MultiHeadClassifier.from_base(base, schema or LabelSchema())
     with registry.staging() as staging:
@@ -45,4 +60,19 @@ def make_tiny_version(
             VersionInfo(name="", created="", base_model=str(base), schema=model.schema.to_dict()),
             activate_if_first=activate,
         )
+    if with_onnx:
+        _add_onnx_files(info, json.dumps([str(base), model.schema.to_dict(), seed], sort_keys=True))
     return info
+
+
+def _add_onnx_files(info: VersionInfo, key: str) -> None:
+    from classifier.onnx_backend import ensure_onnx, onnx_folder
+
+    folder = onnx_folder(Path(info.path))
+    made = _ONNX_MADE.get(key)
+    if made is None:
+        ensure_onnx(info)
+        made = _ONNX_MADE[key] = _ONNX_CACHE / str(len(_ONNX_MADE))
+        shutil.copytree(folder, made)
+    else:
+        shutil.copytree(made, folder)
