@@ -33,7 +33,7 @@ from bot.drift import DriftCollector
 from bot.lifecycle import MessageLife
 from bot.settings import BotSettings
 from bot.storage.models import utcnow
-from bot.triage import AcksFirst, IncomingMessage, StorageUnavailable, Triage
+from bot.triage import IncomingMessage, StorageUnavailable, Triage
 from classifier.logsafe import escape_controls
 
 log = logging.getLogger(__name__)
@@ -400,24 +400,9 @@ def add_health_and_metrics(
     web_app.router.add_get("/metrics", metrics_endpoint)
 
 
-def acknowledgements_first(acks_first: AcksFirst) -> Any:
-    """aiohttp middleware: a Slack request is an acknowledgement in flight from the moment it is read until
-    it is answered, so the background work gives it the event loop (``AcksFirst``)."""
-
-    @web.middleware
-    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-        if request.method != "POST" or request.path != EVENTS_PATH:
-            return await handler(request)
-        with acks_first.acking():
-            return await handler(request)
-
-    return middleware
-
-
 def http_app(app: AsyncApp, signing_secret: str, triage: Triage) -> web.Application:
     """aiohttp application: Bolt on ``EVENTS_PATH``, a health check for load balancers, Prometheus metrics."""
     web_app = app.web_app(path=EVENTS_PATH)
-    web_app.middlewares.append(acknowledgements_first(triage.acks_first))  # outermost: from the read on
     web_app.middlewares.append(checked_slack_requests(signing_secret))
     add_health_and_metrics(web_app, triage)
     return web_app

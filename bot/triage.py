@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -66,9 +66,6 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 # New messages stored in one transaction at most (11 bound parameters each: well under SQLite's limit)
 STORE_BATCH = 100
-# How long a step of the background work waits at most for the acknowledgements in flight to finish
-# (``AcksFirst``): bounded, so that replies keep flowing while events arrive without a pause
-ACKS_FIRST_WITHIN_S = 0.1
 
 
 class StorageUnavailable(RuntimeError):
@@ -151,46 +148,6 @@ def _settle_store(store: asyncio.Future[bool]) -> None:
     here so asyncio does not report it again."""
     if not store.cancelled():
         store.exception()
-
-
-class AcksFirst:
-    """Acknowledgements before background work, on the one event loop they share. Slack waits at most 3 s
-    for an event's acknowledgement, and nobody waits on a reply to the second. Under load the loop is
-    busy, and each step of an acknowledgement (read, verify, store, answer) queued behind every worker's
-    step ready at the time. So the workers wait before each step while an acknowledgement is in flight
-    (``acking``), for ``within_s`` at most: a steady stream of events slows the replies, never stops them."""
-
-    def __init__(self, within_s: float = ACKS_FIRST_WITHIN_S):
-        self.within_s = within_s
-        self.in_flight = 0
-        self.waiting = 0  # steps of background work waiting for their turn now
-        self._idle = asyncio.Event()
-        self._idle.set()
-
-    @contextlib.contextmanager
-    def acking(self) -> Iterator[None]:
-        """An acknowledgement in flight for the duration of the block (blocks may nest)."""
-        self.in_flight += 1
-        self._idle.clear()
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
-            if not self.in_flight:
-                self._idle.set()
-
-    async def turn(self) -> None:
-        """A step of background work may go: at once when no acknowledgement is in flight, else when none
-        is, or after ``within_s``."""
-        if self._idle.is_set():
-            return
-        self.waiting += 1
-        try:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.within_s):
-                    await self._idle.wait()
-        finally:
-            self.waiting -= 1
 
 
 class StoreBatches:
@@ -279,7 +236,6 @@ class Triage:
         self._reserved = 0  # room in the queue kept for messages being stored
         self.store_batches = StoreBatches(sessions, self.lease)
         self.record_within_s = RECORD_WITHIN_S
-        self.acks_first = AcksFirst()  # the HTTP server's requests are acknowledgements too (bot/app.py)
 
     # ---- new messages ------------------------------------------------------------------------------
     async def on_message(self, incoming: IncomingMessage) -> bool:
@@ -306,8 +262,7 @@ class Triage:
         store.add_done_callback(self._storing.discard)
         store.add_done_callback(_settle_store)
         try:
-            with self.acks_first.acking():  # (Socket Mode too)
-                queued = await asyncio.wait_for(asyncio.shield(store), ACK_STORE_TIMEOUT_S)
+            queued = await asyncio.wait_for(asyncio.shield(store), ACK_STORE_TIMEOUT_S)
         except DATABASE_ERRORS as exc:
             where = f"{escape_controls(incoming.ts)} in {escape_controls(incoming.channel_id)}"
             self.outage.failed(f"message {where} not stored, Slack will deliver it again", exc)
@@ -380,7 +335,6 @@ class Triage:
         while True:
             message = await self.queue.get()
             try:
-                await self.acks_first.turn()
                 if self.held.get(message.id) == message.attempts:  # else its lease went to another attempt
                     await self.classify_and_reply(message)
             except repo.LeaseLost as exc:  # it outlived its lease: the attempt that took over answers it
@@ -467,7 +421,6 @@ class Triage:
 
             await self._as_holder(message, skip)
             return
-        await self.acks_first.turn()
         started = time.perf_counter()
         try:
             # very long messages are classified on their beginning (the model cuts at its max length
@@ -528,7 +481,6 @@ class Triage:
         await self._in_transaction(lambda session: record(session, card=mode == Delivery.CARD))
         if mode == Delivery.CARD:
             self.cards.wake.set()
-        await self.acks_first.turn()
         await self._route(message, views, mode)
         await self._after_early_corrections(message, early)
 
@@ -658,12 +610,10 @@ class Triage:
     async def _in_transaction(self, work: Callable[[AsyncSession], Awaitable[Any]]) -> None:
         """Bookkeeping after a reply went out: retried with back-off for up to ``RECORD_WITHIN_S``, so a
         short database outage does not leave it for the next attempt to find in the thread."""
-        await self.acks_first.turn()
         await in_transaction(self.sessions, work, within_s=self.record_within_s)
 
     async def _as_holder(self, message: Message, work: Callable[[AsyncSession], Awaitable[Any]]) -> None:
         """``work`` in a transaction, only while this attempt holds the message's lease (``LeaseLost``)."""
-        await self.acks_first.turn()
         async with self.sessions.begin() as session:
             await repo.hold_lease(session, message.id, message.attempts, lease=self.lease)
             await work(session)

@@ -1012,65 +1012,6 @@ async def test_every_web_api_call_goes_over_one_shared_session_closed_at_stop(ha
     assert session.closed
 
 
-async def test_a_workers_next_step_waits_for_the_acknowledgement_in_flight(
-    harness_factory: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Slack waits for the acknowledgement, nobody for the reply: while an event is being acknowledged
-    (read, verified, stored, answered), the workers' next step waits for it (``AcksFirst``)."""
-    h = await harness_factory(triage_workers=1)
-    triage = h.bot.triage
-    monkeypatch.setattr(triage.acks_first, "within_s", 30.0)  # a step waits as long as the ack lasts
-    classified, go_on, release = asyncio.Event(), asyncio.Event(), asyncio.Event()
-    classify, store = triage.classifier.classify, triage.store_batches.store
-
-    async def classify_then_hold(*args: Any, **kwargs: Any) -> Any:  # the first message's answer waits
-        result = await classify(*args, **kwargs)
-        classified.set()
-        await go_on.wait()
-        return result
-
-    async def held(new: repo.NewMessage) -> Message | None:  # the second event's store waits
-        await release.wait()
-        return await store(new)
-
-    async def in_flight() -> bool:
-        return triage.acks_first.in_flight > 0
-
-    async def parked() -> bool:
-        return triage.acks_first.waiting == 1
-
-    monkeypatch.setattr(triage.classifier, "classify", classify_then_hold)
-    first, _ = await h.post_customer_message("The invoice page is blank")
-    await asyncio.wait_for(classified.wait(), timeout=15)
-    monkeypatch.setattr(triage.store_batches, "store", held)
-    second = h.slack.message_event(CHANNEL, CUSTOMER, "The password reset mail never arrives")
-    sending = asyncio.ensure_future(h.slack.send_event(second))
-    assert await eventually(in_flight, within_s=5)
-    go_on.set()  # the worker goes on with the first message while the second is being acknowledged
-    assert await eventually(parked, within_s=5)
-    assert _replies_per_thread(h.slack) == {}
-    release.set()
-    assert (await sending).status == 200
-    await h.reply_to(first["ts"])
-    await h.reply_to(second["ts"])
-    await h.settled()
-    assert _replies_per_thread(h.slack) == {first["ts"]: 1, second["ts"]: 1}
-
-
-async def test_replies_keep_flowing_while_acknowledgements_never_stop(harness_factory: Any) -> None:
-    """Under events arriving without a pause an acknowledgement is always in flight: each step of the
-    background work waits for it a bounded time only, so every message is still answered."""
-    h = await harness_factory()
-    acks = h.bot.triage.acks_first
-    with acks.acking():  # one always in flight
-        events = [(await h.post_customer_message(f"Export {i} times out"))[0] for i in range(3)]
-        for event in events:
-            await h.reply_to(event["ts"])
-        assert acks.in_flight == 1
-    await h.settled()
-    assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}
-
-
 async def test_under_overload_a_message_without_room_is_stored_due_in_the_acknowledgements_one_write(
     harness_factory: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from bot.blocks import LabelView, ordered_heads, ordered_labels, reply_blocks
 from bot.reactions import DEFAULT_REACTIONS, ReactionMap
 from bot.settings import SettingsError, load_settings
 from classifier.schema import DEFAULT_HEADS
-from tests.support.waiting import eventually
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = {"_env_file": None, "slack_bot_token": "xoxb-1-2", "slack_signing_secret": "s3cret"}
@@ -211,35 +208,3 @@ def test_an_outage_that_flaps_logs_one_traceback_a_minute(
     assert len(tracebacks) == 2
     assert sum("database reachable again" in r.getMessage() for r in caplog.records) == 2
     assert sum("connection refused" in r.getMessage() for r in caplog.records) == 2  # the one-liners
-
-
-async def test_background_work_waits_while_an_acknowledgement_is_in_flight() -> None:
-    acks = triage_module.AcksFirst(within_s=30)
-    await asyncio.wait_for(acks.turn(), timeout=1)  # nothing in flight: at once
-    order: list[str] = []
-
-    async def step() -> None:
-        await acks.turn()
-        order.append("background step")
-
-    async def parked() -> bool:
-        return acks.waiting == 1
-
-    with acks.acking():
-        waiting = asyncio.ensure_future(step())
-        assert await eventually(parked, within_s=5)
-        with acks.acking():  # nested, or a second one arriving meanwhile
-            pass
-        assert not waiting.done()
-        order.append("acknowledged")
-    await asyncio.wait_for(waiting, timeout=5)
-    assert order == ["acknowledged", "background step"] and acks.waiting == 0
-
-
-async def test_background_work_is_not_starved_by_acknowledgements_that_never_stop() -> None:
-    acks = triage_module.AcksFirst(within_s=0.05)
-    with acks.acking():  # events arriving without a pause: one is always in flight
-        started = time.monotonic()
-        for _ in range(3):
-            await asyncio.wait_for(acks.turn(), timeout=5)
-        assert time.monotonic() - started >= 3 * 0.05  # each step waited its bounded turn
