@@ -44,6 +44,7 @@ import argparse
 import asyncio
 import contextlib
 import csv
+import gc
 import hashlib
 import json
 import logging
@@ -282,14 +283,42 @@ def install_logging(log_path: Path) -> tuple[LogTally, logging.Handler]:
     return tally, to_file
 
 
+class GcPauses:
+    """This process's cyclic garbage collections: each one stops its event loop while it runs."""
+
+    def __init__(self) -> None:
+        self.full = 0  # collections of the oldest generation (they walk every object not frozen)
+        self.longest_s = 0.0
+        self._started = 0.0
+        gc.callbacks.append(self._collected)
+
+    def _collected(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        self.longest_s = max(self.longest_s, time.perf_counter() - self._started)
+        self.full += info["generation"] == 2
+
+    def stats(self, reset: bool = False) -> dict[str, Any]:
+        out = {"gc_full": self.full, "gc_longest_ms": self.longest_s * 1000}
+        if reset:
+            self.full, self.longest_s = 0, 0.0
+        return out
+
+    def close(self) -> None:
+        gc.callbacks.remove(self._collected)
+
+
 class Probe:
-    """Samples the bot's classifier queue and the loop's task count (work in flight) twice a second."""
+    """Samples the bot's classifier queue and the loop's task count (work in flight) twice a second, and
+    records its process's garbage collections."""
 
     def __init__(self, bot: Any, tally: LogTally) -> None:
         self.bot = bot
         self.tally = tally
         self.max_queue = 0
         self.max_tasks = 0
+        self.gc = GcPauses()
         self._task = asyncio.ensure_future(self._run())
 
     async def _run(self) -> None:
@@ -308,6 +337,7 @@ class Probe:
             "max_classifier_queue": self.max_queue,
             "max_loop_tasks": self.max_tasks,
             "problems": sum(self.tally.counts.values()),  # warnings and errors logged so far
+            **self.gc.stats(reset),
         }
         if engine is not None:
             out.update(engine_batches=engine.stats.batches, engine_texts=engine.stats.texts)
@@ -324,6 +354,7 @@ class Probe:
 
     async def close(self) -> None:
         self._task.cancel()
+        self.gc.close()
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
 
@@ -335,7 +366,7 @@ def _bot_process(conn: Connection, settings: dict[str, Any], data_dir: str, log_
     tally, _ = install_logging(Path(log_path))
 
     async def serve() -> None:
-        from bot.main import start_bot
+        from bot.main import freeze_startup_heap, start_bot
         from bot.settings import load_settings
 
         try:
@@ -343,6 +374,7 @@ def _bot_process(conn: Connection, settings: dict[str, Any], data_dir: str, log_
         except Exception as exc:
             conn.send({"error": f"{type(exc).__name__}: {exc}"})
             return
+        freeze_startup_heap()  # as bot.main.run_bot does
         probe = Probe(bot, tally)
         conn.send({"port": bot.port})
         loop = asyncio.get_running_loop()
@@ -730,6 +762,12 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
 
         tracker = ReplyTracker(slack, args.card_channel)
         loop = asyncio.get_running_loop()
+        # the generator's start-up heap (torch, from building the model) is left out of its garbage
+        # collections as the bot's is: a full collection of it stalls the schedule, counted against the bot
+        gc.collect()
+        gc.freeze()
+        generator_gc = GcPauses()
+        stack.callback(generator_gc.close)
         load_before = os.getloadavg()
         top_before = top_snapshot()
         bot_before = await bot.stats(reset=True)
@@ -773,6 +811,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         send_end = loop.time()
+        load_sent = os.getloadavg()
         mark_sent = await cpu_mark(bot)
         if tasks:
             await asyncio.gather(*tasks)
@@ -799,6 +838,7 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
         measured_end = loop.time()
         mark_end = await cpu_mark(bot)
         bot_after = await bot.stats()
+        generator_after = generator_gc.stats()
         sampler.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await sampler
@@ -860,11 +900,15 @@ async def run_rate(args: argparse.Namespace, rate: float, data_dir: Path, work: 
             "texts_per_forward": texts_done / batches if batches else None,
             "max_classifier_queue": bot_after.get("max_classifier_queue"),
             "max_loop_tasks": bot_after.get("max_loop_tasks"),
+            "gc_full": bot_after.get("gc_full"),  # while measured: from the first event to the drain's end
+            "gc_longest_ms": bot_after.get("gc_longest_ms"),
             "log": bot_final.get("log", {}),
             "stop_error": bot_final.get("error"),
         },
         "machine": {
             "loadavg_before": load_before,
+            "loadavg_send_end": load_sent,
+            "generator_gc": generator_after,
             "top_before": top_before,
             "window_s": window,
             "cores_while_sending": cores(mark_start, mark_sent),
@@ -918,10 +962,13 @@ def report(result: dict[str, Any]) -> str:
         ("texts per forward pass", lambda r: r["bot"]["texts_per_forward"], 1, False),
         ("classifier in forward pass (sending)", lambda r: _cores(r, "classifier_forward"), 2, False),
         ("max classifier queue / loop tasks", _in_flight, 0, False),
+        ("bot GC: full collections / longest (ms)", lambda r: _gc(r["bot"]), 0, False),
+        ("generator GC: full / longest (ms)", lambda r: _gc(r["machine"]["generator_gc"]), 0, False),
         ("bot warnings+errors", lambda r: sum(r["bot"]["log"].get("counts", {}).values()), 0, False),
         ("stand-in+generator CPU (sending)", lambda r: _cores(r, "generator"), 2, False),
         ("other processes CPU (sending)", lambda r: _cores(r, "others"), 2, False),
         ("load average before (1 min)", lambda r: r["machine"]["loadavg_before"][0], 2, False),
+        ("load average when sending ended", lambda r: r["machine"]["loadavg_send_end"][0], 2, False),
     ]
     names = [f"{r['offered_rate']:g}/s" for r in runs]
     ratio_names = [f"{name} / {names[0]}" for name in names[1:]]
@@ -984,6 +1031,10 @@ def _db_states(run: dict[str, Any]) -> str:
 
 def _in_flight(run: dict[str, Any]) -> str:
     return f"{run['bot']['max_classifier_queue']} / {run['bot']['max_loop_tasks']}"
+
+
+def _gc(stats: dict[str, Any]) -> str:
+    return f"{_fmt(stats.get('gc_full'))} / {_fmt(stats.get('gc_longest_ms'), 0)}"
 
 
 def _cores(run: dict[str, Any], who: str) -> float | None:

@@ -233,6 +233,7 @@ class Triage:
         self.backlog: repo.Backlog | None = None  # as of the last sweep: for /healthz and /metrics
         self.outage = OutageLog()
         self._storing: set[asyncio.Future[bool]] = set()  # stores that outlived their acknowledgement
+        self._reserved = 0  # room in the queue kept for messages being stored
         self.store_batches = StoreBatches(sessions, self.lease)
         self.record_within_s = RECORD_WITHIN_S
 
@@ -270,13 +271,29 @@ class Triage:
         return queued
 
     async def _store_and_queue(self, incoming: IncomingMessage, text: str, empty: bool) -> bool:
-        message = await self._store(incoming, text, empty)
-        if message is None or empty:
+        # Room in the queue is reserved before the store: a message without room (overload) is stored
+        # due now, for the sweep to queue, instead of stored leased and released in a second transaction,
+        # which waited for the connection behind the background work and held acknowledgements past 2.5 s
+        queued = not empty and self._reserve_room()
+        try:
+            message = await self._store(incoming, text, empty, leased=queued)
+        finally:
+            if queued:
+                self._reserved -= 1
+        if message is None or not queued:
             return False
         return await self.enqueue(message)
 
-    async def _store(self, incoming: IncomingMessage, text: str, empty: bool) -> Message | None:
-        """The new message as stored, or ``None`` when this event or message was stored before."""
+    def _reserve_room(self) -> bool:
+        """Whether a message about to be stored will have room in the queue (then reserved for it)."""
+        if self.queue.qsize() + self._reserved >= self.queue.maxsize:
+            return False
+        self._reserved += 1
+        return True
+
+    async def _store(self, incoming: IncomingMessage, text: str, empty: bool, leased: bool) -> Message | None:
+        """The new message as stored (``leased`` to this process, or due now), or ``None`` when this event
+        or message was stored before."""
         return await self.store_batches.store(
             repo.NewMessage(
                 team_id=incoming.team_id,
@@ -287,6 +304,7 @@ class Triage:
                 thread_ts=incoming.thread_ts,
                 event_id=incoming.event_id,
                 state=MessageState.SKIPPED if empty else MessageState.PENDING,
+                leased=leased,
             )
         )
 
@@ -332,7 +350,7 @@ class Triage:
 
     async def run_pending(self) -> int:
         """Queue pending messages that are due (classifier was down, or a worker died); returns how many."""
-        room = self.queue.maxsize - self.queue.qsize()
+        room = self.queue.maxsize - self.queue.qsize() - self._reserved
         if room <= 0:
             return 0
         async with self.sessions.begin() as session:

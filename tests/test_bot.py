@@ -1094,3 +1094,29 @@ async def test_two_retrains_asked_at_once_start_one_and_the_other_hears_it_in_it
     assert sorted(str(e.reason) for e in audited) == ["None", "already running"]
     later = [str(r.body) for r in h.slack.responses]
     assert not [b for b in later if "already running" in b], (started, later)
+
+
+async def test_under_overload_a_message_without_room_is_stored_due_in_the_acknowledgements_one_write(
+    harness_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A message the full queue has no room for is stored due now, for the sweep to queue: no second
+    transaction to release it, which waited for the database behind the background work while Slack
+    waited for the acknowledgement."""
+    h = await harness_factory(triage_workers=1, triage_queue_size=1)
+    gate = _gate_classifier(h, monkeypatch)
+    released: list[int] = []
+    release = repo.release_message
+
+    async def counted(session: Any, message_id: int, attempt: int, **kwargs: Any) -> None:
+        released.append(message_id)
+        await release(session, message_id, attempt, **kwargs)
+
+    monkeypatch.setattr(repo, "release_message", counted)
+    events = [(await h.post_customer_message(f"Invoice {i} is missing"))[0] for i in range(4)]
+    waiting = await h.rows(Message, Message.next_attempt_at <= Message.received_at)
+    assert len(waiting) >= 2 and all(m.attempts == 0 for m in waiting)  # one worked on, one queued
+    gate.set()
+    await h.slack.wait_for("chat.postMessage", count=len(events), timeout=20)
+    await h.settled()
+    assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}
+    assert released == []

@@ -239,6 +239,7 @@ class NewMessage:
     thread_ts: str | None = None
     event_id: str | None = None  # Slack's event id: a retried delivery of it stores nothing
     state: MessageState = MessageState.PENDING
+    leased: bool = True  # pending: leased to the one storing it (attempts 0), else due now for any taker
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -278,7 +279,7 @@ async def store_new_messages(
             "received_at": now,
             "state": m.state,
             "attempts": 0,
-            "next_attempt_at": now + lease if m.state == MessageState.PENDING else None,
+            "next_attempt_at": _next_attempt(m, now, lease),
         }
         for m in first.values()
     ]
@@ -294,6 +295,12 @@ async def store_new_messages(
         for m in await session.scalars(select(Message).where(Message.id.in_(list(inserted))))
     }
     return [created.pop(m.key) if first.get(m.key) is m and m.key in created else None for m in batch]
+
+
+def _next_attempt(message: NewMessage, now: datetime, lease: timedelta) -> datetime | None:
+    if message.state != MessageState.PENDING:
+        return None
+    return now + lease if message.leased else now
 
 
 async def _record_events(session: AsyncSession, event_ids: Collection[str], now: datetime) -> set[str]:
