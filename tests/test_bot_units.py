@@ -190,7 +190,7 @@ def test_manifest_matches_what_the_bot_handles() -> None:
     assert {"channels:read", "groups:read", "team:read"} <= scopes
 
 
-def test_an_outage_that_flaps_logs_one_traceback_a_minute(
+def test_an_outage_that_flaps_logs_one_traceback_a_minute_and_a_line_every_ten_seconds(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     clock = [1000.0]
@@ -198,18 +198,25 @@ def test_an_outage_that_flaps_logs_one_traceback_a_minute(
     outage = triage_module.OutageLog()
     error = ConnectionError("connection refused")
     with caplog.at_level("WARNING", logger="bot.triage"):
-        outage.failed("sweep", error)
-        outage.failed("answering message 3", error)  # the same outage: one line
+        outage.failed("sweep", error)  # the traceback
+        for i in range(500):  # a burst of refused deliveries: counted, not logged one by one
+            outage.failed(f"message {i} not stored", error)
+        clock[0] += 10
+        outage.failed("answering message 3", error)  # ten seconds on: one line with the count
+        outage.failed("answering message 4", error)
         outage.recovered()
         clock[0] += 5
-        outage.failed("sweep", error)  # a dead pooled connection right after recovery: no new traceback
+        outage.failed("sweep", error)  # a dead pooled connection right after recovery: a line, no traceback
         outage.recovered()
         clock[0] += 60
         outage.failed("sweep", error)  # a new outage a minute later: its traceback
-    tracebacks = [r for r in caplog.records if r.exc_info]
-    assert len(tracebacks) == 2
-    assert sum("database reachable again" in r.getMessage() for r in caplog.records) == 2
-    assert sum("connection refused" in r.getMessage() for r in caplog.records) == 2  # the one-liners
+    lines = [r.getMessage() for r in caplog.records]
+    assert len([r for r in caplog.records if r.exc_info]) == 2
+    assert len(lines) == 6, lines
+    assert lines[1].startswith("answering message 3: database unavailable or too slow (ConnectionError")
+    assert lines[1].endswith("; 500 more failures since the last line")
+    assert lines[2] == "database reachable again; 1 more failure since the last line"
+    assert lines[3].startswith("sweep: ") and lines[4] == "database reachable again"
 
 
 def test_a_run_summary_names_heads_as_replies_do_and_reads_as_a_sentence() -> None:
