@@ -41,6 +41,7 @@ from transformers import PreTrainedTokenizerBase
 from classifier.calibration import calibrate
 from classifier.logsafe import escape_controls
 from classifier.model import (
+    ModelLoadError,
     MultiHeadClassifier,
     Runner,
     batch_limits,
@@ -386,22 +387,57 @@ class Engine:
     def _load(self, name: str) -> LoadedModel:
         """Runs in a loader thread while the worker keeps serving the old version."""
         info = self.registry.get(name)
+        loaded: LoadedModel | None = None
         if self.backend == "onnx":
-            schema, tokenizer, max_length = MultiHeadClassifier.load_parts(Path(info.path))
-            session = load_onnx(info, self.config.quantize, self.config.cpu_threads)  # exports once
-            runner: Runner = session
-            pooled_runner = session.with_pooled if session.has_pooled else None
-            backend = f"onnx-{session.precision}"
-        else:
-            model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
-            model.to(self.device)
-            schema = model.schema
-            bf16 = use_bf16(self.device, self.config.bf16)
-            runner = torch_runner(model, self.device, bf16, self.config.compile)
-            pooled_runner = torch_pooled_runner(model, self.device, bf16)
-            backend = "torch-bf16" if bf16 else "torch"
+            try:
+                loaded = self._load_onnx(info)
+            except ModelLoadError as exc:
+                if self.config.backend != "auto":  # asked for ONNX by name: say it cannot be done
+                    raise
+                # chosen for speed only: a version that cannot be exported (a full or read-only disk)
+                # is still served, more slowly
+                log.warning("%s: serving it on PyTorch instead", escape_controls(exc))
+        loaded = loaded or self._load_torch(info)
+        try:
+            self._warm_up(loaded)
+        except Exception as exc:
+            if not (self.config.compile and loaded.backend.startswith("torch")):
+                raise
+            log.warning("torch.compile failed for %s (%s); serving it without compilation", name, exc)
+            loaded = self._load_torch(info, compile=False)
+            self._warm_up(loaded)
+        return loaded
+
+    def _load_onnx(self, info: VersionInfo) -> LoadedModel:
+        schema, tokenizer, max_length = MultiHeadClassifier.load_parts(Path(info.path))
+        session = load_onnx(info, self.config.quantize, self.config.cpu_threads)  # exports once
+        pooled_runner = session.with_pooled if session.has_pooled else None
+        return self._loaded(
+            info, schema, session, tokenizer, max_length, f"onnx-{session.precision}", pooled_runner
+        )
+
+    def _load_torch(self, info: VersionInfo, compile: bool | None = None) -> LoadedModel:
+        model, tokenizer, max_length = MultiHeadClassifier.load(Path(info.path))
+        model.to(self.device)
+        bf16 = use_bf16(self.device, self.config.bf16)
+        compiled = self.config.compile if compile is None else compile
+        runner = torch_runner(model, self.device, bf16, compiled)
+        backend = "torch-bf16" if bf16 else "torch"
+        pooled_runner = torch_pooled_runner(model, self.device, bf16)
+        return self._loaded(info, model.schema, runner, tokenizer, max_length, backend, pooled_runner)
+
+    def _loaded(
+        self,
+        info: VersionInfo,
+        schema: LabelSchema,
+        runner: Runner,
+        tokenizer: PreTrainedTokenizerBase,
+        max_length: int,
+        backend: str,
+        pooled_runner: PooledRunner | None,
+    ) -> LoadedModel:
         neighbors = NeighborIndex.load(info.files.neighbors, info.files.dataset)
-        loaded = LoadedModel(
+        return LoadedModel(
             info,
             schema,
             runner,
@@ -412,15 +448,6 @@ class Engine:
             neighbors,
             pooled_runner,
         )
-        try:
-            self._warm_up(loaded)
-        except Exception as exc:
-            if not (self.config.compile and self.backend == "torch"):
-                raise
-            log.warning("torch.compile failed for %s (%s); serving it without compilation", name, exc)
-            loaded.runner = torch_runner(model, self.device, bf16, compile=False)
-            self._warm_up(loaded)
-        return loaded
 
     def _warm_up(self, loaded: LoadedModel) -> None:
         """Run two shapes before the switch, so compilation and lazy CUDA set-up don't hit a request."""

@@ -217,6 +217,27 @@ async def test_a_broken_version_is_refused_and_the_old_one_keeps_serving(
         assert (await engine.classify(["still here"])).model_version == "v1"
 
 
+async def test_a_version_that_cannot_be_exported_is_served_on_pytorch_when_onnx_was_only_the_default(
+    registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ONNX is chosen on the CPU for speed: a full or read-only disk must not stop a version from serving,
+    while a backend asked for by name still fails loudly."""
+
+    def disk_full(info: Any) -> Any:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("classifier.onnx_backend.ensure_onnx", disk_full)
+    async with Engine(registry, engine_config(backend="auto")) as engine:
+        assert engine.backend == "onnx"  # what auto chose on this CPU
+        result = await engine.classify(["the app crashes"])
+        assert result.model_version == "v1" and engine.current is not None
+        assert engine.current.backend == "torch"
+    assert "No space left on device: serving it on PyTorch instead" in caplog.text
+    with pytest.raises(ModelLoadError, match="No space left"):
+        async with Engine(registry, engine_config(backend="onnx")):
+            pass
+
+
 async def test_pinned_version_ignores_the_active_pointer(registry: Registry) -> None:
     config = engine_config(poll_interval_s=0.05)
     async with Engine(registry, config, version="v1") as pinned, Engine(registry, config) as following:
