@@ -99,9 +99,11 @@ def free_port() -> int:
 
 
 def build_model(data_dir: Path) -> str:
-    """A tiny BERT trained a few steps on the starter set: a real version (weights, dataset.jsonl, eval/),
-    small enough that a retrain takes seconds and a tmpfs can be sized around it."""
+    """A tiny BERT trained a few steps on the starter set: a real version (weights, dataset.jsonl, eval/,
+    and the ONNX files a served version has after its first load), small enough that a retrain takes
+    seconds and a tmpfs can be sized around it."""
     from classifier.data import load_examples
+    from classifier.onnx_backend import ensure_onnx
     from classifier.registry import Registry
     from classifier.schema import LabelSchema
     from classifier.train import TrainConfig, train
@@ -110,7 +112,9 @@ def build_model(data_dir: Path) -> str:
     base = make_tiny_bert(data_dir.parent / "tiny-bert")
     examples, schema = load_examples([STARTER], LabelSchema())
     config = TrainConfig(base_model=str(base), epochs=1, max_steps=20, max_length=64, learning_rate=1e-3)
-    return train(examples, schema, config, Registry(data_dir / "models"), progress=False).version.name
+    version = train(examples, schema, config, Registry(data_dir / "models"), progress=False).version
+    ensure_onnx(version)
+    return version.name
 
 
 def active_fingerprint(data_dir: Path) -> str:
