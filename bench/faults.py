@@ -489,7 +489,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cases.append(await run_case(name, args, model_dir, work))
             r = cases[-1]
             brief = {
-                k: v for k, v in r.items() if k in ("sent", "acknowledged", "answered", "lost", "skipped")
+                k: v
+                for k, v in r.items()
+                if k in ("sent", "acknowledged", "answered", "lost", "duplicated", "skipped")
+                or k == "active_model_untouched"
             }
             print(f"[{name}] {brief}", file=sys.stderr)
     return {
