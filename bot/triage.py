@@ -220,7 +220,7 @@ class Triage:
         self.output = output  # every Web API write
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
-        self.delivery = DeliveryPolicy(settings, output.client)
+        self.delivery = DeliveryPolicy(settings, output.client, agents)
         self.cards = CardDesk(settings, sessions, output, bot_user_id)
         self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
@@ -474,7 +474,7 @@ class Triage:
             truncated=text_result.truncated,
         )
         text = blocks.summary_text(views)
-        mode = await self.delivery.mode_for(message.channel_id)
+        mode = await self.delivery.mode_for(message.channel_id, [message.user_id])
         if mode == Delivery.THREAD and not await self._reply_in_thread(message, text, reply):
             return
 
