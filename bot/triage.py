@@ -648,9 +648,8 @@ class Triage:
         route = self.settings.routes.get(topic.label) if topic else None
         if not route or (escalate and route == self.settings.triage_escalation_channel):
             return  # one post even if a route and escalation coincide
-        link = await self.output.permalink(message.channel_id, message.ts)
-        permalink = link or f"(message {message.ts} in <#{message.channel_id}>)"
-        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{permalink}", None)
+        link = blocks.permalink_or_note(await self.output.permalink(message.channel_id, message.ts))
+        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{link}", None)
 
     # ---- corrections -------------------------------------------------------------------------------
     async def find_message(
