@@ -135,11 +135,12 @@ class EarlyCorrections:
 def why_not_applicable(schema: Mapping[str, Collection[str]], head: str, label: str) -> str | None:
     """Why ``head: label`` cannot be stored for a prediction of a model with ``schema`` (head → labels),
     or ``None`` when it can."""
+    shown = f"*{blocks.head_title(head)}: {label}*"  # named as the reply and card name it
     if head not in schema:
-        return f"*{head}: {label}* was not stored: the model has no {head} head"
+        return f"{shown} was not stored: the model has no {head} head"
     if label not in schema[head]:
         known = ", ".join(sorted(schema[head]))
-        return f"*{head}: {label}* was not stored: the model has no such {head} label (it knows {known})"
+        return f"{shown} was not stored: the model has no such {head} label (it knows {known})"
     return None
 
 
@@ -805,7 +806,7 @@ class Triage:
             await repo.add_correction(
                 session, message.id, head, label, user_id=user_id, source=source, reaction=reaction
             )
-            note = f"*{head}: {label}* is kept: it applies once the message is classified."
+            note = f"*{blocks.head_title(head)}: {label}* is kept: it applies once the message is classified."
             return Outcome(note=note)
         heads = prediction.by_head()
         why = why_not_applicable({h: list(p.scores) for h, p in heads.items()}, head, label)
