@@ -245,6 +245,14 @@ def classify_blocks(
     ]
 
 
+NO_PERMALINK = "(no link: Slack did not give one)"
+
+
+def permalink_or_note(permalink: str | None) -> str:
+    """A message's permalink, or a plain note that there is none (never a raw message ts)."""
+    return permalink or NO_PERMALINK
+
+
 def escalation_text(views: Mapping[str, LabelView], permalink: str, channel_id: str) -> str:
     urgency = views.get("urgency")
     level = urgency.label if urgency else "urgent"

@@ -283,8 +283,9 @@ def escalation_summary(content: CardContent) -> str:
     """The escalation post's headline, also its notification text: level, where, labels and the link;
     once de-escalated it says so first (and drops the link)."""
     message = content.message
-    permalink = content.permalink or "(no link: Slack did not give one)"
-    headline = blocks.escalation_text(content.views, permalink, message.channel_id)
+    headline = blocks.escalation_text(
+        content.views, blocks.permalink_or_note(content.permalink), message.channel_id
+    )
     if content.card.escalation_state == EscalationState.DEESCALATED:
         first = headline.split("\n", 1)[0].removeprefix(":rotating_light: ")
         return f":arrow_down: *de-escalated* · {first}"

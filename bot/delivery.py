@@ -3,7 +3,8 @@
 The settings say it (``TRIAGE_DELIVERY``, ``TRIAGE_CHANNEL_DELIVERY``); a channel shared with another
 organization (Slack Connect: ``conversations.info`` → ``is_ext_shared``) is stricter whatever they say:
 customers there never see triage labels, reactions, menus or hints, so ``thread`` becomes ``card`` when a
-card channel exists and ``silent`` otherwise.
+card channel exists and ``silent`` otherwise. So is a message whose author is a guest of the workspace (a
+customer invited to internal channels: ``Agents.sees_machinery``), wherever it is posted.
 """
 
 from __future__ import annotations
@@ -11,12 +12,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot.settings import BotSettings, Delivery
+
+if TYPE_CHECKING:
+    from bot.agents import Agents
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +35,35 @@ def is_external(channel: dict[str, Any]) -> bool:
 
 
 class DeliveryPolicy:
-    def __init__(self, settings: BotSettings, client: AsyncWebClient, ttl_s: float = SHARED_TTL_S):
+    def __init__(
+        self,
+        settings: BotSettings,
+        client: AsyncWebClient,
+        agents: Agents | None = None,
+        ttl_s: float = SHARED_TTL_S,
+    ):
         self.settings = settings
         self.client = client
+        self.agents = agents  # None: authors are not told apart (only the channel counts)
         self.ttl_s = ttl_s
         self._shared: dict[str, tuple[bool, float]] = {}  # channel id -> (shared?, when to look again)
 
-    async def mode_for(self, channel_id: str) -> Delivery:
+    async def mode_for(self, channel_id: str, authors: Iterable[str | None] = ()) -> Delivery:
+        """How triage of a message by ``authors`` (its own, and its thread's first message's for a reply)
+        shows up in ``channel_id``."""
         mode = self.settings.delivery_for(channel_id)
-        if mode == Delivery.THREAD and await self.is_shared(channel_id):
+        if mode == Delivery.THREAD and (await self.is_shared(channel_id) or await self._outsiders(authors)):
             return Delivery.CARD if self.settings.triage_card_channel else Delivery.SILENT
         return mode
+
+    async def _outsiders(self, authors: Iterable[str | None]) -> bool:
+        """Whether any author is a guest, who must not see labels (a Workflow Builder post has no author)."""
+        if self.agents is None:
+            return False
+        for author in authors:
+            if author and not await self.agents.sees_machinery(author):
+                return True
+        return False
 
     async def is_shared(self, channel_id: str) -> bool:
         """Whether customers of another organization read ``channel_id``. A look-up that fails says yes

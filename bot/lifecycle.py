@@ -203,7 +203,14 @@ def _rank(triage: Triage, label: str) -> int:
 async def escalate(triage: Triage, message: Message, views: Mapping[str, LabelView]) -> None:
     """The thread became urgent: the marker on its first message (thread delivery only) and an escalation
     post about the message that raised it."""
-    if await triage.delivery.mode_for(message.channel_id) == Delivery.THREAD:  # never in a shared channel
+    authors = [message.user_id]
+    if is_thread_reply(message):  # the marker goes on the thread's first message: its author counts too
+        async with triage.sessions() as session:
+            thread_ts = message.thread_ts or message.ts
+            parent = await repo.get_message(session, message.team_id, message.channel_id, thread_ts)
+        authors.append(parent.user_id if parent else None)
+    # never in a shared channel, nor on a thread a guest wrote in (DeliveryPolicy)
+    if await triage.delivery.mode_for(message.channel_id, authors) == Delivery.THREAD:
         await triage.output.react(message.channel_id, message.thread_ts or message.ts, URGENT_MARKER)
     await triage.cards.escalate(message.id, by=None)  # the one place escalation posts are made
 

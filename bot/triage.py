@@ -146,11 +146,12 @@ class EarlyCorrections:
 def why_not_applicable(schema: Mapping[str, Collection[str]], head: str, label: str) -> str | None:
     """Why ``head: label`` cannot be stored for a prediction of a model with ``schema`` (head → labels),
     or ``None`` when it can."""
+    shown = f"*{blocks.head_title(head)}: {label}*"  # named as the reply and card name it
     if head not in schema:
-        return f"*{head}: {label}* was not stored: the model has no {head} head"
+        return f"{shown} was not stored: the model has no {head} head"
     if label not in schema[head]:
         known = ", ".join(sorted(schema[head]))
-        return f"*{head}: {label}* was not stored: the model has no such {head} label (it knows {known})"
+        return f"{shown} was not stored: the model has no such {head} label (it knows {known})"
     return None
 
 
@@ -231,7 +232,7 @@ class Triage:
         self.output = output  # every Web API write
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
-        self.delivery = DeliveryPolicy(settings, output.client)
+        self.delivery = DeliveryPolicy(settings, output.client, agents)
         self.cards = CardDesk(settings, sessions, output, bot_user_id)
         self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
@@ -485,7 +486,7 @@ class Triage:
             truncated=text_result.truncated,
         )
         text = blocks.summary_text(views)
-        mode = await self.delivery.mode_for(message.channel_id)
+        mode = await self.delivery.mode_for(message.channel_id, [message.user_id])
         if mode == Delivery.THREAD and not await self._reply_in_thread(message, text, reply):
             return
 
@@ -659,9 +660,8 @@ class Triage:
         route = self.settings.routes.get(topic.label) if topic else None
         if not route or (escalate and route == self.settings.triage_escalation_channel):
             return  # one post even if a route and escalation coincide
-        link = await self.output.permalink(message.channel_id, message.ts)
-        permalink = link or f"(message {message.ts} in <#{message.channel_id}>)"
-        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{permalink}", None)
+        link = blocks.permalink_or_note(await self.output.permalink(message.channel_id, message.ts))
+        await self.output.post_text(route, f"{blocks.summary_text(views)}\n{link}", None)
 
     # ---- corrections -------------------------------------------------------------------------------
     async def find_message(
@@ -817,7 +817,7 @@ class Triage:
             await repo.add_correction(
                 session, message.id, head, label, user_id=user_id, source=source, reaction=reaction
             )
-            note = f"*{head}: {label}* is kept: it applies once the message is classified."
+            note = f"*{blocks.head_title(head)}: {label}* is kept: it applies once the message is classified."
             return Outcome(note=note)
         heads = prediction.by_head()
         why = why_not_applicable({h: list(p.scores) for h, p in heads.items()}, head, label)

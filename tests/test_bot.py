@@ -1120,3 +1120,19 @@ async def test_under_overload_a_message_without_room_is_stored_due_in_the_acknow
     await h.settled()
     assert _replies_per_thread(h.slack) == {e["ts"]: 1 for e in events}
     assert released == []
+
+
+async def test_a_route_post_without_a_permalink_says_so_plainly(harness_factory: Any) -> None:
+    """Slack giving no permalink: the route post says there is no link, never a raw message ts."""
+    route = "C0ROUTED"
+    h = await harness_factory(
+        triage_routes=",".join(f"{label}={route}" for label in LabelSchema().heads["topic"]),
+        triage_not_a_request_above=1.0,  # every message is routed, whatever the tiny model says
+    )
+    h.slack.fail_next("chat.getPermalink", error="message_not_found", count=None)
+    event, _ = await h.post_customer_message("We were charged twice for invoice 4471, please refund")
+    [post] = await h.slack.wait_for(
+        "chat.postMessage", predicate=lambda c: c.args["channel"] == route, timeout=8
+    )
+    assert post.args["text"].endswith("\n(no link: Slack did not give one)")
+    assert event["ts"] not in post.args["text"] and "Topic: " in post.args["text"]

@@ -384,7 +384,7 @@ async def test_a_label_the_model_lacks_is_refused_with_a_note_that_says_why(
     event, _ = await h.post_customer_message("We were charged twice this month")
     await card_for(h, "We were charged twice this month")
     await h.slack.send_event(h.slack.reaction_added_event(AGENT, "moneybag", CHANNEL, event["ts"]))
-    note = await note_to(h, AGENT, CHANNEL, "topic: billing* was not stored")
+    note = await note_to(h, AGENT, CHANNEL, "*Topic: billing* was not stored")
     assert "no such topic label (it knows bug, other, outage)" in note.args["text"]
     [message] = await h.rows(Message)
     older_modal = {
@@ -397,7 +397,7 @@ async def test_a_label_the_model_lacks_is_refused_with_a_note_that_says_why(
     await h.slack.send_view_submission(
         values={"head:topic": {"label:topic": chosen}}, view=older_modal, user_id=AGENT
     )
-    await note_to(h, AGENT, CARDS, "topic: billing* was not stored")
+    await note_to(h, AGENT, CARDS, "*Topic: billing* was not stored")
     assert await h.count(Correction) == 0
 
 
@@ -411,13 +411,14 @@ async def test_a_correction_made_before_classification_applies_once_classified(
     assert await h.eventually(lambda: h.count(Message, Message.last_error.is_not(None)))  # no classifier
     for emoji in ("moneybag", "bulb"):  # billing; feature_request, which the coming model lacks
         await h.slack.send_event(h.slack.reaction_added_event(AGENT, emoji, CHANNEL, event["ts"]))
-        await note_to(h, AGENT, CHANNEL, "applies once the message is classified")
+        kept = await note_to(h, AGENT, CHANNEL, "* is kept: it applies once the message is classified")
+        assert kept.args["text"].startswith("*Topic: ")  # the head named as replies and cards name it
     assert sorted(c.new_label for c in await h.rows(Correction)) == ["billing", "feature_request"]
     heads = {**DEFAULT_HEADS, "topic": ["billing", "bug", "other"]}
     make_tiny_version(Registry(data_dir / "models"), tiny_bert, LabelSchema(heads=heads))
     card = await card_for(h, "The invoice total is wrong", within_s=15)
     assert "billing" in str(card.args["blocks"]) and f"<@{AGENT}>" in str(card.args["blocks"])
-    await note_to(h, AGENT, CHANNEL, "topic: feature_request* was not stored")
+    await note_to(h, AGENT, CHANNEL, "*Topic: feature_request* was not stored")
     [message] = await h.rows(Message)
     assert message.state == MessageState.CLASSIFIED
     by_label = {c.new_label: c for c in await h.rows(Correction)}
