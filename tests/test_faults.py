@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import os
 import socket
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ from sqlalchemy.engine import URL
 from bot.storage.database import create_db_engine, create_session_factory, upgrade_database
 from bot.storage.models import Message, MessageState
 from classifier.registry import Registry
-from tests.support.slack_standin import SlackStandIn
+from tests.support.slack_standin import ApiCall, SlackStandIn
 from tests.support.tiny_model import make_tiny_version
 from tests.support.waiting import eventually
 from tests.test_bot import CUSTOMER, _replies_per_thread
@@ -38,7 +39,9 @@ HELD_AFTER = MESSAGES // 2  # the rest are sent once the bot is dead: Slack find
 # The bot posts about one message a second per channel (Slack's limit): spread over channels, the
 # replies take seconds, not two minutes
 CHANNELS = [f"C0CUST{i:03d}" for i in range(24)]
-REDELIVERY_S = 0.5  # Slack redelivers at once, then after 1 and 5 minutes: compressed here
+REDELIVERY_S = 0.5
+# A reply is in Slack this long before the bot hears so: a kill then leaves it posted but unrecorded
+POST_ANSWER_S = 0.3  # Slack redelivers at once, then after 1 and 5 minutes: compressed here
 
 
 def _free_port() -> int:
@@ -102,6 +105,31 @@ class BotSubprocess:
         return "\n".join(lines)
 
 
+class SlowAnswers:
+    """``method`` done at once in the stand-in, its answer sent ``seconds`` later; ``pending``: how many
+    are done in Slack with their answers still on the way."""
+
+    def __init__(self, slack: SlackStandIn, method: str, seconds: float) -> None:
+        self.done = slack.register_method(method, self.answer)
+        assert self.done is not None
+        self.seconds = seconds
+        self.pending = 0
+
+    async def answer(self, call: ApiCall) -> Mapping[str, Any]:
+        assert self.done is not None
+        answer = self.done(call)
+        answer = await answer if inspect.isawaitable(answer) else answer
+        self.pending += 1
+        try:
+            await asyncio.sleep(self.seconds)
+        finally:
+            self.pending -= 1
+        return answer
+
+    async def any_pending(self) -> bool:
+        return self.pending > 0
+
+
 @contextlib.asynccontextmanager
 async def bot_subprocess(
     slack: SlackStandIn, database_url: URL, tmp_path: Path
@@ -140,6 +168,7 @@ async def test_a_bot_killed_under_load_and_restarted_loses_and_duplicates_nothin
     await upgrade_database(database_url)
     engine = create_db_engine(database_url)
     async with SlackStandIn() as slack, bot_subprocess(slack, database_url, tmp_path) as bot:
+        posts = SlowAnswers(slack, "chat.postMessage", POST_ANSWER_S)
         events: list[dict[str, Any]] = []
         sent, killed = asyncio.Event(), asyncio.Event()
         redelivered: set[str] = set()
@@ -175,8 +204,9 @@ async def test_a_bot_killed_under_load_and_restarted_loses_and_duplicates_nothin
 
         async def crash() -> None:
             await sent.wait()
-            await slack.wait_for("chat.postMessage", count=3, timeout=60)  # replies are on their way
-            await bot.kill()
+            await slack.wait_for("chat.postMessage", count=10, timeout=60)  # replies are going out
+            assert await eventually(posts.any_pending)
+            await bot.kill()  # with a reply in Slack that the bot has not heard of
             killed.set()
             await bot.start()
 
