@@ -39,9 +39,9 @@ HELD_AFTER = MESSAGES // 2  # the rest are sent once the bot is dead: Slack find
 # The bot posts about one message a second per channel (Slack's limit): spread over channels, the
 # replies take seconds, not two minutes
 CHANNELS = [f"C0CUST{i:03d}" for i in range(24)]
-REDELIVERY_S = 0.5
+REDELIVERY_S = 0.5  # Slack redelivers at once, then after 1 and 5 minutes: compressed here
 # A reply is in Slack this long before the bot hears so: a kill then leaves it posted but unrecorded
-POST_ANSWER_S = 0.3  # Slack redelivers at once, then after 1 and 5 minutes: compressed here
+POST_ANSWER_S = 0.3
 
 
 def _free_port() -> int:
