@@ -1682,10 +1682,13 @@ class SlackStandIn:
 
     # ---- Web API server -----------------------------------------------------------------------------
 
-    def register_method(self, method: str, handler: MethodHandler) -> None:
+    def register_method(self, method: str, handler: MethodHandler) -> MethodHandler | None:
         """Serve (or override) ``method``: ``handler(call)`` returns the response fields besides ``ok``, or
-        raises ``ApiError("some_error")``. It may be a coroutine function."""
+        raises ``ApiError("some_error")``. It may be a coroutine function. Returns the handler it replaces
+        (``None`` for a new method), for a wrapper that still does what Slack does."""
+        replaced = self._methods.get(method)
         self._methods[method] = handler
+        return replaced
 
     async def _read_args(self, request: web.Request) -> tuple[JSON, bytes, str | None]:
         args: JSON = dict(request.query)
