@@ -395,7 +395,8 @@ class Engine:
                 if self.config.backend != "auto":  # asked for ONNX by name: say it cannot be done
                     raise
                 # chosen for speed only: a version that cannot be exported (a full or read-only disk)
-                # is still served, more slowly
+                # is still served, more slowly; a version broken for PyTorch too fails with its error
+                loaded = self._load_torch(info)
                 log.warning("%s: serving it on PyTorch instead", escape_controls(exc))
         loaded = loaded or self._load_torch(info)
         try:
