@@ -703,7 +703,9 @@ async def warm_up(
 
 def add_customers(slack: SlackStandIn) -> None:
     """The senders (U0WARMUP, U0C00000..U0C04999) as users of another organization: only customers'
-    messages are triaged (the stand-in makes up anyone else as a member of the bot's workspace: an agent)."""
+    messages are triaged (the stand-in makes up anyone else as a member of the bot's workspace: an agent).
+    Their organization is known to team.info, as a real one is: cards name it without a warning."""
+    slack.add_team(CUSTOMER_TEAM_ID, "Customer Co")
     for user in ["U0WARMUP", *(f"U0C{i:05d}" for i in range(5000))]:
         slack.add_user(user, team_id=CUSTOMER_TEAM_ID)
 

@@ -37,9 +37,11 @@ class Person:
 
     member: bool  # a full member of the bot's workspace (not a guest, bot or deactivated): an agent
     guest: bool  # a customer invited as a guest: must not see the machinery
+    name: str | None = None  # as cards show them: display name, real name or handle
+    team_id: str | None = None  # their home workspace (another organization's, in a shared channel)
 
 
-UNKNOWN = Person(member=False, guest=True)  # a look-up that failed: the safe answer for both
+UNKNOWN = Person(member=False, guest=True)  # a look-up that failed: the safe answer for both, no name
 
 
 class Agents:
@@ -136,4 +138,12 @@ class Agents:
             and not user.get("is_bot")
             and not user.get("deleted")
         )
-        return Person(member=member, guest=guest)
+        profile = user.get("profile") or {}
+        name = profile.get("display_name") or profile.get("real_name") or user.get("name")
+        team_id = user.get("team_id")
+        return Person(
+            member=member,
+            guest=guest,
+            name=str(name) if name else None,
+            team_id=str(team_id) if team_id else None,
+        )

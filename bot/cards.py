@@ -22,11 +22,11 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from slack_sdk.errors import SlackApiError
-from slack_sdk.web.async_client import AsyncWebClient
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
+from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.retrain import FEEDBACK_SOURCE, feedback_message_id
 from bot.settings import BotSettings
@@ -57,7 +57,6 @@ SELECT_ACTION_PREFIX = "label:"  # one static_select per head in the modal: "lab
 QUOTE_CHARS = 300
 WHY_COUNT = 3  # training messages asked for with each prediction, shown on its card and modal
 WHY_CHARS = 120  # each one's snippet
-PEOPLE_TTL_S = 600.0
 RETRY_BASE_S = 2.0  # a card Slack did not take is tried again after this, doubling ...
 RETRY_MAX_S = 60.0  # ... up to this (a card channel the bot is not in yet: until it is invited)
 # Slack's message metadata on every card: how a later attempt recognises a card already posted
@@ -76,34 +75,25 @@ TEAM_RETRY_S = 60.0  # a team.info look-up that failed is tried again after this
 
 
 class People:
-    """Who wrote a message, for the card: ``users.info`` and, for another organization, ``team.info``;
-    cached, and a failed look-up shows the bare mention instead of failing the card."""
+    """Who wrote a message, for the card: the person as ``Agents`` looked them up (one cached ``users.info``
+    for both) and, for another organization, ``team.info``; a failed look-up shows the bare mention
+    instead of failing the card."""
 
-    def __init__(self, client: AsyncWebClient, ttl_s: float = PEOPLE_TTL_S):
-        self.client = client
-        self.ttl_s = ttl_s
-        self._known: dict[str, tuple[Requester, float]] = {}
+    def __init__(self, agents: Agents):
+        self.agents = agents
+        self.client = agents.client
         self._teams: dict[str, str] = {}
         self._unnamed: dict[str, float] = {}  # team id -> when to ask team.info again after a failure
 
     async def requester(self, user_id: str | None, own_team: str) -> Requester:
         if not user_id:
             return Requester(None, "someone")
-        known = self._known.get(user_id)
-        if known is not None and known[1] > time.monotonic():
-            return known[0]
-        try:
-            user = (await self.client.users_info(user=user_id)).get("user") or {}
-        except (SlackApiError, OSError, TimeoutError) as exc:
-            log.warning("users.info for %s failed (%s): the card shows the mention only", user_id, exc)
+        person = await self.agents.person(user_id)
+        if person.name is None:  # the look-up failed (Agents logged it)
             return Requester(user_id, f"<@{user_id}>")
-        profile = user.get("profile") or {}
-        name = profile.get("display_name") or profile.get("real_name") or user.get("name") or user_id
-        team = user.get("team_id") or own_team
+        team = person.team_id or own_team
         organization = await self._organization(team) if team != own_team else None
-        found = Requester(user_id, str(name), organization)
-        self._known[user_id] = (found, time.monotonic() + self.ttl_s)
-        return found
+        return Requester(user_id, person.name, organization)
 
     async def _organization(self, team_id: str) -> str:
         if team_id in self._teams:
@@ -402,12 +392,14 @@ class CardDesk:
         sessions: async_sessionmaker[AsyncSession],
         output: SlackOutput,
         bot_user_id: str | None = None,
+        agents: Agents | None = None,
     ):
         self.settings = settings
         self.sessions = sessions
         self.output = output
         self.bot_user_id = bot_user_id  # an adopted card must be our own post
-        self.people = People(output.client)
+        # without the bot's Agents (tests), a look-up of its own: only names are read from it
+        self.people = People(agents or Agents(output.client, team_id="", admins=[]))
         self.wake = asyncio.Event()
         self._permalinks: dict[int, str] = {}
 

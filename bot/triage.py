@@ -233,7 +233,7 @@ class Triage:
         self.client = output.client  # reads (look-ups)
         self.reactions = reactions
         self.delivery = DeliveryPolicy(settings, output.client, agents)
-        self.cards = CardDesk(settings, sessions, output, bot_user_id)
+        self.cards = CardDesk(settings, sessions, output, bot_user_id, agents)
         self.drift = DriftMonitor(settings, sessions, output)  # its figures are Prometheus gauges
         # bounded: under overload messages wait in the database, not in memory
         self.workers = settings.triage_workers

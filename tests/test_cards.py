@@ -14,6 +14,7 @@ from sqlalchemy import URL, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import cards
+from bot.agents import Agents
 from bot.blocks import LabelView, classify_blocks
 from bot.settings import load_settings
 from bot.slack_output import SlackOutput
@@ -352,7 +353,8 @@ async def test_an_organization_slack_cannot_name_is_looked_up_once_a_minute() ->
     async with SlackStandIn() as slack:
         for n in range(3):
             slack.add_user(f"U0GUEST{n}", f"guest{n}", team_id="T0UNKNOWN")  # no such team in the stand-in
-        people = cards.People(AsyncWebClient(token=slack.bot_token, base_url=slack.api_url))
+        client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+        people = cards.People(Agents(client, slack.team_id, admins=[]))
         found = [await people.requester(f"U0GUEST{n}", own_team=slack.team_id) for n in range(3)]
     assert [r.organization for r in found] == ["T0UNKNOWN"] * 3
     assert len(slack.calls_to("team.info")) == 1
