@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import typing
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, TypeVar
@@ -22,14 +23,24 @@ from classifier.paths import DATA_DIR_ENV, default_data_dir, describe_data_dir
 
 
 class _PlainHelp:
-    """Help as people read it: a flag shows no ``<bool>`` value (it takes none)."""
+    """Help as people read it: a flag shows no ``<bool>`` value (it takes none), and a repeatable option
+    the type of one value (``<path>``, not typer's ``<list[Path]>``; its help says it repeats)."""
 
     def get_params(self, ctx: Any) -> list[Any]:
         params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag:
                 param.metavar = ""
+            elif isinstance(param, TyperOption | TyperArgument) and param.type_descriptor.is_list:
+                label = _one_value_type(param.type_descriptor.annotation)
+                param.display_type_rich = lambda ctx, label=label: label  # type: ignore[method-assign]
         return params
+
+
+def _one_value_type(annotation: Any) -> str:
+    """``<path>`` for ``list[Path]``: the type of each value of a repeatable parameter."""
+    (one, *_) = typing.get_args(annotation) or (str,)
+    return f"<{getattr(one, '__name__', 'value').lower()}>"
 
 
 class _Command(_PlainHelp, TyperCommand):

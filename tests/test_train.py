@@ -393,6 +393,7 @@ def test_help_reads_plainly() -> None:
     assert "Usage: triage data inspect [OPTIONS] FILE..." in inspect and "{files}" not in inspect
     train_help = help_of("train")
     assert "<bool>" not in train_help and "<bool>" not in help_of()
+    assert "<path>" in train_help and "list[" not in train_help  # --data: one file each time
     assert "[default: (the packaged all-MiniLM-L6-v2)]" in train_help
     assert "Log debug messages too." in help_of("bot")
     assert "Print the versions as one JSON list." in help_of("models", "list")
@@ -411,4 +412,5 @@ def test_help_reads_plainly() -> None:
         text = help_of(*path)
         usage = next(line for line in text.splitlines() if "Usage:" in line)
         assert "<bool>" not in text and "{" not in usage, f"triage {' '.join(path)}:\n{text}"
+        assert "list[" not in text, f"triage {' '.join(path)}: a repeatable option shows its Python type"
         assert "``" not in text, f"triage {' '.join(path)}: reStructuredText markup in the help"
