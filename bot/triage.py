@@ -339,9 +339,29 @@ class Triage:
         try:
             await self._sweep(stop)
         finally:  # messages still queued or in flight stay pending in the database: nothing is lost
+            held = dict(self.held)  # before the workers let go of those they were answering
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+            await self._hand_back_leases(held)
+
+    async def _hand_back_leases(self, held: dict[int, int]) -> None:
+        """At a stop (a deploy, Ctrl-C), the leases of the messages held here (queued, or cut short while
+        being answered) run out now: the next start, or another replica, answers them at once instead of
+        after ``TRIAGE_LEASE_S``. An answer cut short is safe to take over, as after a crash (the reply's
+        intent is found in the thread, ``_post_reply``). If the database cannot be reached, they wait for
+        their leases to run out, as before. A message answered meanwhile is left alone (``renew_leases``
+        touches only pending messages of the same attempt)."""
+        self.held.clear()
+        if not held:
+            return
+        try:
+            async with self.sessions.begin() as session:
+                handed = await repo.renew_leases(session, held, lease=timedelta(0))
+        except DATABASE_ERRORS as exc:
+            log.warning("stopping: %d message(s) wait for their leases to run out (%s)", len(held), exc)
+            return
+        log.info("stopping: %d unanswered message(s) left for the next start to answer at once", len(handed))
 
     async def _worker(self) -> None:
         while True:

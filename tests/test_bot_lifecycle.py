@@ -6,6 +6,7 @@ up on first use (``U0AGENT``) are full members of the bot's workspace: agents.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -287,6 +288,36 @@ async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_onc
     assert sorted(replied) == sorted(e["ts"] for e in customers + after)  # each exactly once
     texts = {m.text for m in await h.rows(Message, Message.thread_ts.is_(None))}
     assert "Posted two days ago" not in texts and len(texts) == 6  # five customers' and the agent's (no text)
+
+
+async def test_a_stopped_bot_hands_its_unanswered_messages_to_the_next_start_at_once(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stop (a deploy, Ctrl-C) gives back the leases of the messages it held, one being answered and two
+    queued: the restarted bot answers each once within seconds, not after the two-minute lease."""
+    h = await harness_factory(triage_workers=1, triage_lease_s=120.0)
+    started = asyncio.Event()
+
+    async def stuck(*args: Any, **kwargs: Any) -> Any:  # the classifier never answers this bot
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(h.bot.triage.classifier, "classify", stuck)
+    texts = ("SSO is down", "Refund 12", "Export fails")
+    events = [h.slack.message_event(CHANNEL, CUSTOMER, t) for t in texts]
+    for event in events:
+        assert (await h.slack.send_event(event)).status == 200
+    await asyncio.wait_for(started.wait(), timeout=8)
+    assert len(h.bot.triage.held) == 3  # one being answered, two queued: all leased to this bot
+
+    await h.restart()
+    messages = await h.rows(Message)
+    for event in events:
+        await h.reply_to(event["ts"])  # within 8 s: the lease would have held them for 120
+    replies = [c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")]
+    assert sorted(replies) == sorted(e["ts"] for e in events)  # each exactly once
+    assert all(m.attempts == 1 for m in messages)  # handed back by the stop: no attempt expired
 
 
 async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handled_once(
