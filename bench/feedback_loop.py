@@ -450,6 +450,13 @@ def write_strategy_report(curves: dict[str, list[dict[str, Any]]], reach: float,
         active, random_ = (labels_to_reach(curves[s], reach) for s in ("uncertainty", "random"))
         if active is None or random_ is None:
             print("labels ratio uncertainty/random: n/a (a strategy did not reach the target accuracy)")
+            # the best accuracy both reached: how many labels each needed for it
+            both = min(max(r["accuracy"] for r in curve) for curve in curves.values())
+            needed = {s: labels_to_reach(curves[s], both) for s in ("uncertainty", "random")}
+            print(
+                f"both reached {both:.4f}: uncertainty with {needed['uncertainty']} labels, "
+                f"random with {needed['random']}"
+            )
         elif random_ == 0:
             print("labels ratio uncertainty/random: n/a (the seed model reaches it: make the task harder)")
         else:
