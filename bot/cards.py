@@ -26,7 +26,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot import blocks
-from bot.agents import Agents
+from bot.agents import UNKNOWN, Agents
 from bot.blocks import LabelView
 from bot.retrain import FEEDBACK_SOURCE, feedback_message_id
 from bot.settings import BotSettings
@@ -89,11 +89,12 @@ class People:
         if not user_id:
             return Requester(None, "someone")
         person = await self.agents.person(user_id)
-        if person.name is None:  # the look-up failed (Agents logged it)
-            return Requester(user_id, f"<@{user_id}>")
+        mention = f"<@{user_id}>"  # Slack shows the person's name in its place
+        if person is UNKNOWN:  # the look-up failed (Agents logged it)
+            return Requester(user_id, mention)
         team = person.team_id or own_team
         organization = await self._organization(team) if team != own_team else None
-        return Requester(user_id, person.name, organization)
+        return Requester(user_id, person.name or mention, organization)
 
     async def _organization(self, team_id: str) -> str:
         if team_id in self._teams:

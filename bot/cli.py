@@ -31,7 +31,7 @@ class _PlainHelp:
         for param in params:
             if isinstance(param, TyperOption) and param.is_flag:
                 param.metavar = ""
-            elif isinstance(param, TyperOption | TyperArgument) and param.type_descriptor.is_list:
+            elif getattr(getattr(param, "type_descriptor", None), "is_list", False):  # a typer that has it
                 label = _one_value_type(param.type_descriptor.annotation)
                 param.display_type_rich = lambda ctx, label=label: label  # type: ignore[method-assign]
         return params

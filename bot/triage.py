@@ -66,6 +66,10 @@ DATABASE_UNAVAILABLE: tuple[type[BaseException], ...] = (
 )
 # New messages stored in one transaction at most (11 bound parameters each: well under SQLite's limit)
 STORE_BATCH = 100
+# At a stop, answers under way get this long to finish; the bot's stop gives the background work 10 s
+STOP_DRAIN_S = 5.0
+# ... and handing the queued messages back to the database this long (it may be down)
+HAND_BACK_WITHIN_S = 2.0
 
 
 class StorageUnavailable(RuntimeError):
@@ -246,6 +250,9 @@ class Triage:
         self.outage = OutageLog()
         self._storing: set[asyncio.Future[bool]] = set()  # stores that outlived their acknowledgement
         self._reserved = 0  # room in the queue kept for messages being stored
+        self._answering: set[int] = set()  # the messages workers are answering now
+        self._answered = asyncio.Event()  # set whenever one of them is done
+        self._stopping = False  # workers start nothing new
         self.store_batches = StoreBatches(sessions, self.lease)
         self.record_within_s = RECORD_WITHIN_S
 
@@ -338,34 +345,48 @@ class Triage:
         workers.append(asyncio.ensure_future(self._keep_leases(stop)))
         try:
             await self._sweep(stop)
+            await self._finish_answers()
         finally:  # messages still queued or in flight stay pending in the database: nothing is lost
-            held = dict(self.held)  # before the workers let go of those they were answering
+            queued = {i: a for i, a in self.held.items() if i not in self._answering}
             for worker in workers:
                 worker.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
-            await self._hand_back_leases(held)
+        await self._hand_back(queued)
 
-    async def _hand_back_leases(self, held: dict[int, int]) -> None:
-        """At a stop (a deploy, Ctrl-C), the leases of the messages held here (queued, or cut short while
-        being answered) run out now: the next start, or another replica, answers them at once instead of
-        after ``TRIAGE_LEASE_S``. An answer cut short is safe to take over, as after a crash (the reply's
-        intent is found in the thread, ``_post_reply``). If the database cannot be reached, they wait for
-        their leases to run out, as before. A message answered meanwhile is left alone (``renew_leases``
-        touches only pending messages of the same attempt)."""
+    async def _finish_answers(self) -> None:
+        """A stop: workers start nothing new, and the answers under way get ``STOP_DRAIN_S`` to finish."""
+        self._stopping = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(STOP_DRAIN_S):
+                while self._answering:
+                    await self._answered.wait()
+                    self._answered.clear()
+
+    async def _hand_back(self, queued: dict[int, int]) -> None:
+        """At a stop (a deploy, Ctrl-C), the leases of the messages that waited in the queue here run out
+        now: the next start, or another replica, answers them at once instead of after ``TRIAGE_LEASE_S``.
+        An answer cut short keeps its lease: its reply may still be on its way to Slack, and the attempt
+        that takes over after the lease finds it in the thread (``_adopt_posted_reply``). If the database
+        cannot be reached within ``HAND_BACK_WITHIN_S``, they wait for their leases, as before."""
         self.held.clear()
-        if not held:
+        if not queued:
             return
         try:
-            async with self.sessions.begin() as session:
-                handed = await repo.renew_leases(session, held, lease=timedelta(0))
+            async with asyncio.timeout(HAND_BACK_WITHIN_S), self.sessions.begin() as session:
+                handed = await repo.renew_leases(session, queued, lease=timedelta(0))
         except DATABASE_ERRORS as exc:
-            log.warning("stopping: %d message(s) wait for their leases to run out (%s)", len(held), exc)
+            reason = str(exc) or type(exc).__name__  # a timeout says nothing of itself
+            log.warning("stopping: %d queued message(s) wait for their leases (%s)", len(queued), reason)
             return
-        log.info("stopping: %d unanswered message(s) left for the next start to answer at once", len(handed))
+        log.info("stopping: %d queued message(s) left for the next start to answer at once", len(handed))
 
     async def _worker(self) -> None:
         while True:
             message = await self.queue.get()
+            if self._stopping:  # stays held: handed back with the queue
+                self.queue.task_done()
+                continue
+            self._answering.add(message.id)
             try:
                 if self.held.get(message.id) == message.attempts:  # else its lease went to another attempt
                     await self.classify_and_reply(message)
@@ -378,6 +399,8 @@ class Triage:
             finally:
                 if self.held.get(message.id) == message.attempts:
                     del self.held[message.id]
+                self._answering.discard(message.id)
+                self._answered.set()
                 self.queue.task_done()
 
     async def run_pending(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,6 +18,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import agents as agents_module
 from bot import backfill as backfill_module
+from bot import triage as triage_module
 from bot.agents import Agents
 from bot.blocks import LabelView
 from bot.main import start_bot
@@ -290,12 +292,14 @@ async def test_messages_posted_while_the_bot_was_stopped_are_triaged_exactly_onc
     assert "Posted two days ago" not in texts and len(texts) == 6  # five customers' and the agent's (no text)
 
 
-async def test_a_stopped_bot_hands_its_unanswered_messages_to_the_next_start_at_once(
+async def test_a_stopped_bot_hands_its_queued_messages_to_the_next_start_at_once(
     harness_factory: Any,  # noqa: F811
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A stop (a deploy, Ctrl-C) gives back the leases of the messages it held, one being answered and two
-    queued: the restarted bot answers each once within seconds, not after the two-minute lease."""
+    """A stop (a deploy, Ctrl-C) gives back the leases of the messages waiting in its queue: the restarted
+    bot answers each once within seconds, not after the two-minute lease. The answer under way that does
+    not finish within the drain keeps its lease (its reply could still reach Slack)."""
+    monkeypatch.setattr(triage_module, "STOP_DRAIN_S", 0.5)
     h = await harness_factory(triage_workers=1, triage_lease_s=120.0)
     started = asyncio.Event()
 
@@ -305,19 +309,57 @@ async def test_a_stopped_bot_hands_its_unanswered_messages_to_the_next_start_at_
 
     monkeypatch.setattr(h.bot.triage.classifier, "classify", stuck)
     texts = ("SSO is down", "Refund 12", "Export fails")
-    events = [h.slack.message_event(CHANNEL, CUSTOMER, t) for t in texts]
-    for event in events:
+    first, *queued = [h.slack.message_event(CHANNEL, CUSTOMER, t) for t in texts]
+    for event in (first, *queued):
         assert (await h.slack.send_event(event)).status == 200
     await asyncio.wait_for(started.wait(), timeout=8)
     assert len(h.bot.triage.held) == 3  # one being answered, two queued: all leased to this bot
 
     await h.restart()
-    messages = await h.rows(Message)
-    for event in events:
+    for event in queued:
         await h.reply_to(event["ts"])  # within 8 s: the lease would have held them for 120
+    await h.settled()
     replies = [c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")]
-    assert sorted(replies) == sorted(e["ts"] for e in events)  # each exactly once
-    assert all(m.attempts == 1 for m in messages)  # handed back by the stop: no attempt expired
+    assert sorted(replies) == sorted(e["ts"] for e in queued)  # each exactly once
+    [cut_short] = await h.rows(Message, Message.ts == first["ts"])
+    assert cut_short.state == MessageState.PENDING  # still leased to the first bot's attempt:
+    lease_ends = cut_short.next_attempt_at.replace(tzinfo=None)
+    assert lease_ends > utcnow().replace(tzinfo=None) + timedelta(seconds=60)
+
+
+async def test_a_stop_lets_the_answers_under_way_finish(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Answers under way when the bot stops get a moment (``STOP_DRAIN_S``) to finish: a slow classifier's
+    answer is posted by the stopping bot, not left to a lease."""
+    h = await harness_factory(triage_workers=1)
+    started, release = asyncio.Event(), asyncio.Event()
+    classify = h.bot.triage.classifier.classify
+
+    async def slow(*args: Any, **kwargs: Any) -> Any:
+        started.set()
+        await release.wait()
+        return await classify(*args, **kwargs)
+
+    monkeypatch.setattr(h.bot.triage.classifier, "classify", slow)
+    event, _ = await h.post_customer_message("Our invoices page is blank")
+    await asyncio.wait_for(started.wait(), timeout=8)
+    draining = asyncio.Event()
+    finish_answers = h.bot.triage._finish_answers
+
+    async def drain() -> None:
+        draining.set()
+        await finish_answers()
+
+    monkeypatch.setattr(h.bot.triage, "_finish_answers", drain)
+    stopping = asyncio.ensure_future(h.bot.stop())
+    await asyncio.wait_for(draining.wait(), timeout=8)  # the stop has begun before the classifier answers
+    release.set()
+    await asyncio.wait_for(stopping, timeout=15)
+    assert [c.args["thread_ts"] for c in h.slack.calls_to("chat.postMessage")] == [event["ts"]]
+    [message] = await h.rows(Message)
+    assert message.state == MessageState.CLASSIFIED
 
 
 async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handled_once(

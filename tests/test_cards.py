@@ -37,7 +37,7 @@ from classifier.neighbors import save_training_embeddings
 from classifier.registry import Registry
 from classifier.results import Neighbor
 from classifier.schema import DEFAULT_HEADS, LabelSchema
-from tests.support.slack_standin import ApiCall, SlackStandIn
+from tests.support.slack_standin import ApiCall, ApiError, SlackStandIn
 from tests.support.tiny_model import make_tiny_version
 from tests.test_bot import AGENT, CHANNEL, CUSTOMER, ESCALATION, harness_factory  # noqa: F401
 from tests.test_delivery import visible_in
@@ -358,6 +358,28 @@ async def test_an_organization_slack_cannot_name_is_looked_up_once_a_minute() ->
         found = [await people.requester(f"U0GUEST{n}", own_team=slack.team_id) for n in range(3)]
     assert [r.organization for r in found] == ["T0UNKNOWN"] * 3
     assert len(slack.calls_to("team.info")) == 1
+
+
+async def test_a_card_names_its_requester_by_mention_when_slack_cannot_say_who_it_is() -> None:
+    """``users.info`` failing must not fail the card: it names the person by mention (Slack shows the name),
+    and one cached look-up serves the card and the agent check alike."""
+
+    def no_such_user(call: ApiCall) -> dict[str, Any]:
+        raise ApiError("user_not_found")
+
+    async with SlackStandIn() as slack:
+        slack.add_user("U0ANNA", "anna", display_name="Anna K", team_id="T0ACME")
+        slack.add_team("T0ACME", "Acme Corp")
+        client = AsyncWebClient(token=slack.bot_token, base_url=slack.api_url)
+        agents = Agents(client, slack.team_id, admins=[])
+        people = cards.People(agents)
+        anna = await people.requester("U0ANNA", own_team=slack.team_id)
+        slack.register_method("users.info", no_such_user)
+        unknown = await people.requester("U0GONE", own_team=slack.team_id)
+        assert not await agents.is_agent("U0GONE") and not await agents.is_agent("U0ANNA")  # both cached
+    assert (anna.name, anna.organization) == ("Anna K", "Acme Corp")
+    assert (unknown.name, unknown.organization) == ("<@U0GONE>", None)
+    assert [c.args["user"] for c in slack.calls_to("users.info")] == ["U0ANNA", "U0GONE"]
 
 
 def _plain(text: str) -> dict[str, str]:

@@ -78,7 +78,8 @@ def test_int8_keeps_the_labels_and_the_check_is_recorded_with_the_version(
     info = trained.active()
     with caplog.at_level(logging.DEBUG):
         report = ensure_onnx(info)
-    chatter = [r.getMessage() for r in caplog.records if "onnxruntime" in r.pathname]
+    quantizer = [r for r in caplog.records if "onnxruntime" in r.pathname]
+    chatter = [r.getMessage() for r in quantizer if r.levelno < logging.WARNING]  # its warnings may show
     assert chatter == []  # the quantizer's per-tensor lines would land in `triage up`'s output
     assert any("made the ONNX files" in r.getMessage() for r in caplog.records)  # ours stay
     heldout = heldout_examples(info)
