@@ -7,9 +7,11 @@ page by page with Slack's cursor, and hands what it missed to the paths live eve
 * a top-level message it has not stored: triaged as a new message;
 * a stored message whose text was edited since (Slack marks it ``edited``): as ``message_changed``;
   a stored thread parent deleted since (history lists its ``tombstone``): as ``message_deleted``;
-* a triaged thread whose ``latest_reply`` is newer than the newest reply the bot heard there (stored, or
-  its own reply) and where someone besides the bot replied: its replies since then
-  (``conversations.replies``) as live thread replies, and the stored ones edited since as edits.
+* a triaged thread whose ``latest_reply`` is newer than the newest reply the bot heard there before it
+  started listening again (stored, or its own reply) and where someone besides the bot replied: its
+  replies since then (``conversations.replies``) as live thread replies, and the stored ones edited since
+  as edits. A reply heard live since the bot came back does not count: one missed before it would hide
+  behind it.
 
 History lists no replies, hence the reads of the threads with news (only those: Slack limits
 ``conversations.replies`` hardest). The client waits out Slack's 429s (``make_web_client``). A message is
@@ -23,6 +25,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from slack_sdk.errors import SlackApiError
@@ -32,6 +35,7 @@ from slack_sdk.web.async_slack_response import AsyncSlackResponse
 from bot.app import is_new_customer_message
 from bot.lifecycle import MessageLife
 from bot.storage import repository as repo
+from bot.storage.models import utcnow
 from bot.triage import IncomingMessage, Triage
 
 log = logging.getLogger(__name__)
@@ -58,8 +62,11 @@ class Backfill:
         self._lock = asyncio.Lock()
         self.runs = 0  # finished runs (for tests and logs)
 
-    async def run(self) -> int:
-        """Backfill every triage channel once; returns how many messages it handled. One run at a time."""
+    async def run(self, listening_since: datetime | None = None) -> int:
+        """Backfill every triage channel once; returns how many messages it handled. One run at a time.
+
+        ``listening_since``: when live events began to arrive again (start-up, a reconnect; default now)."""
+        since = listening_since or utcnow()
         if self.settings.triage_backfill_hours <= 0:
             return 0
         async with self._lock:
@@ -75,7 +82,7 @@ class Backfill:
                 channels = []
             for channel in channels:
                 try:
-                    handled += await self.channel(channel)
+                    handled += await self.channel(channel, since)
                 except SlackApiError as exc:  # one channel the bot cannot read must not stop the others
                     log.warning("backfill of %s failed: %s", channel, exc.response.get("error"))
             self.runs += 1
@@ -85,10 +92,10 @@ class Backfill:
             )
         return handled
 
-    async def run_logged(self) -> None:
+    async def run_logged(self, listening_since: datetime | None = None) -> None:
         """``run`` for a background task: failures are logged (the next start or reconnect tries again)."""
         try:
-            await self.run()
+            await self.run(listening_since)
         except Exception:
             log.exception("backfill failed")
 
@@ -104,13 +111,13 @@ class Backfill:
         )
         return [str(c["id"]) for c in found if c.get("id") and self.settings.watches(str(c["id"]))]
 
-    async def channel(self, channel: str) -> int:
+    async def channel(self, channel: str, listening_since: datetime | None = None) -> int:
         """Triage what the channel has that the bot missed; returns how many messages it handled."""
         horizon = f"{time.time() - self.settings.triage_backfill_hours * 3600:.6f}"  # Slack's ts, exactly
         async with self.triage.sessions() as session:
             known = await repo.stored_since(session, self.team_id, channel, horizon)
         stored = {m.ts: m.thread_ts for m in known}
-        heard = _newest_replies(known)
+        heard = _newest_replies(known, before=listening_since or utcnow())
         handled = 0
         for message in _oldest_first(
             await _all_pages(self.client.conversations_history, "messages", channel=channel, oldest=horizon)
@@ -198,16 +205,18 @@ def _oldest_first(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted((m for m in messages if _ts(m.get("ts")) is not None), key=lambda m: _ts(m["ts"]) or 0.0)
 
 
-def _newest_replies(known: list[repo.Heard]) -> dict[str, str]:
-    """The ts of the newest reply the bot has heard in each thread (a stored one, or its own), by thread."""
+def _newest_replies(known: list[repo.Heard], before: datetime) -> dict[str, str]:
+    """The ts of the newest reply the bot heard in each thread before ``before`` (a stored one, or its
+    own), by thread."""
     newest: dict[str, str] = {}
+    cut = before.timestamp()
 
     def heard(thread: str, ts: str) -> None:
-        if float(ts) > float(newest.get(thread, thread)):
+        if float(newest.get(thread, thread)) < float(ts) < cut:
             newest[thread] = ts
 
     for message in known:
-        if message.thread_ts is not None and message.thread_ts != message.ts:
+        if message.thread_ts is not None and message.thread_ts != message.ts and message.received_at < before:
             heard(message.thread_ts, message.ts)
         if message.own_reply_ts is not None:
             heard(message.thread_ts or message.ts, message.own_reply_ts)

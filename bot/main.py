@@ -10,6 +10,7 @@ import logging
 import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
@@ -35,6 +36,7 @@ from bot.settings import BotSettings
 from bot.slack_output import SlackOutput, make_web_client, slack_session
 from bot.socket_mode import SocketModeLink
 from bot.storage.database import check_schema, create_db_engine, create_session_factory, resolve_database_url
+from bot.storage.models import utcnow
 from bot.triage import Triage
 from classifier.child import ClassifierStartError, spare_core_threads
 from classifier.client import ChildClassifier, Classifier, make_classifier
@@ -157,9 +159,10 @@ async def _start_bot(
     digest = Digest(settings, sessions, output, commands.review)
     _start_schedule(settings, db_engine, sessions, retrainer, digest, triage, resources)
     _on_close(resources, "the acknowledged work", lambda: _drain(app))
+    listening_since = utcnow()  # what is stored from now on was heard live: the backfill reads before it
     link = await _start_socket_mode(settings, app, resources) if settings.socket_mode else None
     runner, port = await _serve_http(settings, app, triage, link, resources)
-    backfill = start_backfill(client, triage, auth, link, resources)
+    backfill = start_backfill(client, triage, auth, link, resources, listening_since)
     log.info(
         "triage bot up (%s on port %s), bot user %s",
         "Socket Mode, /healthz" if settings.socket_mode else "HTTP",
@@ -286,6 +289,7 @@ def start_backfill(
     auth: dict[str, Any],
     link: SocketModeLink | None,
     resources: contextlib.AsyncExitStack,
+    listening_since: datetime | None = None,
 ) -> Backfill:
     """Read what was posted while the bot was away: now, and after every Socket Mode reconnect."""
     backfill = Backfill(
@@ -297,8 +301,8 @@ def start_backfill(
     )
     tasks: set[asyncio.Task[None]] = set()
 
-    def start() -> None:
-        task = asyncio.ensure_future(backfill.run_logged())
+    def start(since: datetime | None = None) -> None:  # a reconnect: events arrive again from now
+        task = asyncio.ensure_future(backfill.run_logged(since or utcnow()))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -310,7 +314,7 @@ def start_backfill(
     _on_close(resources, "the backfill", stop)
     if link is not None:
         link.on_reconnect = start
-    start()
+    start(listening_since)
     return backfill
 
 

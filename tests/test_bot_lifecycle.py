@@ -427,6 +427,37 @@ async def test_thread_replies_and_edits_made_while_the_bot_was_stopped_are_handl
     assert len(await h.rows(Prediction)) == 5 and len(await h.rows(Message)) == 4
 
 
+async def test_a_reply_missed_while_down_is_not_hidden_by_a_live_reply_after_it(
+    harness_factory: Any,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While the bot is down a customer replies in a triaged thread; after the restart, and before the
+    backfill reads the channel, they reply again and that one is heard live. The missed reply is older
+    than the live one, but it is still read from the thread and handled, once."""
+    h = await harness_factory()
+    asked, _ = await _triaged(h, "Where can I find the invoices page?")
+    await h.bot.stop()
+    missed = h.slack.message_event(CHANNEL, CUSTOMER, "It is still not there", thread_ts=asked["ts"])
+    live = h.slack.message_event(CHANNEL, CUSTOMER, "Hello? Anyone?", thread_ts=asked["ts"])
+    live_stored = asyncio.Event()
+    stored_since = repo.stored_since
+
+    async def after_the_live_reply(*args: Any, **kwargs: Any) -> Any:  # the backfill reads the database
+        await live_stored.wait()
+        return await stored_since(*args, **kwargs)
+
+    monkeypatch.setattr(repo, "stored_since", after_the_live_reply)
+    await h.restart()
+    assert (await h.slack.send_event(live)).status == 200  # stored before the backfill looks
+    live_stored.set()
+    assert await h.eventually(lambda: caught_up(h.bot), within_s=15)
+    await h.settled()
+    replies = {m.ts: m for m in await h.rows(Message, Message.thread_ts == asked["ts"])}
+    assert set(replies) == {missed["ts"], live["ts"]}  # each stored once
+    [read] = h.slack.calls_to("conversations.replies")
+    assert read.args["oldest"] == _own_reply_ts(h, asked["ts"])  # from what was heard before the stop
+
+
 async def _restart(h: Any) -> None:
     """Start the bot again on the same database and Slack, and wait for its backfill."""
     await h.restart()

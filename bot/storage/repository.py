@@ -429,6 +429,7 @@ class Heard:
     ts: str
     thread_ts: str | None
     own_reply_ts: str | None  # the bot's reply in the message's thread (thread delivery), if any
+    received_at: datetime  # when it was stored: live, or by an earlier backfill
 
 
 async def stored_since(session: AsyncSession, team_id: str, channel_id: str, oldest: str) -> list[Heard]:
@@ -436,13 +437,13 @@ async def stored_since(session: AsyncSession, team_id: str, channel_id: str, old
 
     Slack's ts ("1700000000.000100") have ten-digit seconds until 2286, so they compare as strings."""
     rows = await session.execute(
-        select(Message.ts, Message.thread_ts, Message.reply_channel_id, Message.reply_ts).where(
-            Message.team_id == team_id, Message.channel_id == channel_id, Message.ts > oldest
-        )
+        select(
+            Message.ts, Message.thread_ts, Message.reply_channel_id, Message.reply_ts, Message.received_at
+        ).where(Message.team_id == team_id, Message.channel_id == channel_id, Message.ts > oldest)
     )
     return [
-        Heard(ts, thread_ts, reply_ts if reply_channel == channel_id else None)
-        for ts, thread_ts, reply_channel, reply_ts in rows
+        Heard(ts, thread_ts, reply_ts if reply_channel == channel_id else None, received_at)
+        for ts, thread_ts, reply_channel, reply_ts, received_at in rows
     ]
 
 
