@@ -111,13 +111,13 @@ class Backfill:
         )
         return [str(c["id"]) for c in found if c.get("id") and self.settings.watches(str(c["id"]))]
 
-    async def channel(self, channel: str, listening_since: datetime | None = None) -> int:
+    async def channel(self, channel: str, listening_since: datetime) -> int:
         """Triage what the channel has that the bot missed; returns how many messages it handled."""
         horizon = f"{time.time() - self.settings.triage_backfill_hours * 3600:.6f}"  # Slack's ts, exactly
         async with self.triage.sessions() as session:
             known = await repo.stored_since(session, self.team_id, channel, horizon)
         stored = {m.ts: m.thread_ts for m in known}
-        heard = _newest_replies(known, before=listening_since or utcnow())
+        heard = _newest_replies(known, before=listening_since)
         handled = 0
         for message in _oldest_first(
             await _all_pages(self.client.conversations_history, "messages", channel=channel, oldest=horizon)

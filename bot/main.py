@@ -302,7 +302,7 @@ def start_backfill(
     tasks: set[asyncio.Task[None]] = set()
 
     def start(since: datetime | None = None) -> None:  # a reconnect: events arrive again from now
-        task = asyncio.ensure_future(backfill.run_logged(since or utcnow()))
+        task = asyncio.ensure_future(backfill.run_logged(since))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
